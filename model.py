@@ -1,0 +1,242 @@
+"""Model factory, weights resolution and complexity counting for every torchvision classifier.
+
+    from model import build_model, complexity
+    model = build_model("resnet50", "DEFAULT")     # weights from torchvision's cache ($TORCH_HOME/hub/checkpoints)
+    complexity("vit_b_16", "IMAGENET1K_V1")        # {'params': 86567656, 'gmacs': 17.564, ...}
+"""
+import contextlib
+import io
+import os
+from pathlib import Path
+from unittest import mock
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import models
+from torchvision.models import WeightsEnum
+
+from utils import UserError, closest
+
+ARCHS = sorted(models.list_models(module=models))  # classification models only (80 in torchvision 0.29)
+
+
+def check_arch(arch: str) -> str:
+    if arch not in ARCHS:
+        raise UserError(f"unknown model '{arch}'{closest(arch, ARCHS)}; see torchvision.models.list_models()")
+    return arch
+
+
+def all_weights(arch: str) -> list[WeightsEnum]:
+    """Every pretrained weights enum of an architecture, in torchvision's order."""
+    return list(models.get_model_weights(check_arch(arch)))
+
+
+def is_weights_file(weights) -> bool:
+    return isinstance(weights, (str, Path)) and (str(weights).endswith((".pth", ".pt")) or os.sep in str(weights))
+
+
+def resolve_weights(arch: str, weights) -> WeightsEnum | None:
+    """None/'none' -> None; 'DEFAULT', 'IMAGENET1K_V2' or 'ResNet50_Weights.IMAGENET1K_V2' -> the enum."""
+    if weights is None or isinstance(weights, WeightsEnum) or str(weights).lower() in ("", "none"):
+        return weights if isinstance(weights, WeightsEnum) else None
+    enum = models.get_model_weights(check_arch(arch))
+    name = str(weights).split(".")[-1]
+    if name.upper() == "DEFAULT":
+        return enum.DEFAULT
+    if str(weights).count(".") and str(weights).split(".")[0] != enum.__name__ or name not in enum.__members__:
+        valid = list(enum.__members__) + [f"{enum.__name__}.{m}" for m in enum.__members__]
+        raise UserError(f"unknown weights '{weights}' for {arch}{closest(weights, valid)}; "
+                        f"valid: DEFAULT, {', '.join(enum.__members__)}")
+    return enum[name]
+
+
+def weights_file_name(weights: WeightsEnum) -> str:
+    """The file name torchvision caches the weights under, e.g. 'resnet50-11ad3fa6.pth'."""
+    return os.path.basename(urlparse(weights.url).path)
+
+
+def load_file(path, what: str = "checkpoint") -> dict:
+    """torch.load with weights_only=True: a file whose pickle would run code is refused, not run."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with a code payload, not a torch file at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {what} {path}: {first[:200]} "
+                        "(truncated or corrupt, or not a plain weights file; only weights_only files are loaded)") from e
+
+
+def load_weights_state(weights: WeightsEnum, weights_dir=None) -> dict:
+    """State dict of a torchvision weights enum, from `weights_dir` or torchvision's cache,
+    downloading into the cache when online."""
+    name = weights_file_name(weights)
+    folder = Path(weights_dir) if weights_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    if not (folder / name).is_file():
+        if weights_dir:
+            raise UserError(f"weights file {name} for {weights} is not in {folder}; download {weights.url} into it")
+        try:
+            torch.hub.download_url_to_file(weights.url, str(folder / name), hash_prefix=None, progress=True)
+        except Exception as e:
+            raise UserError(f"weights file {name} for {weights} is not in {folder} and could not be downloaded "
+                            f"({type(e).__name__}); download {weights.url} and put it there "
+                            "(or pass --weights-dir DIR)") from e
+    return load_file(folder / name, f"weights of {weights}")
+
+
+def _torchvision_weights_for_file(arch: str, path) -> WeightsEnum | None:
+    return next((w for w in models.get_model_weights(arch) if weights_file_name(w) == Path(path).name), None)
+
+
+def build_model(arch: str, weights=None, num_classes: int | None = None, weights_dir=None) -> nn.Module:
+    """Any torchvision classifier, randomly initialised or with weights.
+
+    weights: None, 'DEFAULT', an enum name, or a local file (a torchvision .pth or a train.py checkpoint).
+    num_classes: a different number than the weights' replaces the classifier head (fine-tuning)."""
+    check_arch(arch)
+    enum_weights = None if is_weights_file(weights) else resolve_weights(arch, weights)
+    if is_weights_file(weights) and _torchvision_weights_for_file(arch, weights):
+        enum_weights = _torchvision_weights_for_file(arch, weights)
+        weights_dir = Path(weights).parent
+    if enum_weights is not None:
+        state_dict = load_weights_state(enum_weights, weights_dir)
+        # Build through torchvision's own builder, so its per-weights settings hold (ViT image size,
+        # googlenet/inception transform_input and aux heads); it asks the enum for the state dict.
+        with mock.patch.object(type(enum_weights), "get_state_dict", lambda *args, **kwargs: state_dict):
+            model = _load_checked(lambda: models.get_model(arch, weights=enum_weights), arch, enum_weights)
+    elif weights is not None:
+        state = load_file(weights)
+        state_dict = state.get("model", state) if isinstance(state.get("model"), dict) else state
+        saved_arch = state.get("config", {}).get("arch") if isinstance(state.get("config"), dict) else None
+        if saved_arch and saved_arch != arch:
+            raise UserError(f"checkpoint {weights} is a {saved_arch} model, not {arch}; pass --arch {saved_arch}")
+        head = list(state_dict.values())[-1] if state_dict else None  # torchvision heads end the state dict
+        saved_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 1 else 1000
+        model = models.get_model(arch, weights=None, num_classes=saved_classes)
+        _load_checked(lambda: model.load_state_dict(state_dict), arch, weights)
+    else:
+        return models.get_model(arch, weights=None, num_classes=num_classes or 1000)
+    if num_classes is not None and num_classes != _num_outputs(model):
+        replace_head(model, num_classes)
+    return model
+
+
+def _load_checked(load, arch, source):
+    try:
+        return load()
+    except RuntimeError as e:  # load_state_dict's missing/unexpected keys or size mismatch
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:200]
+        raise UserError(f"weights {source} do not fit {arch}: {detail}") from e
+
+
+def _head(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute name, module) of the last Linear/Conv2d, the classifier head."""
+    name = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, attr, getattr(parent, attr)
+
+
+def _num_outputs(model: nn.Module) -> int:
+    head = _head(model)[2]
+    return head.out_features if isinstance(head, nn.Linear) else head.out_channels
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """A new, randomly initialised classifier with `num_classes` outputs (aux heads are dropped)."""
+    for aux in ("aux1", "aux2", "AuxLogits"):
+        if getattr(model, aux, None) is not None:
+            setattr(model, aux, None)
+            model.aux_logits = False
+    parent, attr, head = _head(model)
+    if isinstance(head, nn.Linear):
+        new = nn.Linear(head.in_features, num_classes)
+    else:  # squeezenet's 1x1 conv classifier
+        new = nn.Conv2d(head.in_channels, num_classes, kernel_size=head.kernel_size)
+    setattr(parent, attr, new)
+    if hasattr(model, "num_classes"):
+        model.num_classes = num_classes
+
+
+@contextlib.contextmanager
+def _on_meta():
+    """Create parameters and buffers on the meta device: shapes only, no memory, init or download.
+    (torch.device('meta') as a context breaks RegNet, whose builder computes widths with tensors.)"""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def meta_parameter(self, name, param):
+        register_parameter(self, name, param if param is None else
+                           nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
+
+    def meta_buffer(self, name, buffer, persistent=True):
+        register_buffer(self, name, buffer if buffer is None else buffer.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = meta_parameter, meta_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def eval_resolution(weights: WeightsEnum | None) -> int:
+    return weights.transforms().crop_size[0] if weights is not None else 224
+
+
+def meta_model(arch: str, weights: WeightsEnum | None) -> nn.Module:
+    """The architecture as the weights' builder makes it, on the meta device."""
+    kwargs = {"num_classes": len(weights.meta["categories"] or range(1000))} if weights is not None else {}
+    if arch.startswith("vit_") and weights is not None:
+        kwargs["image_size"] = weights.meta["min_size"][0]  # as torchvision's ViT builder does
+    if arch == "googlenet":  # torchvision's num_params for googlenet leaves out the aux heads...
+        kwargs.update(aux_logits=False, init_weights=False)
+    if arch == "inception_v3":  # ...and counts them for inception_v3
+        kwargs.update(aux_logits=True, init_weights=False)
+    with _on_meta():
+        return models.get_model(arch, weights=None, **kwargs).eval()
+
+
+def complexity(arch: str, weights=None, thop: bool = False) -> dict:
+    """Parameters and multiply-accumulates at the weights' own eval resolution, counted by
+    torch.utils.flop_counter on the meta device (attention included: math SDPA backend and
+    nn.MultiheadAttention's fused fast path off). GFLOPs = 2 x GMACs, torchvision's convention."""
+    weights = resolve_weights(arch, weights)
+    model, size = meta_model(arch, weights), eval_resolution(weights)
+    x = torch.empty(1, 3, size, size, device="meta")
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    macs = counter.get_total_flops() / 2
+    result = {"params": sum(p.numel() for p in model.parameters()), "gmacs": macs / 1e9,
+              "gflops": 2 * macs / 1e9, "resolution": size}
+    if thop:
+        result["thop_gmacs"] = thop_gmacs(model, x)
+    return result
+
+
+def thop_gmacs(model: nn.Module, x: torch.Tensor) -> float | None:
+    """thop's count, as a cross-check (it counts 0 for attention matmuls); None without thop."""
+    try:
+        import thop
+    except ImportError:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # thop prints per-module warnings
+        macs, _ = thop.profile(model, inputs=(x,), verbose=False)
+    return float(macs) / 1e9
+
+
+FAMILIES = ("efficientnet_v2", "efficientnet", "mobilenet_v2", "mobilenet_v3", "shufflenet_v2", "swin_v2", "swin",
+            "regnet_x", "regnet_y", "wide_resnet", "resnext", "resnet", "vit", "convnext", "densenet", "vgg",
+            "mnasnet", "squeezenet", "maxvit")
+
+
+def model_family(arch: str) -> str:
+    """'resnet50' -> 'resnet', 'efficientnet_v2_s' -> 'efficientnet_v2' (for plots and grouping)."""
+    return next((f for f in FAMILIES if arch.startswith(f)), arch)
