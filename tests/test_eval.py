@@ -1,0 +1,161 @@
+"""Data layer and pretrained evaluation: preprocessing equal to torchvision's, labels right in every
+layout, evaluation equal to an independent reference loop, and clear errors."""
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import models
+from torchvision.datasets import ImageFolder
+
+from conftest import assert_user_error, make_image, run_script, save_torchvision_checkpoint
+from dataset import EvalPreset, find_samples, imagenet_wnids, load_rgb, normalize, prepare_val, val_labels
+from model import ARCHS, all_weights
+
+WNIDS = imagenet_wnids()
+WEIGHTS = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    """Several sizes and aspect ratios, grayscale, CMYK and a PNG saved under a .JPEG name."""
+    folder = tmp_path_factory.mktemp("odd")
+    return [make_image(folder / "wide.JPEG", (300, 120), seed=1), make_image(folder / "tall.JPEG", (90, 257), seed=2),
+            make_image(folder / "small.JPEG", (33, 47), seed=3), make_image(folder / "gray.JPEG", (200, 150), "L", seed=4),
+            make_image(folder / "cmyk.JPEG", (160, 161), "CMYK", seed=5),
+            make_image(folder / "png.JPEG", (120, 90), fmt="PNG", seed=6)]
+
+
+def test_eval_preprocessing_equals_weights_transforms_for_all_weights(odd_images):
+    pil = [load_rgb(p) for p in odd_images]
+    assert [Image.open(p).mode for p in odd_images[3:5]] == ["L", "CMYK"]
+    weights = [w for arch in ARCHS for w in all_weights(arch)]
+    assert len(weights) >= 115
+    for w in weights:
+        preset = EvalPreset.from_weights(w)
+        reference = w.transforms()
+        for image in pil:
+            ours = normalize(preset(image)[None], preset.mean, preset.std)[0]
+            assert (ours - reference(image)).abs().max().item() <= 1e-6, (w, image.size)
+
+
+def make_folder(root, classes, per_class=2, seed=0):
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            make_image(root / name / f"img_{i}.JPEG", (64 + 16 * i, 48 + 8 * c), seed=seed + 10 * c + i)
+    return root
+
+
+def test_subset_folder_keeps_imagenet_indices(tmp_path):
+    make_folder(tmp_path / "val", [WNIDS[5], WNIDS[500], WNIDS[999]], per_class=1)
+    samples, classes = find_samples(tmp_path, "val")  # the root: val/ is found
+    assert [s.target for s in samples] == [5, 500, 999] and len(classes) == 1000
+
+
+def test_custom_class_names_index_from_zero_when_not_imagenet(tmp_path):
+    make_folder(tmp_path, ["cat", "dog"], per_class=1)
+    samples, classes = find_samples(tmp_path, "train", imagenet_labels=False)
+    assert [s.target for s in samples] == [0, 1] and classes == ["cat", "dog"]
+
+
+def test_flat_val_folder_labels_from_package_and_files(tmp_path):
+    for i in (1, 2, 3):
+        make_image(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", seed=i)
+    samples, _ = find_samples(tmp_path / "val")
+    package = val_labels()
+    assert [s.target for s in samples] == [package[f"ILSVRC2012_val_{i:08d}.JPEG"] for i in (1, 2, 3)]
+    assert samples[0].target == 65  # ILSVRC2012_val_00000001 is a sea snake (n01751748)
+    kaggle = tmp_path / "LOC_val_solution.csv"
+    kaggle.write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{i:08d},{WNIDS[i * 10]} 1 2 3 4 {WNIDS[i * 10]} 5 6 7 8\n" for i in (1, 2, 3)))
+    assert [s.target for s in find_samples(tmp_path / "val", labels_file=kaggle)[0]] == [10, 20, 30]
+    prepare_val(tmp_path / "val", kaggle)
+    prepare_val(tmp_path / "val", kaggle)  # idempotent
+    link = tmp_path / "val" / WNIDS[10] / "ILSVRC2012_val_00000001.JPEG"
+    assert link.is_symlink() and link.resolve() == (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").resolve()
+    assert [s.target for s in find_samples(tmp_path / "val")[0]] == [10, 20, 30]
+
+
+def reference_predictions(model, folder, weights):
+    """pytorch/examples-style loop: ImageFolder + weights.transforms(), no code of ours."""
+    dataset = ImageFolder(str(folder), transform=weights.transforms())
+    index = {w: i for i, w in enumerate(WNIDS)}
+    rows = []
+    with torch.no_grad():
+        for path, folder_target in dataset.samples:
+            probs = model(weights.transforms()(Image.open(path).convert("RGB"))[None]).softmax(1)[0]
+            top = probs.topk(5)
+            rows.append((path, index[dataset.classes[folder_target]], top.indices.tolist(), top.values.tolist()))
+    return rows
+
+
+@pytest.mark.slow
+def test_evaluation_equals_reference_loop(tmp_path, torch_home):
+    weights = models.ResNet18_Weights.IMAGENET1K_V1  # a random resnet18's logits are O(1): top-5 order is stable
+    model = save_torchvision_checkpoint(torch_home, "resnet18", weights)
+    # put every image in the folder of the class the model predicts for it, half of them "wrong"
+    scratch = make_folder(tmp_path / "scratch", ["a", "b", "c", "d", "e"], per_class=3)
+    val = tmp_path / "imagenet" / "val"
+    for i, path in enumerate(sorted(scratch.rglob("*.JPEG"))):
+        with torch.no_grad():
+            top = model(weights.transforms()(load_rgb(path))[None]).topk(3).indices[0].tolist()
+        dest = val / WNIDS[top[0] if i % 2 == 0 else (top[1] if i % 4 == 1 else (top[2] + 100) % 1000)] / f"{i}.JPEG"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(dest)
+    result = run_script("test_torchvision.py", "--data", tmp_path / "imagenet", "--models", "resnet18",
+                        "--out", tmp_path / "out", "--batch-size", "4", "--workers", "1",
+                        env={"TORCH_HOME": str(torch_home)})
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
+    reference = reference_predictions(model, val, weights)
+    n = len(reference)
+    assert record["n_images"] == n == 15
+    assert record["acc1"] == pytest.approx(100 * sum(r[1] == r[2][0] for r in reference) / n)
+    assert record["acc5"] == pytest.approx(100 * sum(r[1] in r[2] for r in reference) / n)
+    assert record["acc1"] == pytest.approx(100 * 8 / 15)
+    assert {"model", "weights", "n_images", "acc1", "acc5", "acc1_published", "acc5_published", "img_per_s"} <= set(record)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions" / f"{weights}.csv")))
+    assert [r["path"] for r in rows] == [r[0] for r in reference]
+    for ours, (_, target, top5, probs) in zip(rows, reference):
+        assert int(ours["target"]) == target and [int(ours[f"top{k}"]) for k in range(1, 6)] == top5
+        assert [float(ours[f"prob{k}"]) for k in range(1, 6)] == pytest.approx(probs, abs=1e-5)
+    again = run_script("test_torchvision.py", "--data", tmp_path / "imagenet", "--models", "resnet18",
+                       "--out", tmp_path / "out", env={"TORCH_HOME": str(torch_home)})
+    assert again.returncode == 0 and "skipped" in again.stdout + again.stderr
+
+
+def test_unreadable_image_stops_or_is_skipped_and_listed(tmp_path, torch_home):
+    save_torchvision_checkpoint(torch_home, "mobilenet_v3_small", WEIGHTS)
+    data = tmp_path / "val"
+    make_image(data / WNIDS[1] / "good.JPEG")
+    good = make_image(data / WNIDS[2] / "cut.JPEG", (200, 200)).read_bytes()
+    (data / WNIDS[2] / "cut.JPEG").write_bytes(good[: len(good) // 2])
+    args = ["test_torchvision.py", "--data", data, "--models", "mobilenet_v3_small", "--out", tmp_path / "out",
+            "--workers", "0"]
+    assert_user_error(run_script(*args, env={"TORCH_HOME": str(torch_home)}), "cut.JPEG", "--skip-bad-images")
+    skipped = run_script(*args, "--skip-bad-images", env={"TORCH_HOME": str(torch_home)})
+    assert skipped.returncode == 0, skipped.stderr
+    assert "cut.JPEG" in skipped.stdout + skipped.stderr
+    record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
+    assert record["n_images"] == 1 and record["bad_images"] == [str(data / WNIDS[2] / "cut.JPEG")]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not_wnids", "unknown_model", "unknown_weights", "offline"])
+def test_clear_errors(tmp_path, torch_home, case):
+    data = tmp_path / "data"
+    args = ["--models", "mobilenet_v3_small"]
+    if case == "empty":
+        data.mkdir()
+    elif case != "missing":
+        make_folder(data, ["cats", "dogs"] if case == "not_wnids" else [WNIDS[0]], per_class=1)
+    if case == "unknown_model":
+        args = ["--models", "mobilenet_v3_smal"]
+    if case == "unknown_weights":
+        args += ["--weights", "IMAGENET1K_V9"]
+    result = run_script("test_torchvision.py", "--data", data, *args, "--out", tmp_path / "out",
+                        env={"TORCH_HOME": str(torch_home)})
+    expected = {"missing": ["does not exist"], "empty": ["no class folders"], "not_wnids": ["cats", "wnid"],
+                "unknown_model": ["mobilenet_v3_small"], "unknown_weights": ["IMAGENET1K_V1"],
+                "offline": ["mobilenet_v3_small-047dcff4.pth", "https://download.pytorch.org/models/"]}[case]
+    assert_user_error(result, *expected)
