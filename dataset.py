@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms import v2
 
-from utils import UserError, cli
+from utils import ArgumentParser, UserError, cli
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"^n\d{8}$")
@@ -212,20 +212,74 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 class ImageDataset(torch.utils.data.Dataset):
     """(image, target, index, error) items; a file that cannot be read gives image None and the
-    error text, so the loop can stop naming it or skip and count it (workers can't raise cleanly)."""
+    error text, so the loop can stop naming it or skip and count it (workers can't raise cleanly).
 
-    def __init__(self, samples: list[Sample], transform):
-        self.samples, self.transform = samples, transform
+    Indexed by (index, epoch) pairs (from TrainSampler), the random augmentation of an image is
+    seeded by (seed, epoch, index): identical for any worker count or world size, and after a resume."""
+
+    def __init__(self, samples: list[Sample], transform, seed: int = 0):
+        self.samples, self.transform, self.seed = samples, transform, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         try:
-            return self.transform(load_rgb(sample.path)), sample.target, index, ""
+            image = self.load(index)
+            if epoch is None:
+                return self.transform(image), sample.target, index, ""
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF_FFFF)
+                return self.transform(image), sample.target, index, ""
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return None, sample.target, index, f"{type(e).__name__}: {e}"
+
+    def load(self, index: int):
+        return load_rgb(self.samples[index].path)
+
+
+class SyntheticDataset(ImageDataset):
+    """Random 3-channel images (a fixed one per index) for throughput runs without data (--dummy)."""
+
+    def __init__(self, size: int, num_classes: int, transform, seed: int = 0, image_size=(375, 500)):
+        super().__init__([Sample(f"synthetic/{i}", i % num_classes) for i in range(size)], transform, seed)
+        self.image_size = image_size
+
+    def load(self, index: int):
+        generator = torch.Generator().manual_seed(index)
+        pixels = torch.randint(0, 256, (*self.image_size, 3), dtype=torch.uint8, generator=generator)
+        return Image.fromarray(pixels.numpy())
+
+
+class TrainSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (shuffled by seed + epoch, padded to equal shards) that yields (index, epoch)
+    and can start `skip` items into the epoch, to resume exactly in the middle of one."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(i, self.epoch) for i in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Rank r of w gets images r, r + w, r + 2w, ...: every image exactly once, no padded duplicates."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, size, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def collate(items):
@@ -247,7 +301,7 @@ def build_loader(dataset, batch_size: int, workers: int, shuffle: bool = False, 
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare-val", help="sort a flat val folder into <wnid>/ folders of symlinks")
     prep.add_argument("val_dir")

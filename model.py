@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import models
 from torchvision.models import WeightsEnum
 
-from utils import UserError, closest
+from utils import UserError, closest, load_checkpoint
 
 ARCHS = sorted(models.list_models(module=models))  # classification models only (80 in torchvision 0.29)
 
@@ -58,19 +58,6 @@ def weights_file_name(weights: WeightsEnum) -> str:
     return os.path.basename(urlparse(weights.url).path)
 
 
-def load_file(path, what: str = "checkpoint") -> dict:
-    """torch.load with weights_only=True: a file whose pickle would run code is refused, not run."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} file {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with a code payload, not a torch file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {what} {path}: {first[:200]} "
-                        "(truncated or corrupt, or not a plain weights file; only weights_only files are loaded)") from e
-
-
 def load_weights_state(weights: WeightsEnum, weights_dir=None) -> dict:
     """State dict of a torchvision weights enum, from `weights_dir` or torchvision's cache,
     downloading into the cache when online."""
@@ -80,15 +67,16 @@ def load_weights_state(weights: WeightsEnum, weights_dir=None) -> dict:
         if weights_dir:
             raise UserError(f"weights file {name} for {weights} is not in {folder}; download {weights.url} into it")
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(folder / name), hash_prefix=None, progress=True)
         except Exception as e:
             raise UserError(f"weights file {name} for {weights} is not in {folder} and could not be downloaded "
                             f"({type(e).__name__}); download {weights.url} and put it there "
                             "(or pass --weights-dir DIR)") from e
-    return load_file(folder / name, f"weights of {weights}")
+    return load_checkpoint(folder / name, f"weights of {weights}")
 
 
-def _torchvision_weights_for_file(arch: str, path) -> WeightsEnum | None:
+def torchvision_weights_for_file(arch: str, path) -> WeightsEnum | None:
     return next((w for w in models.get_model_weights(arch) if weights_file_name(w) == Path(path).name), None)
 
 
@@ -99,8 +87,8 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
     num_classes: a different number than the weights' replaces the classifier head (fine-tuning)."""
     check_arch(arch)
     enum_weights = None if is_weights_file(weights) else resolve_weights(arch, weights)
-    if is_weights_file(weights) and _torchvision_weights_for_file(arch, weights):
-        enum_weights = _torchvision_weights_for_file(arch, weights)
+    if is_weights_file(weights) and torchvision_weights_for_file(arch, weights):
+        enum_weights = torchvision_weights_for_file(arch, weights)
         weights_dir = Path(weights).parent
     if enum_weights is not None:
         state_dict = load_weights_state(enum_weights, weights_dir)
@@ -108,8 +96,8 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
         # googlenet/inception transform_input and aux heads); it asks the enum for the state dict.
         with mock.patch.object(type(enum_weights), "get_state_dict", lambda *args, **kwargs: state_dict):
             model = _load_checked(lambda: models.get_model(arch, weights=enum_weights), arch, enum_weights)
-    elif weights is not None:
-        state = load_file(weights)
+    elif is_weights_file(weights):
+        state = load_checkpoint(weights)
         state_dict = state.get("model", state) if isinstance(state.get("model"), dict) else state
         saved_arch = state.get("config", {}).get("arch") if isinstance(state.get("config"), dict) else None
         if saved_arch and saved_arch != arch:

@@ -16,8 +16,8 @@ from PIL import Image
 
 from coder import LabelCoder
 from dataset import EvalPreset, load_rgb, normalize
-from model import build_model, is_weights_file, resolve_weights
-from utils import UserError, cli, resolve_device
+from model import build_model, is_weights_file, resolve_weights, torchvision_weights_for_file
+from utils import ArgumentParser, UserError, cli, resolve_device
 
 
 def read_image(path: str, preset: EvalPreset) -> torch.Tensor:
@@ -32,15 +32,15 @@ def read_image(path: str, preset: EvalPreset) -> torch.Tensor:
 
 def format_predictions(path: str, predictions: list[dict]) -> str:
     """The image path, then one aligned line per class: rank, probability, name, wnid."""
-    width = max(len(p["name"]) for p in predictions)
-    lines = [f"  {rank}. {p['prob']:7.2%}  {p['name']:<{width}}  {p['wnid'] or ''}".rstrip()
+    rank_width, name_width = len(str(len(predictions))), max(len(p["name"]) for p in predictions)
+    lines = [f"  {rank:>{rank_width}}. {p['prob']:7.2%}  {p['name']:<{name_width}}  {p['wnid'] or ''}".rstrip()
              for rank, p in enumerate(predictions, 1)]
     return "\n".join([path, *lines])
 
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--arch", default="resnet50", help="any torchvision classifier (default: resnet50)")
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, an enum name like IMAGENET1K_V2, or a .pth file")
@@ -52,8 +52,10 @@ def main(argv=None):
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
 
-    # The enum gives the preprocessing and class names; a file takes those of the arch's DEFAULT weights.
-    enum = resolve_weights(args.arch, "DEFAULT" if is_weights_file(args.weights) else args.weights)
+    # The enum gives the preprocessing and class names; a file takes those of its torchvision weights
+    # (matched by file name) or of the arch's DEFAULT weights.
+    enum = (torchvision_weights_for_file(args.arch, args.weights) or resolve_weights(args.arch, "DEFAULT")
+            if is_weights_file(args.weights) else resolve_weights(args.arch, args.weights))
     preset = EvalPreset.from_weights(enum)
     images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
     device = resolve_device(args.device)

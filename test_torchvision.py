@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model import ARCHS, all_weights, complexity, is_weights_file, model_family, resolve_weights
-from utils import UserError, atomic_write_text, cli, closest, markdown_table, write_records
+from utils import ArgumentParser, UserError, atomic_write_text, cli, closest, markdown_table, write_records
 
 COMPLEXITY_COLUMNS = ["model", "weights", "params", "gmacs", "gflops", "thop_gmacs", "resize", "crop",
                       "interpolation", "acc1_published", "acc5_published", "err1_published", "err5_published",
@@ -26,7 +26,7 @@ COMPLEXITY_COLUMNS = ["model", "weights", "params", "gmacs", "gflops", "thop_gma
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["*"], help="names or globs, e.g. resnet50 'vit_*' (default: all)")
     p.add_argument("--weights", default=None,
                    help="default | all | a weights name such as IMAGENET1K_V2 or a .pth file "
@@ -195,7 +195,7 @@ def run_evaluation(args) -> list[dict]:
     skips rows already evaluated with the same data and settings (unless --force)."""
     import torch
     from dataset import EvalPreset, ImageDataset, build_loader, find_samples
-    from model import build_model, resolve_weights
+    from model import build_model, resolve_weights, torchvision_weights_for_file
     from train import evaluate
     from utils import default_workers, resolve_device
     pairs = eval_pairs(args)
@@ -206,7 +206,8 @@ def run_evaluation(args) -> list[dict]:
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
     workers = default_workers(device) if args.workers is None else args.workers
     for arch, weights in tqdm(pairs, desc="models", unit="model", disable=None):
-        enum = resolve_weights(arch, "DEFAULT" if is_weights_file(weights) else weights)
+        enum = (torchvision_weights_for_file(arch, weights) or resolve_weights(arch, "DEFAULT")
+                if is_weights_file(weights) else resolve_weights(arch, weights))
         preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
         settings = {"data": str(Path(args.data).resolve()), "limit": args.limit, "resize": preset.resize,
                     "crop": preset.crop, "interpolation": preset.interpolation}

@@ -1,15 +1,116 @@
-"""Evaluation and training loops.
+"""Train a torchvision architecture on ImageNet (or any ImageFolder), on one CPU/GPU or many.
 
-    python train.py --arch resnet50 --data /data/imagenet --config configs/torchvision_v1.yaml
+    python train.py --config configs/torchvision_v1.yaml --data /data/imagenet --arch resnet50
+    python train.py --config configs/seed.yaml --data /data/imagenet --arch alexnet          # the original recipe
+    python train.py --config configs/finetune.yaml --data /data/flowers --arch resnet50      # new head, pretrained body
+    torchrun --nproc_per_node=8 train.py --config configs/torchvision_v1.yaml --data /data/imagenet --arch resnet50
+    python train.py --run-name NAME --resume auto ...                                        # continue a run
+Every key of TrainConfig below is also --key value; precedence: defaults < --config < command line.
 """
+import dataclasses
+import json
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from tqdm import tqdm
 
-from dataset import normalize
-from utils import UserError, all_gather_objects, all_reduce_sum, is_main, topk_correct
+from dataset import (EvalPreset, ImageDataset, ShardSampler, SyntheticDataset, TrainSampler, build_loader, find_samples,
+                     normalize, train_preset)
+from loss import build_loss
+from model import build_model
+from utils import (UserError, all_gather_objects, all_reduce_sum, atomic_write_text, cleanup_distributed, cli,
+                   default_workers, is_main, load_checkpoint, load_config, plot_curves, rank as global_rank, run_dir_for,
+                   run_info, save_checkpoint, setup_distributed, topk_correct, world_size, write_metrics)
+
+
+@dataclass
+class TrainConfig:
+    # data and model
+    data: str = ""                      # ImageFolder root with train/ and val/ (class names need not be wnids)
+    arch: str = "resnet18"              # any name in torchvision.models.list_models()
+    weights: str | None = None          # start from pretrained weights (DEFAULT, IMAGENET1K_V2, a .pth) to fine-tune
+    num_classes: int | None = None      # from the train folder's classes unless set; a new head when it differs
+    dummy: bool = False                 # synthetic images instead of --data, for throughput runs
+    dummy_size: int = 512               # images per epoch with --dummy
+    # schedule (torchvision's V1 recipe: 90 epochs, batch 256, SGD 0.1, StepLR 30 x 0.1)
+    epochs: int = 90
+    batch_size: int = 32                # per process; the global batch is batch_size x world size
+    lr: float = 0.1                     # for the global batch, unless lr_scaling = linear
+    lr_scaling: str = "none"            # none | linear: lr x global_batch / 256 (Goyal et al.), for changing world sizes
+    optimizer: str = "sgd"              # sgd | adamw
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    no_decay_norm_bias: bool = False    # no weight decay on normalisation weights and biases (1-D parameters)
+    scheduler: str = "step"             # step | multistep | cosine (all stepped once per epoch)
+    step_size: int = 30
+    milestones: list = field(default_factory=lambda: [30, 60, 80])
+    lr_gamma: float = 0.1
+    warmup_epochs: int = 0              # linear warmup from lr x warmup_factor
+    warmup_factor: float = 0.01
+    # loss: ce | focal | smooth_l1 | a weighted sum such as {focal: 1.0, smooth_l1: 1.0} (see loss.py)
+    loss: str = "ce"
+    label_smoothing: float = 0.0
+    # augmentation and eval preprocessing (dataset.py presets)
+    train_preset: str = "standard"      # standard (RandomResizedCrop + flip) | original (Resize + CenterCrop)
+    train_crop_size: int = 224
+    train_resize_size: int = 256        # used by the original preset
+    val_resize_size: int = 256
+    val_crop_size: int = 224
+    interpolation: str = "bilinear"
+    # speed
+    amp: str = "auto"                   # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16 (with GradScaler)
+    channels_last: str = "auto"         # auto (on for CUDA) | true | false
+    compile: bool = False               # torch.compile the model (minutes of compile, faster epochs)
+    workers: int = -1                   # loader processes per rank; -1 = utils.default_workers
+    # regularisation
+    ema_decay: float = 0.0              # > 0 keeps an exponential moving average of the weights, evaluated too
+    ema_steps: int = 32                 # update the EMA every N steps (torchvision's recipe)
+    clip_grad_norm: float = 0.0         # > 0 clips the global gradient norm
+    sync_bn: bool = False               # SyncBatchNorm across ranks
+    # run
+    device: str = "auto"                # auto | cpu | cuda
+    seed: int = 0
+    deterministic: bool = False         # deterministic kernels (slower); CPU runs are reproducible anyway
+    output: str = "checkpoints"
+    run_name: str = ""                  # default: ARCH-YYYYmmdd-HHMMSS
+    resume: str = ""                    # auto (this run's last.pt) | a checkpoint path
+    save_every_steps: int = 0           # also write last.pt every N steps (resumes mid-epoch, exactly)
+    log_interval: int = 20              # steps between progress updates (the only host syncs in the loop)
+    skip_bad_images: bool = False       # skip unreadable images (listed at the end) instead of stopping
+
+
+CHOICES = {"lr_scaling": ("none", "linear"), "optimizer": ("sgd", "adamw"), "scheduler": ("step", "multistep", "cosine"),
+           "train_preset": ("standard", "original"), "amp": ("auto", "none", "bf16", "fp16"),
+           "channels_last": ("auto", "true", "false"), "device": ("auto", "cpu", "cuda"),
+           "interpolation": ("bilinear", "bicubic", "nearest")}
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise UserError(f"{key} must be one of {', '.join(choices)}, got '{getattr(cfg, key)}'")
+    for key in ("epochs", "batch_size", "train_crop_size", "val_resize_size", "val_crop_size", "ema_steps",
+                "log_interval", "dummy_size", "step_size"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "clip_grad_norm", "ema_decay",
+                "save_every_steps", "warmup_factor"):
+        if getattr(cfg, key) < 0 or key == "lr" and cfg.lr == 0:
+            raise UserError(f"{key} must be {'positive' if key == 'lr' else 'non-negative'}, got {getattr(cfg, key)}")
+    if cfg.val_crop_size > cfg.val_resize_size:
+        raise UserError(f"val_crop_size {cfg.val_crop_size} is larger than val_resize_size {cfg.val_resize_size}")
+    if cfg.ema_decay >= 1 or cfg.label_smoothing >= 1:
+        raise UserError("ema_decay and label_smoothing must be below 1")
+    if cfg.num_classes is not None and (not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
+        raise UserError(f"num_classes must be a positive integer, got {cfg.num_classes!r}")
+    if not cfg.data and not cfg.dummy:
+        raise UserError("no data: pass --data DIR (an ImageFolder root with train/ and val/) or --dummy")
+    return cfg
 
 
 @torch.inference_mode()
@@ -24,16 +125,10 @@ def evaluate(model, loader, device, mean, std, *, criterion=None, channels_last=
     samples = loader.dataset.samples
     start, batches = time.perf_counter(), 0
     for images, targets, indices, errors in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not is_main() or None):
-        for index, error in errors:
-            if not skip_bad_images:
-                raise UserError(f"cannot read image {samples[index].path} ({error}); fix or remove it, "
-                                "or pass --skip-bad-images to skip and list such files")
-            bad.append(samples[index].path)
+        bad += check_bad_images(errors, samples, skip_bad_images)
         if len(targets) == 0:
             continue
-        images = normalize(images.to(device, non_blocking=True), mean, std)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = to_device(images, device, mean, std, channels_last)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(images)
@@ -54,16 +149,277 @@ def evaluate(model, loader, device, mean, std, *, criterion=None, channels_last=
               "loss": loss_sum / max(n, 1), "seconds": seconds, "img_per_s": n / seconds if seconds else 0.0,
               "ms_per_batch": 1000 * seconds / max(batches, 1), "bad_images": bad}
     if keep_predictions:
-        columns = [torch.cat(parts) if parts else torch.empty(0) for parts in zip(*predictions)] or [torch.empty(0)] * 4
-        shards = all_gather_objects(columns)
-        result["predictions"] = _merge_predictions(shards, samples)
+        columns = [torch.cat(parts) for parts in zip(*predictions)] if predictions else []
+        result["predictions"] = merge_predictions(all_gather_objects(columns), samples)
     return result
 
 
-def _merge_predictions(shards, samples) -> list[dict]:
+def check_bad_images(errors, samples, skip: bool) -> list[str]:
+    """Paths of the unreadable images of a batch; without skip, the first one stops the run."""
+    for index, error in errors:
+        if not skip:
+            raise UserError(f"cannot read image {samples[index].path} ({error}); fix or remove it, "
+                            "or pass --skip-bad-images to skip and list such files")
+    return [samples[index].path for index, _ in errors]
+
+
+def to_device(images, device, mean, std, channels_last: bool):
+    """uint8 (B, 3, H, W) host batch -> normalised float on the device (4x fewer bytes to copy)."""
+    images = normalize(images.to(device, non_blocking=True), mean, std)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def merge_predictions(shards, samples) -> list[dict]:
     rows = []
-    for indices, targets, classes, probs in shards:
+    for shard in shards:
+        if not shard:
+            continue
+        indices, targets, classes, probs = shard
         for i in range(len(indices)):
             rows.append({"index": int(indices[i]), "path": samples[int(indices[i])].path, "target": int(targets[i]),
                          "top5": classes[i].tolist(), "probs": [round(p, 6) for p in probs[i].tolist()]})
     return sorted(rows, key=lambda row: row["index"])
+
+
+def build_data(cfg: TrainConfig, world: int, rank: int):
+    """(train loader, val loader, class names); labels index the train folder's classes from 0."""
+    train_tf = train_preset(cfg.train_preset, cfg.train_crop_size, cfg.train_resize_size, cfg.interpolation)
+    val_tf = EvalPreset(cfg.val_resize_size, cfg.val_crop_size, cfg.interpolation)
+    if cfg.dummy:
+        classes = [str(i) for i in range(cfg.num_classes or 1000)]
+        train_set = SyntheticDataset(cfg.dummy_size, len(classes), train_tf, cfg.seed)
+        val_set = SyntheticDataset(max(1, cfg.dummy_size // 4), len(classes), val_tf)
+    else:
+        train_samples, classes = find_samples(cfg.data, "train", imagenet_labels=False)
+        val_samples, val_classes = find_samples(cfg.data, "val", imagenet_labels=False)
+        if val_classes != classes:
+            raise UserError(f"the val classes of {cfg.data} differ from its train classes "
+                            f"(e.g. {sorted(set(val_classes) ^ set(classes))[:3]}); both need the same class folders")
+        train_set, val_set = ImageDataset(train_samples, train_tf, cfg.seed), ImageDataset(val_samples, val_tf)
+    device_is_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    workers = default_workers(torch.device("cuda" if device_is_cuda else "cpu")) if cfg.workers < 0 else cfg.workers
+    sampler = TrainSampler(train_set, world, rank, cfg.seed)
+    train_loader = build_loader(train_set, cfg.batch_size, workers, shuffle=True, sampler=sampler,
+                                pin_memory=device_is_cuda, drop_last=len(train_set) >= cfg.batch_size * world)
+    val_loader = build_loader(val_set, cfg.batch_size, workers, sampler=ShardSampler(len(val_set), world, rank),
+                              pin_memory=device_is_cuda)
+    return train_loader, val_loader, classes
+
+
+def build_optimizer(cfg: TrainConfig, model, lr: float):
+    decay = [p for p in model.parameters() if p.requires_grad and not (cfg.no_decay_norm_bias and p.ndim <= 1)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and cfg.no_decay_norm_bias and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer):
+    """Stepped once per epoch, after an optional linear warmup (torchvision's recipes)."""
+    sched = torch.optim.lr_scheduler
+    main_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
+    if cfg.scheduler == "step":
+        main = sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.lr_gamma)
+    elif cfg.scheduler == "multistep":
+        main = sched.MultiStepLR(optimizer, milestones=[m - cfg.warmup_epochs for m in cfg.milestones], gamma=cfg.lr_gamma)
+    else:
+        main = sched.CosineAnnealingLR(optimizer, T_max=main_epochs)
+    if not cfg.warmup_epochs:
+        return main
+    warmup = sched.LinearLR(optimizer, start_factor=cfg.warmup_factor, total_iters=cfg.warmup_epochs)
+    return sched.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_epochs])
+
+
+def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch: int, cfg: TrainConfig, run) -> dict:
+    """One pass over this rank's shard. Loss and accuracy stay on the device between log intervals."""
+    model.train()
+    sampler, mean, std = loader.sampler, run["mean"], run["std"]
+    sampler.set_epoch(epoch)
+    sums = run.pop("train_sums", None)
+    sums = torch.zeros(3, dtype=torch.float64, device=device) if sums is None else sums.to(device)  # loss, top-1, n
+    first_bad_step = torch.tensor(-1, device=device)
+    start, seen = time.perf_counter(), 0  # images this process trained on in this call
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not is_main() or None,
+               initial=run["batch"], total=run["batch"] + len(loader))
+    for images, targets, indices, errors in bar:
+        run["bad_images"] += check_bad_images(errors, loader.dataset.samples, cfg.skip_bad_images)
+        seen += len(targets)
+        images, targets = to_device(images, device, mean, std, run["channels_last"]), targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=run["amp_dtype"] or torch.bfloat16, enabled=run["amp_dtype"] is not None):
+            logits = model(images)
+        loss = criterion(logits, targets)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        run["step"] += 1
+        run["batch"] += 1
+        if run["ema"] is not None and run["step"] % cfg.ema_steps == 0:
+            run["ema"].update_parameters(run["model"])
+        loss = loss.detach()
+        first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), run["step"], first_bad_step)
+        sums += torch.stack([loss.double() * len(targets), topk_correct(logits.detach(), targets, (1,))[0],
+                             torch.tensor(len(targets), device=device)])
+        last = run["batch"] == bar.total
+        if run["step"] % cfg.log_interval == 0 or last or cfg.save_every_steps and run["step"] % cfg.save_every_steps == 0:
+            if first_bad_step.item() >= 0:  # the only host syncs of the loop: at log and save points
+                raise UserError(f"loss became {loss.item()} at step {first_bad_step.item()} (epoch {epoch + 1}); "
+                                f"the last good checkpoint is kept in {run['dir']}; lower --lr or enable --clip-grad-norm")
+            loss_sum, top1, n = all_reduce_sum(sums.clone()).tolist()
+            rate = seen * world_size() / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}", img_s=f"{rate:.1f}")
+            if cfg.save_every_steps and run["step"] % cfg.save_every_steps == 0 and not last:
+                run["save"](epoch, sums)
+    loss_sum, top1, n = all_reduce_sum(sums).tolist()
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / n, "train_acc1": 100 * top1 / n, "train_time_s": seconds,
+            "img_per_s": seen * world_size() / seconds}
+
+
+def main(cfg: TrainConfig) -> dict:
+    validate(cfg)
+    device = setup_distributed(cfg.device)
+    try:
+        return fit(cfg, device)
+    finally:
+        cleanup_distributed()
+
+
+def fit(cfg: TrainConfig, device) -> dict:
+    world, rank = world_size(), global_rank()
+    run_dir, resume_from = run_dir_for(cfg.output, cfg.run_name, cfg.arch, cfg.resume)
+    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    if checkpoint is not None and not {"model", "optimizer", "epoch"} <= set(checkpoint):
+        raise UserError(f"{resume_from} is not a train.py checkpoint (no optimizer state); use --weights to start from it")
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    train_loader, val_loader, classes = build_data(cfg, world, rank)
+    num_classes = cfg.num_classes or len(classes)
+    model = build_model(cfg.arch, cfg.weights, num_classes=num_classes).to(device)
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {resume_from} does not fit {cfg.arch} with {num_classes} classes "
+                            f"(it was saved by a {checkpoint.get('config', {}).get('arch')} run)") from e
+    channels_last = cfg.channels_last == "true" or cfg.channels_last == "auto" and device.type == "cuda"
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    lr = cfg.lr * cfg.batch_size * world / 256 if cfg.lr_scaling == "linear" else cfg.lr
+    optimizer = build_optimizer(cfg, model, lr)
+    scheduler = build_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = None
+    if cfg.ema_decay:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    criterion = build_loss(cfg.loss, num_classes, cfg.label_smoothing).to(device)
+    run = {"model": model, "ema": ema, "dir": run_dir, "mean": val_loader.dataset.transform.mean,
+           "std": val_loader.dataset.transform.std, "channels_last": channels_last, "amp_dtype": amp_dtype, "step": 0, "batch": 0,
+           "bad_images": [], "history": [], "best_acc1": -1.0, "epoch": 0}
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema") is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        run.update(step=checkpoint["step"], batch=checkpoint["batch"], history=checkpoint["history"],
+                   best_acc1=checkpoint["best_acc1"], epoch=checkpoint["epoch"])
+        if checkpoint["batch"] and rank == 0:
+            run["train_sums"] = checkpoint["train_sums"]
+        train_loader.sampler.skip = checkpoint["batch"] * cfg.batch_size
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    elif rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        atomic_write_text(run_dir / "run.json", json.dumps({**run_info(cfg.seed), "classes": classes}, indent=1))
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        trained = torch.compile(trained)
+
+    def save(epoch: int, sums=None, best: bool = False):
+        """last.pt (and best.pt): the unwrapped, uncompiled model and all that a resume needs."""
+        global_sums = all_reduce_sum(sums.clone()) if sums is not None else None
+        if rank != 0:
+            return
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                 "epoch": epoch, "batch": run["batch"] if sums is not None else 0, "step": run["step"],
+                 "train_sums": global_sums.cpu() if global_sums is not None else None, "best_acc1": run["best_acc1"],
+                 "history": run["history"], "config": dataclasses.asdict(cfg), "classes": classes,
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        save_checkpoint(state, run_dir / "last.pt")
+        if best:
+            save_checkpoint(state, run_dir / "best.pt")
+
+    run["save"] = save
+    writer = tensorboard_writer(run_dir) if rank == 0 else None
+    if rank == 0:
+        print(f"run dir {run_dir}: {cfg.arch}, {num_classes} classes, {len(train_loader.dataset)} train / "
+              f"{len(val_loader.dataset)} val images, world size {world}, device {device}"
+              + (f", resumed from {resume_from} at epoch {run['epoch'] + 1}" if checkpoint else ""))
+    for epoch in range(run["epoch"], cfg.epochs):
+        train_stats = train_one_epoch(trained, criterion, optimizer, scaler, train_loader, device, epoch, cfg, run)
+        train_loader.sampler.skip, run["batch"] = 0, 0
+        lr_used = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val = evaluate(model, val_loader, device, run["mean"], run["std"], criterion=criterion,
+                       channels_last=channels_last, amp_dtype=amp_dtype, skip_bad_images=cfg.skip_bad_images)
+        row = {"epoch": epoch + 1, "lr": lr_used, **train_stats, "val_loss": val["loss"], "val_acc1": val["acc1"],
+               "val_acc5": val["acc5"]}
+        if ema is not None:
+            ema_val = evaluate(ema.module, val_loader, device, run["mean"], run["std"], criterion=criterion,
+                               channels_last=channels_last, amp_dtype=amp_dtype, skip_bad_images=cfg.skip_bad_images)
+            row.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
+        row["epoch_time_s"] = train_stats.pop("train_time_s") + val["seconds"]
+        run["history"].append(row)
+        is_best = val["acc1"] > run["best_acc1"]
+        run["best_acc1"] = max(run["best_acc1"], val["acc1"])
+        save(epoch + 1, best=is_best)
+        if rank == 0:
+            write_metrics(run["history"], run_dir)
+            if writer is not None:
+                for key, value in row.items():
+                    writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
+            tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f} | val loss "
+                       f"{row['val_loss']:.4f} top-1 {row['val_acc1']:.2f} top-5 {row['val_acc5']:.2f} | "
+                       f"{row['img_per_s']:.1f} img/s, {row['epoch_time_s']:.1f} s")
+    if rank == 0 and run["history"]:
+        plot_curves(run["history"], run_dir)
+        if run["bad_images"]:
+            print(f"skipped {len(run['bad_images'])} unreadable images:\n  " + "\n  ".join(sorted(set(run["bad_images"]))))
+        print(f"done: best val top-1 {run['best_acc1']:.3f}; checkpoints and metrics in {run_dir}")
+    return {"run_dir": str(run_dir), "history": run["history"], "best_acc1": run["best_acc1"]}
+
+
+def tensorboard_writer(run_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+@cli
+def cli_main(argv=None) -> dict:
+    return main(load_config(TrainConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    cli_main()

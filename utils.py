@@ -1,5 +1,6 @@
 """Shared plumbing: user-facing errors, atomic writes, config loading, meters, accuracy,
 distributed helpers and checkpoint I/O. Nothing here knows about a particular model or dataset."""
+import argparse
 import difflib
 import functools
 import os
@@ -154,3 +155,212 @@ def default_workers(device) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return min(per_process, 16) if device.type == "cuda" else max(1, min(per_process // 4, 4))
+
+
+# ----------------------------------------------------------------------------- configuration
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes end as one 'error: ...' line (through cli) instead of usage + exit."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def _coerce(name: str, value, default):
+    """A YAML or command-line value checked against the type of the field's default."""
+    kind = type(default)
+    if value is None or default is None and not isinstance(value, str):
+        return value
+    if default is None or isinstance(default, str):
+        return value if isinstance(value, dict) else str(value)  # dict: a loss spec such as {focal: 1}
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value) if kind is float else int(value)
+            if kind is int and float(value) != number:
+                raise ValueError
+            return number
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(default, (list, dict)) and isinstance(value, kind):
+        return value
+    raise UserError(f"config key '{name}' must be a {kind.__name__}, got {value!r}")
+
+
+def load_config(cls, argv=None, description: str = ""):
+    """Defaults (the dataclass) < --config YAML < --key value on the command line. Unknown keys, in
+    the file or on the command line, are errors that suggest the closest valid key."""
+    import dataclasses
+    import yaml
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of keys that differ from the defaults")
+    for name, f in fields.items():
+        default = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, nargs="?", const="true", default=None, help=f"(default: {default})")
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="*", default=None, help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, default=None, help=f"(default: {default})")
+    args, unknown = parser.parse_known_args(argv)
+    for arg in unknown:
+        if arg.startswith("--"):
+            key = arg[2:].split("=")[0].replace("-", "_")
+            raise UserError(f"unknown option {arg.split('=')[0]}{closest(key, fields)}")
+        raise UserError(f"unexpected argument '{arg}' (options are --key value)")
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+        if not isinstance(values, dict):
+            raise UserError(f"config file {path} must be a mapping of key: value")
+        for key in values:
+            if key not in fields:
+                raise UserError(f"unknown key '{key}' in {path}{closest(key, fields)}")
+    for name in fields:
+        value = getattr(args, name)
+        if value is not None:
+            if isinstance(getattr(defaults, name), list):
+                value = [yaml.safe_load(v) for v in value]
+            elif getattr(defaults, name) is None or value.lstrip().startswith("{"):
+                value = yaml.safe_load(value)
+            values[name] = value
+    return cls(**{name: _coerce(name, value, getattr(defaults, name)) for name, value in values.items()})
+
+
+# ----------------------------------------------------------------------------- runs and checkpoints
+
+def load_checkpoint(path, what: str = "checkpoint") -> dict:
+    """torch.load with weights_only=True: a file whose pickle would run code is refused, not run."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with a code payload, not a torch file at all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load {what} {path}: {first[:160]} (truncated or corrupt, or not a plain "
+                        "weights file: only files that load with weights_only=True are accepted)") from e
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Atomic torch.save: after a crash, kill -9 or a full disk the previous file is still whole."""
+    import torch
+    atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+
+
+def run_dir_for(output, run_name: str, arch: str, resume: str) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from). A run never reuses another run's dir without --resume."""
+    import time
+    output = Path(output)
+    if resume and resume != "auto":
+        return (output / run_name if run_name else Path(resume).parent), Path(resume)
+    if resume == "auto":
+        if run_name:
+            candidates = [output / run_name]
+        else:  # the newest run of this architecture
+            candidates = sorted((d for d in output.glob(f"{arch}-*") if (d / "last.pt").exists()),
+                                key=lambda d: (d / "last.pt").stat().st_mtime, reverse=True)
+        found = [d for d in candidates if (d / "last.pt").is_file()]
+        if not found:
+            where = output / run_name if run_name else f"{output}/{arch}-*"
+            raise UserError(f"--resume auto found nothing to resume: no last.pt in {where}; "
+                            "start a new run without --resume")
+        return found[0], found[0] / "last.pt"
+    if run_name:
+        run_dir = output / run_name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"run dir {run_dir} already exists; continue it with --resume auto "
+                            "or choose another --run-name")
+        return run_dir, None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = output / f"{arch}-{stamp}", 1
+    while run_dir.exists():
+        n += 1
+        run_dir = output / f"{arch}-{stamp}-{n}"
+    return run_dir, None
+
+
+def run_info(seed: int) -> dict:
+    """Git commit, library versions, seed and command line, saved next to every run's checkpoints."""
+    import platform
+    import subprocess
+    import torch
+    import torchvision
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"git_commit": commit, "seed": seed, "command": " ".join(sys.argv), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "world_size": world_size(),
+            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def write_metrics(history: list[dict], run_dir) -> None:
+    """metrics.csv (one row per epoch) and loss/accuracy curves as PNG."""
+    import csv, io
+    if not history:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[-1]), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(Path(run_dir) / "metrics.csv", buffer.getvalue())
+
+
+def plot_curves(history: list[dict], run_dir) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(epochs, [row["train_loss"] for row in history], label="train")
+    left.plot(epochs, [row["val_loss"] for row in history], label="val")
+    right.plot(epochs, [row["train_acc1"] for row in history], label="train top-1")
+    right.plot(epochs, [row["val_acc1"] for row in history], label="val top-1")
+    right.plot(epochs, [row["val_acc5"] for row in history], label="val top-5")
+    if "ema_acc1" in history[-1]:
+        right.plot(epochs, [row["ema_acc1"] for row in history], label="EMA val top-1")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    right.set(xlabel="epoch", ylabel="%", title="accuracy")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(run_dir) / "curves.png", lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
+    plt.close(fig)
+
+
+def setup_distributed(device_name: str):
+    """The device of this process; under torchrun (WORLD_SIZE > 1) also the process group:
+    NCCL on GPUs, gloo on CPUs."""
+    import torch
+    import torch.distributed as dist
+    device = resolve_device(device_name)
+    if world_size() > 1 and not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def cleanup_distributed() -> None:
+    if is_distributed():
+        import torch.distributed as dist
+        dist.destroy_process_group()
