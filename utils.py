@@ -162,6 +162,9 @@ def default_workers(device) -> int:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes end as one 'error: ...' line (through cli) instead of usage + exit."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is a typo, not --epochs
+
     def error(self, message):
         raise UserError(f"{message} (see --help)")
 
@@ -213,7 +216,8 @@ def load_config(cls, argv=None, description: str = ""):
     for arg in unknown:
         if arg.startswith("--"):
             key = arg[2:].split("=")[0].replace("-", "_")
-            raise UserError(f"unknown option {arg.split('=')[0]}{closest(key, fields)}")
+            flags = ["--" + name.replace("_", "-") for name in fields]
+            raise UserError(f"unknown option {arg.split('=')[0]}{closest(arg.split('=')[0], flags)}")
         raise UserError(f"unexpected argument '{arg}' (options are --key value)")
     values = {}
     if args.config:
@@ -364,3 +368,23 @@ def cleanup_distributed() -> None:
     if is_distributed():
         import torch.distributed as dist
         dist.destroy_process_group()
+
+
+def merge_predictions(shards, samples) -> list[dict]:
+    rows = []
+    for shard in shards:
+        if not shard:
+            continue
+        indices, targets, classes, probs = shard
+        for i in range(len(indices)):
+            rows.append({"index": int(indices[i]), "path": samples[int(indices[i])].path, "target": int(targets[i]),
+                         "top5": classes[i].tolist(), "probs": [round(p, 6) for p in probs[i].tolist()]})
+    return sorted(rows, key=lambda row: row["index"])
+
+
+def tensorboard_writer(run_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -1,0 +1,169 @@
+"""Training: config precedence and validation, convergence, exact resume, safe run dirs, checkpoints."""
+import csv
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import ROOT, assert_user_error, run_script
+from train import TrainConfig, validate
+from utils import UserError, load_config
+
+TINY = ["--arch", "resnet18", "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
+        "--workers", "0"]
+
+
+def make_colour_dataset(root: Path, per_class=(16, 6), size=(40, 48), seed=0) -> Path:
+    """Three learnable classes: noisy red, green and blue pictures (train/ and val/ ImageFolders)."""
+    rng = np.random.default_rng(seed)
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    for split, n in zip(("train", "val"), per_class):
+        for name, colour in colours.items():
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 40, (*size, 3)), 0, 255).astype(np.uint8)
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return make_colour_dataset(tmp_path_factory.mktemp("colours"))
+
+
+def test_precedence_defaults_file_command_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 0.5\nepochs: 7\nloss: {focal: 1.0, smooth_l1: 1.0}\nmilestones: [2, 4]\n")
+    cfg = load_config(TrainConfig, ["--config", str(config), "--lr", "0.25", "--nesterov", "--arch", "vgg11"])
+    assert (cfg.lr, cfg.epochs, cfg.nesterov, cfg.arch, cfg.batch_size) == (0.25, 7, True, "vgg11", 32)
+    assert cfg.loss == {"focal": 1.0, "smooth_l1": 1.0} and cfg.milestones == [2, 4]
+    assert load_config(TrainConfig, ["--loss", "{ce: 1.0}", "--milestones", "3", "6"]).milestones == [3, 6]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--lr-sheduler", "x"], "did you mean"), (["--epoch", "3"], "--epochs"), (["--epochs", "abc"], "epochs"),
+    (["--lr", "-1"], "lr"), (["--epochs", "0"], "epochs"), (["--batch-size", "0"], "batch_size"),
+    (["--val-crop-size", "300"], "val_crop_size"), (["--optimizer", "adam"], "sgd, adamw")])
+def test_bad_options_are_named(args, needle):
+    with pytest.raises(UserError, match=needle):
+        validate(load_config(TrainConfig, ["--dummy", *args]))
+
+
+def test_unknown_yaml_key_suggests_the_closest(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 0.1\nwieght_decay: 0.0001\n")
+    with pytest.raises(UserError, match="unknown key 'learning_rate'"):
+        load_config(TrainConfig, ["--config", str(config)])
+    config.write_text("wieght_decay: 0.0001\n")
+    with pytest.raises(UserError, match="weight_decay"):
+        load_config(TrainConfig, ["--config", str(config)])
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        validate(load_config(TrainConfig, ["--config", str(path), "--data", "x"]))
+        assert path.read_text().startswith("#") and "python train.py" in path.read_text()
+
+
+@pytest.mark.slow
+def test_converges_on_a_learnable_dataset(colours, tmp_path):
+    result = run_script("train.py", "--data", colours, *TINY, "--epochs", "4", "--batch-size", "8",
+                        "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01", "--scheduler", "cosine",
+                        "--output", tmp_path, "--run-name", "converge")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "converge" / "metrics.csv")))
+    assert len(rows) == 4 and float(rows[-1]["val_acc1"]) >= 90.0, rows
+    expected = {"epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "epoch_time_s", "img_per_s"}
+    assert expected <= set(rows[0])
+    run = tmp_path / "converge"
+    for name in ("last.pt", "best.pt", "config.yaml", "run.json", "curves.png"):
+        assert (run / name).exists(), name
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.001
+    checkpoint = torch.load(run / "last.pt", weights_only=True)  # plain containers only
+    assert checkpoint["epoch"] == 4 and checkpoint["config"]["arch"] == "resnet18"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    table = run_script("test_torchvision.py", "--runs", tmp_path, "--out", tmp_path / "results")
+    assert table.returncode == 0, table.stderr
+    assert "| resnet18 | converge | 11,178,051 |" in (tmp_path / "results" / "our_training.md").read_text()
+
+
+def state_of(run_dir: Path):
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    return checkpoint["model"], [{k: v for k, v in row.items() if "time" not in k and "per_s" not in k}
+                                 for row in checkpoint["history"]]
+
+
+@pytest.mark.slow
+def test_resume_is_exact(colours, tmp_path):
+    """3 epochs straight == 1 epoch + resume, and == a run resumed from a mid-epoch checkpoint."""
+    args = ["--data", colours, *TINY, "--batch-size", "8", "--lr", "0.01", "--ema-decay", "0.9", "--ema-steps", "2",
+            "--output", tmp_path]
+    assert run_script("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
+    assert run_script("train.py", *args, "--epochs", "1", "--run-name", "split").returncode == 0
+    resumed = run_script("train.py", *args, "--epochs", "3", "--run-name", "split", "--resume", "auto")
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr
+    straight, split = state_of(tmp_path / "straight"), state_of(tmp_path / "split")
+    assert split[1] == straight[1]
+    assert all(torch.equal(straight[0][k], split[0][k]) for k in straight[0])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path):
+    """kill -9 while training (last.pt written every 2 steps), resume, same final metrics and weights."""
+    args = ["train.py", "--data", colours, *TINY, "--batch-size", "4", "--lr", "0.01", "--epochs", "2",
+            "--save-every-steps", "2", "--log-interval", "1", "--output", tmp_path]
+    assert run_script(*args, "--run-name", "straight").returncode == 0
+    process = subprocess.Popen([sys.executable, *map(str, args), "--run-name", "killed"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = torch.load(last, weights_only=True)  # loadable whatever the moment of the kill
+    assert partial["epoch"] < 2
+    resumed = run_script(*args, "--run-name", "killed", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    straight, killed = state_of(tmp_path / "straight"), state_of(tmp_path / "killed")
+    assert killed[1] == straight[1]
+    assert all(torch.equal(straight[0][k], killed[0][k]) for k in straight[0])
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_same_run_name_never_overwrites(colours, tmp_path):
+    args = ["train.py", "--data", colours, *TINY, "--batch-size", "16", "--epochs", "1", "--output", tmp_path]
+    assert run_script(*args, "--run-name", "mine").returncode == 0
+    before = digest(tmp_path / "mine")
+    assert_user_error(run_script(*args, "--run-name", "mine", "--lr", "0.5"), "already exists", "--resume auto")
+    assert digest(tmp_path / "mine") == before
+    auto = run_script(*args)  # no name: a fresh, timestamped one
+    assert auto.returncode == 0 and len([d for d in tmp_path.iterdir() if d.name.startswith("resnet18-")]) == 1
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(colours, tmp_path):
+    args = ["train.py", "--data", colours, *TINY, "--batch-size", "8", "--output", tmp_path, "--run-name", "nan"]
+    assert run_script(*args, "--epochs", "1", "--lr", "0.001").returncode == 0
+    checkpoint = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
+    for group in checkpoint["optimizer"]["param_groups"]:  # a resume keeps the saved lr: make it explode
+        group["lr"] = 1e30
+    torch.save(checkpoint, tmp_path / "nan" / "last.pt")
+    good = digest(tmp_path / "nan")["last.pt"]
+    result = run_script(*args, "--epochs", "2", "--resume", "auto")
+    assert_user_error(result, "loss became", "at step")
+    assert digest(tmp_path / "nan")["last.pt"] == good
