@@ -80,11 +80,12 @@ def torchvision_weights_for_file(arch: str, path) -> WeightsEnum | None:
     return next((w for w in models.get_model_weights(arch) if weights_file_name(w) == Path(path).name), None)
 
 
-def build_model(arch: str, weights=None, num_classes: int | None = None, weights_dir=None) -> nn.Module:
+def build_model(arch: str, weights=None, num_classes: int | None = None, weights_dir=None, **kwargs) -> nn.Module:
     """Any torchvision classifier, randomly initialised or with weights.
 
     weights: None, 'DEFAULT', an enum name, or a local file (a torchvision .pth or a train.py checkpoint).
-    num_classes: a different number than the weights' replaces the classifier head (fine-tuning)."""
+    num_classes: a different number than the weights' replaces the classifier head (fine-tuning).
+    kwargs go to torchvision's builder (e.g. dropout=0.2 where the architecture has dropout)."""
     check_arch(arch)
     enum_weights = None if is_weights_file(weights) else resolve_weights(arch, weights)
     if is_weights_file(weights) and torchvision_weights_for_file(arch, weights):
@@ -95,7 +96,7 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
         # Build through torchvision's own builder, so its per-weights settings hold (ViT image size,
         # googlenet/inception transform_input and aux heads); it asks the enum for the state dict.
         with mock.patch.object(type(enum_weights), "get_state_dict", lambda *args, **kwargs: state_dict):
-            model = _load_checked(lambda: models.get_model(arch, weights=enum_weights), arch, enum_weights)
+            model = _load_checked(lambda: models.get_model(arch, weights=enum_weights, **kwargs), arch, enum_weights)
     elif is_weights_file(weights):
         state = load_checkpoint(weights)
         state_dict = state.get("model", state) if isinstance(state.get("model"), dict) else state
@@ -104,10 +105,10 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
             raise UserError(f"checkpoint {weights} is a {saved_arch} model, not {arch}; pass --arch {saved_arch}")
         head = list(state_dict.values())[-1] if state_dict else None  # torchvision heads end the state dict
         saved_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 1 else 1000
-        model = models.get_model(arch, weights=None, num_classes=saved_classes)
+        model = models.get_model(arch, weights=None, num_classes=saved_classes, **kwargs)
         _load_checked(lambda: model.load_state_dict(state_dict), arch, weights)
     else:
-        return models.get_model(arch, weights=None, num_classes=num_classes or 1000)
+        return models.get_model(arch, weights=None, num_classes=num_classes or 1000, **kwargs)
     if num_classes is not None and num_classes != _num_outputs(model):
         replace_head(model, num_classes)
     return model

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model import ARCHS, all_weights, complexity, is_weights_file, model_family, resolve_weights
-from utils import ArgumentParser, UserError, atomic_write_text, cli, closest, markdown_table, write_records
+from utils import ArgumentParser, UserError, cleanup_distributed, setup_distributed, atomic_write_text, cli, closest, markdown_table, write_records
 
 COMPLEXITY_COLUMNS = ["model", "weights", "params", "gmacs", "gflops", "thop_gmacs", "resize", "crop",
                       "interpolation", "acc1_published", "acc5_published", "err1_published", "err5_published",
@@ -226,18 +226,18 @@ def run_evaluation(args) -> list[dict]:
     """Evaluate each selected weights on --data; every finished row is written at once, and a re-run
     skips rows already evaluated with the same data and settings (unless --force)."""
     import torch
-    from dataset import EvalPreset, ImageDataset, build_loader, find_samples
+    from dataset import EvalPreset, ImageDataset, ShardSampler, build_loader, find_samples
     from model import build_model, resolve_weights, torchvision_weights_for_file
     from train import evaluate
-    from utils import default_workers, resolve_device
+    from utils import default_workers, is_main, rank, world_size
     pairs = eval_pairs(args)
-    device = resolve_device(args.device)
     samples, _ = find_samples(args.data, "val", imagenet_labels=True, labels_file=args.val_labels)
     samples = samples[:args.limit] if args.limit else samples
     out = Path(args.out)
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
     workers = default_workers(device) if args.workers is None else args.workers
-    for arch, weights in tqdm(pairs, desc="models", unit="model", disable=None):
+    device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
+    for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
         enum = (torchvision_weights_for_file(arch, weights) or resolve_weights(arch, "DEFAULT")
                 if is_weights_file(weights) else resolve_weights(arch, weights))
         preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
@@ -245,11 +245,13 @@ def run_evaluation(args) -> list[dict]:
                     "crop": preset.crop, "interpolation": preset.interpolation}
         key = {"weights": str(weights), **settings}
         if not args.force and any(all(r.get(k) == v for k, v in key.items()) for r in done):
-            tqdm.write(f"{weights}: already in {out / 'eval.json'}, skipped (--force to redo)")
+            if is_main():
+                tqdm.write(f"{weights}: already in {out / 'eval.json'}, skipped (--force to redo)")
             continue
         model = build_model(arch, weights, weights_dir=args.weights_dir).to(device)
         model = model.to(memory_format=torch.channels_last)
-        loader = build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda")
+        loader = build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda",
+                              sampler=ShardSampler(len(samples), world_size(), rank()))
         result = evaluate(model, loader, device, preset.mean, preset.std, channels_last=True,
                           skip_bad_images=args.skip_bad_images, keep_predictions=True, desc=arch)
         record = {"model": arch, **key, **{k: v for k, v in result.items() if k not in ("predictions", "seconds")}}
@@ -260,13 +262,16 @@ def run_evaluation(args) -> list[dict]:
             for k in ("acc1", "acc5"):
                 record[f"{k}_delta"] = None if pub[f"{k}_published"] is None else record[k] - pub[f"{k}_published"]
         done = [r for r in done if not all(r.get(k) == v for k, v in key.items())] + [record]
+        if not is_main():
+            continue
         write_predictions(result["predictions"], out / "predictions" / f"{Path(str(weights)).name}.csv")
         write_records(done, out, "eval", EVAL_COLUMNS)
         tqdm.write(f"{weights}: top-1 {record['acc1']:.3f}  top-5 {record['acc5']:.3f}  "
                    f"({record['n_images']} images, {record['img_per_s']:.1f} img/s)")
         if result["bad_images"]:
             tqdm.write(f"skipped {len(result['bad_images'])} unreadable images:\n  " + "\n  ".join(result["bad_images"]))
-    print(markdown_table(done, EVAL_COLUMNS), end="")
+    if is_main():
+        print(markdown_table(done, EVAL_COLUMNS), end="")
     return done
 
 
@@ -276,7 +281,10 @@ def main(argv=None):
     if args.runs:
         return collect_runs(args.runs, args.out)
     if args.data:
-        return run_evaluation(args)
+        try:
+            return run_evaluation(args)
+        finally:
+            cleanup_distributed()
     return run_complexity(args)
 
 

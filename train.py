@@ -8,7 +8,9 @@
 Every key of TrainConfig below is also --key value; precedence: defaults < --config < command line.
 """
 import dataclasses
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from dataset import (EvalPreset, ImageDataset, ShardSampler, SyntheticDataset, T
                      check_bad_images, find_samples, to_device, train_preset)
 from loss import build_loss
 from model import build_model
-from utils import (UserError, all_gather_objects, all_reduce_sum, atomic_write_text, cleanup_distributed, cli,
+from utils import (UserError, all_gather_objects, all_reduce_sum, broadcast_buffers, broadcast_object, atomic_write_text, cleanup_distributed, cli,
                    default_workers, is_main, load_checkpoint, load_config, merge_predictions, plot_curves,
                    rank as global_rank, run_dir_for, run_info, save_checkpoint, setup_distributed, tensorboard_writer,
                    topk_correct, world_size, write_metrics)
@@ -35,6 +37,7 @@ class TrainConfig:
     arch: str = "resnet18"              # any name in torchvision.models.list_models()
     weights: str | None = None          # start from pretrained weights (DEFAULT, IMAGENET1K_V2, a .pth) to fine-tune
     num_classes: int | None = None      # from the train folder's classes unless set; a new head when it differs
+    dropout: float | None = None        # the architecture's dropout probability, where it has one
     dummy: bool = False                 # synthetic images instead of --data, for throughput runs
     dummy_size: int = 512               # images per epoch with --dummy
     # schedule (torchvision's V1 recipe: 90 epochs, batch 256, SGD 0.1, StepLR 30 x 0.1)
@@ -265,7 +268,11 @@ def main(cfg: TrainConfig) -> dict:
 
 def fit(cfg: TrainConfig, device) -> dict:
     world, rank = world_size(), global_rank()
-    run_dir, resume_from = run_dir_for(cfg.output, cfg.run_name, cfg.arch, cfg.resume)
+    # torchrun --max-restarts starts failed jobs again: those continue from last.pt
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    resume = cfg.resume or ("auto" if restarted else "")
+    # rank 0 names the run (a timestamp) and checks it; every rank uses its answer
+    run_dir, resume_from = broadcast_object(run_dir_for(cfg.output, cfg.run_name, cfg.arch, resume) if rank == 0 else None)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     if checkpoint is not None and not {"model", "optimizer", "epoch"} <= set(checkpoint):
         raise UserError(f"{resume_from} is not a train.py checkpoint (no optimizer state); use --weights to start from it")
@@ -275,7 +282,11 @@ def fit(cfg: TrainConfig, device) -> dict:
         torch.backends.cudnn.benchmark = False
     train_loader, val_loader, classes = build_data(cfg, world, rank)
     num_classes = cfg.num_classes or len(classes)
-    model = build_model(cfg.arch, cfg.weights, num_classes=num_classes).to(device)
+    extra = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    try:
+        model = build_model(cfg.arch, cfg.weights, num_classes=num_classes, **extra).to(device)
+    except TypeError as e:  # the builder has no such keyword
+        raise UserError(f"{cfg.arch} has no dropout setting; remove --dropout") from e
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
@@ -287,6 +298,8 @@ def fit(cfg: TrainConfig, device) -> dict:
                  "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernel); drop it on CPU")
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     lr = cfg.lr * cfg.batch_size * world / 256 if cfg.lr_scaling == "linear" else cfg.lr
@@ -350,6 +363,7 @@ def fit(cfg: TrainConfig, device) -> dict:
     for epoch in range(run["epoch"], cfg.epochs):
         train_stats = train_one_epoch(trained, criterion, optimizer, scaler, train_loader, device, epoch, cfg, run)
         train_loader.sampler.skip, run["batch"] = 0, 0
+        broadcast_buffers(model)  # BatchNorm running stats: rank 0's, so every rank evaluates and saves the same model
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val = evaluate(model, val_loader, device, run["mean"], run["std"], criterion=criterion,
@@ -374,12 +388,26 @@ def fit(cfg: TrainConfig, device) -> dict:
             tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f} | val loss "
                        f"{row['val_loss']:.4f} top-1 {row['val_acc1']:.2f} top-5 {row['val_acc5']:.2f} | "
                        f"{row['img_per_s']:.1f} img/s, {row['epoch_time_s']:.1f} s")
+    if world > 1:
+        digests = all_gather_objects(state_digest(model))
+        if len(set(digests)) != 1:
+            raise UserError(f"the ranks' weights diverged (digests {digests}); report this with your config")
+        if rank == 0:
+            print(f"weights identical on all {world} ranks (sha256 {digests[0][:12]})")
     if rank == 0 and run["history"]:
         plot_curves(run["history"], run_dir)
         if run["bad_images"]:
             print(f"skipped {len(run['bad_images'])} unreadable images:\n  " + "\n  ".join(sorted(set(run["bad_images"]))))
         print(f"done: best val top-1 {run['best_acc1']:.3f}; checkpoints and metrics in {run_dir}")
     return {"run_dir": str(run_dir), "history": run["history"], "best_acc1": run["best_acc1"]}
+
+
+def state_digest(model) -> str:
+    """sha256 of every tensor of the model's state, to check that DDP kept the ranks in step."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @cli

@@ -141,6 +141,24 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (itself in one process)."""
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def broadcast_buffers(model) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank; DDP only syncs them before forwards."""
+    if is_distributed():
+        import torch.distributed as dist
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def topk_correct(logits, targets, ks=(1, 5)) -> list:
     """Number of samples whose target is among the top-k logits, for each k (tensors, no host sync)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, k)
