@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--weights-dir", help="folder of downloaded torchvision .pth files (default: torchvision's cache)")
     e.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images, count and list them")
     e.add_argument("--force", action="store_true", help="re-evaluate weights already in OUT/eval.json")
+    e.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="autocast the model (faster on GPUs; changes results slightly, see README Performance)")
+    e.add_argument("--compile", action="store_true", help="torch.compile each model (pays off on long sweeps)")
     args = p.parse_args(argv)
     for name in ("batch_size", "limit", "resize", "crop", "workers"):
         value = getattr(args, name)
@@ -235,24 +238,26 @@ def run_evaluation(args) -> list[dict]:
     samples = samples[:args.limit] if args.limit else samples
     out = Path(args.out)
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
-    workers = default_workers(device) if args.workers is None else args.workers
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
+    workers = default_workers(device) if args.workers is None else args.workers
     for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
         enum = (torchvision_weights_for_file(arch, weights) or resolve_weights(arch, "DEFAULT")
                 if is_weights_file(weights) else resolve_weights(arch, weights))
         preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
         settings = {"data": str(Path(args.data).resolve()), "limit": args.limit, "resize": preset.resize,
-                    "crop": preset.crop, "interpolation": preset.interpolation}
+                    "crop": preset.crop, "interpolation": preset.interpolation, "amp": args.amp}
         key = {"weights": str(weights), **settings}
         if not args.force and any(all(r.get(k) == v for k, v in key.items()) for r in done):
             if is_main():
                 tqdm.write(f"{weights}: already in {out / 'eval.json'}, skipped (--force to redo)")
             continue
         model = build_model(arch, weights, weights_dir=args.weights_dir).to(device)
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last).eval()
+        model = torch.compile(model) if args.compile else model
         loader = build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda",
                               sampler=ShardSampler(len(samples), world_size(), rank()))
-        result = evaluate(model, loader, device, preset.mean, preset.std, channels_last=True,
+        amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        result = evaluate(model, loader, device, preset.mean, preset.std, channels_last=True, amp_dtype=amp_dtype,
                           skip_bad_images=args.skip_bad_images, keep_predictions=True, desc=arch)
         record = {"model": arch, **key, **{k: v for k, v in result.items() if k not in ("predictions", "seconds")}}
         record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
