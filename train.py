@@ -8,7 +8,6 @@
 Every key of TrainConfig below is also --key value; precedence: defaults < --config < command line.
 """
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -24,7 +23,7 @@ from dataset import (EvalPreset, ImageDataset, ShardSampler, SyntheticDataset, T
                      check_bad_images, find_samples, to_device, train_preset)
 from loss import build_loss
 from model import build_model
-from utils import (UserError, all_gather_objects, all_reduce_sum, broadcast_buffers, broadcast_object, atomic_write_text, cleanup_distributed, cli,
+from utils import (UserError, all_gather_objects, all_reduce_sum, broadcast_buffers, broadcast_object, check_ranks_in_step, atomic_write_text, cleanup_distributed, cli,
                    default_workers, is_main, load_checkpoint, load_config, merge_predictions, plot_curves,
                    rank as global_rank, run_dir_for, run_info, save_checkpoint, setup_distributed, tensorboard_writer,
                    topk_correct, world_size, write_metrics)
@@ -314,15 +313,13 @@ def fit(cfg: TrainConfig, device) -> dict:
     run = {"model": model, "ema": ema, "dir": run_dir, "mean": val_loader.dataset.transform.mean,
            "std": val_loader.dataset.transform.std, "channels_last": channels_last, "amp_dtype": amp_dtype, "step": 0, "batch": 0,
            "bad_images": [], "history": [], "best_acc1": -1.0, "epoch": 0}
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema}
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("ema") is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        run.update(step=checkpoint["step"], batch=checkpoint["batch"], history=checkpoint["history"],
-                   best_acc1=checkpoint["best_acc1"], epoch=checkpoint["epoch"])
-        if checkpoint["batch"] and rank == 0:
+        for key, obj in stateful.items():
+            if obj is not None and checkpoint.get(key) is not None:
+                obj.load_state_dict(checkpoint[key])
+        run.update({key: checkpoint[key] for key in ("step", "batch", "history", "best_acc1", "epoch")})
+        if checkpoint["batch"] and rank == 0:  # a mid-epoch checkpoint: the epoch's sums so far, counted once
             run["train_sums"] = checkpoint["train_sums"]
         train_loader.sampler.skip = checkpoint["batch"] * cfg.batch_size
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -343,8 +340,7 @@ def fit(cfg: TrainConfig, device) -> dict:
         global_sums = all_reduce_sum(sums.clone()) if sums is not None else None
         if rank != 0:
             return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+        state = {"model": model.state_dict(), **{k: v.state_dict() if v is not None else None for k, v in stateful.items()},
                  "epoch": epoch, "batch": run["batch"] if sums is not None else 0, "step": run["step"],
                  "train_sums": global_sums.cpu() if global_sums is not None else None, "best_acc1": run["best_acc1"],
                  "history": run["history"], "config": dataclasses.asdict(cfg), "classes": classes,
@@ -388,26 +384,13 @@ def fit(cfg: TrainConfig, device) -> dict:
             tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f} | val loss "
                        f"{row['val_loss']:.4f} top-1 {row['val_acc1']:.2f} top-5 {row['val_acc5']:.2f} | "
                        f"{row['img_per_s']:.1f} img/s, {row['epoch_time_s']:.1f} s")
-    if world > 1:
-        digests = all_gather_objects(state_digest(model))
-        if len(set(digests)) != 1:
-            raise UserError(f"the ranks' weights diverged (digests {digests}); report this with your config")
-        if rank == 0:
-            print(f"weights identical on all {world} ranks (sha256 {digests[0][:12]})")
+    check_ranks_in_step(model)
     if rank == 0 and run["history"]:
         plot_curves(run["history"], run_dir)
         if run["bad_images"]:
             print(f"skipped {len(run['bad_images'])} unreadable images:\n  " + "\n  ".join(sorted(set(run["bad_images"]))))
         print(f"done: best val top-1 {run['best_acc1']:.3f}; checkpoints and metrics in {run_dir}")
     return {"run_dir": str(run_dir), "history": run["history"], "best_acc1": run["best_acc1"]}
-
-
-def state_digest(model) -> str:
-    """sha256 of every tensor of the model's state, to check that DDP kept the ranks in step."""
-    digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @cli

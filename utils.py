@@ -159,6 +159,22 @@ def broadcast_buffers(model) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def check_ranks_in_step(model) -> None:
+    """After distributed training: the same weights on every rank (sha256 of the state), or an error."""
+    if not is_distributed():
+        return
+    import hashlib
+    import torch
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digests = all_gather_objects(digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise UserError(f"the ranks' weights diverged (sha256 {[d[:12] for d in digests]}); please report it with your config")
+    if is_main():
+        print(f"weights identical on all {len(digests)} ranks (sha256 {digests[0][:12]})")
+
+
 def topk_correct(logits, targets, ks=(1, 5)) -> list:
     """Number of samples whose target is among the top-k logits, for each k (tensors, no host sync)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, k)
