@@ -138,7 +138,12 @@ def find_samples(data, split: str = "val", imagenet_labels: bool = True, labels_
         targets = [index[n] for n in names]
     else:
         targets = list(range(len(names)))
-    samples = [Sample(str(p), t) for d, t in zip(class_dirs, targets) for p in _images_in(d)]
+    images = [_images_in(d) for d in class_dirs]
+    empty = [d.name for d, found in zip(class_dirs, images) if not found]
+    if empty and not imagenet_labels and len(empty) < len(class_dirs):  # a class with nothing to learn from
+        raise UserError(f"class folder '{empty[0]}' in {folder} has no images ({len(empty) - 1} more such); "
+                        "add images to it or remove it")
+    samples = [Sample(str(p), t) for found, t in zip(images, targets) for p in found]
     if not samples:
         raise UserError(f"no images in the class folders of {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return samples, (imagenet_wnids() if imagenet_labels else names)
@@ -152,6 +157,8 @@ def load_rgb(path: str) -> Image.Image:
         with open(path, "rb") as f:
             image = Image.open(f)
             image.load()
+            if image.mode.startswith("I;16"):  # 16-bit gray: 0..65535 -> 0..255 (convert would clip at 255)
+                image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
             return image.convert("RGB")
 
 

@@ -102,7 +102,8 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
         state_dict = state.get("model", state) if isinstance(state.get("model"), dict) else state
         saved_arch = state.get("config", {}).get("arch") if isinstance(state.get("config"), dict) else None
         if saved_arch and saved_arch != arch:
-            raise UserError(f"checkpoint {weights} is a {saved_arch} model, not {arch}; pass --arch {saved_arch}")
+            raise UserError(f"checkpoint {weights} is a {saved_arch} model, not {arch}; use it as {saved_arch} "
+                            f"(train.py/predict.py --arch {saved_arch}, test_torchvision.py --models {saved_arch})")
         head = list(state_dict.values())[-1] if state_dict else None  # torchvision heads end the state dict
         saved_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 1 else 1000
         model = models.get_model(arch, weights=None, num_classes=saved_classes, **kwargs)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dataset import (EvalPreset, ImageDataset, ShardSampler, SyntheticDataset, TrainSampler, build_loader,
                      check_bad_images, find_samples, to_device, train_preset)
 from loss import build_loss
-from model import build_model
+from model import build_model, check_arch
 from utils import (UserError, all_gather_objects, all_reduce_sum, broadcast_buffers, broadcast_object, check_ranks_in_step, atomic_write_text, cleanup_distributed, cli,
                    default_workers, is_main, load_checkpoint, load_config, merge_predictions, plot_curves,
                    rank as global_rank, run_dir_for, run_info, save_checkpoint, setup_distributed, tensorboard_writer,
@@ -111,6 +111,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("ema_decay and label_smoothing must be below 1")
     if cfg.num_classes is not None and (not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
         raise UserError(f"num_classes must be a positive integer, got {cfg.num_classes!r}")
+    check_arch(cfg.arch)
     if not cfg.data and not cfg.dummy:
         raise UserError("no data: pass --data DIR (an ImageFolder root with train/ and val/) or --dummy")
     return cfg
@@ -166,6 +167,11 @@ def build_data(cfg: TrainConfig, world: int, rank: int):
         train_set = SyntheticDataset(cfg.dummy_size, len(classes), train_tf, cfg.seed)
         val_set = SyntheticDataset(max(1, cfg.dummy_size // 4), len(classes), val_tf)
     else:
+        root = Path(cfg.data)
+        missing = [f"{split}/" for split in ("train", "val") if not (root / split).is_dir()]
+        if root.is_dir() and missing and not (root / "ILSVRC2012_devkit_t12.tar.gz").exists():
+            raise UserError(f"{root} has no {' and no '.join(missing)} folder; train.py needs DATA/train/<class>/ "
+                            "and DATA/val/<class>/ (different images, or validation scores the training set)")
         train_samples, classes = find_samples(cfg.data, "train", imagenet_labels=False)
         val_samples, val_classes = find_samples(cfg.data, "val", imagenet_labels=False)
         if val_classes != classes:
@@ -220,6 +226,12 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch: 
                initial=run["batch"], total=run["batch"] + len(loader))
     for images, targets, indices, errors in bar:
         run["bad_images"] += check_bad_images(errors, loader.dataset.samples, cfg.skip_bad_images)
+        if len(targets) == 0:  # every image of the batch was unreadable and skipped
+            if world_size() > 1:  # the other ranks wait in the gradient all-reduce: stop instead of hanging
+                raise UserError(f"a whole batch was unreadable on rank {global_rank()} ({', '.join(run['bad_images'][-3:])}"
+                                "...); remove the unreadable files")
+            run["batch"] += 1
+            continue
         seen += len(targets)
         images, targets = to_device(images, device, mean, std, run["channels_last"]), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=run["amp_dtype"] or torch.bfloat16, enabled=run["amp_dtype"] is not None):
@@ -364,6 +376,7 @@ def fit(cfg: TrainConfig, device) -> dict:
         scheduler.step()
         val = evaluate(model, val_loader, device, run["mean"], run["std"], criterion=criterion,
                        channels_last=channels_last, amp_dtype=amp_dtype, skip_bad_images=cfg.skip_bad_images)
+        run["bad_images"] += val["bad_images"]
         row = {"epoch": epoch + 1, "lr": lr_used, **train_stats, "val_loss": val["loss"], "val_acc1": val["acc1"],
                "val_acc5": val["acc5"]}
         if ema is not None:
@@ -388,7 +401,8 @@ def fit(cfg: TrainConfig, device) -> dict:
     if rank == 0 and run["history"]:
         plot_curves(run["history"], run_dir)
         if run["bad_images"]:
-            print(f"skipped {len(run['bad_images'])} unreadable images:\n  " + "\n  ".join(sorted(set(run["bad_images"]))))
+            bad = sorted(set(run["bad_images"]))
+            print(f"skipped {len(bad)} unreadable images:\n  " + "\n  ".join(bad))
         print(f"done: best val top-1 {run['best_acc1']:.3f}; checkpoints and metrics in {run_dir}")
     return {"run_dir": str(run_dir), "history": run["history"], "best_acc1": run["best_acc1"]}
 

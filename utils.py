@@ -225,7 +225,8 @@ def _coerce(name: str, value, default):
             pass
     elif isinstance(default, (list, dict)) and isinstance(value, kind):
         return value
-    raise UserError(f"config key '{name}' must be a {kind.__name__}, got {value!r}")
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise UserError(f"config key '{name}' must be {article} {kind.__name__}, got {value!r}")
 
 
 def load_config(cls, argv=None, description: str = ""):

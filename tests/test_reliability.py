@@ -1,7 +1,7 @@
 """Reliability: every script, run exactly as a user would, meets bad input with one clear 'error:' line
 (the problem and what to do, no traceback), and meets merely unusual input by working.
 
-    python -m pytest -q tests/test_reliability.py              # ~40 subprocesses of ~4-5 s each
+    python -m pytest -q tests/test_reliability.py              # ~33 runs of a script, ~5 s each
 """
 import json
 import os
@@ -142,31 +142,27 @@ def assert_no_run_dir(out):
 
 # ----------------------------------------------------------------------------- data folders
 
-@pytest.mark.parametrize("case", ["missing", "empty", "no_images", "class_without_images", "no_split_folders"])
+@pytest.mark.parametrize("case", ["missing", "empty", "class_without_images", "no_split_folders"])
 def test_bad_data_folder(tmp_path, weights_home, case):
     data = tmp_path / "data"
     if case == "empty":
         data.mkdir()
-    elif case == "no_images":  # class folders, but nothing in them that is an image
-        for c in (1, 2):
-            (data / WNIDS[c]).mkdir(parents=True)
-        (data / WNIDS[1] / "notes.txt").write_text("no images here")
+        result = evaluate(data, tmp_path / "out", home=weights_home)
     elif case == "class_without_images":  # ImageFolder refuses it too: a class with nothing to learn
         train_folder(data)
-        (data / "train" / "c").mkdir()
-        (data / "train" / "c" / "notes.txt").write_text("no images here")
+        for split in ("train", "val"):
+            (data / split / "c").mkdir()
+            (data / split / "c" / "notes.txt").write_text("no images here")
     elif case == "no_split_folders":  # class folders straight in --data: train and val would be the same images
         for name in "ab":
             make_image(data / name / "0.png", (40, 40), fmt="PNG")
-    if case in ("empty", "no_images"):
-        result = evaluate(data, tmp_path / "out", home=weights_home)
-    else:
+    if case != "empty":
         result = train(data, tmp_path / "out")
-        assert_no_run_dir(tmp_path / "out")
     expected = {"missing": [str(data), "does not exist"], "empty": [str(data), "no class folders"],
-                "no_images": ["no images", ".jpeg"], "class_without_images": ["'c'", "no images"],
+                "class_without_images": ["'c'", "no images"],
                 "no_split_folders": ["train/", "val/"]}[case]
     assert_user_error(result, *expected)
+    assert_no_run_dir(tmp_path / "out")
 
 
 @pytest.mark.parametrize("maker", [random_bytes, truncated_jpeg, bomb], ids=["random_bytes", "truncated", "bomb"])
@@ -178,6 +174,7 @@ def test_unreadable_image_stops_evaluation(tmp_path, weights_home, maker):
     assert not (tmp_path / "out" / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluation_skips_counts_and_lists_bad_images(tmp_path, weights_home):
     bad = eval_folder(tmp_path / "data", ("random.JPEG", random_bytes), ("truncated.JPEG", truncated_jpeg),
                       ("bomb.png", bomb), ("near_bomb.png", near_bomb))
@@ -190,6 +187,7 @@ def test_evaluation_skips_counts_and_lists_bad_images(tmp_path, weights_home):
     assert record["n_images"] == 2 and record["bad_images"] == sorted(map(str, bad))
 
 
+@pytest.mark.slow
 def test_unusual_images_load_and_are_counted(tmp_path, weights_home):
     data = tmp_path / "data"
     unusual = eval_folder(data, ("gray.JPEG", lambda p: make_image(p, mode="L", seed=3)),
@@ -198,7 +196,7 @@ def test_unusual_images_load_and_are_counted(tmp_path, weights_home):
                           ("exif.JPEG", exif_rotated_jpeg),
                           ("rgba.png", lambda p: make_image(p, mode="RGBA", fmt="PNG", seed=6)),
                           ("palette.png", lambda p: make_image(p, mode="P", fmt="PNG", seed=8)),
-                          ("16bit.png", lambda p: sixteen_bit_png(p)[0]))
+                          ("16bit.png", lambda p: sixteen_bit_png(p)[0]))  # loads; its pixels: see below
     assert [Image.open(p).mode for p in unusual] == ["L", "CMYK", "RGB", "RGB", "RGBA", "P", "I;16"]
     assert Image.open(unusual[2]).format == "PNG" and Image.open(unusual[3]).getexif()[0x0112] == 6
     result = evaluate(data, tmp_path / "out", home=weights_home)  # no --skip-bad-images: any failure stops it
@@ -225,21 +223,22 @@ def test_non_wnid_folders_with_a_1000_way_head(tmp_path, weights_home):
 
 # ----------------------------------------------------------------------------- models and weights
 
-@pytest.mark.parametrize("script", ["train.py", "predict.py"])
-@pytest.mark.parametrize("case", ["unknown_model", "unknown_weights", "offline"])
+@pytest.mark.parametrize("script, case", [("train.py", "unknown_model"), ("predict.py", "unknown_weights"),
+                                          ("predict.py", "offline")])
 def test_model_and_weights_errors(tmp_path, train_data, torch_home, script, case):
+    """(test_eval.py covers test_torchvision.py for the same cases.)"""
     arch = "resnt18" if case == "unknown_model" else "mobilenet_v3_small"
     weights = "IMAGENET1K_V9" if case == "unknown_weights" else "DEFAULT"
     env = {"TORCH_HOME": str(torch_home), **OFFLINE}  # an empty weights cache, and no way to download
     if script == "train.py":
         result = train(train_data, tmp_path / "out", "--arch", arch, "--weights", weights, env=env)
-        assert_no_run_dir(tmp_path / "out")
     else:
         image = make_image(tmp_path / "cat.jpg")
         result = run_script("predict.py", image, "--arch", arch, "--weights", weights, env=env)
     expected = {"unknown_model": ["'resnt18'", "resnet18"], "unknown_weights": ["IMAGENET1K_V9", "IMAGENET1K_V1"],
                 "offline": ["mobilenet_v3_small-047dcff4.pth", WEIGHTS.url, "--weights-dir"]}[case]
     assert_user_error(result, *expected)
+    assert_no_run_dir(tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -300,9 +299,8 @@ def test_checkpoint_of_another_architecture(tmp_path, train_data, weights_home, 
     assert_no_run_dir(tmp_path / "out")
 
 
-@pytest.mark.parametrize("route", ["train_resume", "predict_weights"])
-def test_truncated_checkpoint(tmp_path, train_data, weights_home, checkpoints, route):
-    result = run_with_checkpoint(route, checkpoints / "cut.pt", tmp_path, train_data, weights_home)
+def test_truncated_checkpoint(tmp_path, train_data, weights_home, checkpoints):
+    result = run_with_checkpoint("train_resume", checkpoints / "cut.pt", tmp_path, train_data, weights_home)
     assert_user_error(result, "cut.pt", "truncated")
     assert_no_run_dir(tmp_path / "out")
 
@@ -317,7 +315,7 @@ class Payload:
         return os.system, (f"touch '{self.marker}'",)
 
 
-@pytest.mark.parametrize("route", ["train_resume", "eval_weights", "predict_weights"])
+@pytest.mark.parametrize("route", ["train_resume", "predict_weights"])  # test_torchvision.py: as predict.py
 def test_checkpoint_with_a_code_payload_is_refused(tmp_path, train_data, weights_home, route):
     marker = tmp_path / "pwned"
     path = tmp_path / "hostile.pt"
@@ -346,10 +344,12 @@ def test_training_stops_on_a_bad_image(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch_size", [4, 1])  # 1: the batch of a bad image is empty once it is skipped
+@pytest.mark.parametrize("batch_size", [4, 1])  # 1: a bad image's batch is empty once it is skipped
 def test_training_skips_counts_and_lists_bad_images(tmp_path, batch_size):
     data = train_folder(tmp_path / "data", bad_train=random_bytes, bad_val=truncated_jpeg)
-    result = train(data, tmp_path / "out", "--skip-bad-images", "--batch-size", str(batch_size))
+    # a 64 crop leaves resnet18's last BatchNorm 2x2 positions: batch size 1 trains
+    result = train(data, tmp_path / "out", "--skip-bad-images", "--batch-size", str(batch_size),
+                   "--train-crop-size", "64", "--val-resize-size", "64", "--val-crop-size", "64")
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "Traceback" not in output
