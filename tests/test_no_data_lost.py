@@ -1,0 +1,67 @@
+"""No data lost: a failed checkpoint write (a full disk) keeps the previous checkpoint whole, and an
+interrupted evaluation sweep keeps every finished row."""
+import errno
+import hashlib
+import json
+
+import pytest
+import torch
+from torchvision import models
+
+import utils
+from conftest import make_image, save_torchvision_checkpoint
+from dataset import imagenet_wnids
+from test_train import TINY, make_colour_dataset
+from train import TrainConfig, main as train_main
+from utils import UserError, load_config
+
+
+def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    data = make_colour_dataset(tmp_path / "data", per_class=(4, 2))
+    args = ["--data", str(data), *TINY, "--batch-size", "4", "--output", str(tmp_path), "--run-name", "disk"]
+    train_main(load_config(TrainConfig, [*args, "--epochs", "1"]))
+    last = tmp_path / "disk" / "last.pt"
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="No space left on device.*previous file is intact"):
+        train_main(load_config(TrainConfig, [*args, "--epochs", "2", "--resume", "auto"]))
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir() if p.name.endswith(".tmp")) == []
+    monkeypatch.undo()
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+
+
+def test_interrupted_sweep_keeps_finished_rows(tmp_path, torch_home, monkeypatch):
+    import test_torchvision
+    import train
+    wnids = imagenet_wnids()
+    for i in range(3):
+        make_image(tmp_path / "val" / wnids[i] / f"{i}.JPEG", seed=i)
+    for arch, weights in (("mobilenet_v3_small", models.MobileNet_V3_Small_Weights.IMAGENET1K_V1),
+                          ("squeezenet1_1", models.SqueezeNet1_1_Weights.IMAGENET1K_V1)):
+        save_torchvision_checkpoint(torch_home, arch, weights)
+    real_evaluate, calls = train.evaluate, []
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second model
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate_then_interrupt)
+    argv = ["--data", str(tmp_path / "val"), "--models", "mobilenet_v3_small", "squeezenet1_1", "--out",
+            str(tmp_path / "out"), "--workers", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        test_torchvision.main(argv)
+    assert exit_info.value.code == 130
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert [r["model"] for r in rows] == ["mobilenet_v3_small"] and rows[0]["n_images"] == 3
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    test_torchvision.main(argv)  # the re-run skips the finished row and adds the other
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert [r["model"] for r in rows] == ["mobilenet_v3_small", "squeezenet1_1"]
