@@ -19,7 +19,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model import ARCHS, all_weights, complexity, is_weights_file, model_family, resolve_weights
-from utils import ArgumentParser, UserError, cleanup_distributed, setup_distributed, atomic_write_text, cli, closest, markdown_table, write_records
+from report import markdown_table, plot_acc_vs_gmacs, write_records
+from utils import ArgumentParser, UserError, atomic_write_text, cleanup_distributed, cli, closest, setup_distributed
 
 COMPLEXITY_COLUMNS = ["model", "weights", "params", "gmacs", "gflops", "thop_gmacs", "resize", "crop",
                       "interpolation", "acc1_published", "acc5_published", "err1_published", "err5_published",
@@ -134,33 +135,6 @@ def complexity_records(pairs: list[tuple], thop: bool = True, workers: int | Non
                         "thop_gmacs": round(c["thop_gmacs"], 3) if c.get("thop_gmacs") is not None else None,
                         **published(w)})
     return records
-
-
-def plot_acc_vs_gmacs(records: list[dict], path: Path) -> None:
-    """Published acc@1 against GMACs (log x), one colour per model family, every point labelled."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    families = sorted({r["family"] for r in records})
-    colours = plt.get_cmap("tab20")
-    fig, ax = plt.subplots(figsize=(16, 10))
-    for i, family in enumerate(families):
-        rows = [r for r in records if r["family"] == family and r["acc1_published"] is not None]
-        ax.scatter([r["gmacs"] for r in rows], [r["acc1_published"] for r in rows], s=18,
-                   color=colours(i % 20), marker="o" if i < 20 else "s", label=family)
-        for r in rows:
-            label = r["model"] + ("" if r["weights"].endswith("IMAGENET1K_V1") else "." + r["weights"].split(".")[1])
-            ax.annotate(label, (r["gmacs"], r["acc1_published"]), fontsize=5, xytext=(2, 2),
-                        textcoords="offset points")
-    ax.set(xscale="log", xlabel="GMACs at the weights' eval resolution (log scale)", ylabel="published top-1 (%)",
-           title="torchvision ImageNet-1K weights: accuracy vs compute")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=150)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def run_complexity(args) -> list[dict]:

@@ -23,10 +23,11 @@ from dataset import (EvalPreset, ImageDataset, ShardSampler, SyntheticDataset, T
                      check_bad_images, find_samples, to_device, train_preset)
 from loss import build_loss
 from model import build_model, check_arch
-from utils import (UserError, all_gather_objects, all_reduce_sum, broadcast_buffers, broadcast_object, check_ranks_in_step, atomic_write_text, cleanup_distributed, cli,
-                   default_workers, is_main, load_checkpoint, load_config, merge_predictions, plot_curves,
-                   rank as global_rank, run_dir_for, run_info, save_checkpoint, setup_distributed, tensorboard_writer,
-                   topk_correct, world_size, write_metrics)
+from report import plot_curves, write_metrics
+from utils import (UserError, all_gather_objects, all_reduce_sum, atomic_write_text, broadcast_buffers, broadcast_object,
+                   check_ranks_in_step, cleanup_distributed, cli, default_workers, is_main, load_checkpoint, load_config,
+                   merge_predictions, rank as global_rank, run_dir_for, run_info, save_checkpoint, setup_distributed,
+                   tensorboard_writer, topk_correct, world_size)
 
 
 @dataclass

@@ -57,38 +57,6 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-def format_cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
-
-
-def markdown_table(records: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_cell(r.get(c)) for c in columns) + " |" for r in records]
-    return "\n".join(lines) + "\n"
-
-
-def write_records(records: list[dict], out_dir, stem: str, columns: list[str]) -> list[Path]:
-    """OUT/stem.md (the given columns), OUT/stem.csv and OUT/stem.json (every key), each atomically."""
-    import csv, io, json
-    out_dir = Path(out_dir)
-    keys = list(dict.fromkeys(k for r in records for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    paths = [out_dir / f"{stem}.md", out_dir / f"{stem}.csv", out_dir / f"{stem}.json"]
-    atomic_write_text(paths[0], markdown_table(records, columns))
-    atomic_write_text(paths[1], buffer.getvalue())
-    atomic_write_text(paths[2], json.dumps(records, indent=1) + "\n")
-    return paths
-
-
 # ----------------------------------------------------------------------------- devices and processes
 
 def resolve_device(name: str = "auto"):
@@ -349,41 +317,6 @@ def run_info(seed: int) -> dict:
     return {"git_commit": commit, "seed": seed, "command": " ".join(sys.argv), "python": platform.python_version(),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "world_size": world_size(),
             "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def write_metrics(history: list[dict], run_dir) -> None:
-    """metrics.csv (one row per epoch) and loss/accuracy curves as PNG."""
-    import csv, io
-    if not history:
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[-1]), lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(Path(run_dir) / "metrics.csv", buffer.getvalue())
-
-
-def plot_curves(history: list[dict], run_dir) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(epochs, [row["train_loss"] for row in history], label="train")
-    left.plot(epochs, [row["val_loss"] for row in history], label="val")
-    right.plot(epochs, [row["train_acc1"] for row in history], label="train top-1")
-    right.plot(epochs, [row["val_acc1"] for row in history], label="val top-1")
-    right.plot(epochs, [row["val_acc5"] for row in history], label="val top-5")
-    if "ema_acc1" in history[-1]:
-        right.plot(epochs, [row["ema_acc1"] for row in history], label="EMA val top-1")
-    left.set(xlabel="epoch", ylabel="loss", title="loss")
-    right.set(xlabel="epoch", ylabel="%", title="accuracy")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(Path(run_dir) / "curves.png", lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
-    plt.close(fig)
 
 
 def setup_distributed(device_name: str):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torchvision import models
 
-import utils
 from conftest import make_image, save_torchvision_checkpoint
 from dataset import imagenet_wnids
 from test_train import TINY, make_colour_dataset

@@ -1,7 +1,6 @@
 """Training: config precedence and validation, convergence, exact resume, safe run dirs, checkpoints."""
 import csv
 import hashlib
-import os
 import signal
 import subprocess
 import sys
