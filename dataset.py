@@ -93,15 +93,18 @@ class Sample:
     target: int
 
 
-def resolve_split(data, split: str = "val") -> Path:
-    """`data` may be the split folder itself or the root holding it; a torchvision ImageNet root is
-    extracted by torchvision.datasets.ImageNet (once) into root/<split>/<wnid>/."""
+def resolve_split(data, split: str = "val", need_split: bool = False) -> Path:
+    """`data` may be the split folder itself or (unless need_split) the root holding it; a torchvision
+    ImageNet root is extracted by torchvision.datasets.ImageNet (once) into root/<split>/<wnid>/."""
     data = Path(data)
     if not data.is_dir():
         raise UserError(f"data folder {data} does not exist; pass the ImageNet {split} folder or its root")
     if (data / "ILSVRC2012_devkit_t12.tar.gz").exists() and not (data / split).is_dir():
         from torchvision.datasets import ImageNet
         ImageNet(str(data), split=split)
+    if need_split and not (data / split).is_dir():
+        raise UserError(f"{data} has no {split}/ folder; training needs DATA/train/<class>/ and DATA/val/<class>/ "
+                        "(different images, or validation scores the training set)")
     return data / split if (data / split).is_dir() else data
 
 
@@ -109,10 +112,11 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def find_samples(data, split: str = "val", imagenet_labels: bool = True, labels_file=None) -> tuple[list[Sample], list[str]]:
+def find_samples(data, split: str = "val", imagenet_labels: bool = True, labels_file=None,
+                 need_split: bool = False) -> tuple[list[Sample], list[str]]:
     """(samples sorted by path, class names). With imagenet_labels, targets are 1000-way ImageNet
     indices (a wnid subset keeps its ImageNet indices); otherwise 0..k-1 over the sorted class folders."""
-    folder = resolve_split(data, split)
+    folder = resolve_split(data, split, need_split)
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     flat = [p for p in folder.iterdir() if p.is_file() and FLAT_VAL.match(p.name)]
     if flat and not class_dirs:

@@ -96,7 +96,7 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
         # Build through torchvision's own builder, so its per-weights settings hold (ViT image size,
         # googlenet/inception transform_input and aux heads); it asks the enum for the state dict.
         with mock.patch.object(type(enum_weights), "get_state_dict", lambda *args, **kwargs: state_dict):
-            model = _load_checked(lambda: models.get_model(arch, weights=enum_weights, **kwargs), arch, enum_weights)
+            model = load_checked(lambda: models.get_model(arch, weights=enum_weights, **kwargs), arch, enum_weights)
     elif is_weights_file(weights):
         state = load_checkpoint(weights)
         state_dict = state.get("model", state) if isinstance(state.get("model"), dict) else state
@@ -107,7 +107,7 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
         head = list(state_dict.values())[-1] if state_dict else None  # torchvision heads end the state dict
         saved_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 1 else 1000
         model = models.get_model(arch, weights=None, num_classes=saved_classes, **kwargs)
-        _load_checked(lambda: model.load_state_dict(state_dict), arch, weights)
+        load_checked(lambda: model.load_state_dict(state_dict), arch, weights)
     else:
         return models.get_model(arch, weights=None, num_classes=num_classes or 1000, **kwargs)
     if num_classes is not None and num_classes != _num_outputs(model):
@@ -115,7 +115,7 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
     return model
 
 
-def _load_checked(load, arch, source):
+def load_checked(load, arch, source):
     try:
         return load()
     except RuntimeError as e:  # load_state_dict's missing/unexpected keys or size mismatch

@@ -38,8 +38,12 @@ def write_records(records: list[dict], out_dir, stem: str, columns: list[str]) -
     return paths
 
 
-def write_metrics(history: list[dict], run_dir) -> None:
-    """metrics.csv (one row per epoch) and loss/accuracy curves as PNG."""
+def write_metrics(history: list[dict], run_dir, tensorboard=None) -> None:
+    """metrics.csv (one row per epoch, rewritten whole) and the last row as TensorBoard scalars."""
+    if tensorboard is not None and history:
+        for key, value in history[-1].items():
+            tensorboard.add_scalar(key, value, history[-1]["epoch"])
+        tensorboard.flush()
     if not history:
         return
     buffer = io.StringIO()

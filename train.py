@@ -12,7 +12,6 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from dataset import (EvalPreset, ImageDataset, ShardSampler, SyntheticDataset, TrainSampler, build_loader,
                      check_bad_images, find_samples, to_device, train_preset)
 from loss import build_loss
-from model import build_model, check_arch
+from model import build_model, check_arch, load_checked
 from report import plot_curves, write_metrics
 from utils import (UserError, all_gather_objects, all_reduce_sum, atomic_write_text, broadcast_buffers, broadcast_object,
                    check_ranks_in_step, cleanup_distributed, cli, default_workers, is_main, load_checkpoint, load_config,
@@ -168,13 +167,8 @@ def build_data(cfg: TrainConfig, world: int, rank: int):
         train_set = SyntheticDataset(cfg.dummy_size, len(classes), train_tf, cfg.seed)
         val_set = SyntheticDataset(max(1, cfg.dummy_size // 4), len(classes), val_tf)
     else:
-        root = Path(cfg.data)
-        missing = [f"{split}/" for split in ("train", "val") if not (root / split).is_dir()]
-        if root.is_dir() and missing and not (root / "ILSVRC2012_devkit_t12.tar.gz").exists():
-            raise UserError(f"{root} has no {' and no '.join(missing)} folder; train.py needs DATA/train/<class>/ "
-                            "and DATA/val/<class>/ (different images, or validation scores the training set)")
-        train_samples, classes = find_samples(cfg.data, "train", imagenet_labels=False)
-        val_samples, val_classes = find_samples(cfg.data, "val", imagenet_labels=False)
+        train_samples, classes = find_samples(cfg.data, "train", imagenet_labels=False, need_split=True)
+        val_samples, val_classes = find_samples(cfg.data, "val", imagenet_labels=False, need_split=True)
         if val_classes != classes:
             raise UserError(f"the val classes of {cfg.data} differ from its train classes "
                             f"(e.g. {sorted(set(val_classes) ^ set(classes))[:3]}); both need the same class folders")
@@ -294,17 +288,14 @@ def fit(cfg: TrainConfig, device) -> dict:
         torch.backends.cudnn.benchmark = False
     train_loader, val_loader, classes = build_data(cfg, world, rank)
     num_classes = cfg.num_classes or len(classes)
-    extra = {} if cfg.dropout is None else {"dropout": cfg.dropout}
     try:
-        model = build_model(cfg.arch, cfg.weights, num_classes=num_classes, **extra).to(device)
+        model = build_model(cfg.arch, cfg.weights, num_classes, **({} if cfg.dropout is None else {"dropout": cfg.dropout}))
     except TypeError as e:  # the builder has no such keyword
         raise UserError(f"{cfg.arch} has no dropout setting; remove --dropout") from e
+    model = model.to(device)
     if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {resume_from} does not fit {cfg.arch} with {num_classes} classes "
-                            f"(it was saved by a {checkpoint.get('config', {}).get('arch')} run)") from e
+        load_checked(lambda: model.load_state_dict(checkpoint["model"]), f"{cfg.arch} with {num_classes} classes",
+                     f"{resume_from} (a {checkpoint.get('config', {}).get('arch')} run)")
     channels_last = cfg.channels_last == "true" or cfg.channels_last == "auto" and device.type == "cuda"
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16,
                  "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
@@ -390,11 +381,7 @@ def fit(cfg: TrainConfig, device) -> dict:
         run["best_acc1"] = max(run["best_acc1"], val["acc1"])
         save(epoch + 1, best=is_best)
         if rank == 0:
-            write_metrics(run["history"], run_dir)
-            if writer is not None:
-                for key, value in row.items():
-                    writer.add_scalar(key, value, epoch + 1)
-                writer.flush()
+            write_metrics(run["history"], run_dir, writer)
             tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f} | val loss "
                        f"{row['val_loss']:.4f} top-1 {row['val_acc1']:.2f} top-5 {row['val_acc5']:.2f} | "
                        f"{row['img_per_s']:.1f} img/s, {row['epoch_time_s']:.1f} s")
