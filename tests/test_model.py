@@ -80,8 +80,9 @@ def test_select_weights_globs():
         select_weights(["resnet500"], "all")
 
 
-def test_main_job_writes_tables_and_plot(tmp_path):
-    result = run_script("test_torchvision.py", "--models", "resnet18", "vit_b_16", "--out", tmp_path)
+def test_main_job_writes_tables_and_plot(tmp_path, torch_home):
+    offline = {"TORCH_HOME": str(torch_home), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    result = run_script("test_torchvision.py", "--models", "resnet18", "vit_b_16", "--out", tmp_path, env=offline)
     assert result.returncode == 0, result.stderr
     records = json.loads((tmp_path / "complexity.json").read_text())
     vit = next(r for r in records if r["weights"] == "ViT_B_16_Weights.IMAGENET1K_V1")
@@ -90,6 +91,7 @@ def test_main_job_writes_tables_and_plot(tmp_path):
     assert (tmp_path / "complexity.md").read_text().count("\n") == 2 + 4  # resnet18 x1, vit_b_16 x3
     assert (tmp_path / "complexity.csv").exists() and (tmp_path / "acc_vs_gmacs.png").stat().st_size > 10000
     assert "resnet18" in result.stdout
+    assert not any(torch_home.rglob("*.pth")) and not any(torch_home.rglob("*.partial"))  # no download tried
 
 
 def test_main_job_unknown_model_is_one_clear_line(tmp_path):
