@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="autocast the model (faster on GPUs; changes results slightly, see README Performance)")
     e.add_argument("--compile", action="store_true", help="torch.compile each model (pays off on long sweeps)")
+    e.add_argument("--no-fuse-bn", action="store_true", help="keep BatchNorm unfolded (bit-for-bit the module's own math)")
     args = p.parse_args(argv)
     for name in ("batch_size", "limit", "resize", "crop", "workers"):
         value = getattr(args, name)
@@ -204,7 +205,7 @@ def run_evaluation(args) -> list[dict]:
     skips rows already evaluated with the same data and settings (unless --force)."""
     import torch
     from dataset import EvalPreset, ImageDataset, ShardSampler, build_loader, find_samples
-    from model import build_model, resolve_weights, torchvision_weights_for_file
+    from model import build_model, prepare_for_eval, resolve_weights, torchvision_weights_for_file
     from train import evaluate
     from utils import default_workers, is_main, rank, world_size
     pairs = eval_pairs(args)
@@ -226,7 +227,7 @@ def run_evaluation(args) -> list[dict]:
                 tqdm.write(f"{weights}: already in {out / 'eval.json'}, skipped (--force to redo)")
             continue
         model = build_model(arch, weights, weights_dir=args.weights_dir).to(device)
-        model = model.to(memory_format=torch.channels_last).eval()
+        model = prepare_for_eval(model, fuse_bn=not args.no_fuse_bn)
         model = torch.compile(model) if args.compile else model
         loader = build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda",
                               sampler=ShardSampler(len(samples), world_size(), rank()))

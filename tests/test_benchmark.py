@@ -1,0 +1,48 @@
+"""benchmark.py run as a user would, on a tiny generated ImageFolder (a smoke test: timings are not
+checked), and scripts/gpu_check.sh skipping cleanly where there is no GPU."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_user_error, make_image, run_script
+from dataset import imagenet_wnids
+
+
+def test_benchmark_runs_every_part_and_writes_json(tmp_path):
+    wnids = imagenet_wnids()
+    for i in range(8):  # two ImageNet classes; a grayscale JPEG and a PNG named .JPEG take the fallbacks
+        mode, fmt = ("L", "JPEG") if i == 3 else ("RGB", "PNG") if i == 6 else ("RGB", "JPEG")
+        make_image(tmp_path / "val" / wnids[100 * (i % 2)] / f"{i}.JPEG", (96 + 8 * i, 72), mode, fmt, seed=i)
+    out = tmp_path / "bench.json"
+    # one model thread: quick, and gentle on a shared CPU; --decode gpu must fall back with a note here
+    result = run_script("benchmark.py", "--data", tmp_path, "--arch", "mobilenet_v3_small", "--batch-size", "4",
+                        "--limit", "8", "--repeats", "1", "--train-batch-size", "2", "--train-steps", "2",
+                        "--worker-counts", "0", "--workers", "1", "--threads", "1", "--decode", "gpu", "--json", out,
+                        timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert {"cpu", "cores", "gpu", "torch", "torchvision", "threads"} <= set(report["machine"])
+    assert report["machine"]["threads"] == 1 and report["machine"]["torch"] == torch.__version__
+    rows = report["rows"]
+    assert [r["part"] for r in rows] == ["data", "data", "forward", "step", "eval", "eval", "train", "train"]
+    assert [r["variant"].split(",")[0].split(":")[0] for r in rows] == [
+        "pil", "tensor", "mobilenet_v3_small batch 4", "mobilenet_v3_small batch 2", "ours", "plain", "ours", "plain"]
+    assert all(r["img_per_s"] > 0 and len(r["seconds"]) == 1 for r in rows) and rows[1]["baseline"] == rows[0]["variant"]
+    assert all("ratio" in r for r in rows if r["part"] in ("eval", "train") and r["variant"].startswith("ours"))
+    assert "cpu decode" in rows[4]["variant"] and "note: --decode gpu is not possible here" in result.stdout
+    assert "eval: ours / baseline = " in result.stdout and "train: ours / baseline = " in result.stdout
+    assert "% of model-only forward" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
+
+
+def test_benchmark_needs_data_for_the_image_parts(tmp_path):
+    assert_user_error(run_script("benchmark.py", "--parts", "eval"), "--data")
+    assert_user_error(run_script("benchmark.py", "--parts", "model,decode"), "unknown part")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this is the real 5-minute check")
+def test_gpu_check_skips_cleanly_without_a_gpu():
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU" in result.stdout and "skipping" in result.stdout
