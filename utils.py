@@ -153,8 +153,9 @@ def topk_correct(logits, targets, ks=(1, 5)) -> list:
 def default_workers(device) -> int:
     """Loader processes. On a GPU the JPEG pipeline is the bottleneck: every core of this process's
     share decodes. On a CPU the model's intra-op threads already use every core, and a loader process
-    beside them makes both wait on each other: loading in the main process between batches is fastest
-    (resnet18 on 2 cores, end-to-end eval: 0 workers 84% of the model-only speed, 1 worker 81%, 2 workers 77%)."""
+    beside them competes for the same cores. Measurements on 2 cores disagree (+-20% noise): one full
+    run gave 0 workers 95% of the model-only speed, paired runs gave 0 workers ~84% and 1 worker ~91%;
+    this choice (0) is under review, see README Performance."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return min(per_process, 16) if device.type == "cuda" else 0
