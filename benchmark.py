@@ -1,15 +1,17 @@
 """Throughput of the input pipeline, the model alone, and end-to-end evaluation and training, ours next
 to plain PyTorch loops in the same run. Every number is the median of --repeats timed passes after one
-untimed warm-up pass (synchronised on CUDA). Weights are random: nothing is ever downloaded.
+untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights: nothing is downloaded.
 
     python benchmark.py --data /work/shared/data/imagenet-samples --json results/benchmark-cpu.json
     python benchmark.py --data DIR --parts data --worker-counts 0,1,2        # decoding alone, PIL vs tensor
     python benchmark.py --parts model --arch resnet50 --dtype bf16 --compile  # model alone, synthetic input
     python benchmark.py --data DIR --parts eval --decode gpu --dtype bf16     # JPEGs decoded on the GPU
+    python benchmark.py --data DIR --parts approx --weights DEFAULT           # what --amp, --decode gpu change
     bash scripts/gpu_check.sh                                                  # the GPU table, <= 5 minutes
---parts: data, model (= forward,step), eval, train; default all of them.
+--parts: data, model (= forward,step), eval, train (the default: all four), approx.
 """
 import argparse
+import copy
 import functools
 import json
 import math
@@ -25,19 +27,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
-from dataset import EvalPreset, ImageDataset, TrainSampler, build_loader, find_samples, load_rgb, resolve_split, train_preset
+from dataset import (EvalPreset, GpuDecodeLoader, ImageDataset, TensorImageDataset, TrainSampler, build_loader,
+                     find_samples, gpu_decode_error, resize_crop, resolve_split, train_preset)
 from loss import build_loss
 from model import build_model, prepare_for_eval, resolve_weights
 from train import TrainConfig, build_optimizer, evaluate, train_one_epoch
 from report import markdown_table
-from utils import ArgumentParser, UserError, atomic_write_text, cli, default_workers, resolve_device
+from utils import ArgumentParser, UserError, amp_dtype, atomic_write_text, autocast, cli, default_workers, resolve_device
 
-PARTS = ("data", "forward", "step", "eval", "train")
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PARTS = ("data", "forward", "step", "eval", "train", "approx")
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
 
 
@@ -55,10 +54,6 @@ def timed(run, images: int, repeats: int, device) -> dict:
     return {"img_per_s": images / statistics.median(seconds), "seconds": [round(s, 3) for s in seconds]}
 
 
-def autocast(device, dtype: str):
-    return torch.autocast(device.type, dtype=DTYPES[dtype] or torch.bfloat16, enabled=DTYPES[dtype] is not None)
-
-
 def channels_last(args, device, train: bool) -> bool:
     """--(no-)channels-last, else the repo's own choice: always for evaluation (test_torchvision.py),
     for training on CUDA only (train.py's channels_last: auto)."""
@@ -67,7 +62,7 @@ def channels_last(args, device, train: bool) -> bool:
 
 def prepare(args, device, train: bool):
     """(model, the module to call), with our layout and compile settings; optimizers take the first."""
-    model = build_model(args.arch).to(device)
+    model = build_model(args.arch, args.weights).to(device)
     if not train:  # as test_torchvision.py evaluates: BatchNorm folded into the convolutions
         model = prepare_for_eval(model, channels_last(args, device, train))
     elif channels_last(args, device, train):
@@ -78,87 +73,6 @@ def prepare(args, device, train: bool):
 def settings(args, device, train: bool) -> str:
     layout = "channels_last" if channels_last(args, device, train) else "NCHW"
     return f"{args.dtype}, {layout}" + ("" if train else ", BN folded") + (", compiled" if args.compile else "")
-
-
-# ----------------------------------------------------------------------------- tensor and GPU decoding
-
-def is_jpeg(data: torch.Tensor) -> bool:
-    return data[:2].tolist() == [0xFF, 0xD8]
-
-
-def decode_rgb(path: str) -> torch.Tensor:
-    """(3, H, W) uint8 by torchvision.io's libjpeg; PIL for other formats and JPEGs it refuses."""
-    data = read_file(path)
-    if is_jpeg(data):
-        try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass
-    return F.pil_to_tensor(load_rgb(path))
-
-
-def resize_crop(image: torch.Tensor, preset: EvalPreset) -> torch.Tensor:
-    """EvalPreset on a (3, H, W) uint8 tensor on any device. Pixels within 1 of the PIL path's, not
-    equal (another antialiasing kernel): for speed checks, not for accuracy tables."""
-    image = F.resize(image, [preset.resize], interpolation=InterpolationMode(preset.interpolation), antialias=True)
-    return F.center_crop(image, [preset.crop])
-
-
-class TensorImageDataset(ImageDataset):
-    """Images decoded by torchvision.io (the "tensor" backend, with resize_crop as transform), or, with
-    raw_jpeg, JPEGs left as file bytes for GpuDecodeLoader to decode in batches."""
-
-    def __init__(self, samples, transform, raw_jpeg: bool = False):
-        super().__init__(samples, transform)
-        self.raw_jpeg = raw_jpeg
-
-    def load(self, index: int):
-        path = self.samples[index].path
-        if self.raw_jpeg:
-            data = read_file(path).clone()  # read_file's file-backed storage can't be sent between processes
-            if is_jpeg(data):
-                return data
-        return decode_rgb(path)
-
-
-class GpuDecodeLoader:
-    """Wraps a loader of TensorImageDataset(raw_jpeg=True) items (collate_fn=list: file bytes differ in
-    length): decodes each batch in one batched nvjpeg call, resizes and crops on the GPU, and yields
-    what build_loader yields, so train.evaluate() runs on it unchanged."""
-
-    def __init__(self, loader, preset: EvalPreset, device):
-        self.loader, self.dataset, self.preset, self.device = loader, loader.dataset, preset, device
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for items in self.loader:
-            good = [item for item in items if item[0] is not None]
-            images, indices = [item[0] for item in good], [item[2] for item in good]
-            jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
-            files = [images[i] for i in jpegs]
-            try:
-                decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=self.device) if files else []
-            except RuntimeError:  # a JPEG nvjpeg refuses (e.g. CMYK): this batch decodes on the CPU
-                decoded = [decode_rgb(self.dataset.samples[indices[i]].path) for i in jpegs]
-            for i, image in zip(jpegs, decoded):
-                images[i] = image
-            images = [resize_crop(image.to(self.device, non_blocking=True), self.preset) for image in images]
-            yield (torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
-                   torch.tensor([item[1] for item in good]), torch.tensor(indices), [i[2:] for i in items if i[0] is None])
-
-
-def gpu_decode_works(device, samples) -> bool:
-    """Whether decode_jpeg(device=cuda) works here; if not, a printed note and the CPU path."""
-    try:
-        if device.type != "cuda":
-            raise RuntimeError("no CUDA device")
-        decode_jpeg([read_file(samples[0].path)], mode=ImageReadMode.RGB, device=device)
-        return True
-    except (RuntimeError, TypeError) as e:
-        print(f"note: --decode gpu is not possible here ({str(e).splitlines()[0][:120]}); decoding on the CPU")
-        return False
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -188,13 +102,13 @@ def bench_model(args, device, size: int, batches: int, train: bool) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
 
     def forward():
-        with torch.inference_mode(), autocast(device, args.dtype):
+        with torch.inference_mode(), autocast(device, amp_dtype(args.dtype, device)):
             for _ in range(batches):
                 model(x)
 
     def step():
         for _ in range(batches):
-            with autocast(device, args.dtype):
+            with autocast(device, amp_dtype(args.dtype, device)):
                 loss = nn.functional.cross_entropy(model(x), y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -208,24 +122,24 @@ def bench_model(args, device, size: int, batches: int, train: bool) -> dict:
 def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dict]:
     """Ours: ImageDataset + EvalPreset + build_loader + train.evaluate(). Plain: ImageFolder + PIL +
     weights.transforms() + DataLoader, fp32 NCHW (its labels are 0..k-1, which is fine for speed)."""
-    gpu_decode = args.decode == "gpu" and gpu_decode_works(device, samples)
+    why_not = gpu_decode_error(device, samples) if args.decode == "gpu" else ""
+    if why_not:
+        print(f"note: --decode gpu is not possible here ({why_not}); decoding on the CPU")
+    gpu_decode = args.decode == "gpu" and not why_not
     _, model = prepare(args, device, False)
 
     def ours():
         if gpu_decode:
-            loader = DataLoader(TensorImageDataset(samples, nn.Identity(), raw_jpeg=True), args.batch_size,
-                                num_workers=workers, collate_fn=list, pin_memory=True,
-                                prefetch_factor=4 if workers else None)
-            loader = GpuDecodeLoader(loader, preset, device)
+            loader = GpuDecodeLoader(samples, preset, args.batch_size, workers, device)
         else:
             loader = build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda")
         evaluate(model, loader, device, preset.mean, preset.std, channels_last=channels_last(args, device, False),
-                 amp_dtype=DTYPES[args.dtype])
+                 amp_dtype=amp_dtype(args.dtype, device))
     variant = (f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, False)}, "
                f"{'gpu' if gpu_decode else 'cpu'} decode")
     rows = [{"part": "eval", "variant": variant, **timed(ours, len(samples), args.repeats, device)}]
     if args.baselines:
-        plain_model, criterion = build_model(args.arch).to(device).eval(), nn.CrossEntropyLoss()
+        plain_model, criterion = build_model(args.arch, args.weights).to(device).eval(), nn.CrossEntropyLoss()
         dataset = Subset(ImageFolder(str(resolve_split(args.data)), transform=weights.transforms()), range(len(samples)))
 
         def plain():
@@ -250,7 +164,7 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     optimizer, criterion = build_optimizer(cfg, raw, cfg.lr), build_loss("ce", 1000).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
     state = {"model": raw, "ema": None, "dir": None, "mean": preset.mean, "std": preset.std, "bad_images": [],
-             "channels_last": channels_last(args, device, True), "amp_dtype": DTYPES[args.dtype]}
+             "channels_last": channels_last(args, device, True), "amp_dtype": amp_dtype(args.dtype, device)}
 
     def ours():
         state.update(step=0, batch=0)
@@ -258,7 +172,7 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     variant = f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, True)}"
     rows = [{"part": "train", "variant": variant, **timed(ours, images, args.repeats, device)}]
     if args.baselines:
-        plain_model, criterion = build_model(args.arch).to(device).train(), nn.CrossEntropyLoss()
+        plain_model, criterion = build_model(args.arch, args.weights).to(device).train(), nn.CrossEntropyLoss()
         plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
         transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
                                T.Normalize(preset.mean, preset.std)])
@@ -274,6 +188,39 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
                 plain_optimizer.step()
         rows.append({"part": "train", "variant": f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW",
                      **timed(plain, images, args.repeats, device)})
+    return rows
+
+
+def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
+    """What each speed option does to the results on these images, against the exact path (PIL
+    preprocessing equal to weights.transforms(), BatchNorm unfolded, fp32, NCHW): accuracy, its change,
+    the share of images whose top-1 class (and top-5 list) stays the same, and the largest relative change
+    of the top-1 probability. One pass each. Random weights predict nearly one class for every image, so
+    only the top-5 and probability columns mean something: --weights DEFAULT (torchvision's cache) gives
+    real accuracies."""
+    base = build_model(args.arch, args.weights).to(device)
+    why_not = gpu_decode_error(device, samples)
+    decode = ("--decode gpu" if not why_not else "batched decode, CPU (--decode gpu's code with libjpeg)")
+    variants = [("exact (weights.transforms(), BN unfolded, fp32)", {"fuse_bn": False}), ("default: BN folded", {}),
+                ("--amp bf16", {"amp": "bf16"}), *([("--amp fp16", {"amp": "fp16"})] if device.type == "cuda" else []),
+                (decode, {"decode": True}), *([("--compile", {"compile": True})] if args.compile else [])]
+    rows, exact = [], None
+    for name, v in variants:
+        model = prepare_for_eval(copy.deepcopy(base), channels_last="fuse_bn" not in v, fuse_bn=v.get("fuse_bn", True))
+        model = torch.compile(model) if v.get("compile") else model
+        loader = (GpuDecodeLoader(samples, preset, args.batch_size, workers, device) if v.get("decode") else
+                  build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda"))
+        result = evaluate(model, loader, device, preset.mean, preset.std, channels_last="fuse_bn" not in v,
+                          amp_dtype=amp_dtype(v.get("amp", "none"), device), keep_predictions=True)
+        exact = exact or result
+        pairs = list(zip(result["predictions"], exact["predictions"]))
+        same_top1 = [(a, b) for a, b in pairs if a["top5"][0] == b["top5"][0]]
+        rows.append({"part": "approx", "variant": name, "img_per_s": result["img_per_s"], "seconds": [result["seconds"]],
+                     "acc1": result["acc1"], "acc1_delta": result["acc1"] - exact["acc1"],
+                     "top1_agreement": 100 * len(same_top1) / len(pairs),
+                     "top5_agreement": 100 * sum(a["top5"] == b["top5"] for a, b in pairs) / len(pairs),
+                     "top1_prob_change": max((abs(a["probs"][0] - b["probs"][0]) / b["probs"][0] for a, b in same_top1),
+                                             default=0.0)})
     return rows
 
 
@@ -315,14 +262,45 @@ def summarize(rows: list[dict]) -> list[str]:
     return lines
 
 
+def report(rows: list[dict], lines: list[str]) -> str:
+    """The speed table (with a run column when rows come from several JSON files), the approx table
+    and the summary lines."""
+    runs = ["run"] if any("run" in r for r in rows) else []
+    speed = [{"run": r.get("run"), "part": r["part"], "variant": r["variant"], "img/s": f"{r['img_per_s']:.1f}",
+              "vs": r.get("baseline"), "ratio": f"{r['ratio']:.2f}x" if "ratio" in r else None}
+             for r in rows if r["part"] != "approx"]
+    approx = [{"run": r.get("run"), "variant": r["variant"], "acc1": f"{r['acc1']:.2f}", "acc1 change": f"{r['acc1_delta']:+.2f}",
+               "same top-1": f"{r['top1_agreement']:.1f}%", "same top-5, in order": f"{r['top5_agreement']:.1f}%",
+               "top-1 probability change, max": f"{100 * r['top1_prob_change']:.2g}%"} for r in rows if r["part"] == "approx"]
+    return ((markdown_table(speed, [*runs, "part", "variant", "img/s", "vs", "ratio"]) if speed else "") +
+            (markdown_table(approx, [*runs, *list(approx[0])[1:]]) if approx else "") + "\n".join(lines))
+
+
+def merge(paths: list[str]) -> str:
+    """One report of several --json results (scripts/gpu_check.sh's table), the machine named."""
+    rows, lines, machine_line = [], [], ""
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read benchmark result {path} ({e}); pass files written by --json") from e
+        rows += [{"run": Path(path).stem, **r} for r in result["rows"]]
+        lines += [f"{Path(path).stem}: {line}" for line in result["summary"]]
+        m = result["machine"]
+        machine_line = f"{m['gpu'] or m['cpu']}, {m['cores']} CPU cores, torch {m['torch']}, torchvision {m['torchvision']}"
+    return machine_line + "\n\n" + report(rows, lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18", help="any torchvision classifier (random weights)")
+    p.add_argument("--weights", help="DEFAULT or a weights name, loaded from torchvision's cache (default: random; "
+                                     "--parts approx needs them for meaningful accuracies)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=50, help="eval and forward batch")
     p.add_argument("--train-batch-size", type=int, default=32, help="train and step batch")
     p.add_argument("--train-steps", type=int, default=5, help="timed optimizer steps per pass (train, step)")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="bf16/fp16: autocast, as train.py --amp")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16: autocast, as train.py --amp")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="default: as the repo chooses: on for eval and forward, for train and step on CUDA only")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (never the plain loops')")
@@ -333,29 +311,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch.set_num_threads in this process (default: torch's)")
     p.add_argument("--worker-counts", help="for --parts data, e.g. 0,1,2 (default: 0, 1 and our default)")
     p.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="eval: decode JPEGs in the loader or on the GPU")
-    p.add_argument("--parts", default="data,model,eval,train", help="comma list of data, model, forward, step, eval, train")
+    p.add_argument("--parts", default="data,model,eval,train", help="comma list of data, model, forward, step, eval, train, approx")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True, help="also time the plain loops")
     p.add_argument("--json", help="write the machine, the arguments and every row here")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only print one report of earlier --json files")
     args = p.parse_args(argv)
     args.parts = [q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))]
     if any(part not in PARTS for part in args.parts):
-        raise UserError(f"unknown part in --parts {','.join(args.parts)}; use data, model, forward, step, eval, train")
+        raise UserError(f"unknown part in --parts {','.join(args.parts)}; use data, model, forward, step, eval, train, approx")
     for name in ("batch_size", "train_batch_size", "train_steps", "repeats", "limit", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if {"data", "eval", "train"} & set(args.parts) and not args.data:
-        raise UserError("--parts data, eval and train read images: pass --data DIR (or --parts model)")
+    if {"data", "eval", "train", "approx"} & set(args.parts) and not args.data and not args.merge:
+        raise UserError("--parts data, eval, train and approx read images: pass --data DIR (or --parts model)")
     return args
 
 
 @cli
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        print(merge(args.merge))
+        return {}
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # for ours and the plain loops alike, as train.py and test_torchvision.py
     device = resolve_device(args.device)
-    weights = resolve_weights(args.arch, "DEFAULT")  # for its eval transforms only; never loaded
+    weights = resolve_weights(args.arch, args.weights or "DEFAULT")  # for its eval transforms
     preset = EvalPreset.from_weights(weights)
     workers = default_workers(device) if args.workers is None else args.workers
     samples = find_samples(args.data, "val")[0][:args.limit] if args.data else []
@@ -377,14 +360,14 @@ def main(argv=None) -> dict:
         rows += bench_eval(args, device, samples, preset, weights, workers)
     if "train" in args.parts:
         rows += bench_train(args, device, samples, preset, workers, steps)
+    if "approx" in args.parts:
+        rows += bench_approx(args, device, samples, preset, workers)
     lines = summarize(rows)
     if busy:  # other processes' CPU use during the run: how far to trust CPU numbers
         now = busy_seconds()
         info["other_busy_cores"] = round(((now[0] - busy[0]) - (now[1] - busy[1])) / (time.perf_counter() - start), 2)
         lines.append(f"other processes kept {info['other_busy_cores']:.2f} of {info['cores']} cores busy during the run")
-    table = [{"part": r["part"], "variant": r["variant"], "img/s": f"{r['img_per_s']:.1f}", "vs": r.get("baseline"),
-              "ratio": f"{r['ratio']:.2f}x" if "ratio" in r else None} for r in rows]
-    print(markdown_table(table, ["part", "variant", "img/s", "vs", "ratio"]) + "\n".join(lines))
+    print(report(rows, lines))
     result = {"machine": info, "args": vars(args), "rows": rows, "summary": lines}
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")

@@ -9,6 +9,7 @@ Accuracy on the ImageNet validation set (see README "Preparing ImageNet"):
 import argparse
 import csv
 import fnmatch
+import hashlib
 import json
 import math
 import multiprocessing
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--force", action="store_true", help="re-evaluate weights already in OUT/eval.json")
     e.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="autocast the model (faster on GPUs; changes results slightly, see README Performance)")
+    e.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: batched JPEG decoding and resizing on the GPU (changes results slightly, see README "
+                        "Performance; falls back to cpu where it is not possible)")
     e.add_argument("--compile", action="store_true", help="torch.compile each model (pays off on long sweeps)")
     e.add_argument("--no-fuse-bn", action="store_true", help="keep BatchNorm unfolded (bit-for-bit the module's own math)")
     args = p.parse_args(argv)
@@ -181,7 +185,7 @@ def collect_runs(runs_dir, out) -> list[dict]:
 
 EVAL_COLUMNS = ["model", "weights", "n_images", "acc1", "acc5", "err1", "err5", "loss", "acc1_published",
                 "acc1_delta", "acc5_published", "acc5_delta", "img_per_s", "ms_per_batch", "resize", "crop",
-                "interpolation"]
+                "interpolation", "amp", "decode"]
 
 
 def eval_pairs(args) -> list[tuple]:
@@ -204,23 +208,28 @@ def run_evaluation(args) -> list[dict]:
     """Evaluate each selected weights on --data; every finished row is written at once, and a re-run
     skips rows already evaluated with the same data and settings (unless --force)."""
     import torch
-    from dataset import EvalPreset, ImageDataset, ShardSampler, build_loader, find_samples
+    from dataset import EvalPreset, GpuDecodeLoader, ImageDataset, ShardSampler, build_loader, find_samples, gpu_decode_error
     from model import build_model, prepare_for_eval, resolve_weights, torchvision_weights_for_file
     from train import evaluate
-    from utils import default_workers, is_main, rank, world_size
+    from utils import amp_dtype, default_workers, is_main, rank, world_size
     pairs = eval_pairs(args)
     samples, _ = find_samples(args.data, "val", imagenet_labels=True, labels_file=args.val_labels)
     samples = samples[:args.limit] if args.limit else samples
     out = Path(args.out)
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
+    torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     workers = default_workers(device) if args.workers is None else args.workers
+    why_not = gpu_decode_error(device, samples) if args.decode == "gpu" else ""
+    if why_not and is_main():
+        print(f"note: --decode gpu is not possible here ({why_not}); decoding on the CPU", file=sys.stderr)
+    decode = "cpu" if why_not else args.decode
     for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
         enum = (torchvision_weights_for_file(arch, weights) or resolve_weights(arch, "DEFAULT")
                 if is_weights_file(weights) else resolve_weights(arch, weights))
         preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
         settings = {"data": str(Path(args.data).resolve()), "limit": args.limit, "resize": preset.resize,
-                    "crop": preset.crop, "interpolation": preset.interpolation, "amp": args.amp}
+                    "crop": preset.crop, "interpolation": preset.interpolation, "amp": args.amp, "decode": decode}
         key = {"weights": str(weights), **settings}
         if not args.force and any(all(r.get(k) == v for k, v in key.items()) for r in done):
             if is_main():
@@ -229,12 +238,16 @@ def run_evaluation(args) -> list[dict]:
         model = build_model(arch, weights, weights_dir=args.weights_dir).to(device)
         model = prepare_for_eval(model, fuse_bn=not args.no_fuse_bn)
         model = torch.compile(model) if args.compile else model
-        loader = build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda",
-                              sampler=ShardSampler(len(samples), world_size(), rank()))
-        amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-        result = evaluate(model, loader, device, preset.mean, preset.std, channels_last=True, amp_dtype=amp_dtype,
+        sampler = ShardSampler(len(samples), world_size(), rank())
+        loader = (GpuDecodeLoader(samples, preset, args.batch_size, workers, device, sampler) if decode == "gpu" else
+                  build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda",
+                               sampler=sampler))
+        result = evaluate(model, loader, device, preset.mean, preset.std, channels_last=True,
+                          amp_dtype=amp_dtype(args.amp, device),
                           skip_bad_images=args.skip_bad_images, keep_predictions=True, desc=arch)
         record = {"model": arch, **key, **{k: v for k, v in result.items() if k not in ("predictions", "seconds")}}
+        settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
+        record["predictions"] = f"predictions/{Path(str(weights)).name}_{settings_hash}.csv"
         record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
         if enum is not None and not is_weights_file(weights):
             pub = published(enum)
@@ -244,7 +257,7 @@ def run_evaluation(args) -> list[dict]:
         done = [r for r in done if not all(r.get(k) == v for k, v in key.items())] + [record]
         if not is_main():
             continue
-        write_predictions(result["predictions"], out / "predictions" / f"{Path(str(weights)).name}.csv")
+        write_predictions(result["predictions"], out / record["predictions"])
         write_records(done, out, "eval", EVAL_COLUMNS)
         tqdm.write(f"{weights}: top-1 {record['acc1']:.3f}  top-5 {record['acc5']:.3f}  "
                    f"({record['n_images']} images, {record['img_per_s']:.1f} img/s)")

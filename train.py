@@ -23,10 +23,11 @@ from dataset import (EvalPreset, ImageDataset, ShardSampler, SyntheticDataset, T
 from loss import build_loss
 from model import build_model, check_arch, load_checked
 from report import plot_curves, write_metrics
-from utils import (UserError, all_gather_objects, all_reduce_sum, atomic_write_text, broadcast_buffers, broadcast_object,
-                   check_ranks_in_step, cleanup_distributed, cli, default_workers, is_main, load_checkpoint, load_config,
-                   merge_predictions, rank as global_rank, run_dir_for, run_info, save_checkpoint, setup_distributed,
-                   tensorboard_writer, topk_correct, world_size)
+from utils import (UserError, all_gather_objects, all_reduce_sum, amp_dtype, atomic_write_text, autocast,
+                   broadcast_buffers, broadcast_object, check_ranks_in_step, cleanup_distributed, cli,
+                   default_workers, is_main, load_checkpoint, load_config, merge_predictions, rank as global_rank,
+                   run_dir_for, run_info, save_checkpoint, setup_distributed, tensorboard_writer, topk_correct,
+                   world_size)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def evaluate(model, loader, device, mean, std, *, criterion=None, channels_last=
             continue
         images = to_device(images, device, mean, std, channels_last)
         targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
         loss = criterion(logits, targets) if criterion is not None else F.cross_entropy(logits, targets)
@@ -229,7 +230,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, device, epoch: 
             continue
         seen += len(targets)
         images, targets = to_device(images, device, mean, std, run["channels_last"]), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=run["amp_dtype"] or torch.bfloat16, enabled=run["amp_dtype"] is not None):
+        with autocast(device, run["amp_dtype"]):
             logits = model(images)
         loss = criterion(logits, targets)
         scaler.scale(loss).backward()
@@ -285,7 +286,7 @@ def fit(cfg: TrainConfig, device) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned conv kernels, as torchvision's references
     train_loader, val_loader, classes = build_data(cfg, world, rank)
     num_classes = cfg.num_classes or len(classes)
     try:
@@ -297,8 +298,7 @@ def fit(cfg: TrainConfig, device) -> dict:
         load_checked(lambda: model.load_state_dict(checkpoint["model"]), f"{cfg.arch} with {num_classes} classes",
                      f"{resume_from} (a {checkpoint.get('config', {}).get('arch')} run)")
     channels_last = cfg.channels_last == "true" or cfg.channels_last == "auto" and device.type == "cuda"
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.amp]
+    amp = amp_dtype(cfg.amp, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and device.type != "cuda":
@@ -308,14 +308,14 @@ def fit(cfg: TrainConfig, device) -> dict:
     lr = cfg.lr * cfg.batch_size * world / 256 if cfg.lr_scaling == "linear" else cfg.lr
     optimizer = build_optimizer(cfg, model, lr)
     scheduler = build_scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     ema = None
     if cfg.ema_decay:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     criterion = build_loss(cfg.loss, num_classes, cfg.label_smoothing).to(device)
     run = {"model": model, "ema": ema, "dir": run_dir, "mean": val_loader.dataset.transform.mean,
-           "std": val_loader.dataset.transform.std, "channels_last": channels_last, "amp_dtype": amp_dtype, "step": 0, "batch": 0,
+           "std": val_loader.dataset.transform.std, "channels_last": channels_last, "amp_dtype": amp, "step": 0, "batch": 0,
            "bad_images": [], "history": [], "best_acc1": -1.0, "epoch": 0}
     stateful = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema}
     if checkpoint is not None:
@@ -367,13 +367,13 @@ def fit(cfg: TrainConfig, device) -> dict:
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val = evaluate(model, val_loader, device, run["mean"], run["std"], criterion=criterion,
-                       channels_last=channels_last, amp_dtype=amp_dtype, skip_bad_images=cfg.skip_bad_images)
+                       channels_last=channels_last, amp_dtype=amp, skip_bad_images=cfg.skip_bad_images)
         run["bad_images"] += val["bad_images"]
         row = {"epoch": epoch + 1, "lr": lr_used, **train_stats, "val_loss": val["loss"], "val_acc1": val["acc1"],
                "val_acc5": val["acc5"]}
         if ema is not None:
             ema_val = evaluate(ema.module, val_loader, device, run["mean"], run["std"], criterion=criterion,
-                               channels_last=channels_last, amp_dtype=amp_dtype, skip_bad_images=cfg.skip_bad_images)
+                               channels_last=channels_last, amp_dtype=amp, skip_bad_images=cfg.skip_bad_images)
             row.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
         row["epoch_time_s"] = train_stats.pop("train_time_s") + val["seconds"]
         run["history"].append(row)

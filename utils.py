@@ -70,6 +70,20 @@ def resolve_device(name: str = "auto"):
     return torch.device("cuda", local_rank()) if name == "cuda" else torch.device("cpu")
 
 
+def amp_dtype(name: str, device):
+    """The autocast dtype of --amp none|fp32|bf16|fp16|auto (auto: bf16 on CUDA, off on CPU); None = off."""
+    import torch
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "none"
+    return {"none": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast(device, dtype):
+    """torch.autocast in `dtype` (from amp_dtype); a no-op for None."""
+    import torch
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
@@ -152,10 +166,10 @@ def topk_correct(logits, targets, ks=(1, 5)) -> list:
 
 def default_workers(device) -> int:
     """Loader processes. On a GPU the JPEG pipeline is the bottleneck: every core of this process's
-    share decodes. On a CPU the model's intra-op threads already use every core, and a loader process
-    beside them competes for the same cores. Measurements on 2 cores disagree (+-20% noise): one full
-    run gave 0 workers 95% of the model-only speed, paired runs gave 0 workers ~84% and 1 worker ~91%;
-    this choice (0) is under review, see README Performance."""
+    share decodes. On a CPU the model's intra-op threads already use every core, so images are decoded
+    in the main process between batches (0): a loader process beside the model competes for the same
+    cores. Measured on 2 cores, resnet18 eval, 3 alternating runs each: 0 workers 34-38 img/s,
+    1 worker 31-35 img/s (README Performance)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return min(per_process, 16) if device.type == "cuda" else 0

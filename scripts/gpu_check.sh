@@ -2,7 +2,8 @@
 # GPU throughput check in under 5 minutes on one NVIDIA GPU, on 2000 generated 500x375 JPEGs:
 #   resnet50 model-only inference, fp32 and bf16, channels_last, compiled;
 #   end-to-end eval from JPEG, decoded on the CPU (loader workers) vs on the GPU (nvjpeg), vs the plain loop;
-#   training with bf16 autocast + channels_last vs a plain fp32 NCHW loop.
+#   training with bf16 autocast + channels_last vs a plain fp32 NCHW loop;
+#   how often --amp bf16/fp16 and --decode gpu keep the exact path's top-1 class.
 # Prints one table; each benchmark.py run's JSON goes to OUT (default results/gpu_check).
 #     bash scripts/gpu_check.sh [OUT]
 # Without a CUDA GPU it says so and exits 0.
@@ -48,21 +49,7 @@ run --parts forward --dtype fp32 --compile --json "$out/forward_fp32.json"
 run --parts forward --dtype bf16 --compile --json "$out/forward_bf16.json"
 run --parts forward,eval,train --dtype bf16 --train-batch-size 128 --train-steps 10 --json "$out/cpu_decode.json"
 run --parts eval --dtype bf16 --decode gpu --no-baselines --json "$out/gpu_decode.json"
+run --parts approx --limit 1000 --json "$out/approx.json"   # random weights: agreement, not accuracy
 
-python - "$out" <<'PY'
-# one table of every run
-import json
-import sys
-from pathlib import Path
-
-from utils import markdown_table
-
-rows, lines = [], []
-for name in ("forward_fp32", "forward_bf16", "cpu_decode", "gpu_decode"):
-    result = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
-    rows += [{"run": name, "part": r["part"], "variant": r["variant"], "img/s": f"{r['img_per_s']:.0f}",
-              "ratio": f"{r['ratio']:.2f}x vs {r['baseline']}" if "ratio" in r else None} for r in result["rows"]]
-    lines += [f"{name}: {line}" for line in result["summary"]]
-print(f"\n{result['machine']['gpu']}, torch {result['machine']['torch']}, {result['machine']['cores']} CPU cores")
-print(markdown_table(rows, ["run", "part", "variant", "img/s", "ratio"]) + "\n".join(lines))
-PY
+names="forward_fp32 forward_bf16 cpu_decode gpu_decode approx"
+python benchmark.py --merge $(for name in $names; do echo "$out/$name.json"; done)

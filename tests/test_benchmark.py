@@ -20,12 +20,12 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path):
     result = run_script("benchmark.py", "--data", tmp_path, "--arch", "mobilenet_v3_small", "--batch-size", "4",
                         "--limit", "8", "--repeats", "1", "--train-batch-size", "2", "--train-steps", "2",
                         "--worker-counts", "0", "--workers", "1", "--threads", "1", "--decode", "gpu", "--json", out,
-                        timeout=120)
+                        "--parts", "data,model,eval,train,approx", timeout=180)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert {"cpu", "cores", "gpu", "torch", "torchvision", "threads"} <= set(report["machine"])
     assert report["machine"]["threads"] == 1 and report["machine"]["torch"] == torch.__version__
-    rows = report["rows"]
+    rows, approx = report["rows"][:8], report["rows"][8:]
     assert [r["part"] for r in rows] == ["data", "data", "forward", "step", "eval", "eval", "train", "train"]
     assert [r["variant"].split(",")[0].split(":")[0] for r in rows] == [
         "pil", "tensor", "mobilenet_v3_small batch 4", "mobilenet_v3_small batch 2", "ours", "plain", "ours", "plain"]
@@ -34,6 +34,17 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path):
     assert "cpu decode" in rows[4]["variant"] and "note: --decode gpu is not possible here" in result.stdout
     assert "eval: ours / baseline = " in result.stdout and "train: ours / baseline = " in result.stdout
     assert "% of model-only forward" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
+    # approx: the exact path agrees with itself; folded BatchNorm changes no top-1 class
+    assert [r["variant"].split(" ")[0] for r in approx] == ["exact", "default:", "--amp", "batched"]
+    assert approx[0]["top1_agreement"] == 100 and approx[0]["acc1_delta"] == 0 and approx[1]["top1_agreement"] == 100
+    assert all(0 <= r["top1_agreement"] <= 100 and r["part"] == "approx" for r in approx)
+    assert approx[0]["top5_agreement"] == 100 and approx[0]["top1_prob_change"] == 0
+    assert approx[1]["top1_prob_change"] < 1e-3 and approx[2]["top1_prob_change"] < 0.2  # fold ~1e-6, bf16 ~1e-2
+    assert "| variant | acc1 | acc1 change | same top-1 | same top-5, in order |" in result.stdout
+    merged = run_script("benchmark.py", "--merge", out, out)  # scripts/gpu_check.sh's table
+    assert merged.returncode == 0, merged.stderr
+    assert "| run | part | variant | img/s | vs | ratio |" in merged.stdout and "bench: eval: ours / baseline" in merged.stdout
+    assert_user_error(run_script("benchmark.py", "--merge", tmp_path / "missing.json"), "missing.json")
 
 
 def test_benchmark_needs_data_for_the_image_parts(tmp_path):

@@ -31,8 +31,7 @@ def test_evaluation_counts_every_image_once_in_any_world_size(tmp_path, torch_ho
     one, two = (json.loads((tmp_path / d / "eval.json").read_text())[0] for d in ("one", "two"))
     assert one["n_images"] == two["n_images"] == 101
     assert (one["acc1"], one["acc5"]) == (two["acc1"], two["acc5"]) and one["acc5"] > 0
-    rows = [list(csv.DictReader(open(tmp_path / d / "predictions" / "ResNet18_Weights.IMAGENET1K_V1.csv")))
-            for d in ("one", "two")]
+    rows = [list(csv.DictReader(open(tmp_path / d / record["predictions"]))) for d, record in (("one", one), ("two", two))]
     assert len(rows[0]) == len(rows[1]) == 101
     for a, b in zip(*rows):
         assert (a["path"], a["target"], a["top1"], a["top5"]) == (b["path"], b["target"], b["top1"], b["top5"])

@@ -10,7 +10,8 @@ from torchvision import models
 from torchvision.datasets import ImageFolder
 
 from conftest import assert_user_error, make_image, run_script, save_torchvision_checkpoint
-from dataset import EvalPreset, find_samples, imagenet_wnids, load_rgb, normalize, prepare_val, val_labels
+from dataset import (EvalPreset, GpuDecodeLoader, ImageDataset, Sample, build_loader, find_samples, imagenet_wnids,
+                     load_rgb, normalize, prepare_val, val_labels)
 from model import ARCHS, all_weights
 
 WNIDS = imagenet_wnids()
@@ -121,7 +122,7 @@ def test_evaluation_equals_reference_loop(tmp_path, torch_home):
     assert record["acc5"] == pytest.approx(100 * sum(r[1] in r[2] for r in reference) / n)
     assert record["acc1"] == pytest.approx(100 * 8 / 15)
     assert {"model", "weights", "n_images", "acc1", "acc5", "acc1_published", "acc5_published", "img_per_s"} <= set(record)
-    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions" / f"{weights}.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "out" / record["predictions"])))
     assert [r["path"] for r in rows] == [r[0] for r in reference]
     for ours, (_, target, top5, probs) in zip(rows, reference):
         assert int(ours["target"]) == target and [int(ours[f"top{k}"]) for k in range(1, 6)] == top5
@@ -140,11 +141,33 @@ def test_unreadable_image_stops_or_is_skipped_and_listed(tmp_path, torch_home):
     args = ["test_torchvision.py", "--data", data, "--models", "mobilenet_v3_small", "--out", tmp_path / "out",
             "--workers", "0"]
     assert_user_error(run_script(*args, env={"TORCH_HOME": str(torch_home)}), "cut.JPEG", "--skip-bad-images")
-    skipped = run_script(*args, "--skip-bad-images", env={"TORCH_HOME": str(torch_home)})
+    # --decode gpu without a GPU: a note, then the exact CPU path (the row says so)
+    skipped = run_script(*args, "--skip-bad-images", "--decode", "gpu", env={"TORCH_HOME": str(torch_home)})
     assert skipped.returncode == 0, skipped.stderr
-    assert "cut.JPEG" in skipped.stdout + skipped.stderr
+    assert "cut.JPEG" in skipped.stdout + skipped.stderr and "note: --decode gpu is not possible here" in skipped.stderr
     record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
     assert record["n_images"] == 1 and record["bad_images"] == [str(data / WNIDS[2] / "cut.JPEG")]
+    assert record["decode"] == "cpu"
+
+
+def test_batched_decode_loader_matches_the_exact_path(tmp_path, odd_images):
+    """GpuDecodeLoader run on the CPU: the code path of --decode gpu, with libjpeg in place of nvjpeg.
+    Same images, targets and order as build_loader, pixels within 1 level (another antialiasing
+    kernel); a truncated JPEG fails the batched call, and the per-image fallback reports it as
+    build_loader does."""
+    good = odd_images[0].read_bytes()
+    (tmp_path / "cut.JPEG").write_bytes(good[: len(good) // 2])
+    samples = [Sample(str(p), i) for i, p in enumerate([*odd_images, tmp_path / "cut.JPEG"])]
+    preset = EvalPreset(resize=64, crop=56)
+    exact = list(build_loader(ImageDataset(samples, preset), 4, 0))
+    batched = list(GpuDecodeLoader(samples, preset, 4, 0, torch.device("cpu")))
+    assert len(exact) == len(batched) == 2
+    for (a, targets_a, indices_a, errors_a), (b, targets_b, indices_b, errors_b) in zip(exact, batched):
+        assert b.dtype == torch.uint8 and a.shape == b.shape
+        assert targets_a.tolist() == targets_b.tolist() and indices_a.tolist() == indices_b.tolist()
+        assert [i for i, _ in errors_a] == [i for i, _ in errors_b]
+        assert (a.int() - b.int()).abs().float().mean() < 0.3 and (a.int() - b.int()).abs().max() <= 1
+    assert [i for i, _ in batched[1][3]] == [6]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_wnids", "unknown_model", "unknown_weights", "offline"])
