@@ -40,18 +40,37 @@ PARTS = ("data", "forward", "step", "eval", "train", "approx")
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
 
 
-def timed(run, images: int, repeats: int, device) -> dict:
-    """One untimed warm-up call of run(), then `repeats` timed calls; img/s of the median call."""
+def timed(runs: dict, repeats: int, device) -> dict:
+    """runs: name -> (function, images one call processes). One untimed warm-up call of each, then
+    `repeats` rounds that time each once, in turn, so that drifts of the machine's speed (large on
+    shared VMs) hit all of them alike. name -> {img/s of the median call, seconds of every call}."""
     sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else lambda: None
-    run()
-    seconds = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+    for run, _ in runs.values():
         run()
-        sync()
-        seconds.append(time.perf_counter() - start)
-    return {"img_per_s": images / statistics.median(seconds), "seconds": [round(s, 3) for s in seconds]}
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (run, _) in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: {"img_per_s": runs[name][1] / statistics.median(s), "seconds": [round(x, 3) for x in s]}
+            for name, s in seconds.items()}
+
+
+def synthetic_batch(args, device, batch: int, size: int, train: bool) -> torch.Tensor:
+    x = torch.randn(batch, 3, size, size, device=device)  # (B, 3, H, W) float32, as normalize() gives
+    return x.contiguous(memory_format=torch.channels_last) if channels_last(args, device, train) else x
+
+
+def forward_loop(model, x, batches: int, device, dtype: str):
+    """The model alone: `batches` forward passes on the synthetic batch x, under inference_mode."""
+    def run():
+        with torch.inference_mode(), autocast(device, amp_dtype(dtype, device)):
+            for _ in range(batches):
+                model(x)
+    return run
 
 
 def channels_last(args, device, train: bool) -> bool:
@@ -80,14 +99,15 @@ def settings(args, device, train: bool) -> str:
 def bench_data(args, samples, preset, device) -> list[dict]:
     """Decode + eval transform alone (what the model is fed), per worker count and backend."""
     rows = []
+    datasets = {"pil": ImageDataset(samples, preset),
+                "tensor": TensorImageDataset(samples, functools.partial(resize_crop, preset=preset))}
     for workers in args.worker_counts:
-        for backend in ("pil", "tensor"):
-            dataset = (ImageDataset(samples, preset) if backend == "pil" else
-                       TensorImageDataset(samples, functools.partial(resize_crop, preset=preset)))
-            run = lambda: sum(len(batch[1]) for batch in build_loader(dataset, args.batch_size, workers))
-            rows.append({"part": "data", "variant": f"{backend}, {workers} workers",
-                         **timed(run, len(samples), args.repeats, device)})
-        rows[-1].update(baseline=rows[-2]["variant"], ratio=rows[-1]["img_per_s"] / rows[-2]["img_per_s"])
+        runs = {backend: (lambda d=dataset: sum(len(batch[1]) for batch in build_loader(d, args.batch_size, workers)),
+                          len(samples)) for backend, dataset in datasets.items()}
+        times = timed(runs, args.repeats, device)
+        pil, tensor = ({"part": "data", "variant": f"{backend}, {workers} workers", **times[backend]} for backend in runs)
+        tensor.update(baseline=pil["variant"], ratio=tensor["img_per_s"] / pil["img_per_s"])
+        rows += [pil, tensor]
     return rows
 
 
@@ -95,16 +115,9 @@ def bench_model(args, device, size: int, batches: int, train: bool) -> dict:
     """Synthetic (B, 3, H, W) input: forward under inference_mode, or forward + backward + SGD step."""
     raw, model = prepare(args, device, train)
     batch = args.train_batch_size if train else args.batch_size
-    x = torch.randn(batch, 3, size, size, device=device)  # (B, 3, H, W) float32, as normalize() gives
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last(args, device, train) else x
-    y = torch.randint(0, 1000, (batch,), device=device)
+    x, y = synthetic_batch(args, device, batch, size, train), torch.randint(0, 1000, (batch,), device=device)
     optimizer = torch.optim.SGD(raw.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-
-    def forward():
-        with torch.inference_mode(), autocast(device, amp_dtype(args.dtype, device)):
-            for _ in range(batches):
-                model(x)
 
     def step():
         for _ in range(batches):
@@ -116,7 +129,8 @@ def bench_model(args, device, size: int, batches: int, train: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
     model.train(train)
     return {"part": "step" if train else "forward", "variant": f"{args.arch} batch {batch}, {settings(args, device, train)}",
-            **timed(step if train else forward, batches * batch, args.repeats, device)}
+            **timed({"run": (step if train else forward_loop(model, x, batches, device, args.dtype), batches * batch)},
+                    args.repeats, device)["run"]}
 
 
 def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dict]:
@@ -135,9 +149,9 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
             loader = build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda")
         evaluate(model, loader, device, preset.mean, preset.std, channels_last=channels_last(args, device, False),
                  amp_dtype=amp_dtype(args.dtype, device))
-    variant = (f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, False)}, "
-               f"{'gpu' if gpu_decode else 'cpu'} decode")
-    rows = [{"part": "eval", "variant": variant, **timed(ours, len(samples), args.repeats, device)}]
+    batches = math.ceil(len(samples) / args.batch_size)
+    x = synthetic_batch(args, device, args.batch_size, preset.crop, False)
+    runs = {"ours": (ours, len(samples)), "model": (forward_loop(model, x, batches, device, args.dtype), batches * args.batch_size)}
     if args.baselines:
         plain_model, criterion = build_model(args.arch, args.weights).to(device).eval(), nn.CrossEntropyLoss()
         dataset = Subset(ImageFolder(str(resolve_split(args.data)), transform=weights.transforms()), range(len(samples)))
@@ -147,8 +161,14 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
             with torch.no_grad():
                 for x, y in loader:
                     criterion(plain_model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        runs["plain"] = (plain, len(samples))
+    times = timed(runs, args.repeats, device)  # ours, the model alone and plain, in turn
+    variant = (f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, False)}, "
+               f"{'gpu' if gpu_decode else 'cpu'} decode")
+    rows = [{"part": "eval", "variant": variant, **times["ours"], "model_only": times["model"]}]
+    if args.baselines:
         rows.append({"part": "eval", "variant": f"plain: ImageFolder + transforms(), {PLAIN_WORKERS} workers, fp32 NCHW",
-                     **timed(plain, len(samples), args.repeats, device)})
+                     **times["plain"]})
     return rows
 
 
@@ -169,8 +189,7 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     def ours():
         state.update(step=0, batch=0)
         train_one_epoch(model, criterion, optimizer, scaler, loader, device, 0, cfg, state)
-    variant = f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, True)}"
-    rows = [{"part": "train", "variant": variant, **timed(ours, images, args.repeats, device)}]
+    runs = {"ours": (ours, images)}
     if args.baselines:
         plain_model, criterion = build_model(args.arch, args.weights).to(device).train(), nn.CrossEntropyLoss()
         plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
@@ -186,8 +205,13 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
                 plain_optimizer.zero_grad()
                 loss.backward()
                 plain_optimizer.step()
+        runs["plain"] = (plain, images)
+    times = timed(runs, args.repeats, device)  # ours and plain in turn
+    variant = f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, True)}"
+    rows = [{"part": "train", "variant": variant, **times["ours"]}]
+    if args.baselines:
         rows.append({"part": "train", "variant": f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW",
-                     **timed(plain, images, args.repeats, device)})
+                     **times["plain"]})
     return rows
 
 
@@ -255,10 +279,11 @@ def summarize(rows: list[dict]) -> list[str]:
             ours, plain = by_part[part]
             ours.update(baseline=plain["variant"], ratio=ours["img_per_s"] / plain["img_per_s"])
             lines.append(f"{part}: ours / baseline = {ours['ratio']:.2f}x")
-    if by_part["eval"] and by_part["forward"]:
-        share = by_part["eval"][0]["img_per_s"] / by_part["forward"][0]["img_per_s"]
-        lines.append(f"eval: ours end-to-end = {100 * share:.0f}% of model-only forward "
-                     f"({by_part['forward'][0]['variant']})")
+    if by_part["eval"]:
+        ours = by_part["eval"][0]
+        ours["share_of_model_only"] = ours["img_per_s"] / ours["model_only"]["img_per_s"]
+        lines.append(f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "
+                     f"({ours['model_only']['img_per_s']:.1f} img/s on synthetic batches, same settings, timed in turn)")
     return lines
 
 

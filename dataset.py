@@ -164,7 +164,7 @@ def load_rgb(path: str) -> Image.Image:
             image.load()
             if image.mode.startswith("I;16"):  # 16-bit gray: 0..65535 -> 0..255 (convert would clip at 255)
                 image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")  # (converting RGB only copies)
 
 
 # ----------------------------------------------------------------------------- transform presets

@@ -33,7 +33,8 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path):
     assert all("ratio" in r for r in rows if r["part"] in ("eval", "train") and r["variant"].startswith("ours"))
     assert "cpu decode" in rows[4]["variant"] and "note: --decode gpu is not possible here" in result.stdout
     assert "eval: ours / baseline = " in result.stdout and "train: ours / baseline = " in result.stdout
-    assert "% of model-only forward" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
+    assert "% of the model alone" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
+    assert rows[4]["model_only"]["img_per_s"] > 0 and rows[4]["share_of_model_only"] > 0  # timed in turn with ours
     # approx: the exact path agrees with itself; folded BatchNorm changes no top-1 class
     assert [r["variant"].split(" ")[0] for r in approx] == ["exact", "default:", "--amp", "batched"]
     assert approx[0]["top1_agreement"] == 100 and approx[0]["acc1_delta"] == 0 and approx[1]["top1_agreement"] == 100
