@@ -297,8 +297,9 @@ def report(rows: list[dict], lines: list[str]) -> str:
     approx = [{"run": r.get("run"), "variant": r["variant"], "acc1": f"{r['acc1']:.2f}", "acc1 change": f"{r['acc1_delta']:+.2f}",
                "same top-1": f"{r['top1_agreement']:.1f}%", "same top-5, in order": f"{r['top5_agreement']:.1f}%",
                "top-1 probability change, max": f"{100 * r['top1_prob_change']:.2g}%"} for r in rows if r["part"] == "approx"]
-    return ((markdown_table(speed, [*runs, "part", "variant", "img/s", "vs", "ratio"]) if speed else "") +
-            (markdown_table(approx, [*runs, *list(approx[0])[1:]]) if approx else "") + "\n".join(lines))
+    tables = ([markdown_table(speed, [*runs, "part", "variant", "img/s", "vs", "ratio"])] if speed else []) + \
+             ([markdown_table(approx, [*runs, *list(approx[0])[1:]])] if approx else [])
+    return "\n".join(tables + lines)
 
 
 def merge(paths: list[str]) -> str:
