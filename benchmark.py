@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from dataset import (EvalPreset, GpuDecodeLoader, ImageDataset, TensorImageDataset, TrainSampler, build_loader,
-                     find_samples, gpu_decode_error, resize_crop, resolve_split, train_preset)
+from dataset import EvalPreset, ImageDataset, TrainSampler, build_loader, find_samples, resolve_split, train_preset
+from decode import GpuDecodeLoader, TensorImageDataset, resize_crop, use_gpu_decode
 from loss import build_loss
 from model import build_model, prepare_for_eval, resolve_weights
 from train import TrainConfig, build_optimizer, evaluate, train_one_epoch
@@ -136,10 +137,7 @@ def bench_model(args, device, size: int, batches: int, train: bool) -> dict:
 def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dict]:
     """Ours: ImageDataset + EvalPreset + build_loader + train.evaluate(). Plain: ImageFolder + PIL +
     weights.transforms() + DataLoader, fp32 NCHW (its labels are 0..k-1, which is fine for speed)."""
-    why_not = gpu_decode_error(device, samples) if args.decode == "gpu" else ""
-    if why_not:
-        print(f"note: --decode gpu is not possible here ({why_not}); decoding on the CPU")
-    gpu_decode = args.decode == "gpu" and not why_not
+    gpu_decode = use_gpu_decode(args.decode, device, samples, note_to=sys.stdout)
     _, model = prepare(args, device, False)
 
     def ours():
@@ -223,8 +221,8 @@ def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
     only the top-5 and probability columns mean something: --weights DEFAULT (torchvision's cache) gives
     real accuracies."""
     base = build_model(args.arch, args.weights).to(device)
-    why_not = gpu_decode_error(device, samples)
-    decode = ("--decode gpu" if not why_not else "batched decode, CPU (--decode gpu's code with libjpeg)")
+    decode = ("--decode gpu" if use_gpu_decode("gpu", device, samples, note_to=None) else
+              "batched decode, CPU (--decode gpu's code with libjpeg)")
     variants = [("exact (weights.transforms(), BN unfolded, fp32)", {"fuse_bn": False}), ("default: BN folded", {}),
                 ("--amp bf16", {"amp": "bf16"}), *([("--amp fp16", {"amp": "fp16"})] if device.type == "cuda" else []),
                 (decode, {"decode": True}), *([("--compile", {"compile": True})] if args.compile else [])]

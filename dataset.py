@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms import v2
@@ -315,107 +314,6 @@ def to_device(images, device, mean, std, channels_last: bool):
     """uint8 (B, 3, H, W) host batch -> normalised float on the device (4x fewer bytes to copy)."""
     images = normalize(images.to(device, non_blocking=True), mean, std)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-# ----------------------------------------------------------------------------- opt-in: JPEGs decoded on the GPU
-# Batched nvjpeg decoding (torchvision.io.decode_jpeg on the device) with the resize and crop on the
-# device: for GPUs whose loader cores can't decode fast enough. Pixels differ slightly from the PIL
-# path (another IDCT and antialiasing kernel), so results are an approximation: README Performance.
-# (torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec; they still work.)
-
-def is_jpeg(data: torch.Tensor) -> bool:
-    return data[:2].tolist() == [0xFF, 0xD8]
-
-
-def decode_rgb(path: str) -> torch.Tensor:
-    """(3, H, W) uint8 by torchvision.io's libjpeg; PIL for other formats and JPEGs it refuses."""
-    data = read_file(path)
-    if is_jpeg(data):
-        try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass
-    return F.pil_to_tensor(load_rgb(path))
-
-
-def resize_crop(image: torch.Tensor, preset: EvalPreset) -> torch.Tensor:
-    """EvalPreset on a (3, H, W) uint8 tensor on any device: pixels within 1 level of PIL's (measured,
-    libjpeg decoding); on a GPU, nvjpeg's IDCT differs a little more."""
-    image = F.resize(image, [preset.resize], interpolation=InterpolationMode(preset.interpolation),
-                     antialias=preset.antialias)
-    return F.center_crop(image, [preset.crop])
-
-
-class TensorImageDataset(ImageDataset):
-    """Images decoded by torchvision.io (transform e.g. resize_crop), or, with raw_jpeg, JPEGs left as
-    file bytes for GpuDecodeLoader to decode in batches (other formats are decoded here)."""
-
-    def __init__(self, samples, transform, raw_jpeg: bool = False):
-        super().__init__(samples, transform)
-        self.raw_jpeg = raw_jpeg
-
-    def load(self, index: int):
-        path = self.samples[index].path
-        if self.raw_jpeg:
-            data = read_file(path).clone()  # read_file's file-backed storage can't be sent between processes
-            if is_jpeg(data):
-                return data
-        return decode_rgb(path)
-
-
-class GpuDecodeLoader:
-    """Iterates like build_loader's loader (so train.evaluate runs on it unchanged), but each batch of
-    JPEG bytes is decoded in one batched decode_jpeg call on `device` and resized and cropped there.
-    A batch the device refuses (e.g. a CMYK JPEG) is decoded image by image on the CPU; an image
-    nothing can decode is reported like build_loader reports it."""
-
-    def __init__(self, samples, preset: EvalPreset, batch_size: int, workers: int, device, sampler=None):
-        self.dataset = TensorImageDataset(samples, torch.nn.Identity(), raw_jpeg=True)
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size, sampler=sampler, num_workers=workers,
-                                                  collate_fn=list, pin_memory=device.type == "cuda",
-                                                  prefetch_factor=4 if workers > 0 else None)
-        self.preset, self.device = preset, device
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def decode_on_cpu(self, index: int):
-        try:
-            return decode_rgb(self.dataset.samples[index].path), ""
-        except (RuntimeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return None, f"{type(e).__name__}: {e}"
-
-    def __iter__(self):
-        for items in self.loader:
-            errors = [(index, error) for image, _, index, error in items if image is None]
-            good = [item for item in items if item[0] is not None]
-            images = {item[2]: item[0] for item in good if item[0].ndim == 3}
-            jpegs = [item for item in good if item[0].ndim == 1]
-            try:
-                decoded = decode_jpeg([item[0] for item in jpegs], mode=ImageReadMode.RGB, device=self.device)
-                images.update((item[2], image) for item, image in zip(jpegs, decoded))
-            except RuntimeError:
-                for item in jpegs:
-                    images[item[2]], error = self.decode_on_cpu(item[2])
-                    errors += [(item[2], error)] if error else []
-            good = [item for item in good if images.get(item[2]) is not None]
-            batch = [resize_crop(images[item[2]].to(self.device, non_blocking=True), self.preset) for item in good]
-            yield (torch.stack(batch) if batch else torch.empty(0, dtype=torch.uint8),
-                   torch.tensor([item[1] for item in good], dtype=torch.long),
-                   torch.tensor([item[2] for item in good], dtype=torch.long), errors)
-
-
-def gpu_decode_error(device, samples) -> str:
-    """'' when batched decode_jpeg works on `device` for these files, else why not (for a fallback note)."""
-    if device.type != "cuda":
-        return f"decoding on the GPU needs a CUDA device, not {device.type}"
-    try:
-        jpeg = next((s.path for s in samples[:100] if is_jpeg(read_file(s.path))), None)
-        if jpeg is not None:
-            decode_jpeg([read_file(jpeg)], mode=ImageReadMode.RGB, device=device)
-        return ""
-    except (RuntimeError, TypeError) as e:
-        return f"decode_jpeg on {device} failed: {str(e).splitlines()[0][:120]}"
 
 
 def check_bad_images(errors, samples, skip: bool) -> list[str]:

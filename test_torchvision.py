@@ -208,7 +208,8 @@ def run_evaluation(args) -> list[dict]:
     """Evaluate each selected weights on --data; every finished row is written at once, and a re-run
     skips rows already evaluated with the same data and settings (unless --force)."""
     import torch
-    from dataset import EvalPreset, GpuDecodeLoader, ImageDataset, ShardSampler, build_loader, find_samples, gpu_decode_error
+    from dataset import EvalPreset, ImageDataset, ShardSampler, build_loader, find_samples
+    from decode import GpuDecodeLoader, use_gpu_decode
     from model import build_model, prepare_for_eval, resolve_weights, torchvision_weights_for_file
     from train import evaluate
     from utils import amp_dtype, default_workers, is_main, rank, world_size
@@ -220,10 +221,7 @@ def run_evaluation(args) -> list[dict]:
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     workers = default_workers(device) if args.workers is None else args.workers
-    why_not = gpu_decode_error(device, samples) if args.decode == "gpu" else ""
-    if why_not and is_main():
-        print(f"note: --decode gpu is not possible here ({why_not}); decoding on the CPU", file=sys.stderr)
-    decode = "cpu" if why_not else args.decode
+    decode = "gpu" if use_gpu_decode(args.decode, device, samples, sys.stderr if is_main() else None) else "cpu"
     for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
         enum = (torchvision_weights_for_file(arch, weights) or resolve_weights(arch, "DEFAULT")
                 if is_weights_file(weights) else resolve_weights(arch, weights))

@@ -10,8 +10,9 @@ from torchvision import models
 from torchvision.datasets import ImageFolder
 
 from conftest import assert_user_error, make_image, run_script, save_torchvision_checkpoint
-from dataset import (EvalPreset, GpuDecodeLoader, ImageDataset, Sample, build_loader, find_samples, imagenet_wnids,
-                     load_rgb, normalize, prepare_val, val_labels)
+from dataset import (EvalPreset, ImageDataset, Sample, build_loader, find_samples, imagenet_wnids, load_rgb, normalize,
+                     prepare_val, val_labels)
+from decode import GpuDecodeLoader
 from model import ARCHS, all_weights
 
 WNIDS = imagenet_wnids()
