@@ -30,7 +30,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from dataset import EvalPreset, ImageDataset, TrainSampler, build_loader, find_samples, resolve_split, train_preset
-from decode import GpuDecodeLoader, TensorImageDataset, resize_crop, use_gpu_decode
+from decode import TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
 from loss import build_loss
 from model import build_model, prepare_for_eval, resolve_weights
 from train import TrainConfig, build_optimizer, evaluate, train_one_epoch
@@ -134,6 +134,15 @@ def bench_model(args, device, size: int, batches: int, train: bool) -> dict:
                     args.repeats, device)["run"]}
 
 
+def ours_and_plain(part: str, times: dict, variant: str, plain_variant: str) -> list[dict]:
+    """Our row, then the plain loop's with our ratio to it, where the plain loop was timed."""
+    ours = {"part": part, "variant": variant, **times["ours"]}
+    if "plain" not in times:
+        return [ours]
+    ours.update(baseline=plain_variant, ratio=times["ours"]["img_per_s"] / times["plain"]["img_per_s"])
+    return [ours, {"part": part, "variant": plain_variant, **times["plain"]}]
+
+
 def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dict]:
     """Ours: ImageDataset + EvalPreset + build_loader + train.evaluate(). Plain: ImageFolder + PIL +
     weights.transforms() + DataLoader, fp32 NCHW (its labels are 0..k-1, which is fine for speed)."""
@@ -141,10 +150,7 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
     _, model = prepare(args, device, False)
 
     def ours():
-        if gpu_decode:
-            loader = GpuDecodeLoader(samples, preset, args.batch_size, workers, device)
-        else:
-            loader = build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda")
+        loader = eval_loader(samples, preset, args.batch_size, workers, device, gpu_decode)
         evaluate(model, loader, device, preset.mean, preset.std, channels_last=channels_last(args, device, False),
                  amp_dtype=amp_dtype(args.dtype, device))
     batches = math.ceil(len(samples) / args.batch_size)
@@ -163,10 +169,8 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
     times = timed(runs, args.repeats, device)  # ours, the model alone and plain, in turn
     variant = (f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, False)}, "
                f"{'gpu' if gpu_decode else 'cpu'} decode")
-    rows = [{"part": "eval", "variant": variant, **times["ours"], "model_only": times["model"]}]
-    if args.baselines:
-        rows.append({"part": "eval", "variant": f"plain: ImageFolder + transforms(), {PLAIN_WORKERS} workers, fp32 NCHW",
-                     **times["plain"]})
+    rows = ours_and_plain("eval", times, variant, f"plain: ImageFolder + transforms(), {PLAIN_WORKERS} workers, fp32 NCHW")
+    rows[0].update(model_only=times["model"], share_of_model_only=times["ours"]["img_per_s"] / times["model"]["img_per_s"])
     return rows
 
 
@@ -206,11 +210,7 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
         runs["plain"] = (plain, images)
     times = timed(runs, args.repeats, device)  # ours and plain in turn
     variant = f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, True)}"
-    rows = [{"part": "train", "variant": variant, **times["ours"]}]
-    if args.baselines:
-        rows.append({"part": "train", "variant": f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW",
-                     **times["plain"]})
-    return rows
+    return ours_and_plain("train", times, variant, f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW")
 
 
 def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
@@ -223,16 +223,16 @@ def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
     base = build_model(args.arch, args.weights).to(device)
     decode = ("--decode gpu" if use_gpu_decode("gpu", device, samples, note_to=None) else
               "batched decode, CPU (--decode gpu's code with libjpeg)")
-    variants = [("exact (weights.transforms(), BN unfolded, fp32)", {"fuse_bn": False}), ("default: BN folded", {}),
+    variants = [("exact (weights.transforms(), BN unfolded, fp32)", {"exact": True}), ("default: BN folded", {}),
                 ("--amp bf16", {"amp": "bf16"}), *([("--amp fp16", {"amp": "fp16"})] if device.type == "cuda" else []),
                 (decode, {"decode": True}), *([("--compile", {"compile": True})] if args.compile else [])]
     rows, exact = [], None
     for name, v in variants:
-        model = prepare_for_eval(copy.deepcopy(base), channels_last="fuse_bn" not in v, fuse_bn=v.get("fuse_bn", True))
+        fast = not v.get("exact")  # BN folded and channels_last, as test_torchvision.py evaluates
+        model = prepare_for_eval(copy.deepcopy(base), channels_last=fast, fuse_bn=fast)
         model = torch.compile(model) if v.get("compile") else model
-        loader = (GpuDecodeLoader(samples, preset, args.batch_size, workers, device) if v.get("decode") else
-                  build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda"))
-        result = evaluate(model, loader, device, preset.mean, preset.std, channels_last="fuse_bn" not in v,
+        loader = eval_loader(samples, preset, args.batch_size, workers, device, v.get("decode", False))
+        result = evaluate(model, loader, device, preset.mean, preset.std, channels_last=fast,
                           amp_dtype=amp_dtype(v.get("amp", "none"), device), keep_predictions=True)
         exact = exact or result
         pairs = list(zip(result["predictions"], exact["predictions"]))
@@ -270,16 +270,8 @@ def busy_seconds() -> tuple[float, float] | None:
 
 def summarize(rows: list[dict]) -> list[str]:
     """Ratios against the plain loops, and end-to-end eval as a share of the model alone."""
-    by_part = {part: [r for r in rows if r["part"] == part] for part in PARTS}
-    lines = []
-    for part in ("eval", "train"):
-        if len(by_part[part]) == 2:
-            ours, plain = by_part[part]
-            ours.update(baseline=plain["variant"], ratio=ours["img_per_s"] / plain["img_per_s"])
-            lines.append(f"{part}: ours / baseline = {ours['ratio']:.2f}x")
-    if by_part["eval"]:
-        ours = by_part["eval"][0]
-        ours["share_of_model_only"] = ours["img_per_s"] / ours["model_only"]["img_per_s"]
+    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in rows if r["part"] in ("eval", "train") and "ratio" in r]
+    for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "
                      f"({ours['model_only']['img_per_s']:.1f} img/s on synthetic batches, same settings, timed in turn)")
     return lines

@@ -11,7 +11,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from dataset import EvalPreset, ImageDataset, load_rgb
+from dataset import EvalPreset, ImageDataset, build_loader, load_rgb
 
 
 def is_jpeg(data: torch.Tensor) -> bool:
@@ -107,6 +107,14 @@ def gpu_decode_error(device, samples) -> str:
         return ""
     except (RuntimeError, TypeError) as e:
         return f"decode_jpeg on {device} failed: {str(e).splitlines()[0][:120]}"
+
+
+def eval_loader(samples, preset: EvalPreset, batch_size: int, workers: int, device, gpu_decode: bool, sampler=None):
+    """The evaluation loader: exact PIL preprocessing (build_loader), or batched decoding on the GPU."""
+    if gpu_decode:
+        return GpuDecodeLoader(samples, preset, batch_size, workers, device, sampler)
+    return build_loader(ImageDataset(samples, preset), batch_size, workers, sampler=sampler,
+                        pin_memory=device.type == "cuda")
 
 
 def use_gpu_decode(decode: str, device, samples, note_to=sys.stderr) -> bool:

@@ -208,8 +208,8 @@ def run_evaluation(args) -> list[dict]:
     """Evaluate each selected weights on --data; every finished row is written at once, and a re-run
     skips rows already evaluated with the same data and settings (unless --force)."""
     import torch
-    from dataset import EvalPreset, ImageDataset, ShardSampler, build_loader, find_samples
-    from decode import GpuDecodeLoader, use_gpu_decode
+    from dataset import EvalPreset, ShardSampler, find_samples
+    from decode import eval_loader, use_gpu_decode
     from model import build_model, prepare_for_eval, resolve_weights, torchvision_weights_for_file
     from train import evaluate
     from utils import amp_dtype, default_workers, is_main, rank, world_size
@@ -236,10 +236,8 @@ def run_evaluation(args) -> list[dict]:
         model = build_model(arch, weights, weights_dir=args.weights_dir).to(device)
         model = prepare_for_eval(model, fuse_bn=not args.no_fuse_bn)
         model = torch.compile(model) if args.compile else model
-        sampler = ShardSampler(len(samples), world_size(), rank())
-        loader = (GpuDecodeLoader(samples, preset, args.batch_size, workers, device, sampler) if decode == "gpu" else
-                  build_loader(ImageDataset(samples, preset), args.batch_size, workers, pin_memory=device.type == "cuda",
-                               sampler=sampler))
+        loader = eval_loader(samples, preset, args.batch_size, workers, device, decode == "gpu",
+                             ShardSampler(len(samples), world_size(), rank()))
         result = evaluate(model, loader, device, preset.mean, preset.std, channels_last=True,
                           amp_dtype=amp_dtype(args.amp, device),
                           skip_bad_images=args.skip_bad_images, keep_predictions=True, desc=arch)
