@@ -159,7 +159,7 @@ def evaluate(model, loader, device, mean, std, *, criterion=None, channels_last=
     return result
 
 
-def build_data(cfg: TrainConfig, world: int, rank: int):
+def build_data(cfg: TrainConfig, world: int, rank: int, device):
     """(train loader, val loader, class names); labels index the train folder's classes from 0."""
     train_tf = train_preset(cfg.train_preset, cfg.train_crop_size, cfg.train_resize_size, cfg.interpolation)
     val_tf = EvalPreset(cfg.val_resize_size, cfg.val_crop_size, cfg.interpolation)
@@ -174,13 +174,12 @@ def build_data(cfg: TrainConfig, world: int, rank: int):
             raise UserError(f"the val classes of {cfg.data} differ from its train classes "
                             f"(e.g. {sorted(set(val_classes) ^ set(classes))[:3]}); both need the same class folders")
         train_set, val_set = ImageDataset(train_samples, train_tf, cfg.seed), ImageDataset(val_samples, val_tf)
-    device_is_cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    workers = default_workers(torch.device("cuda" if device_is_cuda else "cpu")) if cfg.workers < 0 else cfg.workers
+    workers = default_workers(device) if cfg.workers < 0 else cfg.workers
     sampler = TrainSampler(train_set, world, rank, cfg.seed)
     train_loader = build_loader(train_set, cfg.batch_size, workers, shuffle=True, sampler=sampler,
-                                pin_memory=device_is_cuda, drop_last=len(train_set) >= cfg.batch_size * world)
+                                pin_memory=device.type == "cuda", drop_last=len(train_set) >= cfg.batch_size * world)
     val_loader = build_loader(val_set, cfg.batch_size, workers, sampler=ShardSampler(len(val_set), world, rank),
-                              pin_memory=device_is_cuda)
+                              pin_memory=device.type == "cuda")
     return train_loader, val_loader, classes
 
 
@@ -287,7 +286,7 @@ def fit(cfg: TrainConfig, device) -> dict:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned conv kernels, as torchvision's references
-    train_loader, val_loader, classes = build_data(cfg, world, rank)
+    train_loader, val_loader, classes = build_data(cfg, world, rank, device)
     num_classes = cfg.num_classes or len(classes)
     try:
         model = build_model(cfg.arch, cfg.weights, num_classes, **({} if cfg.dropout is None else {"dropout": cfg.dropout}))
