@@ -155,7 +155,8 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
                  amp_dtype=amp_dtype(args.dtype, device))
     batches = math.ceil(len(samples) / args.batch_size)
     x = synthetic_batch(args, device, args.batch_size, preset.crop, False)
-    runs = {"ours": (ours, len(samples)), "model": (forward_loop(model, x, batches, device, args.dtype), batches * args.batch_size)}
+    runs = {"ours": (ours, len(samples)),
+            "model": (forward_loop(model, x, batches, device, args.dtype), batches * args.batch_size)}
     if args.baselines:
         plain_model, criterion = build_model(args.arch, args.weights).to(device).eval(), nn.CrossEntropyLoss()
         dataset = Subset(ImageFolder(str(resolve_split(args.data)), transform=weights.transforms()), range(len(samples)))
@@ -270,7 +271,7 @@ def busy_seconds() -> tuple[float, float] | None:
 
 def summarize(rows: list[dict]) -> list[str]:
     """Ratios against the plain loops, and end-to-end eval as a share of the model alone."""
-    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in rows if r["part"] in ("eval", "train") and "ratio" in r]
+    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in rows if r["part"] != "data" and "ratio" in r]
     for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "
                      f"({ours['model_only']['img_per_s']:.1f} img/s on synthetic batches, same settings, timed in turn)")

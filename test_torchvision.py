@@ -229,7 +229,8 @@ def run_evaluation(args) -> list[dict]:
         settings = {"data": str(Path(args.data).resolve()), "limit": args.limit, "resize": preset.resize,
                     "crop": preset.crop, "interpolation": preset.interpolation, "amp": args.amp, "decode": decode}
         key = {"weights": str(weights), **settings}
-        if not args.force and any(all(r.get(k) == v for k, v in key.items()) for r in done):
+        same_row = lambda r: all(r.get(k) == v for k, v in key.items())  # a row of this weights with these settings
+        if not args.force and any(map(same_row, done)):
             if is_main():
                 tqdm.write(f"{weights}: already in {out / 'eval.json'}, skipped (--force to redo)")
             continue
@@ -250,7 +251,7 @@ def run_evaluation(args) -> list[dict]:
             record.update(acc1_published=pub["acc1_published"], acc5_published=pub["acc5_published"])
             for k in ("acc1", "acc5"):
                 record[f"{k}_delta"] = None if pub[f"{k}_published"] is None else record[k] - pub[f"{k}_published"]
-        done = [r for r in done if not all(r.get(k) == v for k, v in key.items())] + [record]
+        done = [r for r in done if not same_row(r)] + [record]
         if not is_main():
             continue
         write_predictions(result["predictions"], out / record["predictions"])
