@@ -4,38 +4,47 @@ untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights
 
     python benchmark.py --data /work/shared/data/imagenet-samples --json results/benchmark-cpu.json
     python benchmark.py --data DIR --parts data --worker-counts 0,1,2        # decoding alone, PIL vs tensor
-    python benchmark.py --parts model --arch resnet50 --dtype bf16 --compile  # model alone, synthetic input
-    python benchmark.py --data DIR --parts eval --decode gpu --dtype bf16     # JPEGs decoded on the GPU
+    python benchmark.py --parts model --arch resnet50 --amp bf16 --compile    # model alone, synthetic input
+    python benchmark.py --data DIR --parts eval --decode gpu --amp bf16       # JPEGs decoded on the GPU
     python benchmark.py --data DIR --parts approx --weights DEFAULT           # what --amp, --decode gpu change
     bash scripts/gpu_check.sh                                                  # the GPU table, <= 5 minutes
 --parts: data, model (= forward,step), eval, train (the default: all four), approx.
 """
+
 import argparse
 import copy
 import functools
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from dataset import EvalPreset, ImageDataset, TrainSampler, build_loader, find_samples, resolve_split, train_preset
+from config import TrainConfig
+from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, split_folder
 from decode import TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
+from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
 from model import build_model, prepare_for_eval, resolve_weights
-from train import TrainConfig, build_optimizer, evaluate, train_one_epoch
-from report import markdown_table
-from utils import ArgumentParser, UserError, amp_dtype, atomic_write_text, autocast, cli, default_workers, resolve_device
+from presets import EvalPreset, train_preset
+from report import benchmark_report, benchmark_summary, busy_seconds, machine_info, merge_benchmarks
+from train import build_optimizer
+from utils import (
+    ArgumentParser,
+    UserError,
+    add_runtime_args,
+    atomic_write_text,
+    autocast,
+    cli,
+    positive_int,
+    resolve_device,
+)
 
 PARTS = ("data", "forward", "step", "eval", "train", "approx")
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
@@ -56,82 +65,95 @@ def timed(runs: dict, repeats: int, device) -> dict:
             run()
             sync()
             seconds[name].append(time.perf_counter() - start)
-    return {name: {"img_per_s": runs[name][1] / statistics.median(s), "seconds": [round(x, 3) for x in s]}
-            for name, s in seconds.items()}
+    return {
+        name: {"img_per_s": runs[name][1] / statistics.median(s), "seconds": [round(x, 3) for x in s]}
+        for name, s in seconds.items()
+    }
 
 
-def synthetic_batch(args, device, batch: int, size: int, train: bool) -> torch.Tensor:
-    x = torch.randn(batch, 3, size, size, device=device)  # (B, 3, H, W) float32, as normalize() gives
-    return x.contiguous(memory_format=torch.channels_last) if channels_last(args, device, train) else x
+def synthetic_batch(runtime: Runtime, batch: int, size: int) -> torch.Tensor:
+    x = torch.randn(batch, 3, size, size, device=runtime.device)  # (B, 3, H, W) float32, as normalize() gives
+    return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
 
 
-def forward_loop(model, x, batches: int, device, dtype: str):
+def forward_loop(model, x, batches: int, runtime: Runtime):
     """The model alone: `batches` forward passes on the synthetic batch x, under inference_mode."""
+
     def run():
-        with torch.inference_mode(), autocast(device, amp_dtype(dtype, device)):
+        with torch.inference_mode(), autocast(runtime.device, runtime.amp_dtype):
             for _ in range(batches):
                 model(x)
+
     return run
 
 
-def channels_last(args, device, train: bool) -> bool:
-    """--(no-)channels-last, else the repo's own choice: always for evaluation (test_torchvision.py),
-    for training on CUDA only (train.py's channels_last: auto)."""
-    return args.channels_last if args.channels_last is not None else not train or device.type == "cuda"
-
-
-def prepare(args, device, train: bool):
+def prepare(args, runtime: Runtime, train: bool):
     """(model, the module to call), with our layout and compile settings; optimizers take the first."""
-    model = build_model(args.arch, args.weights).to(device)
+    model = build_model(args.arch, args.weights).to(runtime.device)
     if not train:  # as test_torchvision.py evaluates: BatchNorm folded into the convolutions
-        model = prepare_for_eval(model, channels_last(args, device, train))
-    elif channels_last(args, device, train):
+        model = prepare_for_eval(model, runtime.channels_last)
+    elif runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, torch.compile(model) if args.compile else model
 
 
-def settings(args, device, train: bool) -> str:
-    layout = "channels_last" if channels_last(args, device, train) else "NCHW"
-    return f"{args.dtype}, {layout}" + ("" if train else ", BN folded") + (", compiled" if args.compile else "")
+def settings(args, runtime: Runtime, train: bool) -> str:
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[runtime.amp_dtype]
+    layout = "channels_last" if runtime.channels_last else "NCHW"
+    return f"{precision}, {layout}" + ("" if train else ", BN folded") + (", compiled" if args.compile else "")
 
 
 # ----------------------------------------------------------------------------- the parts
 
+
 def bench_data(args, samples, preset, device) -> list[dict]:
     """Decode + eval transform alone (what the model is fed), per worker count and backend."""
     rows = []
-    datasets = {"pil": ImageDataset(samples, preset),
-                "tensor": TensorImageDataset(samples, functools.partial(resize_crop, preset=preset))}
+    datasets = {
+        "pil": ImageDataset(samples, preset),
+        "tensor": TensorImageDataset(samples, functools.partial(resize_crop, preset=preset)),
+    }
     for workers in args.worker_counts:
-        runs = {backend: (lambda d=dataset: sum(len(batch[1]) for batch in build_loader(d, args.batch_size, workers)),
-                          len(samples)) for backend, dataset in datasets.items()}
+
+        def count(dataset, workers=workers):
+            return sum(len(batch[1]) for batch in build_loader(dataset, args.batch_size, workers))
+
+        runs = {backend: (functools.partial(count, d), len(samples)) for backend, d in datasets.items()}
         times = timed(runs, args.repeats, device)
-        pil, tensor = ({"part": "data", "variant": f"{backend}, {workers} workers", **times[backend]} for backend in runs)
+        pil, tensor = (
+            {"part": "data", "variant": f"{backend}, {workers} workers", **times[backend]} for backend in runs
+        )
         tensor.update(baseline=pil["variant"], ratio=tensor["img_per_s"] / pil["img_per_s"])
         rows += [pil, tensor]
     return rows
 
 
-def bench_model(args, device, size: int, batches: int, train: bool) -> dict:
+def bench_model(args, runtime: Runtime, size: int, batches: int, train: bool) -> dict:
     """Synthetic (B, 3, H, W) input: forward under inference_mode, or forward + backward + SGD step."""
-    raw, model = prepare(args, device, train)
+    raw, model = prepare(args, runtime, train)
     batch = args.train_batch_size if train else args.batch_size
-    x, y = synthetic_batch(args, device, batch, size, train), torch.randint(0, 1000, (batch,), device=device)
+    device = runtime.device
+    x, y = synthetic_batch(runtime, batch, size), torch.randint(0, 1000, (batch,), device=device)
     optimizer = torch.optim.SGD(raw.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
 
     def step():
         for _ in range(batches):
-            with autocast(device, amp_dtype(args.dtype, device)):
+            with autocast(device, runtime.amp_dtype):
                 loss = nn.functional.cross_entropy(model(x), y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+
     model.train(train)
-    return {"part": "step" if train else "forward", "variant": f"{args.arch} batch {batch}, {settings(args, device, train)}",
-            **timed({"run": (step if train else forward_loop(model, x, batches, device, args.dtype), batches * batch)},
-                    args.repeats, device)["run"]}
+    run = step if train else forward_loop(model, x, batches, runtime)
+    variant = f"{args.arch} batch {batch}, {settings(args, runtime, train)}"
+    return {
+        "part": "step" if train else "forward",
+        "variant": variant,
+        **timed({"run": (run, batches * batch)}, args.repeats, device)["run"],
+    }
 
 
 def ours_and_plain(part: str, times: dict, variant: str, plain_variant: str) -> list[dict]:
@@ -144,63 +166,74 @@ def ours_and_plain(part: str, times: dict, variant: str, plain_variant: str) -> 
 
 
 def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dict]:
-    """Ours: ImageDataset + EvalPreset + build_loader + train.evaluate(). Plain: ImageFolder + PIL +
+    """Ours: ImageDataset + EvalPreset + build_loader + engine.evaluate(). Plain: ImageFolder + PIL +
     weights.transforms() + DataLoader, fp32 NCHW (its labels are 0..k-1, which is fine for speed)."""
     gpu_decode = use_gpu_decode(args.decode, device, samples, note_to=sys.stdout)
-    _, model = prepare(args, device, False)
+    runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
+    _, model = prepare(args, runtime, False)
 
     def ours():
-        loader = eval_loader(samples, preset, args.batch_size, workers, device, gpu_decode)
-        evaluate(model, loader, device, preset.mean, preset.std, channels_last=channels_last(args, device, False),
-                 amp_dtype=amp_dtype(args.dtype, device))
+        evaluate(model, eval_loader(samples, preset, args.batch_size, workers, device, gpu_decode), runtime)
+
     batches = math.ceil(len(samples) / args.batch_size)
-    x = synthetic_batch(args, device, args.batch_size, preset.crop, False)
-    runs = {"ours": (ours, len(samples)),
-            "model": (forward_loop(model, x, batches, device, args.dtype), batches * args.batch_size)}
+    x = synthetic_batch(runtime, args.batch_size, preset.crop)
+    runs = {
+        "ours": (ours, len(samples)),
+        "model": (forward_loop(model, x, batches, runtime), batches * args.batch_size),
+    }
     if args.baselines:
         plain_model, criterion = build_model(args.arch, args.weights).to(device).eval(), nn.CrossEntropyLoss()
-        dataset = Subset(ImageFolder(str(resolve_split(args.data)), transform=weights.transforms()), range(len(samples)))
+        folder = ImageFolder(str(split_folder(args.data)), transform=weights.transforms())
+        dataset = Subset(folder, range(len(samples)))
 
         def plain():
             loader = DataLoader(dataset, args.batch_size, num_workers=PLAIN_WORKERS, pin_memory=device.type == "cuda")
             with torch.no_grad():
                 for x, y in loader:
                     criterion(plain_model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+
         runs["plain"] = (plain, len(samples))
     times = timed(runs, args.repeats, device)  # ours, the model alone and plain, in turn
-    variant = (f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, False)}, "
-               f"{'gpu' if gpu_decode else 'cpu'} decode")
-    rows = ours_and_plain("eval", times, variant, f"plain: ImageFolder + transforms(), {PLAIN_WORKERS} workers, fp32 NCHW")
-    rows[0].update(model_only=times["model"], share_of_model_only=times["ours"]["img_per_s"] / times["model"]["img_per_s"])
+    variant = (
+        f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, runtime, False)}, "
+        f"{'gpu' if gpu_decode else 'cpu'} decode"
+    )
+    rows = ours_and_plain(
+        "eval", times, variant, f"plain: ImageFolder + transforms(), {PLAIN_WORKERS} workers, fp32 NCHW"
+    )
+    rows[0].update(
+        model_only=times["model"], share_of_model_only=times["ours"]["img_per_s"] / times["model"]["img_per_s"]
+    )
     return rows
 
 
 def bench_train(args, device, samples, preset, workers: int, steps: int) -> list[dict]:
-    """Ours: train_one_epoch() with train_preset('standard') at 224. Plain: transforms v1 (ToTensor +
+    """Ours: engine.train_one_epoch() with train_preset('standard') at 224. Plain: transforms v1 (ToTensor +
     Normalize), SGD(0.01, momentum 0.9), cross-entropy, fp32 NCHW. Both train on the same images."""
     batch, images = args.train_batch_size, steps * args.train_batch_size
-    raw, model = prepare(args, device, True)
-    cfg = TrainConfig(arch=args.arch, batch_size=batch, lr=0.01, epochs=1, log_interval=10 ** 9)
+    runtime = Runtime.create(device, args.amp, args.channels_last, True, preset)
+    raw, model = prepare(args, runtime, True)
+    cfg = TrainConfig(arch=args.arch, batch_size=batch, lr=0.01)
     dataset = ImageDataset(samples[:images], train_preset("standard", 224), cfg.seed)
-    loader = build_loader(dataset, batch, workers, shuffle=True, sampler=TrainSampler(dataset, 1, 0, cfg.seed),
-                          pin_memory=device.type == "cuda", drop_last=True)
+    sampler, pin = TrainSampler(dataset, 1, 0, cfg.seed), device.type == "cuda"
+    loader = build_loader(dataset, batch, workers, sampler, pin, drop_last=True, persistent_workers=True)
     optimizer, criterion = build_optimizer(cfg, raw, cfg.lr), build_loss("ce", 1000).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-    state = {"model": raw, "ema": None, "dir": None, "mean": preset.mean, "std": preset.std, "bad_images": [],
-             "channels_last": channels_last(args, device, True), "amp_dtype": amp_dtype(args.dtype, device)}
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
 
     def ours():
-        state.update(step=0, batch=0)
-        train_one_epoch(model, criterion, optimizer, scaler, loader, device, 0, cfg, state)
+        train_one_epoch(model, criterion, optimizer, scaler, loader, runtime, TrainState(), log_interval=10**9)
+
     runs = {"ours": (ours, images)}
     if args.baselines:
         plain_model, criterion = build_model(args.arch, args.weights).to(device).train(), nn.CrossEntropyLoss()
         plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
-        transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
-                               T.Normalize(preset.mean, preset.std)])
-        plain_set = Subset(ImageFolder(str(resolve_split(args.data)), transform=transform), range(images))
-        plain_loader = DataLoader(plain_set, batch, shuffle=True, num_workers=PLAIN_WORKERS,
-                                  pin_memory=device.type == "cuda", drop_last=True)
+        transform = T.Compose(
+            [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(preset.mean, preset.std)]
+        )
+        plain_set = Subset(ImageFolder(str(split_folder(args.data)), transform=transform), range(images))
+        plain_loader = DataLoader(
+            plain_set, batch, shuffle=True, num_workers=PLAIN_WORKERS, pin_memory=device.type == "cuda", drop_last=True
+        )
 
         def plain():
             for x, y in plain_loader:
@@ -208,10 +241,13 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
                 plain_optimizer.zero_grad()
                 loss.backward()
                 plain_optimizer.step()
+
         runs["plain"] = (plain, images)
     times = timed(runs, args.repeats, device)  # ours and plain in turn
-    variant = f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, device, True)}"
-    return ours_and_plain("train", times, variant, f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW")
+    variant = f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, runtime, True)}"
+    return ours_and_plain(
+        "train", times, variant, f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW"
+    )
 
 
 def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
@@ -222,123 +258,68 @@ def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
     only the top-5 and probability columns mean something: --weights DEFAULT (torchvision's cache) gives
     real accuracies."""
     base = build_model(args.arch, args.weights).to(device)
-    decode = ("--decode gpu" if use_gpu_decode("gpu", device, samples, note_to=None) else
-              "batched decode, CPU (--decode gpu's code with libjpeg)")
-    variants = [("exact (weights.transforms(), BN unfolded, fp32)", {"exact": True}), ("default: BN folded", {}),
-                ("--amp bf16", {"amp": "bf16"}), *([("--amp fp16", {"amp": "fp16"})] if device.type == "cuda" else []),
-                (decode, {"decode": True}), *([("--compile", {"compile": True})] if args.compile else [])]
+    decode = "batched decode, CPU (--decode gpu's code with libjpeg)"
+    if use_gpu_decode("gpu", device, samples, note_to=None):
+        decode = "--decode gpu"
+    variants = [
+        ("exact (weights.transforms(), BN unfolded, fp32)", {"exact": True}),
+        ("default: BN folded", {}),
+        ("--amp bf16", {"amp": "bf16"}),
+        *([("--amp fp16", {"amp": "fp16"})] if device.type == "cuda" else []),
+        (decode, {"decode": True}),
+        *([("--compile", {"compile": True})] if args.compile else []),
+    ]
     rows, exact = [], None
     for name, v in variants:
         fast = not v.get("exact")  # BN folded and channels_last, as test_torchvision.py evaluates
         model = prepare_for_eval(copy.deepcopy(base), channels_last=fast, fuse_bn=fast)
         model = torch.compile(model) if v.get("compile") else model
         loader = eval_loader(samples, preset, args.batch_size, workers, device, v.get("decode", False))
-        result = evaluate(model, loader, device, preset.mean, preset.std, channels_last=fast,
-                          amp_dtype=amp_dtype(v.get("amp", "none"), device), keep_predictions=True)
+        runtime = Runtime.create(device, v.get("amp", "none"), "true" if fast else "false", False, preset)
+        result = evaluate(model, loader, runtime, keep_predictions=True)
         exact = exact or result
         pairs = list(zip(result["predictions"], exact["predictions"]))
         same_top1 = [(a, b) for a, b in pairs if a["top5"][0] == b["top5"][0]]
-        rows.append({"part": "approx", "variant": name, "img_per_s": result["img_per_s"], "seconds": [result["seconds"]],
-                     "acc1": result["acc1"], "acc1_delta": result["acc1"] - exact["acc1"],
-                     "top1_agreement": 100 * len(same_top1) / len(pairs),
-                     "top5_agreement": 100 * sum(a["top5"] == b["top5"] for a, b in pairs) / len(pairs),
-                     "top1_prob_change": max((abs(a["probs"][0] - b["probs"][0]) / b["probs"][0] for a, b in same_top1),
-                                             default=0.0)})
+        rows.append(
+            {
+                "part": "approx",
+                "variant": name,
+                "img_per_s": result["img_per_s"],
+                "seconds": [result["seconds"]],
+                "acc1": result["acc1"],
+                "acc1_delta": result["acc1"] - exact["acc1"],
+                "top1_agreement": 100 * len(same_top1) / len(pairs),
+                "top5_agreement": 100 * sum(a["top5"] == b["top5"] for a, b in pairs) / len(pairs),
+                "top1_prob_change": max(
+                    (abs(a["probs"][0] - b["probs"][0]) / b["probs"][0] for a, b in same_top1), default=0.0
+                ),
+            }
+        )
     return rows
 
 
-# ----------------------------------------------------------------------------- report
-
-def machine(device) -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "device": str(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))}}
-
-
-def busy_seconds() -> tuple[float, float] | None:
-    """(CPU seconds all processes used, CPU seconds this one and its finished workers used), from /proc/stat."""
-    if not Path("/proc/stat").exists():
-        return None
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    own = os.times()
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own[0] + own[1] + own[2] + own[3]
-
-
-def summarize(rows: list[dict]) -> list[str]:
-    """Ratios against the plain loops, and end-to-end eval as a share of the model alone."""
-    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in rows if r["part"] != "data" and "ratio" in r]
-    for ours in (r for r in rows if "share_of_model_only" in r):
-        lines.append(f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "
-                     f"({ours['model_only']['img_per_s']:.1f} img/s on synthetic batches, same settings, timed in turn)")
-    return lines
-
-
-def report(rows: list[dict], lines: list[str]) -> str:
-    """The speed table (with a run column when rows come from several JSON files), the approx table
-    and the summary lines."""
-    runs = ["run"] if any("run" in r for r in rows) else []
-    speed = [{"run": r.get("run"), "part": r["part"], "variant": r["variant"], "img/s": f"{r['img_per_s']:.1f}",
-              "vs": r.get("baseline"), "ratio": f"{r['ratio']:.2f}x" if "ratio" in r else None}
-             for r in rows if r["part"] != "approx"]
-    approx = [{"run": r.get("run"), "variant": r["variant"], "acc1": f"{r['acc1']:.2f}", "acc1 change": f"{r['acc1_delta']:+.2f}",
-               "same top-1": f"{r['top1_agreement']:.1f}%", "same top-5, in order": f"{r['top5_agreement']:.1f}%",
-               "top-1 probability change, max": f"{100 * r['top1_prob_change']:.2g}%"} for r in rows if r["part"] == "approx"]
-    tables = ([markdown_table(speed, [*runs, "part", "variant", "img/s", "vs", "ratio"])] if speed else []) + \
-             ([markdown_table(approx, [*runs, *list(approx[0])[1:]])] if approx else [])
-    return "\n".join(tables + lines)
-
-
-def merge(paths: list[str]) -> str:
-    """One report of several --json results (scripts/gpu_check.sh's table), the machine named."""
-    rows, lines, machine_line = [], [], ""
-    for path in paths:
-        try:
-            result = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read benchmark result {path} ({e}); pass files written by --json") from e
-        rows += [{"run": Path(path).stem, **r} for r in result["rows"]]
-        lines += [f"{Path(path).stem}: {line}" for line in result["summary"]]
-        m = result["machine"]
-        machine_line = f"{m['gpu'] or m['cpu']}, {m['cores']} CPU cores, torch {m['torch']}, torchvision {m['torchvision']}"
-    return machine_line + "\n\n" + report(rows, lines)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--arch", default="resnet18", help="any torchvision classifier (random weights)")
-    p.add_argument("--weights", help="DEFAULT or a weights name, loaded from torchvision's cache (default: random; "
-                                     "--parts approx needs them for meaningful accuracies)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--batch-size", type=int, default=50, help="eval and forward batch")
-    p.add_argument("--train-batch-size", type=int, default=32, help="train and step batch")
-    p.add_argument("--train-steps", type=int, default=5, help="timed optimizer steps per pass (train, step)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16: autocast, as train.py --amp")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="default: as the repo chooses: on for eval and forward, for train and step on CUDA only")
+    p.add_argument("--weights", help="DEFAULT or a weights name from torchvision's cache (default: random weights)")
+    p.add_argument("--train-batch-size", type=positive_int, default=32, help="train and step batch")
+    p.add_argument("--train-steps", type=positive_int, default=5, help="timed optimizer steps per pass (train, step)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (never the plain loops')")
     p.add_argument("--data", help="ImageFolder of ImageNet wnid folders (its val/ or the folder itself)")
-    p.add_argument("--limit", type=int, help="only the first N images (sorted by path)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes; the median counts")
-    p.add_argument("--workers", type=int, help="our loader processes (default: utils.default_workers)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads in this process (default: torch's)")
+    p.add_argument("--limit", type=positive_int, help="only the first N images (sorted by path)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed passes; the median counts")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads in this process (default: torch's)")
     p.add_argument("--worker-counts", help="for --parts data, e.g. 0,1,2 (default: 0, 1 and our default)")
-    p.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="eval: decode JPEGs in the loader or on the GPU")
-    p.add_argument("--parts", default="data,model,eval,train", help="comma list of data, model, forward, step, eval, train, approx")
+    p.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="eval: decode JPEGs on the CPU or the GPU")
+    p.add_argument("--parts", default="data,model,eval,train", help=f"comma list of model and {', '.join(PARTS)}")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True, help="also time the plain loops")
     p.add_argument("--json", help="write the machine, the arguments and every row here")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only print one report of earlier --json files")
+    add_runtime_args(p, batch_size=50)  # --batch-size: the eval and forward batch
     args = p.parse_args(argv)
     args.parts = [q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))]
     if any(part not in PARTS for part in args.parts):
-        raise UserError(f"unknown part in --parts {','.join(args.parts)}; use data, model, forward, step, eval, train, approx")
-    for name in ("batch_size", "train_batch_size", "train_steps", "repeats", "limit", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        raise UserError(f"unknown part in --parts {','.join(args.parts)}; use model or {', '.join(PARTS)}")
     if {"data", "eval", "train", "approx"} & set(args.parts) and not args.data and not args.merge:
         raise UserError("--parts data, eval, train and approx read images: pass --data DIR (or --parts model)")
     return args
@@ -348,7 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
-        print(merge(args.merge))
+        print(merge_benchmarks(args.merge))
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -358,33 +339,41 @@ def main(argv=None) -> dict:
     weights = resolve_weights(args.arch, args.weights or "DEFAULT")  # for its eval transforms
     preset = EvalPreset.from_weights(weights)
     workers = default_workers(device) if args.workers is None else args.workers
-    samples = find_samples(args.data, "val")[0][:args.limit] if args.data else []
-    args.worker_counts = sorted({int(w) for w in args.worker_counts.split(",")} if args.worker_counts else {0, 1, workers})
+    samples = find_samples(args.data, "val")[0][: args.limit] if args.data else []
+    counts = {int(w) for w in args.worker_counts.split(",")} if args.worker_counts else {0, 1, workers}
+    args.worker_counts = sorted(counts)
     steps = min(args.train_steps, len(samples) // args.train_batch_size) if samples else args.train_steps
     if "train" in args.parts and steps < 1:
-        raise UserError(f"training needs at least --train-batch-size {args.train_batch_size} images; got {len(samples)}")
-    info, start, busy = machine(device), time.perf_counter(), busy_seconds()
-    print(f"{args.arch} on {info['gpu'] or info['cpu']} ({info['cores']} cores, {info['threads']} threads), "
-          f"torch {info['torch']}, torchvision {info['torchvision']}; {len(samples)} images")
+        raise UserError(
+            f"training needs at least --train-batch-size {args.train_batch_size} images; got {len(samples)}"
+        )
+    info = machine_info(device)
+    start, busy = time.perf_counter(), busy_seconds()
+    print(
+        f"{args.arch} on {info['gpu'] or info['cpu']} ({info['cores']} cores, {info['threads']} threads), "
+        f"torch {info['torch']}, torchvision {info['torchvision']}; {len(samples)} images"
+    )
     rows = []
     if "data" in args.parts:
         rows += bench_data(args, samples, preset, device)
     for part in ("forward", "step"):
         if part in args.parts:
-            batches = math.ceil(len(samples) / args.batch_size) if part == "forward" and samples else args.train_steps
-            rows.append(bench_model(args, device, preset.crop if part == "forward" else 224, batches, part == "step"))
+            train = part == "step"
+            batches = math.ceil(len(samples) / args.batch_size) if not train and samples else args.train_steps
+            runtime = Runtime.create(device, args.amp, args.channels_last, train, preset)
+            rows.append(bench_model(args, runtime, 224 if train else preset.crop, batches, train))
     if "eval" in args.parts:
         rows += bench_eval(args, device, samples, preset, weights, workers)
     if "train" in args.parts:
         rows += bench_train(args, device, samples, preset, workers, steps)
     if "approx" in args.parts:
         rows += bench_approx(args, device, samples, preset, workers)
-    lines = summarize(rows)
+    lines = benchmark_summary(rows)
     if busy:  # other processes' CPU use during the run: how far to trust CPU numbers
-        now = busy_seconds()
-        info["other_busy_cores"] = round(((now[0] - busy[0]) - (now[1] - busy[1])) / (time.perf_counter() - start), 2)
-        lines.append(f"other processes kept {info['other_busy_cores']:.2f} of {info['cores']} cores busy during the run")
-    print(report(rows, lines))
+        now, seconds = busy_seconds(), time.perf_counter() - start
+        info["other_busy_cores"] = others = round(((now[0] - busy[0]) - (now[1] - busy[1])) / seconds, 2)
+        lines.append(f"other processes kept {others:.2f} of {info['cores']} cores busy during the run")
+    print(benchmark_report(rows, lines))
     result = {"machine": info, "args": vars(args), "rows": rows, "summary": lines}
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")

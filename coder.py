@@ -8,12 +8,14 @@ losses, and logits decoded to the top-k classes.
     coder.decode(logits, k=5)                       # [[{'index', 'wnid', 'name', 'prob'}, ...], ...]
     LabelCoder(["cat", "dog"])                      # a custom dataset: class folder names, 0..k-1
 """
+
 import numbers
 from collections.abc import Sequence
 
 import torch
 from torchvision import models
 
+from loss import check_label_smoothing, one_hot
 from utils import UserError, closest
 
 ENCODINGS = ("index", "one_hot", "smooth")
@@ -39,8 +41,10 @@ class LabelCoder:
         (metadata only, nothing is downloaded). Weights without categories (VGG16's features-only
         weights) and no weights at all fall back to ResNet50_Weights.IMAGENET1K_V1's list."""
         from dataset import imagenet_wnids  # here, so a custom-dataset coder needs no ImageNet package
-        names = (weights.meta.get("categories") if weights is not None else None) \
-            or models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+
+        names = (
+            weights.meta.get("categories") if weights is not None else None
+        ) or models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
         return cls(names, imagenet_wnids())
 
     def __len__(self) -> int:
@@ -84,23 +88,23 @@ class LabelCoder:
             targets = torch.tensor([self.index(t) for t in targets], dtype=torch.long)
         if kind == "index":
             return targets
-        eps = float(smoothing) if kind == "smooth" else 0.0
-        if not 0.0 <= eps <= 1.0:
-            raise UserError(f"smoothing must be in [0, 1], got {smoothing}")
-        num_classes = len(self)
-        q = torch.full((targets.shape[0], num_classes), eps / num_classes, device=targets.device)  # (B, C)
-        return q.scatter_(1, targets[:, None], 1.0 - eps + eps / num_classes)
+        return one_hot(targets, len(self), check_label_smoothing(smoothing) if kind == "smooth" else 0.0)
 
     def decode(self, logits: torch.Tensor, k: int = 5) -> list[list[dict]]:
         """(B, C) logits -> per sample the top-k classes (k capped at C), most probable first:
         {'index', 'wnid' (None for a custom dataset), 'name', 'prob'} with softmax probabilities."""
         if logits.ndim != 2 or logits.shape[1] != len(self):
-            raise UserError(f"logits of shape {tuple(logits.shape)} do not fit {len(self)} classes "
-                            f"(expected (batch, {len(self)}))")
+            raise UserError(
+                f"logits of shape {tuple(logits.shape)} do not fit {len(self)} classes (expected (batch, {len(self)}))"
+            )
         if k < 1:
             raise UserError(f"top-k must be at least 1, got {k}")
         # float32: a bf16/fp16 softmax rounds small probabilities to 0 and makes ties of close ones
         probs, indices = logits.detach().float().softmax(dim=1).topk(min(k, len(self)), dim=1)  # (B, k)
-        return [[{"index": i, "wnid": self.wnids[i] if self.wnids else None, "name": self.names[i], "prob": p}
-                 for i, p in zip(row_indices, row_probs)]
-                for row_indices, row_probs in zip(indices.tolist(), probs.tolist())]
+        return [
+            [
+                {"index": i, "wnid": self.wnids[i] if self.wnids else None, "name": self.names[i], "prob": p}
+                for i, p in zip(row_indices, row_probs)
+            ]
+            for row_indices, row_probs in zip(indices.tolist(), probs.tolist())
+        ]

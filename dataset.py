@@ -1,4 +1,4 @@
-"""Data sources, ImageNet label mapping and transform presets.
+"""Data sources, ImageNet label mapping and loaders (transform presets: presets.py).
 
 Supported layouts for --data (the split folder or the root holding train/ and val/):
   root/val/<wnid>/*.JPEG            ImageFolder layout (also class subsets such as Imagenette)
@@ -8,7 +8,7 @@ Supported layouts for --data (the split folder or the root holding train/ and va
 Turn a flat validation folder into class folders of symlinks (idempotent, copies nothing):
     python dataset.py prepare-val /data/imagenet/val [--labels LOC_val_solution.csv] [--out DIR]
 """
-import argparse
+
 import json
 import os
 import re
@@ -19,9 +19,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
-from torchvision.transforms import v2
 
 from utils import ArgumentParser, UserError, cli
 
@@ -57,6 +54,7 @@ def val_labels(labels_file=None) -> dict[str, int]:
         return {f"{name}.JPEG": index[boxes.split()[0]] for name, boxes in (line.split(",", 1) for line in lines)}
     devkit = path.parents[1] if path.name == "ILSVRC2012_validation_ground_truth.txt" else path
     from torchvision.datasets.imagenet import parse_devkit_archive, parse_meta_mat, parse_val_groundtruth_txt
+
     if devkit.is_file():  # the .tar.gz: torchvision extracts it next to itself
         parse_devkit_archive(str(devkit.parent), devkit.name)
         devkit = devkit.parent / "ILSVRC2012_devkit_t12"
@@ -64,8 +62,10 @@ def val_labels(labels_file=None) -> dict[str, int]:
         idx_to_wnid, _ = parse_meta_mat(str(devkit))
         ilsvrc_ids = parse_val_groundtruth_txt(str(devkit))
     except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"{path} is not a readable ImageNet devkit ({e}); pass the devkit folder, "
-                        "its .tar.gz, or LOC_val_solution.csv") from e
+        raise UserError(
+            f"{path} is not a readable ImageNet devkit ({e}); pass the devkit folder, "
+            "its .tar.gz, or LOC_val_solution.csv"
+        ) from e
     return {f"ILSVRC2012_val_{i + 1:08d}.JPEG": index[idx_to_wnid[k]] for i, k in enumerate(ilsvrc_ids)}
 
 
@@ -93,18 +93,26 @@ class Sample:
     target: int
 
 
-def resolve_split(data, split: str = "val", need_split: bool = False) -> Path:
-    """`data` may be the split folder itself or (unless need_split) the root holding it; a torchvision
-    ImageNet root is extracted by torchvision.datasets.ImageNet (once) into root/<split>/<wnid>/."""
+def extract_imagenet_archives(data, split: str = "val") -> None:
+    """A torchvision ImageNet root (ILSVRC2012_img_<split>.tar + the devkit) is extracted once, by
+    torchvision.datasets.ImageNet, into root/<split>/<wnid>/; anything else is left alone."""
+    data = Path(data)
+    if (data / "ILSVRC2012_devkit_t12.tar.gz").exists() and not (data / split).is_dir():
+        from torchvision.datasets import ImageNet
+
+        ImageNet(str(data), split=split)
+
+
+def split_folder(data, split: str = "val", need_split: bool = False) -> Path:
+    """`data` may be the split folder itself or (unless need_split) the root holding it."""
     data = Path(data)
     if not data.is_dir():
         raise UserError(f"data folder {data} does not exist; pass the ImageNet {split} folder or its root")
-    if (data / "ILSVRC2012_devkit_t12.tar.gz").exists() and not (data / split).is_dir():
-        from torchvision.datasets import ImageNet
-        ImageNet(str(data), split=split)
     if need_split and not (data / split).is_dir():
-        raise UserError(f"{data} has no {split}/ folder; training needs DATA/train/<class>/ and DATA/val/<class>/ "
-                        "(different images, or validation scores the training set)")
+        raise UserError(
+            f"{data} has no {split}/ folder; training needs DATA/train/<class>/ and DATA/val/<class>/ "
+            "(different images, or validation scores the training set)"
+        )
     return data / split if (data / split).is_dir() else data
 
 
@@ -112,29 +120,37 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def find_samples(data, split: str = "val", imagenet_labels: bool = True, labels_file=None,
-                 need_split: bool = False) -> tuple[list[Sample], list[str]]:
+def find_samples(
+    data, split: str = "val", imagenet_labels: bool = True, labels_file=None, need_split: bool = False
+) -> tuple[list[Sample], list[str]]:
     """(samples sorted by path, class names). With imagenet_labels, targets are 1000-way ImageNet
     indices (a wnid subset keeps its ImageNet indices); otherwise 0..k-1 over the sorted class folders."""
-    folder = resolve_split(data, split, need_split)
+    extract_imagenet_archives(data, split)
+    folder = split_folder(data, split, need_split)
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     flat = [p for p in folder.iterdir() if p.is_file() and FLAT_VAL.match(p.name)]
     if flat and not class_dirs:
         if not imagenet_labels:
-            raise UserError(f"{folder} is a flat ImageNet val folder; run `python dataset.py prepare-val {folder}` first")
+            raise UserError(
+                f"{folder} is a flat ImageNet val folder; run `python dataset.py prepare-val {folder}` first"
+            )
         labels, wnids = val_labels(labels_file), imagenet_wnids()
         unknown = [p.name for p in flat if p.name not in labels]
         if unknown:
             raise UserError(f"no label for {unknown[0]} (and {len(unknown) - 1} more); pass --val-labels FILE")
         return [Sample(str(p), labels[p.name]) for p in sorted(flat)], wnids
     if not class_dirs:
-        raise UserError(f"{folder} has no class folders (expected {folder}/<class>/<image>) and no ILSVRC2012_val_* images")
+        raise UserError(
+            f"{folder} has no class folders (expected {folder}/<class>/<image>) and no ILSVRC2012_val_* images"
+        )
     names = [d.name for d in class_dirs]
     if imagenet_labels:
         not_wnids = [n for n in names if not WNID.match(n)]
         if not_wnids:
-            raise UserError(f"class folder '{not_wnids[0]}' in {folder} is not an ImageNet wnid (like n01440764), so a "
-                            "1000-way ImageNet head cannot be scored on it; rename the folders to wnids or fine-tune")
+            raise UserError(
+                f"class folder '{not_wnids[0]}' in {folder} is not an ImageNet wnid (like n01440764), so a "
+                "1000-way ImageNet head cannot be scored on it; rename the folders to wnids or fine-tune"
+            )
         index = {w: i for i, w in enumerate(imagenet_wnids())}
         unknown = [n for n in names if n not in index]
         if unknown:
@@ -145,8 +161,10 @@ def find_samples(data, split: str = "val", imagenet_labels: bool = True, labels_
     images = [_images_in(d) for d in class_dirs]
     empty = [d.name for d, found in zip(class_dirs, images) if not found]
     if empty and not imagenet_labels and len(empty) < len(class_dirs):  # a class with nothing to learn from
-        raise UserError(f"class folder '{empty[0]}' in {folder} has no images ({len(empty) - 1} more such); "
-                        "add images to it or remove it")
+        raise UserError(
+            f"class folder '{empty[0]}' in {folder} has no images ({len(empty) - 1} more such); "
+            "add images to it or remove it"
+        )
     samples = [Sample(str(p), t) for found, t in zip(images, targets) for p in found]
     if not samples:
         raise UserError(f"no images in the class folders of {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -166,60 +184,8 @@ def load_rgb(path: str) -> Image.Image:
             return image if image.mode == "RGB" else image.convert("RGB")  # (converting RGB only copies)
 
 
-# ----------------------------------------------------------------------------- transform presets
-# Presets return uint8 (3, H, W) tensors; `normalize` turns a batch into float on the device, with
-# exactly the operations (and so exactly the numbers) of torchvision's ImageClassification preset,
-# while the host moves 4x fewer bytes.
-
-@dataclass
-class EvalPreset:
-    """Resize (shorter side) + center crop, taken from a weights' transforms() unless overridden."""
-    resize: int = 256
-    crop: int = 224
-    interpolation: str = "bilinear"
-    antialias: bool = True
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-
-    @classmethod
-    def from_weights(cls, weights=None, resize=None, crop=None, interpolation=None) -> "EvalPreset":
-        preset = cls()
-        if weights is not None:
-            t = weights.transforms()
-            preset = cls(t.resize_size[0], t.crop_size[0], t.interpolation.value, t.antialias, tuple(t.mean), tuple(t.std))
-        preset.resize, preset.crop = resize or preset.resize, crop or preset.crop
-        preset.interpolation = interpolation or preset.interpolation
-        if preset.crop > preset.resize:
-            raise UserError(f"crop {preset.crop} is larger than resize {preset.resize}")
-        return preset
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = F.resize(image, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=self.antialias)
-        return F.pil_to_tensor(F.center_crop(image, [self.crop]))  # (3, crop, crop) uint8
-
-
-def train_preset(name: str, crop: int = 224, resize: int = 256, interpolation: str = "bilinear"):
-    """'standard': RandomResizedCrop + horizontal flip (torchvision's recipes);
-    'original': Resize + CenterCrop, this repo's first recipe (no augmentation)."""
-    mode = InterpolationMode(interpolation)
-    if name == "standard":
-        steps = [v2.RandomResizedCrop(crop, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
-    elif name == "original":
-        steps = [v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(crop)]
-    else:
-        raise UserError(f"unknown train preset '{name}'; use standard or original")
-    return v2.Compose([*steps, v2.PILToTensor()])
-
-
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> float32, (x / 255 - mean) / std, as ImageClassification computes it."""
-    images = images.float().div_(255)
-    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return images.sub_(mean).div_(std)
-
-
 # ----------------------------------------------------------------------------- dataset and loader
+
 
 class ImageDataset(torch.utils.data.Dataset):
     """(image, target, index, error) items; a file that cannot be read gives image None and the
@@ -273,7 +239,7 @@ class TrainSampler(torch.utils.data.DistributedSampler):
         self.skip = 0
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip:]
+        indices = list(super().__iter__())[self.skip :]
         return iter([(i, self.epoch) for i in indices])
 
     def __len__(self) -> int:
@@ -302,32 +268,54 @@ def collate(items):
     return images, targets, indices, [(item[2], item[3]) for item in items if item[0] is None]
 
 
-def build_loader(dataset, batch_size: int, workers: int, shuffle: bool = False, sampler=None, pin_memory=False,
-                 drop_last=False, generator=None) -> torch.utils.data.DataLoader:
+def build_loader(
+    dataset,
+    batch_size: int,
+    workers: int,
+    sampler=None,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+    persistent_workers: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of (uint8 images, targets, indices, errors) batches (see collate); persistent_workers
+    keeps the loader processes between epochs (training)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
-        collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last, generator=generator,
-        persistent_workers=workers > 0 and shuffle, prefetch_factor=4 if workers > 0 else None)
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=workers > 0 and persistent_workers,
+        prefetch_factor=4 if workers > 0 else None,
+    )
 
 
-def to_device(images, device, mean, std, channels_last: bool):
-    """uint8 (B, 3, H, W) host batch -> normalised float on the device (4x fewer bytes to copy)."""
-    images = normalize(images.to(device, non_blocking=True), mean, std)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+def default_workers(device) -> int:
+    """Loader processes per process. On a GPU the JPEG pipeline is the bottleneck: every core of this
+    process's share decodes. On a CPU the model's intra-op threads already use every core, so images
+    are decoded in the main process between batches (0): a loader process beside the model competes
+    for the same cores (measurements: docs/performance.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return min(per_process, 16) if device.type == "cuda" else 0
 
 
 def check_bad_images(errors, samples, skip: bool) -> list[str]:
     """Paths of the unreadable images of a batch; without skip, the first one stops the run."""
     for index, error in errors:
         if not skip:
-            raise UserError(f"cannot read image {samples[index].path} ({error}); fix or remove it, "
-                            "or pass --skip-bad-images to skip and list such files")
+            raise UserError(
+                f"cannot read image {samples[index].path} ({error}); fix or remove it, "
+                "or pass --skip-bad-images to skip and list such files"
+            )
     return [samples[index].path for index, _ in errors]
 
 
 @cli
 def main(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare-val", help="sort a flat val folder into <wnid>/ folders of symlinks")
     prep.add_argument("val_dir")

@@ -3,6 +3,7 @@ the GPU (nvjpeg) for `--decode gpu`. Pixels differ slightly from the PIL path of
 (another IDCT and antialiasing kernel), so results are an approximation: README Performance.
 (torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec; they still work.)
 """
+
 import sys
 
 import torch
@@ -11,7 +12,8 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from dataset import EvalPreset, ImageDataset, build_loader, load_rgb
+from dataset import ImageDataset, build_loader, load_rgb
+from presets import EvalPreset
 
 
 def is_jpeg(data: torch.Tensor) -> bool:
@@ -33,8 +35,9 @@ def decode_rgb(path: str, data: torch.Tensor | None = None) -> torch.Tensor:
 def resize_crop(image: torch.Tensor, preset: EvalPreset) -> torch.Tensor:
     """EvalPreset on a (3, H, W) uint8 tensor on any device: pixels within 1 level of PIL's (measured,
     libjpeg decoding); on a GPU, nvjpeg's IDCT differs a little more."""
-    image = F.resize(image, [preset.resize], interpolation=InterpolationMode(preset.interpolation),
-                     antialias=preset.antialias)
+    image = F.resize(
+        image, [preset.resize], interpolation=InterpolationMode(preset.interpolation), antialias=preset.antialias
+    )
     return F.center_crop(image, [preset.crop])
 
 
@@ -55,16 +58,22 @@ class TensorImageDataset(ImageDataset):
 
 
 class GpuDecodeLoader:
-    """Iterates like build_loader's loader (so train.evaluate runs on it unchanged), but each batch of
+    """Iterates like build_loader's loader (so engine.evaluate runs on it unchanged), but each batch of
     JPEG bytes is decoded in one batched decode_jpeg call on `device` and resized and cropped there.
     A batch the device refuses (e.g. a CMYK JPEG) is decoded image by image on the CPU; an image
     nothing can decode is reported like build_loader reports it."""
 
     def __init__(self, samples, preset: EvalPreset, batch_size: int, workers: int, device, sampler=None):
         self.dataset = TensorImageDataset(samples, torch.nn.Identity(), raw_jpeg=True)
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size, sampler=sampler, num_workers=workers,
-                                                  collate_fn=list, pin_memory=device.type == "cuda",
-                                                  prefetch_factor=4 if workers > 0 else None)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=list,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None,
+        )
         self.preset, self.device = preset, device
 
     def __len__(self) -> int:
@@ -91,9 +100,12 @@ class GpuDecodeLoader:
                     errors += [(item[2], error)] if error else []
             good = [item for item in good if images.get(item[2]) is not None]
             batch = [resize_crop(images[item[2]].to(self.device, non_blocking=True), self.preset) for item in good]
-            yield (torch.stack(batch) if batch else torch.empty(0, dtype=torch.uint8),
-                   torch.tensor([item[1] for item in good], dtype=torch.long),
-                   torch.tensor([item[2] for item in good], dtype=torch.long), errors)
+            yield (
+                torch.stack(batch) if batch else torch.empty(0, dtype=torch.uint8),
+                torch.tensor([item[1] for item in good], dtype=torch.long),
+                torch.tensor([item[2] for item in good], dtype=torch.long),
+                errors,
+            )
 
 
 def gpu_decode_error(device, samples) -> str:
@@ -113,8 +125,9 @@ def eval_loader(samples, preset: EvalPreset, batch_size: int, workers: int, devi
     """The evaluation loader: exact PIL preprocessing (build_loader), or batched decoding on the GPU."""
     if gpu_decode:
         return GpuDecodeLoader(samples, preset, batch_size, workers, device, sampler)
-    return build_loader(ImageDataset(samples, preset), batch_size, workers, sampler=sampler,
-                        pin_memory=device.type == "cuda")
+    return build_loader(
+        ImageDataset(samples, preset), batch_size, workers, sampler=sampler, pin_memory=device.type == "cuda"
+    )
 
 
 def use_gpu_decode(decode: str, device, samples, note_to=sys.stderr) -> bool:

@@ -5,11 +5,12 @@ them built from the config's `losses` entry.
     criterion = build_loss("ce", num_classes=1000, label_smoothing=0.1)         # torchvision's recipes
     criterion = build_loss({"focal": 1.0, "smooth_l1": 1.0}, num_classes=1000)  # this repo's original recipe
     loss = criterion(logits, target)  # logits (B, C) any float dtype, target (B,) int64 -> scalar
-    criterion.parts                   # {'focal': tensor(..), 'smooth_l1': tensor(..)}: detached, for logging
+    criterion.parts                   # {'focal': tensor(..), 'smooth_l1': tensor(..)}: metrics.csv's train_loss_*
 
 Every loss works in float32 from log_softmax/softmax, so it stays finite and accurate under bf16/fp16
 autocast. Label smoothing follows F.cross_entropy: q = (1 - eps) * onehot + eps / C.
 """
+
 import inspect
 from collections.abc import Sequence
 
@@ -27,7 +28,9 @@ def one_hot(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> t
     return q.scatter_(1, target[:, None], 1.0 - smoothing + smoothing / num_classes)
 
 
-def check_smoothing(label_smoothing) -> float:
+def check_label_smoothing(label_smoothing) -> float:
+    """The one rule for label smoothing, wherever it enters (config, loss spec, LabelCoder): [0, 1],
+    the range F.cross_entropy accepts (1 is a uniform target)."""
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise UserError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     return float(label_smoothing)
@@ -38,7 +41,7 @@ class CrossEntropy(nn.Module):
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
-        self.label_smoothing = check_smoothing(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
@@ -50,13 +53,14 @@ class FocalLoss(nn.Module):
     exactly F.cross_entropy (with the same label_smoothing). alpha: optional per-class weights (C,);
     the batch mean is a plain mean, not F.cross_entropy(weight=...)'s mean divided by the weights."""
 
-    def __init__(self, gamma: float = 2.0, alpha: Sequence[float] | torch.Tensor | None = None,
-                 label_smoothing: float = 0.0):
+    def __init__(
+        self, gamma: float = 2.0, alpha: Sequence[float] | torch.Tensor | None = None, label_smoothing: float = 0.0
+    ):
         super().__init__()
         if float(gamma) < 0:
             raise UserError(f"focal gamma must be >= 0, got {gamma}")
         self.gamma = float(gamma)
-        self.label_smoothing = check_smoothing(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         alpha = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
         if alpha is not None and (alpha.ndim != 1 or (alpha < 0).any()):
             raise UserError(f"focal alpha must be a list of non-negative per-class weights, got {alpha.tolist()}")
@@ -84,7 +88,7 @@ class SmoothL1ProbLoss(nn.Module):
         if float(beta) < 0:
             raise UserError(f"smooth_l1 beta must be >= 0, got {beta}")
         self.beta = float(beta)
-        self.label_smoothing = check_smoothing(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(logits.float(), dim=1)  # (B, C) float32
@@ -94,7 +98,8 @@ class SmoothL1ProbLoss(nn.Module):
 
 class WeightedSum(nn.Module):
     """sum_i weight_i * loss_i. After each call `parts` holds every term's unweighted value, detached
-    and still on the device (no .item(), so no host sync), for logging at an interval."""
+    and still on the device (no .item(), so no host sync): engine.train_one_epoch reports each term's
+    epoch mean (train_loss_<name> in metrics.csv)."""
 
     def __init__(self, losses: dict[str, nn.Module], weights: dict[str, float]):
         super().__init__()
@@ -118,8 +123,10 @@ def build_loss(spec: str | dict, num_classes: int, label_smoothing: float = 0.0)
     is returned as is, anything else as a WeightedSum."""
     terms = {spec: 1.0} if isinstance(spec, str) else spec
     if not isinstance(terms, dict) or not terms:
-        raise UserError(f"losses must be a loss name or a non-empty mapping of name -> weight, got {spec!r}; "
-                        f"valid names: {', '.join(LOSSES)}")
+        raise UserError(
+            f"losses must be a loss name or a non-empty mapping of name -> weight, got {spec!r}; "
+            f"valid names: {', '.join(LOSSES)}"
+        )
     losses, weights = {}, {}
     for name, value in terms.items():
         if name not in LOSSES:

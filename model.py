@@ -1,9 +1,10 @@
 """Model factory, weights resolution and complexity counting for every torchvision classifier.
 
-    from model import build_model, complexity
-    model = build_model("resnet50", "DEFAULT")     # weights from torchvision's cache ($TORCH_HOME/hub/checkpoints)
-    complexity("vit_b_16", "IMAGENET1K_V1")        # {'params': 86567656, 'gmacs': 17.564, ...}
+from model import build_model, complexity
+model = build_model("resnet50", "DEFAULT")     # weights from torchvision's cache ($TORCH_HOME/hub/checkpoints)
+complexity("vit_b_16", "IMAGENET1K_V1")        # {'params': 86567656, 'gmacs': 17.564, ...}
 """
+
 import contextlib
 import io
 import os
@@ -40,17 +41,32 @@ def is_weights_file(weights) -> bool:
 
 def resolve_weights(arch: str, weights) -> WeightsEnum | None:
     """None/'none' -> None; 'DEFAULT', 'IMAGENET1K_V2' or 'ResNet50_Weights.IMAGENET1K_V2' -> the enum."""
-    if weights is None or isinstance(weights, WeightsEnum) or str(weights).lower() in ("", "none"):
-        return weights if isinstance(weights, WeightsEnum) else None
+    if isinstance(weights, WeightsEnum):
+        return weights
+    if weights is None or str(weights).lower() in ("", "none"):
+        return None
     enum = models.get_model_weights(check_arch(arch))
-    name = str(weights).split(".")[-1]
+    prefix, _, name = str(weights).rpartition(".")
     if name.upper() == "DEFAULT":
         return enum.DEFAULT
-    if str(weights).count(".") and str(weights).split(".")[0] != enum.__name__ or name not in enum.__members__:
-        valid = list(enum.__members__) + [f"{enum.__name__}.{m}" for m in enum.__members__]
-        raise UserError(f"unknown weights '{weights}' for {arch}{closest(weights, valid)}; "
-                        f"valid: DEFAULT, {', '.join(enum.__members__)}")
+    names = [m for m in enum.__members__ if m != "DEFAULT"]  # DEFAULT is an alias of one of them
+    if (prefix and prefix != enum.__name__) or name not in names:
+        valid = ["DEFAULT", *names, *(f"{enum.__name__}.{m}" for m in names)]
+        raise UserError(
+            f"unknown weights '{weights}' for {arch}{closest(weights, valid)}; valid: DEFAULT, {', '.join(names)}"
+        )
     return enum[name]
+
+
+def weights_enum_for(arch: str, weights, file_default: str | None = None) -> WeightsEnum | None:
+    """The torchvision weights enum that describes a --weights argument (its preprocessing, class
+    names, published accuracy): the named enum; for a file, the torchvision weights it is a download
+    of (matched by file name), else `file_default` (e.g. 'DEFAULT' for the arch's preprocessing)."""
+    if not is_weights_file(weights):
+        return resolve_weights(arch, weights)
+    name = Path(weights).name
+    match = next((w for w in models.get_model_weights(check_arch(arch)) if weights_file_name(w) == name), None)
+    return match or resolve_weights(arch, file_default)
 
 
 def weights_file_name(weights: WeightsEnum) -> str:
@@ -70,14 +86,12 @@ def load_weights_state(weights: WeightsEnum, weights_dir=None) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(folder / name), hash_prefix=None, progress=True)
         except Exception as e:
-            raise UserError(f"weights file {name} for {weights} is not in {folder} and could not be downloaded "
-                            f"({type(e).__name__}); download {weights.url} and put it there "
-                            "(or pass --weights-dir DIR)") from e
+            raise UserError(
+                f"weights file {name} for {weights} is not in {folder} and could not be downloaded "
+                f"({type(e).__name__}); download {weights.url} and put it there "
+                "(or pass --weights-dir DIR)"
+            ) from e
     return load_checkpoint(folder / name, f"weights of {weights}")
-
-
-def torchvision_weights_for_file(arch: str, path) -> WeightsEnum | None:
-    return next((w for w in models.get_model_weights(arch) if weights_file_name(w) == Path(path).name), None)
 
 
 def build_model(arch: str, weights=None, num_classes: int | None = None, weights_dir=None, **kwargs) -> nn.Module:
@@ -87,9 +101,8 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
     num_classes: a different number than the weights' replaces the classifier head (fine-tuning).
     kwargs go to torchvision's builder (e.g. dropout=0.2 where the architecture has dropout)."""
     check_arch(arch)
-    enum_weights = None if is_weights_file(weights) else resolve_weights(arch, weights)
-    if is_weights_file(weights) and torchvision_weights_for_file(arch, weights):
-        enum_weights = torchvision_weights_for_file(arch, weights)
+    enum_weights = weights_enum_for(arch, weights)
+    if enum_weights is not None and is_weights_file(weights):  # a torchvision download, kept elsewhere
         weights_dir = Path(weights).parent
     if enum_weights is not None:
         state_dict = load_weights_state(enum_weights, weights_dir)
@@ -102,8 +115,10 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
         state_dict = state.get("model", state) if isinstance(state.get("model"), dict) else state
         saved_arch = state.get("config", {}).get("arch") if isinstance(state.get("config"), dict) else None
         if saved_arch and saved_arch != arch:
-            raise UserError(f"checkpoint {weights} is a {saved_arch} model, not {arch}; use it as {saved_arch} "
-                            f"(train.py/predict.py --arch {saved_arch}, test_torchvision.py --models {saved_arch})")
+            raise UserError(
+                f"checkpoint {weights} is a {saved_arch} model, not {arch}; use it as {saved_arch} "
+                f"(train.py/predict.py --arch {saved_arch}, test_torchvision.py --models {saved_arch})"
+            )
         head = list(state_dict.values())[-1] if state_dict else None  # torchvision heads end the state dict
         saved_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 1 else 1000
         model = models.get_model(arch, weights=None, num_classes=saved_classes, **kwargs)
@@ -159,8 +174,9 @@ def _on_meta():
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
 
     def meta_parameter(self, name, param):
-        register_parameter(self, name, param if param is None else
-                           nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
+        register_parameter(
+            self, name, param if param is None else nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        )
 
     def meta_buffer(self, name, buffer, persistent=True):
         register_buffer(self, name, buffer if buffer is None else buffer.to("meta"), persistent)
@@ -191,8 +207,9 @@ def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None =
         return models.get_model(arch, weights=None, **kwargs).eval()
 
 
-def complexity(arch: str, weights=None, thop: bool = False, size: int | None = None,
-               num_classes: int | None = None) -> dict:
+def complexity(
+    arch: str, weights=None, thop: bool = False, size: int | None = None, num_classes: int | None = None
+) -> dict:
     """Parameters and multiply-accumulates at the weights' own eval resolution, counted by
     torch.utils.flop_counter on the meta device (attention included: math SDPA backend and
     nn.MultiheadAttention's fused fast path off). GFLOPs = 2 x GMACs, torchvision's convention."""
@@ -207,8 +224,12 @@ def complexity(arch: str, weights=None, thop: bool = False, size: int | None = N
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     macs = counter.get_total_flops() / 2
-    result = {"params": sum(p.numel() for p in model.parameters()), "gmacs": macs / 1e9,
-              "gflops": 2 * macs / 1e9, "resolution": size}
+    result = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "gmacs": macs / 1e9,
+        "gflops": 2 * macs / 1e9,
+        "resolution": size,
+    }
     if thop:
         result["thop_gmacs"] = thop_gmacs(model, x)
     return result
@@ -225,9 +246,27 @@ def thop_gmacs(model: nn.Module, x: torch.Tensor) -> float | None:
     return float(macs) / 1e9
 
 
-FAMILIES = ("efficientnet_v2", "efficientnet", "mobilenet_v2", "mobilenet_v3", "shufflenet_v2", "swin_v2", "swin",
-            "regnet_x", "regnet_y", "wide_resnet", "resnext", "resnet", "vit", "convnext", "densenet", "vgg",
-            "mnasnet", "squeezenet", "maxvit")
+FAMILIES = (
+    "efficientnet_v2",
+    "efficientnet",
+    "mobilenet_v2",
+    "mobilenet_v3",
+    "shufflenet_v2",
+    "swin_v2",
+    "swin",
+    "regnet_x",
+    "regnet_y",
+    "wide_resnet",
+    "resnext",
+    "resnet",
+    "vit",
+    "convnext",
+    "densenet",
+    "vgg",
+    "mnasnet",
+    "squeezenet",
+    "maxvit",
+)
 
 
 def model_family(arch: str) -> str:
@@ -242,8 +281,7 @@ def prepare_for_eval(model: nn.Module, channels_last: bool = True, fuse_bn: bool
     model = model.eval()
     if fuse_bn:
         from torch.fx.experimental.optimization import fuse
-        try:
+
+        with contextlib.suppress(Exception):  # data-dependent control flow (a few architectures): keep it unfused
             model = fuse(model)
-        except Exception:  # data-dependent control flow (a few architectures): keep the module as it is
-            pass
     return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -1,10 +1,18 @@
-"""Result files: markdown/CSV/JSON tables, metrics.csv and the plots, each written atomically."""
+"""What runs write: result tables (markdown/CSV/JSON), run folders with their config, run info,
+metrics.csv, TensorBoard events and plots, the "our training" table, and benchmark.py's report.
+Every file is written atomically."""
+
 import csv
 import io
 import json
+import os
+import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from utils import atomic_write, atomic_write_text
+from utils import UserError, atomic_write, atomic_write_text, world_size
 
 
 def format_cell(value) -> str:
@@ -55,8 +63,10 @@ def write_metrics(history: list[dict], run_dir, tensorboard=None) -> None:
 
 def plot_curves(history: list[dict], run_dir) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     epochs = [row["epoch"] for row in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(epochs, [row["train_loss"] for row in history], label="train")
@@ -79,23 +89,278 @@ def plot_curves(history: list[dict], run_dir) -> None:
 def plot_acc_vs_gmacs(records: list[dict], path: Path) -> None:
     """Published acc@1 against GMACs (log x), one colour per model family, every point labelled."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     families = sorted({r["family"] for r in records})
     colours = plt.get_cmap("tab20")
     fig, ax = plt.subplots(figsize=(16, 10))
     for i, family in enumerate(families):
         rows = [r for r in records if r["family"] == family and r["acc1_published"] is not None]
-        ax.scatter([r["gmacs"] for r in rows], [r["acc1_published"] for r in rows], s=18,
-                   color=colours(i % 20), marker="o" if i < 20 else "s", label=family)
+        ax.scatter(
+            [r["gmacs"] for r in rows],
+            [r["acc1_published"] for r in rows],
+            s=18,
+            color=colours(i % 20),
+            marker="o" if i < 20 else "s",
+            label=family,
+        )
         for r in rows:
             label = r["model"] + ("" if r["weights"].endswith("IMAGENET1K_V1") else "." + r["weights"].split(".")[1])
-            ax.annotate(label, (r["gmacs"], r["acc1_published"]), fontsize=5, xytext=(2, 2),
-                        textcoords="offset points")
-    ax.set(xscale="log", xlabel="GMACs at the weights' eval resolution (log scale)", ylabel="published top-1 (%)",
-           title="torchvision ImageNet-1K weights: accuracy vs compute")
+            ax.annotate(label, (r["gmacs"], r["acc1_published"]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+    ax.set(
+        xscale="log",
+        xlabel="GMACs at the weights' eval resolution (log scale)",
+        ylabel="published top-1 (%)",
+        title="torchvision ImageNet-1K weights: accuracy vs compute",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150), mode="wb")
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def choose_run_dir(output, run_name: str, arch: str, resume: str) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from). A run never reuses another run's dir without --resume."""
+    output = Path(output)
+    if resume and resume != "auto":
+        return (output / run_name if run_name else Path(resume).parent), Path(resume)
+    if resume == "auto":
+        return _run_to_resume(output, run_name, arch)
+    if run_name:
+        run_dir = output / run_name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(
+                f"run dir {run_dir} already exists; continue it with --resume auto or choose another --run-name"
+            )
+        return run_dir, None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = output / f"{arch}-{stamp}", 1
+    while run_dir.exists():
+        n += 1
+        run_dir = output / f"{arch}-{stamp}-{n}"
+    return run_dir, None
+
+
+def _run_to_resume(output: Path, run_name: str, arch: str) -> tuple[Path, Path]:
+    """--resume auto: the named run, else the newest run of this architecture, with a last.pt."""
+    if run_name:
+        candidates = [output / run_name]
+    else:
+        candidates = sorted(output.glob(f"{arch}-*"), key=lambda d: _mtime(d / "last.pt"), reverse=True)
+    found = [d for d in candidates if (d / "last.pt").is_file()]
+    if not found:
+        where = output / run_name if run_name else f"{output}/{arch}-*"
+        raise UserError(
+            f"--resume auto found nothing to resume: no last.pt in {where}; start a new run without --resume"
+        )
+    return found[0], found[0] / "last.pt"
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+def machine_info(device=None) -> dict:
+    """The CPU, GPU, cores, threads and library versions of this process (run.json, benchmark results)."""
+    import torch
+    import torchvision
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": str(device) if device is not None else None,
+        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))},  # thread settings
+    }
+
+
+def busy_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes used, CPU seconds this one and its finished workers used), from /proc/stat."""
+    if not Path("/proc/stat").exists():
+        return None
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    own = os.times()
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own[0] + own[1] + own[2] + own[3]
+
+
+def run_info(seed: int) -> dict:
+    """Git commit, command line, seed, world size and machine_info, saved next to every run's checkpoints."""
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "git_commit": commit,
+        "seed": seed,
+        "command": " ".join(sys.argv),
+        "world_size": world_size(),
+        **machine_info(),
+    }
+
+
+def write_run_files(run_dir: Path, config: dict, classes: list[str]) -> None:
+    """A new run's config.yaml (the resolved config) and run.json (run_info and the class names)."""
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(run_dir / "run.json", json.dumps({**run_info(config["seed"]), "classes": classes}, indent=1))
+
+
+def tensorboard_writer(run_dir: Path):
+    """A SummaryWriter for run_dir/tensorboard, or None without the (optional) tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+RUN_COLUMNS = [
+    "model",
+    "run",
+    "params",
+    "gmacs",
+    "resolution",
+    "epochs",
+    "acc1",
+    "acc5",
+    "err1",
+    "err5",
+    "ema_acc1",
+    "training_hours",
+    "gpu",
+    "world_size",
+]
+
+
+def collect_runs(runs_dir, out) -> list[dict]:
+    """One row per train.py run (its best epoch), written to OUT/our_training.{md,csv,json}."""
+    import yaml
+
+    from model import complexity
+
+    records = []
+    for metrics in sorted(Path(runs_dir).glob("*/metrics.csv")):
+        run = metrics.parent
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+        rows = list(csv.DictReader(metrics.read_text().splitlines()))
+        best = max(rows, key=lambda row: float(row["val_acc1"]))
+        size = config["val_crop_size"]
+        num_classes = len(info.get("classes", [])) or config["num_classes"]
+        count = complexity(config["arch"], size=size, num_classes=num_classes)
+        acc1, acc5 = float(best["val_acc1"]), float(best["val_acc5"])
+        records.append(
+            {
+                "model": config["arch"],
+                "run": run.name,
+                "params": count["params"],
+                "gmacs": round(count["gmacs"], 3),
+                "resolution": f"{size} x {size}",
+                "epochs": len(rows),
+                "acc1": acc1,
+                "acc5": acc5,
+                "err1": 100 - acc1,
+                "err5": 100 - acc5,
+                "ema_acc1": float(best["ema_acc1"]) if best.get("ema_acc1") else None,
+                "training_hours": sum(float(row["epoch_time_s"]) for row in rows) / 3600,
+                "gpu": info.get("gpu") or "cpu",
+                "world_size": info.get("world_size"),
+            }
+        )
+    if not records:
+        raise UserError(f"no finished runs (*/metrics.csv) in {runs_dir}")
+    paths = write_records(records, out, "our_training", RUN_COLUMNS)
+    print(paths[0].read_text(), end="")
+    return records
+
+
+# ----------------------------------------------------------------------------- benchmark.py's report
+
+
+def benchmark_summary(rows: list[dict]) -> list[str]:
+    """Ratios against the plain loops, and end-to-end eval as a share of the model alone."""
+    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in rows if r["part"] != "data" and "ratio" in r]
+    for ours in (r for r in rows if "share_of_model_only" in r):
+        lines.append(
+            f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "
+            f"({ours['model_only']['img_per_s']:.1f} img/s on synthetic batches, same settings, timed in turn)"
+        )
+    return lines
+
+
+def benchmark_report(rows: list[dict], lines: list[str]) -> str:
+    """The speed table (with a run column when rows come from several JSON files), the approx table
+    and the summary lines."""
+    runs = ["run"] if any("run" in r for r in rows) else []
+    speed = [
+        {
+            "run": r.get("run"),
+            "part": r["part"],
+            "variant": r["variant"],
+            "img/s": f"{r['img_per_s']:.1f}",
+            "vs": r.get("baseline"),
+            "ratio": f"{r['ratio']:.2f}x" if "ratio" in r else None,
+        }
+        for r in rows
+        if r["part"] != "approx"
+    ]
+    approx = [
+        {
+            "run": r.get("run"),
+            "variant": r["variant"],
+            "acc1": f"{r['acc1']:.2f}",
+            "acc1 change": f"{r['acc1_delta']:+.2f}",
+            "same top-1": f"{r['top1_agreement']:.1f}%",
+            "same top-5, in order": f"{r['top5_agreement']:.1f}%",
+            "top-1 probability change, max": f"{100 * r['top1_prob_change']:.2g}%",
+        }
+        for r in rows
+        if r["part"] == "approx"
+    ]
+    tables = []
+    if speed:
+        tables.append(markdown_table(speed, [*runs, "part", "variant", "img/s", "vs", "ratio"]))
+    if approx:
+        tables.append(markdown_table(approx, [*runs, *list(approx[0])[1:]]))
+    return "\n".join(tables + lines)
+
+
+def merge_benchmarks(paths: list[str]) -> str:
+    """One report of several benchmark.py --json results (scripts/gpu_check.sh's table), the machine named."""
+    rows, lines, machine_line = [], [], ""
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read benchmark result {path} ({e}); pass files written by --json") from e
+        rows += [{"run": Path(path).stem, **r} for r in result["rows"]]
+        lines += [f"{Path(path).stem}: {line}" for line in result["summary"]]
+        m = result["machine"]
+        machine_line = (
+            f"{m['gpu'] or m['cpu']}, {m['cores']} CPU cores, torch {m['torch']}, torchvision {m['torchvision']}"
+        )
+    return machine_line + "\n\n" + benchmark_report(rows, lines)

@@ -1,12 +1,20 @@
-"""Shared plumbing: user-facing errors, atomic writes, config loading, meters, accuracy,
-distributed helpers and checkpoint I/O. Nothing here knows about a particular model or dataset."""
+"""What every script shares: user-facing errors and the command line, config loading, devices and
+mixed precision, distributed helpers, and atomic file and checkpoint I/O. Nothing here knows about a
+particular model or dataset."""
+
 import argparse
+import dataclasses
 import difflib
 import functools
 import os
 import sys
 import tempfile
+import types
+import typing
 from pathlib import Path
+from typing import Literal
+
+# ----------------------------------------------------------------------------- errors and the command line
 
 
 class UserError(Exception):
@@ -21,6 +29,7 @@ def closest(name: str, choices, n: int = 3) -> str:
 
 def cli(main):
     """Run an entry point: a UserError becomes one 'error: ...' line on stderr and exit code 2."""
+
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -31,7 +40,301 @@ def cli(main):
         except KeyboardInterrupt:
             print("error: interrupted; finished results and checkpoints are kept", file=sys.stderr)
             sys.exit(130)
+
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes end as one 'error: ...' line (through cli) instead of usage + exit."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)  # keep the docstring's layout
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is a typo, not --epochs
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+# The options every job shares: the same names, choices and defaults in train.py (TrainConfig's fields),
+# test_torchvision.py, benchmark.py and predict.py. "auto" is each job's best choice, given here.
+Device = Literal["auto", "cpu", "cuda"]
+Amp = Literal["auto", "none", "bf16", "fp16"]
+ChannelsLast = Literal["auto", "true", "false"]
+RUNTIME_HELP = {
+    "device": "auto (the GPU when there is one) | cpu | cuda",
+    "amp": "autocast dtype: auto (bf16 when training on CUDA, otherwise off: evaluation stays exact) | none | bf16 "
+    "| fp16 (training: with a GradScaler)",
+    "channels_last": "NHWC memory layout: auto (evaluation always, training on CUDA) | true | false",
+    "workers": "loader processes per process (default: dataset.default_workers)",
+}
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int | None = None) -> None:
+    """--device, --amp, --channels-last and, with a default batch size, --batch-size and --workers."""
+    group = parser.add_argument_group("runtime")
+    for name, choices in (("device", Device), ("amp", Amp), ("channels_last", ChannelsLast)):
+        flag = "--" + name.replace("_", "-")
+        group.add_argument(flag, choices=typing.get_args(choices), default="auto", help=RUNTIME_HELP[name])
+    if batch_size is not None:
+        group.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"(default: {batch_size})")
+        group.add_argument("--workers", type=non_negative_int, default=None, help=RUNTIME_HELP["workers"])
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def _unwrap_optional(hint) -> tuple[object, bool]:
+    """(X, True) for `X | None`, else (hint, False)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007 (built at run time)
+    return hint, False
+
+
+def _coerce(name: str, value, hint):
+    """A YAML or command-line value checked against the field's type annotation."""
+    hint, optional = _unwrap_optional(hint)
+    if optional and isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"config key '{name}' needs a value")
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        text = str(value).lower() if isinstance(value, bool) else str(value)  # YAML reads `true` as a bool
+        if text not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
+        return text
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # str | dict: a loss name or spec
+        return value if isinstance(value, dict) else str(value)
+    kind = typing.get_origin(hint) or hint
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, bool):
+            return value
+    elif kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = kind(float(value)) if kind is float else int(value)
+            if kind is int and float(value) != number:
+                raise ValueError
+            return number
+        except (TypeError, ValueError):
+            pass
+    elif kind is str:
+        return str(value)
+    elif kind is list and isinstance(value, list):
+        item = (typing.get_args(hint) or (None,))[0]
+        return value if item is None else [_coerce(f"{name} item", v, item) for v in value]
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise UserError(f"config key '{name}' must be {article} {kind.__name__}, got {value!r}")
+
+
+def _read_yaml_config(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value")
+    return values
+
+
+def load_config(cls, argv=None, description: str = ""):
+    """Defaults (the dataclass) < --config YAML < --key value on the command line. Each value is
+    checked against its field's annotation (a Literal lists the choices). Unknown keys, in the file or
+    on the command line, are errors that suggest the closest valid key."""
+    import yaml
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML file of keys that differ from the defaults")
+    for name in fields:
+        default, kind = getattr(defaults, name), _unwrap_optional(hints[name])[0]
+        flag, help_text = "--" + name.replace("_", "-"), f"{RUNTIME_HELP.get(name, '')} (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, nargs="?", const="true", default=None, help=help_text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, nargs="*", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+    args, unknown = parser.parse_known_args(argv)
+    for arg in unknown:
+        if arg.startswith("--"):
+            flags = ["--" + name.replace("_", "-") for name in fields]
+            raise UserError(f"unknown option {arg.split('=')[0]}{closest(arg.split('=')[0], flags)}")
+        raise UserError(f"unexpected argument '{arg}' (options are --key value)")
+    values = _read_yaml_config(args.config) if args.config else {}
+    for key in values:
+        if key not in fields:
+            raise UserError(f"unknown key '{key}' in {args.config}{closest(key, fields)}")
+    for name in fields:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = [yaml.safe_load(v) for v in value]
+        elif value.lstrip().startswith("{"):  # a loss spec such as {focal: 1.0, smooth_l1: 1.0}
+            value = yaml.safe_load(value)
+        values[name] = value
+    return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+
+
+# ----------------------------------------------------------------------------- devices and mixed precision
+
+
+def resolve_device(name: Device = "auto"):
+    """This process's device: under torchrun, the GPU of its local rank."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank())
+
+
+def amp_dtype(name: Amp, device, training: bool):
+    """The autocast dtype of --amp; None = off. auto: bf16 for training on CUDA; evaluation stays fp32,
+    so that its results equal the module's own arithmetic."""
+    import torch
+
+    if name == "auto":
+        name = "bf16" if training and device.type == "cuda" else "none"
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def use_channels_last(name: ChannelsLast, device, training: bool) -> bool:
+    """auto: always for evaluation (oneDNN's and cuDNN's fast layout), for training on CUDA only (on a
+    CPU the backward pass of channels_last convolutions is slower)."""
+    if name == "auto":
+        return not training or device.type == "cuda"
+    return name == "true"
+
+
+def autocast(device, dtype):
+    """torch.autocast in `dtype` (from amp_dtype); a no-op for None."""
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def setup_distributed(device_name: Device):
+    """The device of this process; under torchrun (WORLD_SIZE > 1) also the process group:
+    NCCL on GPUs, gloo on CPUs."""
+    import torch
+    import torch.distributed as dist
+
+    device = resolve_device(device_name)
+    if world_size() > 1 and not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return device
+
+
+def cleanup_distributed() -> None:
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """Sum over ranks in place (no-op in one process)."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] in one process)."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (itself in one process)."""
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def broadcast_buffers(model) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank; DDP only syncs them before forwards."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# ----------------------------------------------------------------------------- files and checkpoints
 
 
 def atomic_write(path, write_fn, mode: str = "w") -> None:
@@ -57,219 +360,10 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-# ----------------------------------------------------------------------------- devices and processes
-
-def resolve_device(name: str = "auto"):
-    import torch
-    if name == "auto":
-        return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device '{name}'; use auto, cpu or cuda")
-    return torch.device("cuda", local_rank()) if name == "cuda" else torch.device("cpu")
-
-
-def amp_dtype(name: str, device):
-    """The autocast dtype of --amp none|fp32|bf16|fp16|auto (auto: bf16 on CUDA, off on CPU); None = off."""
-    import torch
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "none"
-    return {"none": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def autocast(device, dtype):
-    """torch.autocast in `dtype` (from amp_dtype); a no-op for None."""
-    import torch
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def is_distributed() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(tensor):
-    """Sum over ranks in place (no-op in one process)."""
-    if is_distributed():
-        import torch.distributed as dist
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def all_gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] (just [obj] in one process)."""
-    if not is_distributed():
-        return [obj]
-    import torch.distributed as dist
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank (itself in one process)."""
-    if not is_distributed():
-        return obj
-    import torch.distributed as dist
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def broadcast_buffers(model) -> None:
-    """Rank 0's buffers (BatchNorm running statistics) on every rank; DDP only syncs them before forwards."""
-    if is_distributed():
-        import torch.distributed as dist
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-def check_ranks_in_step(model) -> None:
-    """After distributed training: the same weights on every rank (sha256 of the state), or an error."""
-    if not is_distributed():
-        return
-    import hashlib
-    import torch
-    digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    digests = all_gather_objects(digest.hexdigest())
-    if len(set(digests)) != 1:
-        raise UserError(f"the ranks' weights diverged (sha256 {[d[:12] for d in digests]}); please report it with your config")
-    if is_main():
-        print(f"weights identical on all {len(digests)} ranks (sha256 {digests[0][:12]})")
-
-
-def topk_correct(logits, targets, ks=(1, 5)) -> list:
-    """Number of samples whose target is among the top-k logits, for each k (tensors, no host sync)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, k)
-    hits = top == targets[:, None]
-    return [hits[:, :k].sum() for k in ks]
-
-
-def default_workers(device) -> int:
-    """Loader processes. On a GPU the JPEG pipeline is the bottleneck: every core of this process's
-    share decodes. On a CPU the model's intra-op threads already use every core, so images are decoded
-    in the main process between batches (0): a loader process beside the model competes for the same
-    cores. Measured on 2 cores (resnet18 eval, timed in turn with the model alone): 0 workers reach
-    73-88% of the model's speed (median 84%), 1 worker 81-91% (median 83%): README Performance."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return min(per_process, 16) if device.type == "cuda" else 0
-
-
-# ----------------------------------------------------------------------------- configuration
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes end as one 'error: ...' line (through cli) instead of usage + exit."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is a typo, not --epochs
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
-def _coerce(name: str, value, default):
-    """A YAML or command-line value checked against the type of the field's default."""
-    kind = type(default)
-    if value is None or default is None and not isinstance(value, str):
-        return value
-    if default is None or isinstance(default, str):
-        return value if isinstance(value, dict) else str(value)  # dict: a loss spec such as {focal: 1}
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, (int, float)) and not isinstance(value, bool):
-        try:
-            number = float(value) if kind is float else int(value)
-            if kind is int and float(value) != number:
-                raise ValueError
-            return number
-        except (TypeError, ValueError):
-            pass
-    elif isinstance(default, (list, dict)) and isinstance(value, kind):
-        return value
-    article = "an" if kind.__name__[0] in "aeiou" else "a"
-    raise UserError(f"config key '{name}' must be {article} {kind.__name__}, got {value!r}")
-
-
-def load_config(cls, argv=None, description: str = ""):
-    """Defaults (the dataclass) < --config YAML < --key value on the command line. Unknown keys, in
-    the file or on the command line, are errors that suggest the closest valid key."""
-    import dataclasses
-    import yaml
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults = cls()
-    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of keys that differ from the defaults")
-    for name, f in fields.items():
-        default = getattr(defaults, name)
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, nargs="?", const="true", default=None, help=f"(default: {default})")
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="*", default=None, help=f"(default: {default})")
-        else:
-            parser.add_argument(flag, default=None, help=f"(default: {default})")
-    args, unknown = parser.parse_known_args(argv)
-    for arg in unknown:
-        if arg.startswith("--"):
-            key = arg[2:].split("=")[0].replace("-", "_")
-            flags = ["--" + name.replace("_", "-") for name in fields]
-            raise UserError(f"unknown option {arg.split('=')[0]}{closest(arg.split('=')[0], flags)}")
-        raise UserError(f"unexpected argument '{arg}' (options are --key value)")
-    values = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
-        if not isinstance(values, dict):
-            raise UserError(f"config file {path} must be a mapping of key: value")
-        for key in values:
-            if key not in fields:
-                raise UserError(f"unknown key '{key}' in {path}{closest(key, fields)}")
-    for name in fields:
-        value = getattr(args, name)
-        if value is not None:
-            if isinstance(getattr(defaults, name), list):
-                value = [yaml.safe_load(v) for v in value]
-            elif getattr(defaults, name) is None or value.lstrip().startswith("{"):
-                value = yaml.safe_load(value)
-            values[name] = value
-    return cls(**{name: _coerce(name, value, getattr(defaults, name)) for name, value in values.items()})
-
-
-# ----------------------------------------------------------------------------- runs and checkpoints
-
 def load_checkpoint(path, what: str = "checkpoint") -> dict:
     """torch.load with weights_only=True: a file whose pickle would run code is refused, not run."""
     import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist")
@@ -277,98 +371,14 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with a code payload, not a torch file at all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot load {what} {path}: {first[:160]} (truncated or corrupt, or not a plain "
-                        "weights file: only files that load with weights_only=True are accepted)") from e
+        raise UserError(
+            f"cannot load {what} {path}: {first[:160]} (truncated or corrupt, or not a plain "
+            "weights file: only files that load with weights_only=True are accepted)"
+        ) from e
 
 
 def save_checkpoint(state: dict, path) -> None:
     """Atomic torch.save: after a crash, kill -9 or a full disk the previous file is still whole."""
     import torch
+
     atomic_write(path, lambda f: torch.save(state, f), mode="wb")
-
-
-def run_dir_for(output, run_name: str, arch: str, resume: str) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from). A run never reuses another run's dir without --resume."""
-    import time
-    output = Path(output)
-    if resume and resume != "auto":
-        return (output / run_name if run_name else Path(resume).parent), Path(resume)
-    if resume == "auto":
-        if run_name:
-            candidates = [output / run_name]
-        else:  # the newest run of this architecture
-            candidates = sorted((d for d in output.glob(f"{arch}-*") if (d / "last.pt").exists()),
-                                key=lambda d: (d / "last.pt").stat().st_mtime, reverse=True)
-        found = [d for d in candidates if (d / "last.pt").is_file()]
-        if not found:
-            where = output / run_name if run_name else f"{output}/{arch}-*"
-            raise UserError(f"--resume auto found nothing to resume: no last.pt in {where}; "
-                            "start a new run without --resume")
-        return found[0], found[0] / "last.pt"
-    if run_name:
-        run_dir = output / run_name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UserError(f"run dir {run_dir} already exists; continue it with --resume auto "
-                            "or choose another --run-name")
-        return run_dir, None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir, n = output / f"{arch}-{stamp}", 1
-    while run_dir.exists():
-        n += 1
-        run_dir = output / f"{arch}-{stamp}-{n}"
-    return run_dir, None
-
-
-def run_info(seed: int) -> dict:
-    """Git commit, library versions, seed and command line, saved next to every run's checkpoints."""
-    import platform
-    import subprocess
-    import torch
-    import torchvision
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"git_commit": commit, "seed": seed, "command": " ".join(sys.argv), "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "world_size": world_size(),
-            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def setup_distributed(device_name: str):
-    """The device of this process; under torchrun (WORLD_SIZE > 1) also the process group:
-    NCCL on GPUs, gloo on CPUs."""
-    import torch
-    import torch.distributed as dist
-    device = resolve_device(device_name)
-    if world_size() > 1 and not is_distributed():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return device
-
-
-def cleanup_distributed() -> None:
-    if is_distributed():
-        import torch.distributed as dist
-        dist.destroy_process_group()
-
-
-def merge_predictions(shards, samples) -> list[dict]:
-    rows = []
-    for shard in shards:
-        if not shard:
-            continue
-        indices, targets, classes, probs = shard
-        for i in range(len(indices)):
-            rows.append({"index": int(indices[i]), "path": samples[int(indices[i])].path, "target": int(targets[i]),
-                         "top5": classes[i].tolist(), "probs": [round(p, 6) for p in probs[i].tolist()]})
-    return sorted(rows, key=lambda row: row["index"])
-
-
-def tensorboard_writer(run_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))

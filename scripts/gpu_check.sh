@@ -45,10 +45,10 @@ print(f"generated 2000 JPEGs (500x375) in {sys.argv[1]}")
 PY
 
 run() { python benchmark.py --arch resnet50 --data "$data" --batch-size 128 --repeats 3 "$@"; }
-run --parts forward --dtype fp32 --compile --json "$out/forward_fp32.json"
-run --parts forward --dtype bf16 --compile --json "$out/forward_bf16.json"
-run --parts forward,eval,train --dtype bf16 --train-batch-size 128 --train-steps 10 --json "$out/cpu_decode.json"
-run --parts eval --dtype bf16 --decode gpu --no-baselines --json "$out/gpu_decode.json"
+run --parts forward --amp none --compile --json "$out/forward_fp32.json"
+run --parts forward --amp bf16 --compile --json "$out/forward_bf16.json"
+run --parts forward,eval,train --amp bf16 --train-batch-size 128 --train-steps 10 --json "$out/cpu_decode.json"
+run --parts eval --amp bf16 --decode gpu --no-baselines --json "$out/gpu_decode.json"
 run --parts approx --limit 1000 --json "$out/approx.json"   # random weights: agreement, not accuracy
 
 names="forward_fp32 forward_bf16 cpu_decode gpu_decode approx"

@@ -1,5 +1,6 @@
 """Shared fixtures: the repo root on sys.path, a private TORCH_HOME, and a way to run the scripts
 exactly as a user would (a subprocess in the repo root)."""
+
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 def torch_home(tmp_path, monkeypatch):
     """An empty torchvision weights cache: $TORCH_HOME/hub/checkpoints."""
     import torch
+
     home = tmp_path / "torch_home"
     (home / "hub" / "checkpoints").mkdir(parents=True)
     monkeypatch.setenv("TORCH_HOME", str(home))
@@ -25,8 +27,9 @@ def torch_home(tmp_path, monkeypatch):
 def run_script(*args, env=None, timeout=600, cwd=ROOT) -> subprocess.CompletedProcess:
     """python SCRIPT ARGS... from the repo root; returns the finished process (text output)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -39,10 +42,18 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
         assert needle in errors[0], errors[0]
 
 
+def read_csv(path) -> list[dict]:
+    """The rows of a CSV file with a header line, as dicts."""
+    import csv
+
+    return list(csv.DictReader(Path(path).read_text().splitlines()))
+
+
 def make_image(path, size=(80, 60), mode="RGB", fmt="JPEG", seed=0) -> Path:
     """A smooth random picture (JPEG-friendly) of `size` (w, h) in PIL `mode`, saved as `fmt`."""
     import numpy as np
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
     image = Image.fromarray(coarse).resize(size, Image.BILINEAR).convert(mode)
@@ -56,9 +67,58 @@ def save_torchvision_checkpoint(torch_home, arch, weights, seed=0):
     """A randomly initialised `arch` saved under the file name torchvision caches `weights` as."""
     import torch
     from torchvision import models
+
     from model import weights_file_name
+
     torch.manual_seed(seed)
     model = models.get_model(arch, weights=None, num_classes=len(weights.meta["categories"]))
     path = Path(torch_home) / "hub" / "checkpoints" / weights_file_name(weights)
     torch.save(model.state_dict(), path)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- the reliability tests' inputs
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """root/{train,val}/{a,b}/*.png: a tiny two-class training folder (tests/reliability_inputs.py)."""
+    from reliability_inputs import train_folder
+
+    return train_folder(tmp_path_factory.mktemp("train_data"))
+
+
+@pytest.fixture(scope="module")
+def weights_home(tmp_path_factory):
+    """A TORCH_HOME holding (random) mobilenet_v3_small IMAGENET1K_V1 weights."""
+    from reliability_inputs import WEIGHTS
+
+    home = tmp_path_factory.mktemp("weights_home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    save_torchvision_checkpoint(home, "mobilenet_v3_small", WEIGHTS)
+    return home
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A resnet18 checkpoint in train.py's format (2 classes), its plain state dict, and a truncated copy."""
+    import torch
+    from torchvision import models
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    model = models.resnet18(num_classes=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": 1,
+        "batch": 0,
+        "step": 4,
+        "config": {"arch": "resnet18"},
+        "classes": ["a", "b"],
+    }
+    torch.save(state, folder / "resnet18-train.pt")
+    torch.save(model.state_dict(), folder / "resnet18-plain.pth")
+    whole = (folder / "resnet18-train.pt").read_bytes()
+    (folder / "cut.pt").write_bytes(whole[: len(whole) // 3])
+    return folder

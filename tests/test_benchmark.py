@@ -1,5 +1,6 @@
 """benchmark.py run as a user would, on a tiny generated ImageFolder (a smoke test: timings are not
 checked), and scripts/gpu_check.sh skipping cleanly where there is no GPU."""
+
 import json
 import subprocess
 
@@ -17,10 +18,9 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path):
         make_image(tmp_path / "val" / wnids[100 * (i % 2)] / f"{i}.JPEG", (96 + 8 * i, 72), mode, fmt, seed=i)
     out = tmp_path / "bench.json"
     # one model thread: quick, and gentle on a shared CPU; --decode gpu must fall back with a note here
-    result = run_script("benchmark.py", "--data", tmp_path, "--arch", "mobilenet_v3_small", "--batch-size", "4",
-                        "--limit", "8", "--repeats", "1", "--train-batch-size", "2", "--train-steps", "2",
-                        "--worker-counts", "0", "--workers", "1", "--threads", "1", "--decode", "gpu", "--json", out,
-                        "--parts", "data,model,eval,train,approx", timeout=180)
+    options = "--arch mobilenet_v3_small --batch-size 4 --limit 8 --repeats 1 --train-batch-size 2 --train-steps 2"
+    options += " --worker-counts 0 --workers 1 --threads 1 --decode gpu --parts data,model,eval,train,approx"
+    result = run_script("benchmark.py", "--data", tmp_path, *options.split(), "--json", out, timeout=180)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert {"cpu", "cores", "gpu", "torch", "torchvision", "threads"} <= set(report["machine"])
@@ -28,8 +28,15 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path):
     rows, approx = report["rows"][:8], report["rows"][8:]
     assert [r["part"] for r in rows] == ["data", "data", "forward", "step", "eval", "eval", "train", "train"]
     assert [r["variant"].split(",")[0].split(":")[0] for r in rows] == [
-        "pil", "tensor", "mobilenet_v3_small batch 4", "mobilenet_v3_small batch 2", "ours", "plain", "ours", "plain"]
-    assert all(r["img_per_s"] > 0 and len(r["seconds"]) == 1 for r in rows) and rows[1]["baseline"] == rows[0]["variant"]
+        "pil",
+        "tensor",
+        "mobilenet_v3_small batch 4",
+        "mobilenet_v3_small batch 2",
+        *"ours plain ours plain".split(),
+    ]
+    assert (
+        all(r["img_per_s"] > 0 and len(r["seconds"]) == 1 for r in rows) and rows[1]["baseline"] == rows[0]["variant"]
+    )
     assert all("ratio" in r for r in rows if r["part"] in ("eval", "train") and r["variant"].startswith("ours"))
     assert "cpu decode" in rows[4]["variant"] and "note: --decode gpu is not possible here" in result.stdout
     assert "eval: ours / baseline = " in result.stdout and "train: ours / baseline = " in result.stdout
@@ -44,7 +51,10 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path):
     assert "| variant | acc1 | acc1 change | same top-1 | same top-5, in order |" in result.stdout
     merged = run_script("benchmark.py", "--merge", out, out)  # scripts/gpu_check.sh's table
     assert merged.returncode == 0, merged.stderr
-    assert "| run | part | variant | img/s | vs | ratio |" in merged.stdout and "bench: eval: ours / baseline" in merged.stdout
+    assert (
+        "| run | part | variant | img/s | vs | ratio |" in merged.stdout
+        and "bench: eval: ours / baseline" in merged.stdout
+    )
     assert_user_error(run_script("benchmark.py", "--merge", tmp_path / "missing.json"), "missing.json")
 
 
@@ -55,6 +65,8 @@ def test_benchmark_needs_data_for_the_image_parts(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this is the real 5-minute check")
 def test_gpu_check_skips_cleanly_without_a_gpu():
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert "no CUDA GPU" in result.stdout and "skipping" in result.stdout

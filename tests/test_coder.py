@@ -10,8 +10,9 @@ from torchvision import models
 import predict
 from coder import LabelCoder
 from conftest import assert_user_error, make_image, run_script
-from dataset import EvalPreset, load_rgb, normalize
+from dataset import load_rgb
 from model import weights_file_name
+from presets import EvalPreset, normalize
 from utils import UserError
 
 WEIGHTS = models.MobileNet_V3_Small_Weights.DEFAULT
@@ -113,6 +114,7 @@ def test_decode_is_sorted_softmax(coder):
 # Each subprocess costs ~4 s of torch import, so the two successful runs are end to end (as a user
 # types them) and the error paths run predict.main in this process, reported as run_script reports.
 
+
 def run_predict(capsys, *argv) -> subprocess.CompletedProcess:
     try:
         predict.main([str(a) for a in argv])
@@ -136,7 +138,10 @@ def mobilenet(torch_home):
 
 @pytest.mark.slow
 def test_predict_text_and_json(torch_home, mobilenet, tmp_path):
-    images = [make_image(tmp_path / "a.jpg", size=(80, 60)), make_image(tmp_path / "b.png", (60, 80), fmt="PNG", seed=1)]
+    images = [
+        make_image(tmp_path / "a.jpg", size=(80, 60)),
+        make_image(tmp_path / "b.png", (60, 80), fmt="PNG", seed=1),
+    ]
     preset = EvalPreset.from_weights(WEIGHTS)
     with torch.inference_mode():
         batch = torch.stack([preset(load_rgb(str(path))) for path in images])
@@ -153,8 +158,9 @@ def test_predict_text_and_json(torch_home, mobilenet, tmp_path):
         assert [p["index"] for p in result["predictions"]] == top
         assert set(result["predictions"][0]) == {"index", "wnid", "name", "prob"}
 
-    text = run_script("predict.py", images[0], "--arch", "mobilenet_v3_small", "--weights", "DEFAULT", "--topk", "3",
-                      "--device", "cpu", env=env)
+    text = run_script(
+        "predict.py", images[0], *"--arch mobilenet_v3_small --weights DEFAULT --topk 3 --device cpu".split(), env=env
+    )
     assert text.returncode == 0, text.stderr
     lines = text.stdout.rstrip("\n").splitlines()
     assert lines[0] == str(images[0]) and len(lines) == 4

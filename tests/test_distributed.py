@@ -1,6 +1,6 @@
 """torchrun with 2 CPU processes (gloo): exact evaluation, ranks in step, the same losses as one
 process, and a failing rank that ends the job quickly."""
-import csv
+
 import json
 import time
 
@@ -8,12 +8,19 @@ import pytest
 import torch
 from torchvision import models
 
-from conftest import make_image, run_script, save_torchvision_checkpoint
+from conftest import make_image, read_csv, run_script, save_torchvision_checkpoint
 from dataset import imagenet_wnids
 from test_train import TINY, make_colour_dataset
 
 pytestmark = pytest.mark.slow
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+DIGEST = "tests/ddp_weights_digest.py"  # train.py's command line, then each rank's sha256 of its weights
+
+
+def assert_ranks_identical(digests) -> None:
+    """Both ranks of a finished 2-process run wrote the same sha256 of their trained weights."""
+    values = [(digests / f"rank{r}.sha256").read_text() for r in (0, 1)]
+    assert values[0] == values[1] and len(values[0].strip()) == 64, values
 
 
 def test_evaluation_counts_every_image_once_in_any_world_size(tmp_path, torch_home):
@@ -23,15 +30,15 @@ def test_evaluation_counts_every_image_once_in_any_world_size(tmp_path, torch_ho
         make_image(tmp_path / "val" / wnids[cls] / f"{i:03d}.JPEG", (48 + i % 5 * 8, 40), seed=i)
     save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
     env = {"TORCH_HOME": str(torch_home)}
-    args = ["test_torchvision.py", "--data", tmp_path / "val", "--models", "resnet18", "--resize", "64", "--crop", "56",
-            "--batch-size", "8", "--workers", "0"]
+    options = "--models resnet18 --resize 64 --crop 56 --batch-size 8 --workers 0".split()
+    args = ["test_torchvision.py", "--data", tmp_path / "val", *options]
     single = run_script(*args, "--out", tmp_path / "one", env=env)
     double = run_script(*TORCHRUN, *args, "--out", tmp_path / "two", env=env)
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     one, two = (json.loads((tmp_path / d / "eval.json").read_text())[0] for d in ("one", "two"))
     assert one["n_images"] == two["n_images"] == 101
     assert (one["acc1"], one["acc5"]) == (two["acc1"], two["acc5"]) and one["acc5"] > 0
-    rows = [list(csv.DictReader(open(tmp_path / d / record["predictions"]))) for d, record in (("one", one), ("two", two))]
+    rows = [read_csv(tmp_path / d / record["predictions"]) for d, record in (("one", one), ("two", two))]
     assert len(rows[0]) == len(rows[1]) == 101
     for a, b in zip(*rows):
         assert (a["path"], a["target"], a["top1"], a["top5"]) == (b["path"], b["target"], b["top1"], b["top5"])
@@ -47,13 +54,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     ~1e-7 relative per step, hence the 1e-4 tolerance on the per-epoch loss."""
     data = make_colour_dataset(tmp_path / "data")  # 48 train images: 6 steps of 8, no padding
     tiny = [a if a != "resnet18" else "squeezenet1_1" for a in TINY]
-    common = ["train.py", "--data", data, *tiny, "--dropout", "0", "--epochs", "2", "--lr", "0.05",
-              "--output", tmp_path]
+    common = ["train.py", "--data", data, *tiny, *"--dropout 0 --epochs 2 --lr 0.05 --output".split(), tmp_path]
     single = run_script(*common, "--batch-size", "8", "--run-name", "one")
-    double = run_script(*TORCHRUN, *common, "--batch-size", "4", "--run-name", "two")
+    double = run_script(*TORCHRUN, DIGEST, tmp_path / "digests", *common[1:], "--batch-size", "4", "--run-name", "two")
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
-    assert "weights identical on all 2 ranks" in double.stdout
-    one, two = (list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("one", "two"))
+    assert_ranks_identical(tmp_path / "digests")
+    one, two = (read_csv(tmp_path / run / "metrics.csv") for run in ("one", "two"))
     for a, b in zip(one, two):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
         assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-4)
@@ -64,18 +70,18 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 def test_batchnorm_ranks_end_identical(tmp_path):
     """With BatchNorm the ranks' running statistics would drift apart; rank 0's are broadcast each epoch."""
     data = make_colour_dataset(tmp_path / "data")
-    result = run_script(*TORCHRUN, "train.py", "--data", data, *TINY, "--epochs", "1", "--batch-size", "4",
-                        "--output", tmp_path, "--run-name", "bn")
+    options = [*TINY, *"--epochs 1 --batch-size 4 --run-name bn --output".split(), tmp_path]
+    result = run_script(*TORCHRUN, DIGEST, tmp_path / "digests", "--data", data, *options)
     assert result.returncode == 0, result.stderr
-    assert "weights identical on all 2 ranks" in result.stdout
+    assert_ranks_identical(tmp_path / "digests")
 
 
 def test_a_failing_rank_ends_the_job_quickly(tmp_path):
     data = make_colour_dataset(tmp_path / "data")
     (data / "train" / "red" / "0.png").write_bytes(b"not an image at all")
     start = time.time()
-    result = run_script(*TORCHRUN, "train.py", "--data", data, *TINY, "--epochs", "3", "--batch-size", "4",
-                        "--output", tmp_path, "--run-name", "fails", timeout=120)
+    options = [*TINY, *"--epochs 3 --batch-size 4 --run-name fails --output".split(), tmp_path]
+    result = run_script(*TORCHRUN, "train.py", "--data", data, *options, timeout=120)
     assert result.returncode != 0
     assert time.time() - start < 60
     assert "0.png" in result.stderr

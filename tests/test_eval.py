@@ -1,6 +1,6 @@
 """Data layer and pretrained evaluation: preprocessing equal to torchvision's, labels right in every
 layout, evaluation equal to an independent reference loop, and clear errors."""
-import csv
+
 import json
 
 import pytest
@@ -9,11 +9,11 @@ from PIL import Image
 from torchvision import models
 from torchvision.datasets import ImageFolder
 
-from conftest import assert_user_error, make_image, run_script, save_torchvision_checkpoint
-from dataset import (EvalPreset, ImageDataset, Sample, build_loader, find_samples, imagenet_wnids, load_rgb, normalize,
-                     prepare_val, val_labels)
+from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
+from dataset import ImageDataset, Sample, build_loader, find_samples, imagenet_wnids, load_rgb, prepare_val, val_labels
 from decode import GpuDecodeLoader
 from model import ARCHS, all_weights
+from presets import EvalPreset, normalize
 
 WNIDS = imagenet_wnids()
 WEIGHTS = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
@@ -23,10 +23,14 @@ WEIGHTS = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
 def odd_images(tmp_path_factory):
     """Several sizes and aspect ratios, grayscale, CMYK and a PNG saved under a .JPEG name."""
     folder = tmp_path_factory.mktemp("odd")
-    return [make_image(folder / "wide.JPEG", (300, 120), seed=1), make_image(folder / "tall.JPEG", (90, 257), seed=2),
-            make_image(folder / "small.JPEG", (33, 47), seed=3), make_image(folder / "gray.JPEG", (200, 150), "L", seed=4),
-            make_image(folder / "cmyk.JPEG", (160, 161), "CMYK", seed=5),
-            make_image(folder / "png.JPEG", (120, 90), fmt="PNG", seed=6)]
+    return [
+        make_image(folder / "wide.JPEG", (300, 120), seed=1),
+        make_image(folder / "tall.JPEG", (90, 257), seed=2),
+        make_image(folder / "small.JPEG", (33, 47), seed=3),
+        make_image(folder / "gray.JPEG", (200, 150), "L", seed=4),
+        make_image(folder / "cmyk.JPEG", (160, 161), "CMYK", seed=5),
+        make_image(folder / "png.JPEG", (120, 90), fmt="PNG", seed=6),
+    ]
 
 
 def test_eval_preprocessing_equals_weights_transforms_for_all_weights(odd_images):
@@ -75,8 +79,10 @@ def test_flat_val_folder_labels_from_package_and_files(tmp_path):
     assert [s.target for s in samples] == [package[f"ILSVRC2012_val_{i:08d}.JPEG"] for i in (1, 2, 3)]
     assert samples[0].target == 65  # ILSVRC2012_val_00000001 is a sea snake (n01751748)
     kaggle = tmp_path / "LOC_val_solution.csv"
-    kaggle.write_text("ImageId,PredictionString\n" + "".join(
-        f"ILSVRC2012_val_{i:08d},{WNIDS[i * 10]} 1 2 3 4 {WNIDS[i * 10]} 5 6 7 8\n" for i in (1, 2, 3)))
+    kaggle.write_text(
+        "ImageId,PredictionString\n"
+        + "".join(f"ILSVRC2012_val_{i:08d},{WNIDS[i * 10]} 1 2 3 4 {WNIDS[i * 10]} 5 6 7 8\n" for i in (1, 2, 3))
+    )
     assert [s.target for s in find_samples(tmp_path / "val", labels_file=kaggle)[0]] == [10, 20, 30]
     prepare_val(tmp_path / "val", kaggle)
     prepare_val(tmp_path / "val", kaggle)  # idempotent
@@ -111,9 +117,8 @@ def test_evaluation_equals_reference_loop(tmp_path, torch_home):
         dest = val / WNIDS[top[0] if i % 2 == 0 else (top[1] if i % 4 == 1 else (top[2] + 100) % 1000)] / f"{i}.JPEG"
         dest.parent.mkdir(parents=True, exist_ok=True)
         path.rename(dest)
-    result = run_script("test_torchvision.py", "--data", tmp_path / "imagenet", "--models", "resnet18",
-                        "--out", tmp_path / "out", "--batch-size", "4", "--workers", "1",
-                        env={"TORCH_HOME": str(torch_home)})
+    args = ["test_torchvision.py", "--data", tmp_path / "imagenet", "--models", "resnet18", "--out", tmp_path / "out"]
+    result = run_script(*args, "--batch-size", "4", "--workers", "1", env={"TORCH_HOME": str(torch_home)})
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
     reference = reference_predictions(model, val, weights)
@@ -122,14 +127,13 @@ def test_evaluation_equals_reference_loop(tmp_path, torch_home):
     assert record["acc1"] == pytest.approx(100 * sum(r[1] == r[2][0] for r in reference) / n)
     assert record["acc5"] == pytest.approx(100 * sum(r[1] in r[2] for r in reference) / n)
     assert record["acc1"] == pytest.approx(100 * 8 / 15)
-    assert {"model", "weights", "n_images", "acc1", "acc5", "acc1_published", "acc5_published", "img_per_s"} <= set(record)
-    rows = list(csv.DictReader(open(tmp_path / "out" / record["predictions"])))
+    assert set("model weights n_images acc1 acc5 acc1_published acc5_published img_per_s".split()) <= set(record)
+    rows = read_csv(tmp_path / "out" / record["predictions"])
     assert [r["path"] for r in rows] == [r[0] for r in reference]
     for ours, (_, target, top5, probs) in zip(rows, reference):
         assert int(ours["target"]) == target and [int(ours[f"top{k}"]) for k in range(1, 6)] == top5
         assert [float(ours[f"prob{k}"]) for k in range(1, 6)] == pytest.approx(probs, abs=1e-5)
-    again = run_script("test_torchvision.py", "--data", tmp_path / "imagenet", "--models", "resnet18",
-                       "--out", tmp_path / "out", env={"TORCH_HOME": str(torch_home)})
+    again = run_script(*args, env={"TORCH_HOME": str(torch_home)})
     assert again.returncode == 0 and "skipped" in again.stdout + again.stderr
 
 
@@ -139,8 +143,8 @@ def test_unreadable_image_stops_or_is_skipped_and_listed(tmp_path, torch_home):
     make_image(data / WNIDS[1] / "good.JPEG")
     good = make_image(data / WNIDS[2] / "cut.JPEG", (200, 200)).read_bytes()
     (data / WNIDS[2] / "cut.JPEG").write_bytes(good[: len(good) // 2])
-    args = ["test_torchvision.py", "--data", data, "--models", "mobilenet_v3_small", "--out", tmp_path / "out",
-            "--workers", "0"]
+    args = ["test_torchvision.py", "--data", data, "--models", "mobilenet_v3_small", "--out", tmp_path / "out"]
+    args += ["--workers", "0"]
     assert_user_error(run_script(*args, env={"TORCH_HOME": str(torch_home)}), "cut.JPEG", "--skip-bad-images")
     # --decode gpu without a GPU: a note, then the exact CPU path (the row says so)
     skipped = run_script(*args, "--skip-bad-images", "--decode", "gpu", env={"TORCH_HOME": str(torch_home)})
@@ -183,9 +187,15 @@ def test_clear_errors(tmp_path, torch_home, case):
         args = ["--models", "mobilenet_v3_smal"]
     if case == "unknown_weights":
         args += ["--weights", "IMAGENET1K_V9"]
-    result = run_script("test_torchvision.py", "--data", data, *args, "--out", tmp_path / "out",
-                        env={"TORCH_HOME": str(torch_home)})
-    expected = {"missing": ["does not exist"], "empty": ["no class folders"], "not_wnids": ["cats", "wnid"],
-                "unknown_model": ["mobilenet_v3_small"], "unknown_weights": ["IMAGENET1K_V1"],
-                "offline": ["mobilenet_v3_small-047dcff4.pth", "https://download.pytorch.org/models/"]}[case]
+    result = run_script(
+        "test_torchvision.py", "--data", data, *args, "--out", tmp_path / "out", env={"TORCH_HOME": str(torch_home)}
+    )
+    expected = {
+        "missing": ["does not exist"],
+        "empty": ["no class folders"],
+        "not_wnids": ["cats", "wnid"],
+        "unknown_model": ["mobilenet_v3_small"],
+        "unknown_weights": ["IMAGENET1K_V1"],
+        "offline": ["mobilenet_v3_small-047dcff4.pth", "https://download.pytorch.org/models/"],
+    }[case]
     assert_user_error(result, *expected)

@@ -59,7 +59,7 @@ def test_focal_alpha_is_a_per_sample_class_weight():
 def test_focal_down_weights_easy_examples():
     logits, target = random_batch()
     ce = F.cross_entropy(logits, target, reduction="none")
-    focal = torch.stack([FocalLoss(gamma=2.0)(logits[i:i + 1], target[i:i + 1]) for i in range(len(target))])
+    focal = torch.stack([FocalLoss(gamma=2.0)(logits[i : i + 1], target[i : i + 1]) for i in range(len(target))])
     assert (focal <= ce + 1e-7).all() and (focal > 0).all()
 
 
@@ -122,8 +122,10 @@ def test_build_loss_single_terms():
 
 
 def test_build_loss_weighted_sum_and_parts():
-    spec = {"focal": {"weight": 1.0, "gamma": 2.0, "alpha": None, "label_smoothing": 0.0},
-            "smooth_l1": {"weight": 0.5, "beta": 1.0}}
+    spec = {
+        "focal": {"weight": 1.0, "gamma": 2.0, "alpha": None, "label_smoothing": 0.0},
+        "smooth_l1": {"weight": 0.5, "beta": 1.0},
+    }
     criterion = build_loss(spec, 5, label_smoothing=0.1)
     assert isinstance(criterion, WeightedSum) and criterion.weights == {"focal": 1.0, "smooth_l1": 0.5}
     assert criterion.losses["focal"].label_smoothing == 0.0  # the term's own value wins
@@ -139,22 +141,25 @@ def test_build_loss_weighted_sum_and_parts():
     assert torch.isfinite(logits.grad).all()
 
 
-@pytest.mark.parametrize("spec, needles", [
-    ("focall", ["unknown loss 'focall'", "did you mean focal"]),
-    ({"smoth_l1": 1.0}, ["did you mean smooth_l1"]),
-    ({"focal": {"gama": 2.0}}, ["unknown key 'gama' in losses.focal", "did you mean gamma"]),
-    ({"smooth_l1": {"weight": 1.0, "betta": 1.0}}, ["did you mean beta"]),
-    ({"ce": -1.0}, ["losses.ce weight must be a number >= 0"]),
-    ({"ce": "heavy"}, ["weight must be a number"]),
-    ({"focal": {"gamma": -1.0}}, ["gamma must be >= 0"]),
-    ({"focal": {"gamma": "two"}}, ["losses.focal"]),
-    ({"focal": {"alpha": [1.0, 2.0]}}, ["one weight per class (3), got 2"]),
-    ({"focal": {"alpha": 0.25}}, ["alpha must be a list"]),
-    ({"smooth_l1": {"beta": -0.5}}, ["beta must be >= 0"]),
-    ({"ce": {"label_smoothing": 1.5}}, ["label_smoothing must be in [0, 1]"]),
-    ({}, ["non-empty mapping"]),
-    (["ce"], ["non-empty mapping"]),
-])
+@pytest.mark.parametrize(
+    "spec, needles",
+    [
+        ("focall", ["unknown loss 'focall'", "did you mean focal"]),
+        ({"smoth_l1": 1.0}, ["did you mean smooth_l1"]),
+        ({"focal": {"gama": 2.0}}, ["unknown key 'gama' in losses.focal", "did you mean gamma"]),
+        ({"smooth_l1": {"weight": 1.0, "betta": 1.0}}, ["did you mean beta"]),
+        ({"ce": -1.0}, ["losses.ce weight must be a number >= 0"]),
+        ({"ce": "heavy"}, ["weight must be a number"]),
+        ({"focal": {"gamma": -1.0}}, ["gamma must be >= 0"]),
+        ({"focal": {"gamma": "two"}}, ["losses.focal"]),
+        ({"focal": {"alpha": [1.0, 2.0]}}, ["one weight per class (3), got 2"]),
+        ({"focal": {"alpha": 0.25}}, ["alpha must be a list"]),
+        ({"smooth_l1": {"beta": -0.5}}, ["beta must be >= 0"]),
+        ({"ce": {"label_smoothing": 1.5}}, ["label_smoothing must be in [0, 1]"]),
+        ({}, ["non-empty mapping"]),
+        (["ce"], ["non-empty mapping"]),
+    ],
+)
 def test_build_loss_user_errors(spec, needles):
     with pytest.raises(UserError) as info:
         build_loss(spec, 3)

@@ -16,9 +16,11 @@ def test_every_weights_matches_torchvision_metadata():
     """params == meta['num_params'] exactly and GMACs == meta['_ops'] at its 3 decimals, all 115 weights."""
     assert len(ARCHS) >= 80 and len(ALL_PAIRS) >= 115
     records = complexity_records(ALL_PAIRS, thop=False)
-    mismatches = [(r["weights"], r["params"], w.meta["num_params"], r["gmacs"], w.meta["_ops"])
-                  for r, (_, w) in zip(records, ALL_PAIRS)
-                  if r["params"] != w.meta["num_params"] or round(r["gmacs"], 3) != w.meta["_ops"]]
+    mismatches = [
+        (r["weights"], r["params"], w.meta["num_params"], r["gmacs"], w.meta["_ops"])
+        for r, (_, w) in zip(records, ALL_PAIRS)
+        if r["params"] != w.meta["num_params"] or round(r["gmacs"], 3) != w.meta["_ops"]
+    ]
     assert mismatches == []
 
 

@@ -1,5 +1,6 @@
 """No data lost: a failed checkpoint write (a full disk) keeps the previous checkpoint whole, and an
 interrupted evaluation sweep keeps every finished row."""
+
 import errno
 import hashlib
 import json
@@ -11,7 +12,8 @@ from torchvision import models
 from conftest import make_image, save_torchvision_checkpoint
 from dataset import imagenet_wnids
 from test_train import TINY, make_colour_dataset
-from train import TrainConfig, main as train_main
+from train import TrainConfig
+from train import main as train_main
 from utils import UserError, load_config
 
 
@@ -37,14 +39,16 @@ def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, mon
 
 def test_interrupted_sweep_keeps_finished_rows(tmp_path, torch_home, monkeypatch):
     import test_torchvision
-    import train
+
     wnids = imagenet_wnids()
     for i in range(3):
         make_image(tmp_path / "val" / wnids[i] / f"{i}.JPEG", seed=i)
-    for arch, weights in (("mobilenet_v3_small", models.MobileNet_V3_Small_Weights.IMAGENET1K_V1),
-                          ("squeezenet1_1", models.SqueezeNet1_1_Weights.IMAGENET1K_V1)):
+    for arch, weights in (
+        ("mobilenet_v3_small", models.MobileNet_V3_Small_Weights.IMAGENET1K_V1),
+        ("squeezenet1_1", models.SqueezeNet1_1_Weights.IMAGENET1K_V1),
+    ):
         save_torchvision_checkpoint(torch_home, arch, weights)
-    real_evaluate, calls = train.evaluate, []
+    real_evaluate, calls = test_torchvision.evaluate, []
 
     def evaluate_then_interrupt(*args, **kwargs):
         calls.append(1)
@@ -52,15 +56,15 @@ def test_interrupted_sweep_keeps_finished_rows(tmp_path, torch_home, monkeypatch
             raise KeyboardInterrupt  # Ctrl-C during the second model
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", evaluate_then_interrupt)
-    argv = ["--data", str(tmp_path / "val"), "--models", "mobilenet_v3_small", "squeezenet1_1", "--out",
-            str(tmp_path / "out"), "--workers", "0"]
+    monkeypatch.setattr(test_torchvision, "evaluate", evaluate_then_interrupt)
+    argv = ["--data", str(tmp_path / "val"), "--out", str(tmp_path / "out"), "--workers", "0"]
+    argv += ["--models", "mobilenet_v3_small", "squeezenet1_1"]
     with pytest.raises(SystemExit) as exit_info:
         test_torchvision.main(argv)
     assert exit_info.value.code == 130
     rows = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert [r["model"] for r in rows] == ["mobilenet_v3_small"] and rows[0]["n_images"] == 3
-    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    monkeypatch.setattr(test_torchvision, "evaluate", real_evaluate)
     test_torchvision.main(argv)  # the re-run skips the finished row and adds the other
     rows = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert [r["model"] for r in rows] == ["mobilenet_v3_small", "squeezenet1_1"]

@@ -1,5 +1,5 @@
 """Training: config precedence and validation, convergence, exact resume, safe run dirs, checkpoints."""
-import csv
+
 import hashlib
 import signal
 import subprocess
@@ -13,12 +13,11 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, assert_user_error, run_script
-from train import TrainConfig, validate
+from config import TrainConfig, check_config
+from conftest import ROOT, assert_user_error, read_csv, run_script
 from utils import UserError, load_config
 
-TINY = ["--arch", "resnet18", "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
-        "--workers", "0"]
+TINY = "--arch resnet18 --train-crop-size 32 --val-resize-size 36 --val-crop-size 32 --workers 0".split()
 
 
 def make_colour_dataset(root: Path, per_class=(16, 6), size=(40, 48), seed=0) -> Path:
@@ -48,13 +47,22 @@ def test_precedence_defaults_file_command_line(tmp_path):
     assert load_config(TrainConfig, ["--loss", "{ce: 1.0}", "--milestones", "3", "6"]).milestones == [3, 6]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--lr-sheduler", "x"], "did you mean"), (["--epoch", "3"], "--epochs"), (["--epochs", "abc"], "epochs"),
-    (["--lr", "-1"], "lr"), (["--epochs", "0"], "epochs"), (["--batch-size", "0"], "batch_size"),
-    (["--val-crop-size", "300"], "val_crop_size"), (["--optimizer", "adam"], "sgd, adamw")])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--lr-sheduler", "x"], "did you mean"),
+        (["--epoch", "3"], "--epochs"),
+        (["--epochs", "abc"], "epochs"),
+        (["--lr", "-1"], "lr"),
+        (["--epochs", "0"], "epochs"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--val-crop-size", "300"], "val_crop_size"),
+        (["--optimizer", "adam"], "sgd, adamw"),
+    ],
+)
 def test_bad_options_are_named(args, needle):
     with pytest.raises(UserError, match=needle):
-        validate(load_config(TrainConfig, ["--dummy", *args]))
+        check_config(load_config(TrainConfig, ["--dummy", *args]))
 
 
 def test_unknown_yaml_key_suggests_the_closest(tmp_path):
@@ -69,19 +77,19 @@ def test_unknown_yaml_key_suggests_the_closest(tmp_path):
 
 def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        validate(load_config(TrainConfig, ["--config", str(path), "--data", "x"]))
+        check_config(load_config(TrainConfig, ["--config", str(path), "--data", "x"]))
         assert path.read_text().startswith("#") and "python train.py" in path.read_text()
 
 
 @pytest.mark.slow
 def test_converges_on_a_learnable_dataset(colours, tmp_path):
-    result = run_script("train.py", "--data", colours, *TINY, "--epochs", "4", "--batch-size", "8",
-                        "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01", "--scheduler", "cosine",
-                        "--output", tmp_path, "--run-name", "converge")
+    recipe = "--epochs 4 --batch-size 8 --optimizer adamw --lr 0.001 --weight-decay 0.01 --scheduler cosine"
+    options = [*TINY, *recipe.split(), "--run-name", "converge", "--output", tmp_path]
+    result = run_script("train.py", "--data", colours, *options)
     assert result.returncode == 0, result.stderr
-    rows = list(csv.DictReader(open(tmp_path / "converge" / "metrics.csv")))
+    rows = read_csv(tmp_path / "converge" / "metrics.csv")
     assert len(rows) == 4 and float(rows[-1]["val_acc1"]) >= 90.0, rows
-    expected = {"epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "epoch_time_s", "img_per_s"}
+    expected = set("epoch lr train_loss train_acc1 val_loss val_acc1 val_acc5 epoch_time_s img_per_s".split())
     assert expected <= set(rows[0])
     run = tmp_path / "converge"
     for name in ("last.pt", "best.pt", "config.yaml", "run.json", "curves.png"):
@@ -97,15 +105,16 @@ def test_converges_on_a_learnable_dataset(colours, tmp_path):
 
 def state_of(run_dir: Path):
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
-    return checkpoint["model"], [{k: v for k, v in row.items() if "time" not in k and "per_s" not in k}
-                                 for row in checkpoint["history"]]
+    return checkpoint["model"], [
+        {k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in checkpoint["history"]
+    ]
 
 
 @pytest.mark.slow
 def test_resume_is_exact(colours, tmp_path):
     """3 epochs straight == 1 epoch + resume, and == a run resumed from a mid-epoch checkpoint."""
-    args = ["--data", colours, *TINY, "--batch-size", "8", "--lr", "0.01", "--ema-decay", "0.9", "--ema-steps", "2",
-            "--output", tmp_path]
+    args = ["--data", colours, *TINY, *"--batch-size 8 --lr 0.01 --ema-decay 0.9 --ema-steps 2".split()]
+    args += ["--output", tmp_path]
     assert run_script("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
     assert run_script("train.py", *args, "--epochs", "1", "--run-name", "split").returncode == 0
     resumed = run_script("train.py", *args, "--epochs", "3", "--run-name", "split", "--resume", "auto")
@@ -118,11 +127,11 @@ def test_resume_is_exact(colours, tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path):
     """kill -9 while training (last.pt written every 2 steps), resume, same final metrics and weights."""
-    args = ["train.py", "--data", colours, *TINY, "--batch-size", "4", "--lr", "0.01", "--epochs", "2",
-            "--save-every-steps", "2", "--log-interval", "1", "--output", tmp_path]
+    options = "--batch-size 4 --lr 0.01 --epochs 2 --save-every-steps 2 --log-interval 1".split()
+    args = ["train.py", "--data", colours, *TINY, *options, "--output", tmp_path]
     assert run_script(*args, "--run-name", "straight").returncode == 0
-    process = subprocess.Popen([sys.executable, *map(str, args), "--run-name", "killed"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, *map(str, args), "--run-name", "killed"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "killed" / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and not last.exists():

@@ -1,0 +1,253 @@
+"""The two loops every script shares: `evaluate` (test_torchvision.py, train.py, benchmark.py) and
+`train_one_epoch` (train.py, benchmark.py), with the settings they run under (`Runtime`) and the
+training progress that outlives a step (`TrainState`).
+
+    runtime = Runtime.create(device, amp="auto", channels_last="auto", training=False, preset=preset)
+    result = evaluate(model, loader, runtime)            # {'n_images', 'acc1', 'acc5', 'loss', ...}
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataset import check_bad_images
+from presets import to_device
+from utils import (
+    UserError,
+    all_gather_objects,
+    all_reduce_sum,
+    amp_dtype,
+    autocast,
+    is_main,
+    use_channels_last,
+    world_size,
+)
+from utils import rank as global_rank
+
+
+@dataclass
+class Runtime:
+    """How a loop runs the model: on which device, in which autocast dtype and memory layout, and the
+    normalisation that turns the loader's uint8 batches into its input."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+
+    @classmethod
+    def create(cls, device, amp: str, channels_last: str, training: bool, preset) -> "Runtime":
+        """From the shared --amp and --channels-last options; mean and std from an EvalPreset."""
+        return cls(
+            device,
+            amp_dtype(amp, device, training),
+            use_channels_last(channels_last, device, training),
+            preset.mean,
+            preset.std,
+        )
+
+    def inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) uint8 host batch -> normalised float on the device, and the targets there."""
+        images = to_device(images, self.device, self.mean, self.std, self.channels_last)
+        return images, targets.to(self.device, non_blocking=True)
+
+
+@dataclass
+class TrainState:
+    """Training progress that outlives a step, saved in every checkpoint."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    batch: int = 0  # batches done in the current epoch (> 0 only in a mid-epoch checkpoint)
+    best_acc1: float = -1.0
+    history: list = field(default_factory=list)  # one row per finished epoch (metrics.csv)
+    bad_images: list = field(default_factory=list)  # unreadable files skipped so far
+    train_sums: torch.Tensor | None = None  # a mid-epoch checkpoint's sums of the epoch so far
+
+    CHECKPOINT_KEYS = ("epoch", "step", "batch", "best_acc1", "history")
+
+    def checkpoint_fields(self) -> dict:
+        return {key: getattr(self, key) for key in self.CHECKPOINT_KEYS}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
+        return cls(**{key: checkpoint[key] for key in cls.CHECKPOINT_KEYS}, train_sums=checkpoint.get("train_sums"))
+
+
+def topk_correct(logits, targets, ks=(1, 5)) -> list:
+    """Number of samples whose target is among the top-k logits, for each k (tensors, no host sync)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, k)
+    hits = top == targets[:, None]
+    return [hits[:, :k].sum() for k in ks]
+
+
+@torch.inference_mode()
+def evaluate(
+    model, loader, runtime: Runtime, *, criterion=None, skip_bad_images=False, keep_predictions=False, desc="eval"
+) -> dict:
+    """Top-1/top-5 and mean loss over every image of the loader's dataset, each counted once in any
+    world size (each rank sees its own shard, sums are all-reduced). With keep_predictions, rank 0
+    also gets the top-5 indices and probabilities of every image, ordered by dataset index."""
+    model.eval()
+    device = runtime.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    predictions, bad = [], []
+    samples = loader.dataset.samples
+    start, batches = time.perf_counter(), 0
+    for images, targets, indices, errors in tqdm(
+        loader, desc=desc, unit="batch", leave=False, disable=not is_main() or None
+    ):
+        bad += check_bad_images(errors, samples, skip_bad_images)
+        if len(targets) == 0:
+            continue
+        images, targets = runtime.inputs(images, targets)
+        with autocast(device, runtime.amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        loss = criterion(logits, targets) if criterion is not None else F.cross_entropy(logits, targets)
+        top1, top5 = topk_correct(logits, targets)
+        sums += torch.stack([loss.double() * len(targets), top1, top5, torch.tensor(len(targets), device=device)])
+        batches += 1
+        if keep_predictions:
+            probs, classes = logits.softmax(dim=1).topk(min(5, logits.shape[1]), dim=1)
+            predictions.append((indices, targets.cpu(), classes.cpu(), probs.cpu()))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    loss_sum, top1, top5, n = all_reduce_sum(sums).tolist()
+    bad = sorted(path for shard in all_gather_objects(bad) for path in shard)
+    result = {
+        "n_images": int(n),
+        "acc1": 100 * top1 / max(n, 1),
+        "acc5": 100 * top5 / max(n, 1),
+        "loss": loss_sum / max(n, 1),
+        "seconds": seconds,
+        "img_per_s": n / seconds if seconds else 0.0,
+        "ms_per_batch": 1000 * seconds / max(batches, 1),
+        "bad_images": bad,
+    }
+    if keep_predictions:
+        columns = [torch.cat(parts) for parts in zip(*predictions)] if predictions else []
+        result["predictions"] = merge_predictions(all_gather_objects(columns), samples)
+    return result
+
+
+def merge_predictions(shards, samples) -> list[dict]:
+    """Every rank's (indices, targets, top-5 classes, top-5 probabilities) as one row per image, by index."""
+    rows = []
+    for shard in shards:
+        if not shard:
+            continue
+        indices, targets, classes, probs = shard
+        for i in range(len(indices)):
+            rows.append(
+                {
+                    "index": int(indices[i]),
+                    "path": samples[int(indices[i])].path,
+                    "target": int(targets[i]),
+                    "top5": classes[i].tolist(),
+                    "probs": [round(p, 6) for p in probs[i].tolist()],
+                }
+            )
+    return sorted(rows, key=lambda row: row["index"])
+
+
+def train_one_epoch(
+    model,
+    criterion,
+    optimizer,
+    scaler,
+    loader,
+    runtime: Runtime,
+    state: TrainState,
+    *,
+    ema=None,
+    ema_steps: int = 32,
+    clip_grad_norm: float = 0.0,
+    log_interval: int = 20,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[torch.Tensor], None] | None = None,
+    skip_bad_images: bool = False,
+    epochs: int | None = None,
+) -> dict:
+    """One pass over this rank's shard of epoch `state.epoch`, advancing state.step and state.batch.
+    Loss and accuracy stay on the device between log intervals, the loop's only host syncs. Every
+    `checkpoint_every` steps `on_checkpoint(sums)` saves a mid-epoch checkpoint (sums: this rank's
+    loss, top-1 and image counts so far). `ema` (an AveragedModel of `model`'s unwrapped module) is
+    updated every `ema_steps` steps. A WeightedSum criterion's terms are reported too."""
+    model.train()
+    device, epoch = runtime.device, state.epoch
+    loader.sampler.set_epoch(epoch)
+    terms = list(getattr(criterion, "losses", {}))  # WeightedSum: each term's mean, beside the total
+    sums = torch.zeros(3 + len(terms), dtype=torch.float64, device=device)  # loss, top-1, n, terms...
+    if state.train_sums is not None:  # resumed mid-epoch: rank 0 carries the epoch's (global) sums so far
+        if global_rank() == 0:
+            sums[: len(state.train_sums)] += state.train_sums.to(device)
+        state.train_sums = None
+    first_bad_step = torch.tensor(-1, device=device)
+    start, seen = time.perf_counter(), 0  # images this process trained on in this call
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{epochs or '?'}",
+        unit="batch",
+        disable=not is_main() or None,
+        initial=state.batch,
+        total=state.batch + len(loader),
+    )
+    for images, targets, _, errors in bar:
+        state.bad_images += check_bad_images(errors, loader.dataset.samples, skip_bad_images)
+        if len(targets) == 0:  # every image of the batch was unreadable and skipped
+            if world_size() > 1:  # the other ranks wait in the gradient all-reduce: stop instead of hanging
+                raise UserError(
+                    f"a whole batch was unreadable on rank {global_rank()} ({', '.join(state.bad_images[-3:])}"
+                    "...); remove the unreadable files"
+                )
+            state.batch += 1
+            continue
+        seen += len(targets)
+        images, targets = runtime.inputs(images, targets)
+        with autocast(device, runtime.amp_dtype):
+            logits = model(images)
+        loss = criterion(logits, targets)
+        scaler.scale(loss).backward()
+        if clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batch += 1
+        if ema is not None and state.step % ema_steps == 0:
+            ema.update_parameters(model)  # DDP and compile wrap the same parameters
+        loss = loss.detach()
+        first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), state.step, first_bad_step)
+        count = torch.tensor(len(targets), device=device)
+        parts = [criterion.parts[t].double() * len(targets) for t in terms]
+        top1 = topk_correct(logits.detach(), targets, (1,))[0]
+        sums += torch.stack([loss.double() * len(targets), top1, count, *parts])
+        last = state.batch == bar.total
+        save_now = bool(checkpoint_every) and state.step % checkpoint_every == 0 and not last
+        if state.step % log_interval == 0 or last or save_now:
+            if first_bad_step.item() >= 0:  # the only host syncs of the loop: at log and save points
+                raise UserError(
+                    f"loss became {loss.item()} at step {first_bad_step.item()} (epoch {epoch + 1}); the last good "
+                    "checkpoint is kept; lower --lr or enable --clip-grad-norm"
+                )
+            loss_sum, _, n = all_reduce_sum(sums[:3].clone()).tolist()
+            rate = seen * world_size() / (time.perf_counter() - start)
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
+            if save_now and on_checkpoint is not None:
+                on_checkpoint(sums)
+    totals = all_reduce_sum(sums).tolist()
+    seconds = time.perf_counter() - start
+    n = totals[2]
+    result = {"train_loss": totals[0] / n, "train_acc1": 100 * totals[1] / n}
+    result.update({f"train_loss_{term}": total / n for term, total in zip(terms, totals[3:])})
+    return {**result, "train_time_s": seconds, "img_per_s": seen * world_size() / seconds}
