@@ -1,14 +1,19 @@
-"""Every training option, with its default and why (TrainConfig), and the checks of their bounds.
-Each field is also a train.py option: --key value; precedence: defaults < --config YAML < command line.
-Field types are checked by utils.load_config (a Literal lists the choices)."""
+"""Training configuration: every option with its default and why (TrainConfig), the checks of their
+bounds, and load_config, which makes each field a train.py option (--key value) and checks values
+against the field's annotation (a Literal lists the choices). Precedence: defaults < --config YAML <
+command line."""
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from loss import check_label_smoothing
 from model import check_arch
 from presets import Interpolation, TrainPresetName, check_crop_fits
-from utils import Amp, ChannelsLast, Device, UserError
+from utils import RUNTIME_HELP, Amp, ArgumentParser, ChannelsLast, Device, UserError, closest
 
 
 @dataclass
@@ -17,9 +22,10 @@ class TrainConfig:
     data: str = ""  # ImageFolder root with train/ and val/ (class names need not be wnids)
     arch: str = "resnet18"  # any name in torchvision.models.list_models()
     weights: str | None = None  # start from pretrained weights (DEFAULT, IMAGENET1K_V2, a .pth) to fine-tune
+    weights_dir: str | None = None  # folder of downloaded torchvision .pth files (default: torchvision's cache)
     num_classes: int | None = None  # from the train folder's classes unless set; a new head when it differs
     dropout: float | None = None  # the architecture's dropout probability, where it has one
-    dummy: bool = False  # synthetic images instead of --data, for throughput runs
+    dummy: bool = False  # synthetic images instead of --data, for throughput runs (no checkpoints are written)
     dummy_size: int = 512  # images per epoch with --dummy
     # schedule (torchvision's V1 recipe: 90 epochs, batch 256, SGD 0.1, StepLR 30 x 0.1)
     epochs: int = 90
@@ -114,3 +120,139 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if not cfg.data and not cfg.dummy:
         raise UserError("no data: pass --data DIR (an ImageFolder root with train/ and val/) or --dummy")
     return cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _unwrap_optional(hint) -> tuple[object, bool]:
+    """(X, True) for `X | None`, else (hint, False)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007 (built at run time)
+    return hint, False
+
+
+def _coerce(name: str, value, hint):
+    """A YAML or command-line value checked against the field's type annotation."""
+    hint, optional = _unwrap_optional(hint)
+    if optional and isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"config key '{name}' needs a value")
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        text = str(value).lower() if isinstance(value, bool) else str(value)  # YAML reads `true` as a bool
+        if text not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
+        return text
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # str | dict: a loss name or spec
+        return value if isinstance(value, dict) else str(value)
+    kind = typing.get_origin(hint) or hint
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, bool):
+            return value
+    elif kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = kind(float(value)) if kind is float else int(value)
+            if kind is int and float(value) != number:
+                raise ValueError
+            return number
+        except (TypeError, ValueError):
+            pass
+    elif kind is str:
+        return str(value)
+    elif kind is list and isinstance(value, list):
+        item = (typing.get_args(hint) or (None,))[0]
+        return value if item is None else [_coerce(f"{name} item", v, item) for v in value]
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise UserError(f"config key '{name}' must be {article} {kind.__name__}, got {value!r}")
+
+
+def _read_yaml_config(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value")
+    return values
+
+
+def load_config(cls, argv=None, description: str = ""):
+    """Defaults (the dataclass) < --config YAML < --key value on the command line. Each value is
+    checked against its field's annotation (a Literal lists the choices). Unknown keys, in the file or
+    on the command line, are errors that suggest the closest valid key."""
+    import yaml
+
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    parser = _config_parser(cls, hints, description)
+    args = parser.parse_args(argv)
+    values = _read_yaml_config(args.config) if args.config else {}
+    for key in values:
+        if key not in fields:
+            raise UserError(f"unknown key '{key}' in {args.config}{closest(key, fields)}")
+    for name in fields:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = [yaml.safe_load(v) for v in value]
+        elif value.lstrip().startswith("{"):  # a loss spec such as {focal: 1.0, smooth_l1: 1.0}
+            value = yaml.safe_load(value)
+        values[name] = value
+    return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+
+
+def _config_parser(cls, hints: dict, description: str) -> ArgumentParser:
+    """--key for every field, grouped and explained by the comments of the dataclass's source, so
+    that --help says what TrainConfig says."""
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--config", metavar="YAML", help="a file of keys that differ from the defaults")
+    groups, defaults = _commented_fields(cls), cls()
+    for title, comments in groups.items():
+        group = parser.add_argument_group(title)
+        for name, comment in comments.items():
+            default, kind = getattr(defaults, name), _unwrap_optional(hints[name])[0]
+            shown = "none" if default is None else default
+            options = {"default": None, "help": f"{comment or RUNTIME_HELP.get(name, '')} (default: {shown})"}
+            if typing.get_origin(kind) is Literal:
+                options["metavar"] = "|".join(typing.get_args(kind))
+            elif kind is bool:
+                options.update(nargs="?", const="true", metavar="true|false")
+            elif typing.get_origin(kind) is list:
+                options.update(nargs="*", metavar="VALUE")
+            else:
+                options["metavar"] = {str: "TEXT", int: "INT", float: "FLOAT"}.get(kind, "SPEC")
+            group.add_argument("--" + name.replace("_", "-"), **options)
+    return parser
+
+
+def _commented_fields(cls) -> dict[str, dict[str, str]]:
+    """{section comment: {field: its trailing comment}} from the class's source, in order."""
+    import inspect
+    import re
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    sections, title = {}, "options"
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        section = re.match(r"^\s+# (.+)$", line)
+        field_line = re.match(r"^\s+(\w+):[^#]*(?:#\s*(.*))?$", line)
+        if section:
+            title = section.group(1)
+        elif field_line and field_line.group(1) in names:
+            sections.setdefault(title, {})[field_line.group(1)] = field_line.group(2) or ""
+    return sections

@@ -69,6 +69,28 @@ def weights_enum_for(arch: str, weights, file_default: str | None = None) -> Wei
     return match or resolve_weights(arch, file_default)
 
 
+def run_of_checkpoint(path, arch: str) -> dict | None:
+    """{'classes', 'config'} of a train.py checkpoint of `arch` (a model trained or fine-tuned here: its
+    head's class names and its eval preprocessing), None for any other weights file."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict):
+        return None
+    check_saved_arch(state, arch, path)
+    if isinstance(state.get("config"), dict) and isinstance(state.get("classes"), list):
+        return {"classes": state["classes"], "config": state["config"]}
+    return None
+
+
+def check_saved_arch(state: dict, arch: str, path) -> None:
+    """A train.py checkpoint names its architecture: using it as another one is a clear error."""
+    saved_arch = state.get("config", {}).get("arch") if isinstance(state.get("config"), dict) else None
+    if saved_arch and saved_arch != arch:
+        raise UserError(
+            f"checkpoint {path} is a {saved_arch} model, not {arch}; use it as {saved_arch} "
+            f"(train.py/predict.py --arch {saved_arch}, test_torchvision.py --models {saved_arch})"
+        )
+
+
 def weights_file_name(weights: WeightsEnum) -> str:
     """The file name torchvision caches the weights under, e.g. 'resnet50-11ad3fa6.pth'."""
     return os.path.basename(urlparse(weights.url).path)
@@ -113,12 +135,7 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
     elif is_weights_file(weights):
         state = load_checkpoint(weights)
         state_dict = state.get("model", state) if isinstance(state.get("model"), dict) else state
-        saved_arch = state.get("config", {}).get("arch") if isinstance(state.get("config"), dict) else None
-        if saved_arch and saved_arch != arch:
-            raise UserError(
-                f"checkpoint {weights} is a {saved_arch} model, not {arch}; use it as {saved_arch} "
-                f"(train.py/predict.py --arch {saved_arch}, test_torchvision.py --models {saved_arch})"
-            )
+        check_saved_arch(state, arch, weights)
         head = list(state_dict.values())[-1] if state_dict else None  # torchvision heads end the state dict
         saved_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 1 else 1000
         model = models.get_model(arch, weights=None, num_classes=saved_classes, **kwargs)

@@ -1,12 +1,14 @@
-"""Top-k ImageNet-1k predictions for a few images, with a torchvision classifier.
+"""Top-k predictions for a few images, with a torchvision classifier or a model trained here.
 
     python predict.py cat.jpg dog.png --arch resnet50                     # DEFAULT weights, top 5
     python predict.py cat.jpg --arch vit_b_16 --weights IMAGENET1K_SWAG_E2E_V1 --topk 3
     python predict.py cat.jpg --arch resnet50 --weights checkpoints/resnet50-11ad3fa6.pth
     python predict.py cat.jpg --arch resnet50 --weights-dir /data/weights --json > predictions.json
+    python predict.py rose.jpg --arch resnet50 --weights checkpoints/flowers/best.pt      # its run's class names
 
 Weights come from torchvision's cache ($TORCH_HOME/hub/checkpoints), --weights-dir, or a file. Images
-get the weights' own eval preprocessing (torchvision's DEFAULT weights' for a file).
+get the weights' own eval preprocessing (torchvision's DEFAULT weights' for a file); a train.py
+checkpoint (checkpoints/RUN/best.pt) brings its run's preprocessing and class names.
 """
 
 import json
@@ -15,9 +17,9 @@ import torch
 from PIL import Image
 
 from coder import LabelCoder
-from dataset import load_rgb
+from dataset import imagenet_wnids, load_rgb
 from engine import Runtime
-from model import build_model, is_weights_file, prepare_for_eval, weights_enum_for
+from model import build_model, is_weights_file, prepare_for_eval, run_of_checkpoint, weights_enum_for
 from presets import EvalPreset
 from utils import ArgumentParser, UserError, add_runtime_args, autocast, cli, positive_int, resolve_device
 
@@ -54,18 +56,20 @@ def main(argv=None):
     add_runtime_args(p)
     args = p.parse_args(argv)
 
-    # The enum gives the preprocessing and class names; a file takes those of its torchvision weights
-    # (matched by file name) or of the arch's DEFAULT weights.
+    # A train.py checkpoint brings its run's class names and eval preprocessing; otherwise the enum
+    # gives them, and a file takes those of its torchvision weights (matched by file name) or of the
+    # arch's DEFAULT weights.
+    run = run_of_checkpoint(args.weights, args.arch) if is_weights_file(args.weights) else None
     enum = weights_enum_for(args.arch, args.weights, file_default="DEFAULT")
-    preset = EvalPreset.from_weights(enum)
+    preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
     images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
     runtime = Runtime.create(resolve_device(args.device), args.amp, args.channels_last, False, preset)
     weights = args.weights if is_weights_file(args.weights) else enum  # the enum: 'none' means random init
     model = build_model(args.arch, weights, weights_dir=args.weights_dir).to(runtime.device)
-    model = prepare_for_eval(
-        model, channels_last=runtime.channels_last, fuse_bn=False
-    )  # a few images: not worth a trace
-    coder = LabelCoder.imagenet(enum)
+    model = prepare_for_eval(model, runtime.channels_last, fuse_bn=False)  # a few images: not worth a trace
+    coder = (
+        LabelCoder.imagenet(enum) if run is None or run["classes"] == imagenet_wnids() else LabelCoder(run["classes"])
+    )
 
     results = []
     with torch.inference_mode(), autocast(runtime.device, runtime.amp_dtype):

@@ -59,6 +59,12 @@ class EvalPreset:
         settings.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**settings)
 
+    @classmethod
+    def from_train_config(cls, config: dict, resize=None, crop=None, interpolation=None) -> "EvalPreset":
+        """The validation preprocessing of a train.py run (its saved config), with any setting overridden."""
+        return cls(resize or config["val_resize_size"], crop or config["val_crop_size"],
+                   interpolation or config.get("interpolation", "bilinear"))  # fmt: skip
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = F.resize(
             image, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=self.antialias

@@ -1,6 +1,6 @@
 """What runs write: result tables (markdown/CSV/JSON), run folders with their config, run info,
-metrics.csv, TensorBoard events and plots, the "our training" table, and benchmark.py's report.
-Every file is written atomically."""
+metrics.csv and TensorBoard events, the "our training" table, and benchmark.py's report (figures:
+plots.py). Every file is written atomically."""
 
 import csv
 import io
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils import UserError, atomic_write, atomic_write_text, world_size
+from utils import UserError, atomic_write_text, world_size
 
 
 def format_cell(value) -> str:
@@ -61,67 +61,6 @@ def write_metrics(history: list[dict], run_dir, tensorboard=None) -> None:
     atomic_write_text(Path(run_dir) / "metrics.csv", buffer.getvalue())
 
 
-def plot_curves(history: list[dict], run_dir) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(epochs, [row["train_loss"] for row in history], label="train")
-    left.plot(epochs, [row["val_loss"] for row in history], label="val")
-    right.plot(epochs, [row["train_acc1"] for row in history], label="train top-1")
-    right.plot(epochs, [row["val_acc1"] for row in history], label="val top-1")
-    right.plot(epochs, [row["val_acc5"] for row in history], label="val top-5")
-    if "ema_acc1" in history[-1]:
-        right.plot(epochs, [row["ema_acc1"] for row in history], label="EMA val top-1")
-    left.set(xlabel="epoch", ylabel="loss", title="loss")
-    right.set(xlabel="epoch", ylabel="%", title="accuracy")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(Path(run_dir) / "curves.png", lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
-    plt.close(fig)
-
-
-def plot_acc_vs_gmacs(records: list[dict], path: Path) -> None:
-    """Published acc@1 against GMACs (log x), one colour per model family, every point labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    families = sorted({r["family"] for r in records})
-    colours = plt.get_cmap("tab20")
-    fig, ax = plt.subplots(figsize=(16, 10))
-    for i, family in enumerate(families):
-        rows = [r for r in records if r["family"] == family and r["acc1_published"] is not None]
-        ax.scatter(
-            [r["gmacs"] for r in rows],
-            [r["acc1_published"] for r in rows],
-            s=18,
-            color=colours(i % 20),
-            marker="o" if i < 20 else "s",
-            label=family,
-        )
-        for r in rows:
-            label = r["model"] + ("" if r["weights"].endswith("IMAGENET1K_V1") else "." + r["weights"].split(".")[1])
-            ax.annotate(label, (r["gmacs"], r["acc1_published"]), fontsize=5, xytext=(2, 2), textcoords="offset points")
-    ax.set(
-        xscale="log",
-        xlabel="GMACs at the weights' eval resolution (log scale)",
-        ylabel="published top-1 (%)",
-        title="torchvision ImageNet-1K weights: accuracy vs compute",
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150), mode="wb")
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- run folders
 
 
@@ -134,10 +73,12 @@ def choose_run_dir(output, run_name: str, arch: str, resume: str) -> tuple[Path,
         return _run_to_resume(output, run_name, arch)
     if run_name:
         run_dir = output / run_name
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
             raise UserError(
                 f"run dir {run_dir} already exists; continue it with --resume auto or choose another --run-name"
             )
+        if run_dir.exists() and any(run_dir.iterdir()):  # no checkpoint: a start that failed, or --dummy
+            print(f"note: {run_dir} holds no checkpoint (a run that never saved one); starting afresh in it")
         return run_dir, None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, n = output / f"{arch}-{stamp}", 1
@@ -238,61 +179,42 @@ def tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-RUN_COLUMNS = [
-    "model",
-    "run",
-    "params",
-    "gmacs",
-    "resolution",
-    "epochs",
-    "acc1",
-    "acc5",
-    "err1",
-    "err5",
-    "ema_acc1",
-    "training_hours",
-    "gpu",
-    "world_size",
-]
+RUN_COLUMNS = """model run params gmacs resolution epochs finished acc1 acc5 err1 err5 ema_acc1 training_hours gpu
+    world_size""".split()
 
 
 def collect_runs(runs_dir, out) -> list[dict]:
-    """One row per train.py run (its best epoch), written to OUT/our_training.{md,csv,json}."""
+    """One row per train.py run (its best epoch), written to OUT/our_training.{md,csv,json}. --dummy
+    runs (throughput on synthetic images) are left out; a run stopped early says so (finished: 7/20)."""
     import yaml
 
     from model import complexity
 
+    if not Path(runs_dir).is_dir():
+        raise UserError(f"runs folder {runs_dir} does not exist; pass the --output folder of train.py (checkpoints)")
     records = []
     for metrics in sorted(Path(runs_dir).glob("*/metrics.csv")):
         run = metrics.parent
         config = yaml.safe_load((run / "config.yaml").read_text())
+        if config.get("dummy"):
+            continue
         info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
         rows = list(csv.DictReader(metrics.read_text().splitlines()))
         best = max(rows, key=lambda row: float(row["val_acc1"]))
         size = config["val_crop_size"]
-        num_classes = len(info.get("classes", [])) or config["num_classes"]
-        count = complexity(config["arch"], size=size, num_classes=num_classes)
+        count = complexity(config["arch"], size=size, num_classes=len(info.get("classes", [])) or config["num_classes"])
         acc1, acc5 = float(best["val_acc1"]), float(best["val_acc5"])
-        records.append(
-            {
-                "model": config["arch"],
-                "run": run.name,
-                "params": count["params"],
-                "gmacs": round(count["gmacs"], 3),
-                "resolution": f"{size} x {size}",
-                "epochs": len(rows),
-                "acc1": acc1,
-                "acc5": acc5,
-                "err1": 100 - acc1,
-                "err5": 100 - acc5,
-                "ema_acc1": float(best["ema_acc1"]) if best.get("ema_acc1") else None,
-                "training_hours": sum(float(row["epoch_time_s"]) for row in rows) / 3600,
-                "gpu": info.get("gpu") or "cpu",
-                "world_size": info.get("world_size"),
-            }
-        )
+        records.append({
+            "model": config["arch"], "run": run.name, "params": count["params"], "gmacs": round(count["gmacs"], 3),
+            "resolution": f"{size} x {size}", "epochs": len(rows),
+            "finished": "yes" if len(rows) >= config["epochs"] else f"{len(rows)}/{config['epochs']}",
+            "acc1": acc1, "acc5": acc5, "err1": 100 - acc1, "err5": 100 - acc5,
+            "ema_acc1": float(best["ema_acc1"]) if best.get("ema_acc1") else None,
+            "training_hours": sum(float(row["epoch_time_s"]) for row in rows) / 3600,
+            "gpu": info.get("gpu") or "cpu", "world_size": info.get("world_size"),
+        })  # fmt: skip
     if not records:
-        raise UserError(f"no finished runs (*/metrics.csv) in {runs_dir}")
+        raise UserError(f"no finished runs (*/metrics.csv of a run with real data) in {runs_dir}")
     paths = write_records(records, out, "our_training", RUN_COLUMNS)
     print(paths[0].read_text(), end="")
     return records

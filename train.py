@@ -11,11 +11,12 @@ Every key of TrainConfig (config.py) is also --key value; precedence: defaults <
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from config import TrainConfig, check_config
+from config import TrainConfig, check_config, load_config
 from dataset import (
     ImageDataset,
     ShardSampler,
@@ -28,8 +29,9 @@ from dataset import (
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
 from model import build_model, load_checked
+from plots import plot_curves
 from presets import EvalPreset, train_preset
-from report import choose_run_dir, plot_curves, tensorboard_writer, write_metrics, write_run_files
+from report import choose_run_dir, tensorboard_writer, write_metrics, write_run_files
 from utils import (
     UserError,
     all_reduce_sum,
@@ -37,8 +39,8 @@ from utils import (
     broadcast_object,
     cleanup_distributed,
     cli,
+    interrupt_in,
     load_checkpoint,
-    load_config,
     save_checkpoint,
     setup_distributed,
     world_size,
@@ -85,7 +87,7 @@ def build_network(cfg: TrainConfig, num_classes: int, runtime: Runtime) -> torch
     """The architecture (pretrained with --weights), on the device, in the runtime's memory layout."""
     options = {} if cfg.dropout is None else {"dropout": cfg.dropout}
     try:
-        model = build_model(cfg.arch, cfg.weights, num_classes, **options)
+        model = build_model(cfg.arch, cfg.weights, num_classes, weights_dir=cfg.weights_dir, **options)
     except TypeError as e:  # the builder has no such keyword
         raise UserError(f"{cfg.arch} has no dropout setting; remove --dropout") from e
     if cfg.sync_bn and runtime.device.type != "cuda":
@@ -170,7 +172,10 @@ class Training:
 
 def save(run_dir, training: Training, state: TrainState, cfg: TrainConfig, classes, partial_sums=None, best=False):
     """last.pt (and best.pt) on rank 0: the unwrapped, uncompiled model and all that a resume needs.
-    partial_sums: a mid-epoch checkpoint's per-rank sums of the epoch so far (summed over ranks here)."""
+    partial_sums: a mid-epoch checkpoint's per-rank sums of the epoch so far (summed over ranks here).
+    --dummy runs measure speed and save nothing."""
+    if cfg.dummy:
+        return
     sums = None if partial_sums is None else all_reduce_sum(partial_sums.clone()).cpu()
     if global_rank() != 0:
         return
@@ -194,16 +199,30 @@ def main(cfg: TrainConfig) -> dict:
     check_config(cfg)
     device = setup_distributed(cfg.device)
     try:
-        return fit(cfg, device)
+        run_dir, resume_from = open_run(cfg)
+        try:
+            return fit(cfg, device, run_dir, resume_from)
+        except BaseException as e:  # Ctrl-C (also inside torch.save): say what is kept and how to go on
+            if interrupt_in(e) is None:
+                raise
+            raise KeyboardInterrupt(how_to_continue(run_dir)) from None
     finally:
         cleanup_distributed()
 
 
-def fit(cfg: TrainConfig, device) -> dict:
+def how_to_continue(run_dir: Path) -> str:
+    if (run_dir / "last.pt").is_file():
+        return (
+            f"interrupted; {run_dir / 'last.pt'} is kept: continue with the same command and "
+            f"--run-name {run_dir.name} --resume auto"
+        )
+    return f"interrupted before the first checkpoint; the run name {run_dir.name} can be used again"
+
+
+def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> dict:
     """Build, restore, loop, report. Returns the run dir, the per-epoch history, the best val top-1 and
     the trained (unwrapped) model."""
     # build
-    run_dir, resume_from = open_run(cfg)
     checkpoint = load_train_checkpoint(resume_from)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
@@ -260,8 +279,8 @@ def fit(cfg: TrainConfig, device) -> dict:
         if global_rank() == 0:
             write_metrics(state.history, run_dir, writer)
             tqdm.write(
-                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f} | val "
-                f"loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f} top-5 {row['val_acc5']:.2f} | "
+                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f}% | val "
+                f"loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% top-5 {row['val_acc5']:.2f}% | "
                 f"{row['img_per_s']:.1f} img/s, {row['epoch_time_s']:.1f} s"
             )
 
@@ -271,7 +290,8 @@ def fit(cfg: TrainConfig, device) -> dict:
         if state.bad_images:
             bad = sorted(set(state.bad_images))
             print(f"skipped {len(bad)} unreadable images:\n  " + "\n  ".join(bad))
-        print(f"done: best val top-1 {state.best_acc1:.3f}; checkpoints and metrics in {run_dir}")
+        saved = "metrics" if cfg.dummy else "checkpoints and metrics"
+        print(f"done: best val top-1 {state.best_acc1:.3f}%; {saved} in {run_dir}")
     return {"run_dir": str(run_dir), "history": state.history, "best_acc1": state.best_acc1, "model": model}
 
 

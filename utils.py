@@ -1,15 +1,13 @@
-"""What every script shares: user-facing errors and the command line, config loading, devices and
-mixed precision, distributed helpers, and atomic file and checkpoint I/O. Nothing here knows about a
+"""What every script shares: user-facing errors and the command line, devices and mixed precision,
+distributed helpers, and atomic file and checkpoint I/O. Nothing here knows about a
 particular model or dataset."""
 
 import argparse
-import dataclasses
 import difflib
 import functools
 import os
 import sys
 import tempfile
-import types
 import typing
 from pathlib import Path
 from typing import Literal
@@ -28,7 +26,8 @@ def closest(name: str, choices, n: int = 3) -> str:
 
 
 def cli(main):
-    """Run an entry point: a UserError becomes one 'error: ...' line on stderr and exit code 2."""
+    """Run an entry point: a UserError becomes one 'error: ...' line on stderr and exit code 2; Ctrl-C
+    one line and exit code 130, with what to do next where the entry point says (KeyboardInterrupt(text))."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -37,11 +36,25 @@ def cli(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("error: interrupted; finished results and checkpoints are kept", file=sys.stderr)
+        except BaseException as e:
+            interrupt = interrupt_in(e)
+            if interrupt is None:
+                raise
+            text = interrupt.args[0] if interrupt.args else "interrupted; finished results and checkpoints are kept"
+            print(f"error: {text}", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
+
+
+def interrupt_in(error: BaseException | None) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt behind an error: Ctrl-C inside torch.save surfaces as the RuntimeError its
+    half-written zip raises while the interrupt is handled."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -53,6 +66,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option suggests the closest known one (--model: --models)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            flag = unknown[0].split("=")[0]
+            if not flag.startswith("-"):
+                raise UserError(f"unexpected argument '{flag}' (see --help)")
+            known = [option for action in self._actions for option in action.option_strings]
+            raise UserError(f"unknown option {flag}{closest(flag, known)} (see --help)")
+        return parsed
 
 
 def positive_int(text: str) -> int:
@@ -94,117 +118,6 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int | None = N
     if batch_size is not None:
         group.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"(default: {batch_size})")
         group.add_argument("--workers", type=non_negative_int, default=None, help=RUNTIME_HELP["workers"])
-
-
-# ----------------------------------------------------------------------------- configuration
-
-
-def _unwrap_optional(hint) -> tuple[object, bool]:
-    """(X, True) for `X | None`, else (hint, False)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007 (built at run time)
-    return hint, False
-
-
-def _coerce(name: str, value, hint):
-    """A YAML or command-line value checked against the field's type annotation."""
-    hint, optional = _unwrap_optional(hint)
-    if optional and isinstance(value, str) and value.lower() in ("none", "null"):
-        value = None
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"config key '{name}' needs a value")
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        text = str(value).lower() if isinstance(value, bool) else str(value)  # YAML reads `true` as a bool
-        if text not in choices:
-            raise UserError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
-        return text
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # str | dict: a loss name or spec
-        return value if isinstance(value, dict) else str(value)
-    kind = typing.get_origin(hint) or hint
-    if kind is bool:
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if isinstance(value, bool):
-            return value
-    elif kind in (int, float) and not isinstance(value, bool):
-        try:
-            number = kind(float(value)) if kind is float else int(value)
-            if kind is int and float(value) != number:
-                raise ValueError
-            return number
-        except (TypeError, ValueError):
-            pass
-    elif kind is str:
-        return str(value)
-    elif kind is list and isinstance(value, list):
-        item = (typing.get_args(hint) or (None,))[0]
-        return value if item is None else [_coerce(f"{name} item", v, item) for v in value]
-    article = "an" if kind.__name__[0] in "aeiou" else "a"
-    raise UserError(f"config key '{name}' must be {article} {kind.__name__}, got {value!r}")
-
-
-def _read_yaml_config(path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must be a mapping of key: value")
-    return values
-
-
-def load_config(cls, argv=None, description: str = ""):
-    """Defaults (the dataclass) < --config YAML < --key value on the command line. Each value is
-    checked against its field's annotation (a Literal lists the choices). Unknown keys, in the file or
-    on the command line, are errors that suggest the closest valid key."""
-    import yaml
-
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults = cls()
-    parser = ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML file of keys that differ from the defaults")
-    for name in fields:
-        default, kind = getattr(defaults, name), _unwrap_optional(hints[name])[0]
-        flag, help_text = "--" + name.replace("_", "-"), f"{RUNTIME_HELP.get(name, '')} (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, nargs="?", const="true", default=None, help=help_text)
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, nargs="*", default=None, help=help_text)
-        else:
-            parser.add_argument(flag, default=None, help=help_text)
-    args, unknown = parser.parse_known_args(argv)
-    for arg in unknown:
-        if arg.startswith("--"):
-            flags = ["--" + name.replace("_", "-") for name in fields]
-            raise UserError(f"unknown option {arg.split('=')[0]}{closest(arg.split('=')[0], flags)}")
-        raise UserError(f"unexpected argument '{arg}' (options are --key value)")
-    values = _read_yaml_config(args.config) if args.config else {}
-    for key in values:
-        if key not in fields:
-            raise UserError(f"unknown key '{key}' in {args.config}{closest(key, fields)}")
-    for name in fields:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if isinstance(value, list):
-            value = [yaml.safe_load(v) for v in value]
-        elif value.lstrip().startswith("{"):  # a loss spec such as {focal: 1.0, smooth_l1: 1.0}
-            value = yaml.safe_load(value)
-        values[name] = value
-    return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
 
 
 # ----------------------------------------------------------------------------- devices and mixed precision
@@ -344,6 +257,7 @@ def atomic_write(path, write_fn, mode: str = "w") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; results are for colleagues to read too
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
@@ -354,6 +268,13 @@ def atomic_write(path, write_fn, mode: str = "w") -> None:
         if isinstance(e, OSError):
             raise UserError(f"could not write {path}: {e.strerror or e}; the previous file is intact") from e
         raise
+
+
+def _new_file_mode() -> int:
+    """The permissions open() gives a new file under the current umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -7,8 +7,8 @@ import pytest
 
 import benchmark
 import test_torchvision
-from config import TrainConfig
-from utils import RUNTIME_HELP, Amp, ChannelsLast, Device, UserError, load_config
+from config import TrainConfig, load_config
+from utils import RUNTIME_HELP, Amp, ChannelsLast, Device, UserError
 
 SHARED = {"device": Device, "amp": Amp, "channels_last": ChannelsLast}
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torchvision import models
 
+from config import TrainConfig, load_config
 from conftest import make_image, save_torchvision_checkpoint
 from dataset import imagenet_wnids
 from test_train import TINY, make_colour_dataset
-from train import TrainConfig
 from train import main as train_main
-from utils import UserError, load_config
+from utils import UserError
 
 
 def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

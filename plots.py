@@ -1,0 +1,176 @@
+"""Figures: a run's training curves, and published accuracy against compute for every torchvision
+weights, as a PNG whose labels never overlap (the Pareto front and the DEFAULT weights are named) and as
+an HTML page where every point names itself on hover. Each file is written atomically.
+
+    python test_torchvision.py --out docs      # docs/acc_vs_gmacs.png and docs/acc_vs_gmacs.html
+"""
+
+import html
+import math
+from pathlib import Path
+
+from utils import atomic_write, atomic_write_text
+
+MARKERS = "osD^v<>pPhX*"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict], run_dir) -> None:
+    """curves.png: train and val loss, train and val top-1, val top-5 (and the EMA's) per epoch."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(epochs, [row["train_loss"] for row in history], label="train")
+    left.plot(epochs, [row["val_loss"] for row in history], label="val")
+    right.plot(epochs, [row["train_acc1"] for row in history], label="train top-1")
+    right.plot(epochs, [row["val_acc1"] for row in history], label="val top-1")
+    right.plot(epochs, [row["val_acc5"] for row in history], label="val top-5")
+    if "ema_acc1" in history[-1]:
+        right.plot(epochs, [row["ema_acc1"] for row in history], label="EMA val top-1")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    right.set(xlabel="epoch", ylabel="%", title="accuracy")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(run_dir) / "curves.png", lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
+    plt.close(fig)
+
+
+def family_styles(families: list[str]) -> dict[str, tuple]:
+    """family -> (colour, marker): every family its own colour (tab20, then tab20b) and a marker."""
+    plt = _pyplot()
+    colours = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    return {family: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, family in enumerate(families)}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, accuracy) points that no other point beats: as cheap or cheaper and at
+    least as accurate, one of them strictly. Ordered by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def point_label(record: dict) -> str:
+    """'resnet50' for the DEFAULT weights, 'resnet50 (IMAGENET1K_V1)' for the others."""
+    return record["model"] if record.get("default") else f"{record['model']} ({record['weights'].split('.')[-1]})"
+
+
+def plot_acc_vs_gmacs(records: list[dict], path: Path) -> list[tuple]:
+    """Published top-1 against GMACs (log x): a colour and marker per family, the Pareto front drawn,
+    its points and the DEFAULT weights labelled where a label fits without overlapping another label,
+    a point or the legend. Also writes the hover-labelled HTML beside it. Returns the labels drawn,
+    (text, box) pairs."""
+    plt = _pyplot()
+    rows = [r for r in records if r["acc1_published"] is not None]
+    styles = family_styles(sorted({r["family"] for r in rows}))
+    fig, ax = plt.subplots(figsize=(18, 11))
+    for family, (colour, marker) in styles.items():
+        mine = [r for r in rows if r["family"] == family]
+        ax.scatter([r["gmacs"] for r in mine], [r["acc1_published"] for r in mine], s=22, color=colour,
+                   marker=marker, label=family, zorder=3)  # fmt: skip
+    front = pareto_front([(r["gmacs"], r["acc1_published"]) for r in rows])
+    ax.plot([rows[i]["gmacs"] for i in front], [rows[i]["acc1_published"] for i in front], color="black",
+            alpha=0.35, linewidth=1, drawstyle="steps-post", label="Pareto front", zorder=2)  # fmt: skip
+    gmacs = [r["gmacs"] for r in rows]
+    ax.set(xscale="log", xlim=(min(gmacs) / 1.6, max(gmacs) * 1.6), xlabel="GMACs at the weights' eval resolution"
+           " (log scale)", ylabel="published top-1 (%)", title="torchvision ImageNet-1K weights: accuracy vs "
+           "compute (labelled: the Pareto front and DEFAULT weights; every point in acc_vs_gmacs.html)")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    legend = ax.legend(fontsize=8, ncol=2, loc="lower right")
+    fig.tight_layout()
+    wanted = front + [i for i in sorted(range(len(rows)), key=lambda i: -rows[i]["acc1_published"])
+                      if rows[i].get("default") and i not in front]  # fmt: skip
+    labels = place_labels(fig, ax, [(rows[i]["gmacs"], rows[i]["acc1_published"], point_label(rows[i]))
+                                    for i in wanted], avoid=[legend.get_window_extent()])  # fmt: skip
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150), mode="wb")
+    plt.close(fig)
+    write_acc_vs_gmacs_html(rows, styles, Path(path).with_suffix(".html"))
+    return labels
+
+
+OFFSETS = [(5, 3), (5, -10), (-5, 3), (-5, -10), (5, 10), (-5, 10), (5, -17), (-5, -17), (0, 16), (0, -22)]
+
+
+def place_labels(fig, ax, points: list[tuple[float, float, str]], avoid=()) -> list[tuple]:
+    """Greedy placement, in the given order: each label takes the first offset around its point where
+    its box stays inside the axes and overlaps no placed label, no point and nothing in `avoid`;
+    a label that fits nowhere is left out (the HTML names every point). Returns (text, box) of each
+    label drawn, boxes in display pixels."""
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    taken = list(avoid)  # boxes no label may overlap: the legend, every marker, the labels placed
+    for collection in ax.collections:
+        taken += [_box(px - 4, py - 4, px + 4, py + 4) for px, py in ax.transData.transform(collection.get_offsets())]
+    placed = []
+    for x, y, text in points:
+        for dx, dy in OFFSETS:
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=6.5,
+                                ha="left" if dx >= 0 else "right", zorder=4)  # fmt: skip
+            box = label.get_window_extent(renderer)
+            fits = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
+            if fits and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                placed.append((text, box))
+                break
+            label.remove()
+    return placed
+
+
+def _box(x0, y0, x1, y1):
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
+def write_acc_vs_gmacs_html(rows: list[dict], styles: dict, path: Path, width=1100, height=700) -> None:
+    """A self-contained page (inline SVG, no script, no dependency): every point a circle whose tooltip
+    gives model, weights, GMACs, params and published top-1/top-5; the families listed beside."""
+    pad, log = 60, math.log10
+    x_min, x_max = log(min(r["gmacs"] for r in rows) / 1.3), log(max(r["gmacs"] for r in rows) * 1.3)
+    y_min, y_max = min(r["acc1_published"] for r in rows) - 1, max(r["acc1_published"] for r in rows) + 1
+
+    def xy(r):
+        x = pad + (log(r["gmacs"]) - x_min) / (x_max - x_min) * (width - 2 * pad)
+        return x, height - pad - (r["acc1_published"] - y_min) / (y_max - y_min) * (height - 2 * pad)
+
+    def colour(family):
+        return "#" + "".join(f"{round(255 * c):02x}" for c in styles[family][0][:3])
+
+    ticks = [t for t in (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000) if x_min <= log(t) <= x_max]
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">']
+    for t in ticks:
+        x = xy({"gmacs": t, "acc1_published": y_min})[0]
+        svg.append(f'<line x1="{x:.1f}" y1="{pad}" x2="{x:.1f}" y2="{height - pad}" stroke="#ddd"/>'
+                   f'<text x="{x:.1f}" y="{height - pad + 16}" text-anchor="middle">{t:g}</text>')  # fmt: skip
+    for acc in range(math.ceil(y_min), math.floor(y_max) + 1, 2):
+        y = xy({"gmacs": 10**x_min, "acc1_published": acc})[1]
+        svg.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{width - pad}" y2="{y:.1f}" stroke="#eee"/>'
+                   f'<text x="{pad - 6}" y="{y + 4:.1f}" text-anchor="end">{acc}</text>')  # fmt: skip
+    for r in rows:
+        x, y = xy(r)
+        tip = (f"{r['model']} — {r['weights']}\n{r['gmacs']:.3f} GMACs, {r['params']:,} params\n"
+               f"top-1 {r['acc1_published']:.3f}%, top-5 {r['acc5_published']:.3f}%")  # fmt: skip
+        svg.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{5 if r.get("default") else 3.5}" '
+                   f'fill="{colour(r["family"])}"><title>{html.escape(tip)}</title></circle>')  # fmt: skip
+    svg.append(f'<text x="{width / 2}" y="{height - 18}" text-anchor="middle">GMACs (log scale)</text>'
+               f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">'
+               "published top-1 (%)</text></svg>")  # fmt: skip
+    legend = "".join(f'<li><span style="color:{colour(f)}">&#9679;</span> {html.escape(f)}</li>' for f in styles)
+    page = ("<!doctype html><meta charset='utf-8'><title>torchvision weights: accuracy vs compute</title>"
+            "<h3>torchvision ImageNet-1K weights: published top-1 against GMACs (hover a point; large: DEFAULT)</h3>"
+            f"<div style='display:flex'>{''.join(svg)}<ul style='list-style:none'>{legend}</ul></div>\n")  # fmt: skip
+    atomic_write_text(path, page)
