@@ -22,7 +22,7 @@ class TrainConfig:
     data: str = ""  # ImageFolder root with train/ and val/ (class names need not be wnids)
     arch: str = "resnet18"  # any name in torchvision.models.list_models()
     weights: str | None = None  # start from pretrained weights (DEFAULT, IMAGENET1K_V2, a .pth) to fine-tune
-    weights_dir: str | None = None  # folder of downloaded torchvision .pth files (default: torchvision's cache)
+    weights_dir: str | None = None  # folder of downloaded torchvision .pth files; none: torchvision's cache
     num_classes: int | None = None  # from the train folder's classes unless set; a new head when it differs
     dropout: float | None = None  # the architecture's dropout probability, where it has one
     dummy: bool = False  # synthetic images instead of --data, for throughput runs (no checkpoints are written)

@@ -278,7 +278,10 @@ def build_loader(
     persistent_workers: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of (uint8 images, targets, indices, errors) batches (see collate); persistent_workers
-    keeps the loader processes between epochs (training)."""
+    keeps the loader processes between epochs (training). Each epoch's iterator draws its workers' base
+    seed from the loader's own generator, not torch's global RNG: a run resumed in the middle of an epoch
+    then finds the global RNG (dropout's) where the uninterrupted run had it. (Augmentations are seeded
+    per image by ImageDataset, whatever the worker seeds.)"""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -287,6 +290,7 @@ def build_loader(
         collate_fn=collate,
         pin_memory=pin_memory,
         drop_last=drop_last,
+        generator=torch.Generator().manual_seed(0),
         persistent_workers=workers > 0 and persistent_workers,
         prefetch_factor=4 if workers > 0 else None,
     )

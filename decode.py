@@ -33,8 +33,8 @@ def decode_rgb(path: str, data: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def resize_crop(image: torch.Tensor, preset: EvalPreset) -> torch.Tensor:
-    """EvalPreset on a (3, H, W) uint8 tensor on any device: pixels within 1 level of PIL's (measured,
-    libjpeg decoding); on a GPU, nvjpeg's IDCT differs a little more."""
+    """EvalPreset on a (3, H, W) uint8 tensor on any device: pixels within 1 level of PIL's with libjpeg
+    decoding (tests/test_eval.py); on a GPU, nvjpeg's IDCT differs a little more."""
     image = F.resize(
         image, [preset.resize], interpolation=InterpolationMode(preset.interpolation), antialias=preset.antialias
     )

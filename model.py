@@ -292,9 +292,10 @@ def model_family(arch: str) -> str:
 
 
 def prepare_for_eval(model: nn.Module, channels_last: bool = True, fuse_bn: bool = True) -> nn.Module:
-    """The inference form of a model: BatchNorm folded into the convolutions before it (torch.fx;
-    ~15% faster for resnet18 on CPU, logits move by ~1e-6, as with any change of conv algorithm) and
-    channels_last (NHWC: oneDNN's and cuDNN's fast layout). Models fx cannot trace stay unfused."""
+    """The inference form of a model: BatchNorm folded into the convolutions before it (torch.fx; one
+    convolution instead of two passes; logits move by ~1e-6, as with any change of conv algorithm:
+    docs/performance.md) and channels_last (NHWC: oneDNN's and cuDNN's fast layout). Models fx cannot
+    trace stay unfused."""
     model = model.eval()
     if fuse_bn:
         from torch.fx.experimental.optimization import fuse

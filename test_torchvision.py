@@ -322,7 +322,8 @@ def eval_samples(args, run: dict | None) -> list[Sample]:
         if unknown:
             raise UserError(
                 f"class folder '{unknown[0]}' in {args.data} is not one of the {len(index)} classes of "
-                f"{args.weights} ({', '.join(run['classes'][:3])}, ...); evaluate it on a folder of its run's classes"
+                f"{args.weights} ({', '.join(run['classes'][:3])}{', ...' if len(index) > 3 else ''}); evaluate it "
+                "on a folder of its run's classes"
             )
         samples = [Sample(s.path, index[names[s.target]]) for s in found]
     return samples[: args.limit] if args.limit else samples

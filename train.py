@@ -10,6 +10,7 @@ Every key of TrainConfig (config.py) is also --key value; precedence: defaults <
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,15 +71,9 @@ def build_data(cfg: TrainConfig, device) -> tuple:
     world, rank = world_size(), global_rank()
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     pin = device.type == "cuda"
-    train_loader = build_loader(
-        train_set,
-        cfg.batch_size,
-        workers,
-        TrainSampler(train_set, world, rank, cfg.seed),
-        pin,
-        drop_last=len(train_set) >= cfg.batch_size * world,
-        persistent_workers=True,
-    )
+    sampler = TrainSampler(train_set, world, rank, cfg.seed)
+    drop_last = len(train_set) >= cfg.batch_size * world  # full batches, unless the set is smaller than one
+    train_loader = build_loader(train_set, cfg.batch_size, workers, sampler, pin, drop_last, persistent_workers=True)
     val_loader = build_loader(val_set, cfg.batch_size, workers, ShardSampler(len(val_set), world, rank), pin)
     return train_loader, val_loader, classes
 
@@ -155,10 +150,19 @@ class Training:
         return {"model": self.model.state_dict(), **states}
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        """All but the model, which is loaded (and checked against the architecture) before."""
+        """All but the model, which is loaded (and checked against the architecture) before. The learning
+        rate schedule is this config's, stepped to the checkpoint's epoch, not the saved one: a run
+        resumed with more --epochs follows the longer schedule (a saved cosine would end at lr 0)."""
+        with warnings.catch_warnings():  # stepped before any optimizer step, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(checkpoint["epoch"]):
+                self.scheduler.step()
+        lrs = [(group["lr"], group["initial_lr"]) for group in self.optimizer.param_groups]
         for key, obj in self.stateful().items():
-            if obj is not None and checkpoint.get(key) is not None:
+            if key != "scheduler" and obj is not None and checkpoint.get(key) is not None:
                 obj.load_state_dict(checkpoint[key])
+        for group, (lr, initial_lr) in zip(self.optimizer.param_groups, lrs):
+            group.update(lr=lr, initial_lr=initial_lr)
 
     def rng_state(self) -> dict:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None

@@ -12,6 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+OFFLINE = {name: "http://127.0.0.1:9" for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}
+
+
+@pytest.fixture
+def offline(monkeypatch) -> dict:
+    """No network for this test and the scripts it starts (they inherit the environment): every HTTP(S)
+    request goes to a closed local port, so 'weights missing offline' is tested online too."""
+    for name, value in {**OFFLINE, "NO_PROXY": "", "no_proxy": ""}.items():
+        monkeypatch.setenv(name, value)
+    return OFFLINE
+
+
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
     """An empty torchvision weights cache: $TORCH_HOME/hub/checkpoints."""

@@ -13,7 +13,6 @@ from dataset import imagenet_wnids
 
 WNIDS = imagenet_wnids()
 WEIGHTS = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
-OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
 
 
 def random_bytes(path):

@@ -6,21 +6,33 @@ import subprocess
 
 import pytest
 import torch
+from PIL import Image
+from torchvision import models
 
-from conftest import ROOT, assert_user_error, make_image, run_script
+from conftest import ROOT, assert_user_error, make_image, run_script, save_torchvision_checkpoint
 from dataset import imagenet_wnids
 
 
-def test_benchmark_runs_every_part_and_writes_json(tmp_path):
-    wnids = imagenet_wnids()
-    for i in range(8):  # two ImageNet classes; a grayscale JPEG and a PNG named .JPEG take the fallbacks
+def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
+    wnids, weights = imagenet_wnids(), models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    model = save_torchvision_checkpoint(torch_home, "mobilenet_v3_small", weights)  # benchmark.py --weights DEFAULT
+    with torch.no_grad():  # logits of O(1), not the near-uniform ones of a fresh head: bf16 then moves probabilities
+        model.classifier[-1].weight.mul_(100)
+    torch.save(model.state_dict(), next((torch_home / "hub" / "checkpoints").glob("*.pth")))
+    for i in range(8):  # a grayscale JPEG and a PNG named .JPEG take the fallbacks
         mode, fmt = ("L", "JPEG") if i == 3 else ("RGB", "PNG") if i == 6 else ("RGB", "JPEG")
-        make_image(tmp_path / "val" / wnids[100 * (i % 2)] / f"{i}.JPEG", (96 + 8 * i, 72), mode, fmt, seed=i)
+        image = make_image(tmp_path / f"{i}.JPEG", (96 + 8 * i, 72), mode, fmt, seed=i)
+        with torch.no_grad():  # the independent exact run: torchvision's transforms and model, no code of ours
+            top1 = model(weights.transforms()(Image.open(image).convert("RGB"))[None]).argmax().item()
+        folder = tmp_path / "val" / wnids[top1 if i % 2 == 0 else (top1 + 1) % 1000]  # exact top-1: 4 of 8
+        folder.mkdir(parents=True, exist_ok=True)
+        image.rename(folder / image.name)
     out = tmp_path / "bench.json"
     # one model thread: quick, and gentle on a shared CPU; --decode gpu must fall back with a note here
     options = "--arch mobilenet_v3_small --batch-size 4 --limit 8 --repeats 1 --train-batch-size 2 --train-steps 2"
     options += " --worker-counts 0 --workers 1 --threads 1 --decode gpu --parts data,model,eval,train,approx"
-    result = run_script("benchmark.py", "--data", tmp_path, *options.split(), "--json", out, timeout=180)
+    result = run_script("benchmark.py", "--data", tmp_path, *options.split(), "--weights", "DEFAULT", "--json", out,
+                        timeout=180, env={"TORCH_HOME": str(torch_home)})  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert {"cpu", "cores", "gpu", "torch", "torchvision", "threads"} <= set(report["machine"])
@@ -42,8 +54,11 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path):
     assert "eval: ours / baseline = " in result.stdout and "train: ours / baseline = " in result.stdout
     assert "% of the model alone" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
     assert rows[4]["model_only"]["img_per_s"] > 0 and rows[4]["share_of_model_only"] > 0  # timed in turn with ours
-    # approx: the exact path agrees with itself; folded BatchNorm changes no top-1 class
+    # approx: its exact row is the independent exact run; folded BatchNorm changes no top-1 class; the
+    # approximations are measured against the exact row, not against themselves
     assert [r["variant"].split(" ")[0] for r in approx] == ["exact", "default:", "--amp", "batched"]
+    assert approx[0]["acc1"] == approx[1]["acc1"] == 50.0
+    assert any(r["top1_agreement"] < 100 or r["top1_prob_change"] > 0 for r in approx[2:])  # bf16 moves something
     assert approx[0]["top1_agreement"] == 100 and approx[0]["acc1_delta"] == 0 and approx[1]["top1_agreement"] == 100
     assert all(0 <= r["top1_agreement"] <= 100 and r["part"] == "approx" for r in approx)
     assert approx[0]["top5_agreement"] == 100 and approx[0]["top1_prob_change"] == 0

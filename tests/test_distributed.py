@@ -2,6 +2,7 @@
 process, and a failing rank that ends the job quickly."""
 
 import json
+import math
 import time
 
 import pytest
@@ -54,15 +55,19 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     ~1e-7 relative per step, hence the 1e-4 tolerance on the per-epoch loss."""
     data = make_colour_dataset(tmp_path / "data")  # 48 train images: 6 steps of 8, no padding
     tiny = [a if a != "resnet18" else "squeezenet1_1" for a in TINY]
-    common = ["train.py", "--data", data, *tiny, *"--dropout 0 --epochs 2 --lr 0.05 --output".split(), tmp_path]
+    common = ["train.py", "--data", data, *tiny, *"--dropout 0 --epochs 2 --lr 0.001 --output".split(), tmp_path]
     single = run_script(*common, "--batch-size", "8", "--run-name", "one")
     double = run_script(*TORCHRUN, DIGEST, tmp_path / "digests", *common[1:], "--batch-size", "4", "--run-name", "two")
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     assert_ranks_identical(tmp_path / "digests")
     one, two = (read_csv(tmp_path / run / "metrics.csv") for run in ("one", "two"))
+    assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
         assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-4)
+    # signal in every compared number: none is the ln 3 of a network whose logits all died to 0
+    losses = [float(row[key]) for row in one for key in ("train_loss", "val_loss")]
+    assert all(abs(loss - math.log(3)) > 1e-3 for loss in losses) and len(set(losses)) == 4, losses
     last = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and not any(k.startswith("module.") for k in last["model"])
 

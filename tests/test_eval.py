@@ -99,8 +99,8 @@ def reference_predictions(model, folder, weights):
     with torch.no_grad():
         for path, folder_target in dataset.samples:
             probs = model(weights.transforms()(Image.open(path).convert("RGB"))[None]).softmax(1)[0]
-            top = probs.topk(5)
-            rows.append((path, index[dataset.classes[folder_target]], top.indices.tolist(), top.values.tolist()))
+            top, target = probs.topk(5), index[dataset.classes[folder_target]]
+            rows.append((path, target, top.indices.tolist(), top.values.tolist(), -probs[target].log().item()))
     return rows
 
 
@@ -108,13 +108,15 @@ def reference_predictions(model, folder, weights):
 def test_evaluation_equals_reference_loop(tmp_path, torch_home):
     weights = models.ResNet18_Weights.IMAGENET1K_V1  # a random resnet18's logits are O(1): top-5 order is stable
     model = save_torchvision_checkpoint(torch_home, "resnet18", weights)
-    # put every image in the folder of the class the model predicts for it, half of them "wrong"
+    # put each image in the folder of the class the model ranks 1st (8 images), 5th (4), 3rd (2) or
+    # nowhere near (1) for it: top-1 8/15, top-5 14/15, and top-k with a k other than 5 scores otherwise
     scratch = make_folder(tmp_path / "scratch", ["a", "b", "c", "d", "e"], per_class=3)
     val = tmp_path / "imagenet" / "val"
     for i, path in enumerate(sorted(scratch.rglob("*.JPEG"))):
         with torch.no_grad():
-            top = model(weights.transforms()(load_rgb(path))[None]).topk(3).indices[0].tolist()
-        dest = val / WNIDS[top[0] if i % 2 == 0 else (top[1] if i % 4 == 1 else (top[2] + 100) % 1000)] / f"{i}.JPEG"
+            top = model(weights.transforms()(load_rgb(path))[None]).topk(5).indices[0].tolist()
+        rank = 0 if i % 2 == 0 else 4 if i % 4 == 1 else 2 if i % 8 == 3 else None
+        dest = val / WNIDS[top[rank] if rank is not None else (top[4] + 100) % 1000] / f"{i}.JPEG"
         dest.parent.mkdir(parents=True, exist_ok=True)
         path.rename(dest)
     args = ["test_torchvision.py", "--data", tmp_path / "imagenet", "--models", "resnet18", "--out", tmp_path / "out"]
@@ -126,11 +128,12 @@ def test_evaluation_equals_reference_loop(tmp_path, torch_home):
     assert record["n_images"] == n == 15
     assert record["acc1"] == pytest.approx(100 * sum(r[1] == r[2][0] for r in reference) / n)
     assert record["acc5"] == pytest.approx(100 * sum(r[1] in r[2] for r in reference) / n)
-    assert record["acc1"] == pytest.approx(100 * 8 / 15)
+    assert (record["acc1"], record["acc5"]) == (pytest.approx(100 * 8 / 15), pytest.approx(100 * 14 / 15))
+    assert record["loss"] == pytest.approx(sum(r[4] for r in reference) / n, rel=1e-4)  # mean cross-entropy
     assert set("model weights n_images acc1 acc5 acc1_published acc5_published img_per_s".split()) <= set(record)
     rows = read_csv(tmp_path / "out" / record["predictions"])
     assert [r["path"] for r in rows] == [r[0] for r in reference]
-    for ours, (_, target, top5, probs) in zip(rows, reference):
+    for ours, (_, target, top5, probs, _) in zip(rows, reference):
         assert int(ours["target"]) == target and [int(ours[f"top{k}"]) for k in range(1, 6)] == top5
         assert [float(ours[f"prob{k}"]) for k in range(1, 6)] == pytest.approx(probs, abs=1e-5)
     again = run_script(*args, env={"TORCH_HOME": str(torch_home)})
@@ -142,16 +145,19 @@ def test_unreadable_image_stops_or_is_skipped_and_listed(tmp_path, torch_home):
     data = tmp_path / "val"
     make_image(data / WNIDS[1] / "good.JPEG")
     good = make_image(data / WNIDS[2] / "cut.JPEG", (200, 200)).read_bytes()
-    (data / WNIDS[2] / "cut.JPEG").write_bytes(good[: len(good) // 2])
+    bad = [data / WNIDS[2] / "cut.JPEG", data / WNIDS[3] / "cut.JPEG"]  # batch 1: each in a batch of its own
+    for path in bad:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(good[: len(good) // 2])
     args = ["test_torchvision.py", "--data", data, "--models", "mobilenet_v3_small", "--out", tmp_path / "out"]
-    args += ["--workers", "0"]
+    args += ["--workers", "0", "--batch-size", "1"]
     assert_user_error(run_script(*args, env={"TORCH_HOME": str(torch_home)}), "cut.JPEG", "--skip-bad-images")
     # --decode gpu without a GPU: a note, then the exact CPU path (the row says so)
     skipped = run_script(*args, "--skip-bad-images", "--decode", "gpu", env={"TORCH_HOME": str(torch_home)})
     assert skipped.returncode == 0, skipped.stderr
     assert "cut.JPEG" in skipped.stdout + skipped.stderr and "note: --decode gpu is not possible here" in skipped.stderr
     record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
-    assert record["n_images"] == 1 and record["bad_images"] == [str(data / WNIDS[2] / "cut.JPEG")]
+    assert record["n_images"] == 1 and record["bad_images"] == [str(path) for path in bad]  # from every batch
     assert record["decode"] == "cpu"
 
 
@@ -176,7 +182,7 @@ def test_batched_decode_loader_matches_the_exact_path(tmp_path, odd_images):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_wnids", "unknown_model", "unknown_weights", "offline"])
-def test_clear_errors(tmp_path, torch_home, case):
+def test_clear_errors(tmp_path, torch_home, offline, case):
     data = tmp_path / "data"
     args = ["--models", "mobilenet_v3_small"]
     if case == "empty":

@@ -61,6 +61,11 @@ def test_focal_down_weights_easy_examples():
     ce = F.cross_entropy(logits, target, reduction="none")
     focal = torch.stack([FocalLoss(gamma=2.0)(logits[i : i + 1], target[i : i + 1]) for i in range(len(target))])
     assert (focal <= ce + 1e-7).all() and (focal > 0).all()
+    # the weight is (1 - p_t)^gamma: an easy example (p_t = 0.9) keeps 1%, a hard one (p_t = 0.1) 81%
+    easy, hard = torch.tensor([[math.log(9.0), 0.0]]), torch.tensor([[math.log(1 / 9), 0.0]])
+    for logits_1, kept in ((easy, 0.01), (hard, 0.81)):
+        ratio = FocalLoss(gamma=2.0)(logits_1, torch.tensor([0])) / F.cross_entropy(logits_1, torch.tensor([0]))
+        assert ratio.item() == pytest.approx(kept, rel=1e-5)
 
 
 def test_smooth_l1_hand_value():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision import models
 
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, read_csv, run_script
 from model import ARCHS, all_weights, build_model, complexity, resolve_weights, weights_file_name
 from test_torchvision import complexity_records, select_weights
 from utils import UserError
@@ -67,7 +67,7 @@ def test_googlenet_keeps_torchvision_builder_settings(torch_home):
     assert model.transform_input and model.aux1 is None  # as torchvision's builder leaves them
 
 
-def test_missing_weights_offline_names_file_and_url(torch_home):
+def test_missing_weights_offline_names_file_and_url(torch_home, offline):
     with pytest.raises(UserError) as info:
         build_model("resnet18", "DEFAULT")
     message = str(info.value)
@@ -82,16 +82,18 @@ def test_select_weights_globs():
         select_weights(["resnet500"], "all")
 
 
-def test_main_job_writes_tables_and_plot(tmp_path, torch_home):
-    offline = {"TORCH_HOME": str(torch_home), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    result = run_script("test_torchvision.py", "--models", "resnet18", "vit_b_16", "--out", tmp_path, env=offline)
+def test_main_job_writes_tables_and_plot(tmp_path, torch_home, offline):
+    result = run_script("test_torchvision.py", "--models", "resnet18", "vit_b_16", "--out", tmp_path)  # offline
     assert result.returncode == 0, result.stderr
     records = json.loads((tmp_path / "complexity.json").read_text())
     vit = next(r for r in records if r["weights"] == "ViT_B_16_Weights.IMAGENET1K_V1")
     assert vit["params"] == 86567656 and vit["gmacs"] == 17.564 and vit["acc1_published"] == 81.072
     assert {"model", "weights", "params", "gmacs", "gflops"} <= set(vit)
     assert (tmp_path / "complexity.md").read_text().count("\n") == 2 + 4  # resnet18 x1, vit_b_16 x3
-    assert (tmp_path / "complexity.csv").exists() and (tmp_path / "acc_vs_gmacs.png").stat().st_size > 10000
+    assert [row["weights"] for row in read_csv(tmp_path / "complexity.csv")] == [r["weights"] for r in records]
+    assert (tmp_path / "acc_vs_gmacs.png").stat().st_size > 10000 and "<circle" in (
+        tmp_path / "acc_vs_gmacs.html"
+    ).read_text()
     assert "resnet18" in result.stdout
     assert not any(torch_home.rglob("*.pth")) and not any(torch_home.rglob("*.partial"))  # no download tried
 

@@ -12,7 +12,7 @@ import torch
 from torchvision import models
 
 from conftest import assert_user_error, make_image, run_script
-from reliability_inputs import OFFLINE, WEIGHTS, assert_no_run_dir, eval_folder, evaluate, train
+from reliability_inputs import WEIGHTS, assert_no_run_dir, eval_folder, evaluate, train
 
 # ----------------------------------------------------------------------------- models and weights
 
@@ -20,11 +20,11 @@ from reliability_inputs import OFFLINE, WEIGHTS, assert_no_run_dir, eval_folder,
 @pytest.mark.parametrize(
     "script, case", [("train.py", "unknown_model"), ("predict.py", "unknown_weights"), ("predict.py", "offline")]
 )
-def test_model_and_weights_errors(tmp_path, train_data, torch_home, script, case):
+def test_model_and_weights_errors(tmp_path, train_data, torch_home, offline, script, case):
     """(test_eval.py covers test_torchvision.py for the same cases.)"""
     arch = "resnt18" if case == "unknown_model" else "mobilenet_v3_small"
     weights = "IMAGENET1K_V9" if case == "unknown_weights" else "DEFAULT"
-    env = {"TORCH_HOME": str(torch_home), **OFFLINE}  # an empty weights cache, and no way to download
+    env = {"TORCH_HOME": str(torch_home)}  # an empty weights cache, and (the offline fixture) no way to download
     if script == "train.py":
         result = train(train_data, tmp_path / "out", "--arch", arch, "--weights", weights, env=env)
     else:

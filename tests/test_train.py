@@ -1,6 +1,7 @@
 """Training: config precedence and validation, convergence, exact resume, safe run dirs, checkpoints."""
 
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from conftest import ROOT, assert_user_error, read_csv, run_script
 from utils import UserError
 
 TINY = "--arch resnet18 --train-crop-size 32 --val-resize-size 36 --val-crop-size 32 --workers 0".split()
+TINY_DROPOUT = [a if a != "resnet18" else "mobilenet_v3_small" for a in TINY]  # dropout before its classifier
 
 
 def make_colour_dataset(root: Path, per_class=(16, 6), size=(40, 48), seed=0) -> Path:
@@ -92,8 +94,11 @@ def test_converges_on_a_learnable_dataset(colours, tmp_path):
     expected = set("epoch lr train_loss train_acc1 val_loss val_acc1 val_acc5 epoch_time_s img_per_s".split())
     assert expected <= set(rows[0])
     run = tmp_path / "converge"
-    for name in ("last.pt", "best.pt", "config.yaml", "run.json", "curves.png"):
-        assert (run / name).exists(), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["classes"] == ["blue", "green", "red"] and info["seed"] == 0 and info["torch"] == torch.__version__
+    assert Image.open(run / "curves.png").size == (1320, 480)  # the two panels of plots.plot_curves
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert float(rows[best["epoch"] - 1]["val_acc1"]) == max(float(row["val_acc1"]) for row in rows)
     assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.001
     checkpoint = torch.load(run / "last.pt", weights_only=True)  # plain containers only
     assert checkpoint["epoch"] == 4 and checkpoint["config"]["arch"] == "resnet18"
@@ -112,9 +117,11 @@ def state_of(run_dir: Path):
 
 @pytest.mark.slow
 def test_resume_is_exact(colours, tmp_path):
-    """3 epochs straight == 1 epoch + resume, and == a run resumed from a mid-epoch checkpoint."""
-    args = ["--data", colours, *TINY, *"--batch-size 8 --lr 0.01 --ema-decay 0.9 --ema-steps 2".split()]
-    args += ["--output", tmp_path]
+    """3 epochs straight == 1 epoch + resume: the same weights, EMA and metrics. A dropout model (the
+    torch RNG state must be restored) and an lr milestone inside the run (the schedule must be).
+    The mid-epoch resume: test_sigkill_mid_epoch_then_resume_matches."""
+    args = ["--data", colours, *TINY_DROPOUT, *"--batch-size 8 --lr 0.01 --ema-decay 0.9 --ema-steps 2".split()]
+    args += ["--scheduler", "multistep", "--milestones", "2", "--output", tmp_path]
     assert run_script("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
     assert run_script("train.py", *args, "--epochs", "1", "--run-name", "split").returncode == 0
     resumed = run_script("train.py", *args, "--epochs", "3", "--run-name", "split", "--resume", "auto")
@@ -126,26 +133,41 @@ def test_resume_is_exact(colours, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path):
-    """kill -9 while training (last.pt written every 2 steps), resume, same final metrics and weights."""
-    options = "--batch-size 4 --lr 0.01 --epochs 2 --save-every-steps 2 --log-interval 1".split()
-    args = ["train.py", "--data", colours, *TINY, *options, "--output", tmp_path]
+    """kill -9 in the middle of an epoch (last.pt written every 2 steps), resume: the same final metrics
+    and weights (dropout model, an lr milestone after epoch 1)."""
+    options = "--batch-size 4 --lr 0.01 --epochs 2 --save-every-steps 2 --scheduler multistep --milestones 1".split()
+    args = ["train.py", "--data", colours, *TINY_DROPOUT, *options, "--output", tmp_path]
     assert run_script(*args, "--run-name", "straight").returncode == 0
     command = [sys.executable, *map(str, args), "--run-name", "killed"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "killed" / "last.pt"
     deadline = time.time() + 120
-    while time.time() < deadline and not last.exists():
-        time.sleep(0.05)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGKILL)
+    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=True)["batch"] > 0):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # at once: the next save is 2 steps away
     process.wait()
     partial = torch.load(last, weights_only=True)  # loadable whatever the moment of the kill
-    assert partial["epoch"] < 2
+    assert partial["epoch"] < 2 and partial["batch"] > 0  # a mid-epoch checkpoint
     resumed = run_script(*args, "--run-name", "killed", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     straight, killed = state_of(tmp_path / "straight"), state_of(tmp_path / "killed")
     assert killed[1] == straight[1]
     assert all(torch.equal(straight[0][k], killed[0][k]) for k in straight[0])
+
+
+@pytest.mark.slow
+def test_a_run_extended_with_more_epochs_follows_the_longer_schedule(colours, tmp_path):
+    """A cosine run stopped after 1 of 1 epochs and resumed with --epochs 3 trains as a 3-epoch run:
+    the saved schedule (1 epoch long) would train epochs 2 and 3 at lr 0."""
+    args = ["--data", colours, *TINY, *"--batch-size 8 --lr 0.01 --scheduler cosine".split(), "--output", tmp_path]
+    assert run_script("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
+    assert run_script("train.py", *args, "--epochs", "1", "--run-name", "extended").returncode == 0
+    longer = run_script("train.py", *args, "--epochs", "3", "--run-name", "extended", "--resume", "auto")
+    assert longer.returncode == 0, longer.stderr
+    straight, extended = state_of(tmp_path / "straight"), state_of(tmp_path / "extended")
+    assert [row["lr"] for row in extended[1]] == [row["lr"] for row in straight[1]] and extended[1][1]["lr"] > 0
+    assert extended[1] == straight[1]
+    assert all(torch.equal(straight[0][k], extended[0][k]) for k in straight[0])
 
 
 def digest(folder: Path) -> dict:
@@ -167,12 +189,8 @@ def test_same_run_name_never_overwrites(colours, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(colours, tmp_path):
     args = ["train.py", "--data", colours, *TINY, "--batch-size", "8", "--output", tmp_path, "--run-name", "nan"]
     assert run_script(*args, "--epochs", "1", "--lr", "0.001").returncode == 0
-    checkpoint = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
-    for group in checkpoint["optimizer"]["param_groups"]:  # a resume keeps the saved lr: make it explode
-        group["lr"] = 1e30
-    torch.save(checkpoint, tmp_path / "nan" / "last.pt")
     good = digest(tmp_path / "nan")["last.pt"]
-    result = run_script(*args, "--epochs", "2", "--resume", "auto")
+    result = run_script(*args, "--epochs", "2", "--resume", "auto", "--lr", "1e30")  # a resume follows the new lr
     assert_user_error(result, "loss became", "at step")
     assert digest(tmp_path / "nan")["last.pt"] == good
 

@@ -11,8 +11,9 @@ import torch
 
 from conftest import assert_user_error, make_image, read_csv, run_script
 from dataset import imagenet_wnids, prepare_val
+from model import resolve_weights
 from test_train import TINY, make_colour_dataset
-from utils import atomic_write_text, cli
+from utils import UserError, atomic_write_text, cli
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def test_a_trained_model_evaluates_on_its_own_classes_and_predicts_their_names(f
     record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
     assert record["n_images"] == 12 and record["crop"] == 32 and record["resize"] == 36  # the run's preprocessing
     assert record["acc1"] == pytest.approx(float(best["val_acc1"]))  # reproduces the run's best epoch
+    assert f"top-1 {record['acc1']:.3f}%" in result.stdout  # a percentage, not a fraction
     predicted = run_script("predict.py", data / "val" / "red" / "0.png", "--arch", "resnet18", "--weights",
                            run / "best.pt", "--topk", "3", "--json")  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr
@@ -68,6 +70,12 @@ def test_train_help_explains_every_option_and_typos_suggest_the_option():
     assert "--scheduler step|multistep|cosine" in help_text and "--dummy [true|false]" in help_text
     assert "--weights-dir" in help_text  # the option train.py's missing-weights error names
     assert_user_error(run_script("test_torchvision.py", "--model", "resnet18"), "--model", "did you mean --models")
+
+
+def test_unknown_weights_lists_each_valid_name_once():
+    with pytest.raises(UserError) as info:
+        resolve_weights("resnet18", "IMAGENET1K_V3")
+    assert str(info.value).endswith("valid: DEFAULT, IMAGENET1K_V1")
 
 
 def test_written_files_get_the_permissions_of_a_normal_open(tmp_path):
