@@ -75,27 +75,9 @@ class TrainConfig:
     skip_bad_images: bool = False  # skip unreadable images (listed at the end) instead of stopping
 
 
-AT_LEAST_ONE = (
-    "epochs",
-    "batch_size",
-    "train_crop_size",
-    "train_resize_size",
-    "val_resize_size",
-    "val_crop_size",
-    "ema_steps",
-    "log_interval",
-    "dummy_size",
-    "step_size",
-)
-NON_NEGATIVE = (
-    "momentum",
-    "weight_decay",
-    "warmup_epochs",
-    "clip_grad_norm",
-    "ema_decay",
-    "save_every_steps",
-    "warmup_factor",
-)
+AT_LEAST_ONE = """epochs batch_size train_crop_size train_resize_size val_resize_size val_crop_size ema_steps
+    log_interval dummy_size step_size""".split()
+NON_NEGATIVE = "momentum weight_decay warmup_epochs clip_grad_norm ema_decay save_every_steps warmup_factor".split()
 
 
 def check_config(cfg: TrainConfig) -> TrainConfig:
@@ -110,10 +92,10 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"lr must be positive, got {cfg.lr}")
     if cfg.ema_decay >= 1:
         raise UserError(f"ema_decay must be below 1, got {cfg.ema_decay}")
-    for key in ("num_classes", "workers"):
-        value = getattr(cfg, key)
-        if value is not None and value < (1 if key == "num_classes" else 0):
-            raise UserError(f"{key} must be {'at least 1' if key == 'num_classes' else 'non-negative'}, got {value}")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        raise UserError(f"num_classes must be at least 1, got {cfg.num_classes}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise UserError(f"workers must be non-negative, got {cfg.workers}")
     check_label_smoothing(cfg.label_smoothing)
     check_crop_fits(cfg.val_crop_size, cfg.val_resize_size, ("val_crop_size", "val_resize_size"))
     check_arch(cfg.arch)
