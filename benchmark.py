@@ -39,6 +39,7 @@ from utils import (
     ArgumentParser,
     UserError,
     add_runtime_args,
+    amp_name,
     atomic_write_text,
     autocast,
     cli,
@@ -98,7 +99,7 @@ def prepare(args, runtime: Runtime, train: bool):
 
 
 def settings(args, runtime: Runtime, train: bool) -> str:
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[runtime.amp_dtype]
+    precision = "fp32" if runtime.amp_dtype is None else amp_name(runtime.amp_dtype)
     layout = "channels_last" if runtime.channels_last else "NCHW"
     return f"{precision}, {layout}" + ("" if train else ", BN folded") + (", compiled" if args.compile else "")
 

@@ -92,12 +92,20 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"lr must be positive, got {cfg.lr}")
     if cfg.ema_decay >= 1:
         raise UserError(f"ema_decay must be below 1, got {cfg.ema_decay}")
+    if cfg.warmup_epochs and not 0 < cfg.warmup_factor <= 1:
+        raise UserError(f"warmup_factor must be in (0, 1], got {cfg.warmup_factor}")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise UserError("nesterov needs a momentum above 0; drop --nesterov or set --momentum")
+    if cfg.dropout is not None and not 0 <= cfg.dropout <= 1:
+        raise UserError(f"dropout must be in [0, 1], got {cfg.dropout}")
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {cfg.num_classes}")
     if cfg.workers is not None and cfg.workers < 0:
         raise UserError(f"workers must be non-negative, got {cfg.workers}")
     check_label_smoothing(cfg.label_smoothing)
     check_crop_fits(cfg.val_crop_size, cfg.val_resize_size, ("val_crop_size", "val_resize_size"))
+    if cfg.train_preset == "original":  # Resize + CenterCrop: a larger crop would pad black borders
+        check_crop_fits(cfg.train_crop_size, cfg.train_resize_size, ("train_crop_size", "train_resize_size"))
     check_arch(cfg.arch)
     if not cfg.data and not cfg.dummy:
         raise UserError("no data: pass --data DIR (an ImageFolder root with train/ and val/) or --dummy")
@@ -145,9 +153,9 @@ def _coerce(name: str, value, hint):
             if kind is int and float(value) != number:
                 raise ValueError
             return number
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: YAML's .inf for an int
             pass
-    elif kind is str:
+    elif kind is str and isinstance(value, (str, int, float)):  # not a list or a mapping
         return str(value)
     elif kind is list and isinstance(value, list):
         item = (typing.get_args(hint) or (None,))[0]
@@ -191,10 +199,13 @@ def load_config(cls, argv=None, description: str = ""):
         value = getattr(args, name)
         if value is None:
             continue
-        if isinstance(value, list):
-            value = [yaml.safe_load(v) for v in value]
-        elif value.lstrip().startswith("{"):  # a loss spec such as {focal: 1.0, smooth_l1: 1.0}
-            value = yaml.safe_load(value)
+        try:
+            if isinstance(value, list):
+                value = [yaml.safe_load(v) for v in value]
+            elif name == "loss" and value.lstrip().startswith("{"):  # a spec such as {focal: 1.0, smooth_l1: 1.0}
+                value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--{name.replace('_', '-')} {value}: not valid YAML ({getattr(e, 'problem', e)})") from e
         values[name] = value
     return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
 

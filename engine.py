@@ -67,16 +67,18 @@ class TrainState:
     best_acc1: float = -1.0
     history: list = field(default_factory=list)  # one row per finished epoch (metrics.csv)
     bad_images: list = field(default_factory=list)  # unreadable files skipped so far
+    world_size: int = 1  # of the run that saved it: a mid-epoch position is in its batches
     train_sums: torch.Tensor | None = None  # a mid-epoch checkpoint's sums of the epoch so far
 
-    CHECKPOINT_KEYS = ("epoch", "step", "batch", "best_acc1", "history")
+    CHECKPOINT_KEYS = ("epoch", "step", "batch", "best_acc1", "history", "bad_images", "world_size")
 
     def checkpoint_fields(self) -> dict:
         return {key: getattr(self, key) for key in self.CHECKPOINT_KEYS}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
-        return cls(**{key: checkpoint[key] for key in cls.CHECKPOINT_KEYS}, train_sums=checkpoint.get("train_sums"))
+        fields = {key: checkpoint[key] for key in cls.CHECKPOINT_KEYS if key in checkpoint}
+        return cls(**fields, train_sums=checkpoint.get("train_sums"))
 
 
 def topk_correct(logits, targets, ks=(1, 5)) -> list:
@@ -213,6 +215,7 @@ def train_one_epoch(
         images, targets = runtime.inputs(images, targets)
         with autocast(device, runtime.amp_dtype):
             logits = model(images)
+        logits = getattr(logits, "logits", logits)  # googlenet and inception_v3 add aux outputs when training
         loss = criterion(logits, targets)
         scaler.scale(loss).backward()
         if clip_grad_norm:

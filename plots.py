@@ -33,8 +33,8 @@ def plot_curves(history: list[dict], run_dir) -> None:
     right.plot(epochs, [row["train_acc1"] for row in history], label="train top-1")
     right.plot(epochs, [row["val_acc1"] for row in history], label="val top-1")
     right.plot(epochs, [row["val_acc5"] for row in history], label="val top-5")
-    if "ema_acc1" in history[-1]:
-        right.plot(epochs, [row["ema_acc1"] for row in history], label="EMA val top-1")
+    if "ema_acc1" in history[-1]:  # EMA may have been turned on by a resume: earlier epochs have none
+        right.plot(epochs, [row.get("ema_acc1", math.nan) for row in history], label="EMA val top-1")
     left.set(xlabel="epoch", ylabel="loss", title="loss")
     right.set(xlabel="epoch", ylabel="%", title="accuracy")
     for ax in (left, right):
@@ -76,6 +76,8 @@ def plot_acc_vs_gmacs(records: list[dict], path: Path) -> list[tuple]:
     (text, box) pairs."""
     plt = _pyplot()
     rows = [r for r in records if r["acc1_published"] is not None]
+    if not rows:  # e.g. only VGG16's feature weights, which publish no accuracy
+        return []
     styles = family_styles(sorted({r["family"] for r in rows}))
     fig, ax = plt.subplots(figsize=(18, 11))
     for family, (colour, marker) in styles.items():

@@ -44,6 +44,7 @@ from utils import (
     ArgumentParser,
     UserError,
     add_runtime_args,
+    amp_name,
     atomic_write_text,
     cleanup_distributed,
     cli,
@@ -248,7 +249,7 @@ def run_evaluation(args) -> list[dict]:
         if run is not None:  # a model trained here: its own validation preprocessing
             preset = EvalPreset.from_train_config(run["config"], args.resize, args.crop, args.interpolation)
         runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
-        amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[runtime.amp_dtype]
+        amp = amp_name(runtime.amp_dtype)
         settings = {
             "data": str(Path(args.data).resolve()),
             "images": images_fingerprint(samples, args.data),
@@ -333,7 +334,7 @@ def images_fingerprint(samples: list[Sample], data) -> str:
     """A short hash of the evaluated files and their labels, so that a re-run skips a row only when the
     images are the same (e.g. not after `dataset.py prepare-val` reorganised the folder)."""
     lines = "\n".join(f"{os.path.relpath(s.path, data)}\t{s.target}" for s in samples)
-    return hashlib.sha1(lines.encode()).hexdigest()[:12]
+    return hashlib.sha1(lines.encode(errors="surrogateescape")).hexdigest()[:12]
 
 
 def published_deltas(weights, record: dict) -> dict:

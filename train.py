@@ -159,7 +159,7 @@ class Training:
                 self.scheduler.step()
         lrs = [(group["lr"], group["initial_lr"]) for group in self.optimizer.param_groups]
         for key, obj in self.stateful().items():
-            if key != "scheduler" and obj is not None and checkpoint.get(key) is not None:
+            if key != "scheduler" and obj is not None and checkpoint.get(key):  # {}: a scaler that was off
                 obj.load_state_dict(checkpoint[key])
         for group, (lr, initial_lr) in zip(self.optimizer.param_groups, lrs):
             group.update(lr=lr, initial_lr=initial_lr)
@@ -234,12 +234,14 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
     torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned conv kernels, as torchvision's references
     train_loader, val_loader, classes = build_data(cfg, device)
     num_classes = cfg.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise UserError(f"--num-classes {num_classes} is below the {len(classes)} class folders of {cfg.data}")
     runtime = Runtime.create(device, cfg.amp, cfg.channels_last, True, val_loader.dataset.transform)
     model = build_network(cfg, num_classes, runtime)
     criterion = build_loss(cfg.loss, num_classes, cfg.label_smoothing).to(device)
 
     # restore: the weights first, as the optimizer and the EMA are made from the model
-    state = TrainState()
+    state = TrainState(world_size=world_size())
     if checkpoint is not None:
         source = f"{resume_from} (a {checkpoint.get('config', {}).get('arch')} run)"
         load_checked(lambda: model.load_state_dict(checkpoint["model"]), f"{cfg.arch}, {num_classes} classes", source)
@@ -247,9 +249,18 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
     if checkpoint is not None:
         training.load_state_dict(checkpoint)
         state = TrainState.from_checkpoint(checkpoint)
+        saved_batch = checkpoint.get("config", {}).get("batch_size", cfg.batch_size)
+        if state.batch and (saved_batch, state.world_size) != (cfg.batch_size, world_size()):
+            if global_rank() == 0:  # its position counts batches of another size: redo the epoch
+                print(
+                    f"note: {resume_from} stopped inside epoch {state.epoch + 1} with batch {saved_batch} x "
+                    f"{state.world_size} processes; with another global batch that epoch starts again"
+                )
+            state.batch, state.train_sums = 0, None
+        state.world_size = world_size()
         train_loader.sampler.skip = state.batch * cfg.batch_size  # a mid-epoch checkpoint continues there
         training.load_rng_state(checkpoint["rng"])  # after everything that draws random numbers was built
-    elif global_rank() == 0:
+    if global_rank() == 0 and not (run_dir / "config.yaml").exists():  # a new run, or --resume FILE elsewhere
         write_run_files(run_dir, dataclasses.asdict(cfg), classes)
     trained = model
     if world_size() > 1:

@@ -31,6 +31,9 @@ def cli(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        for stream in (sys.stdout, sys.stderr):  # printing a file name that is not valid UTF-8 must not fail
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
         try:
             return main(*args, **kwargs)
         except UserError as e:
@@ -144,6 +147,11 @@ def amp_dtype(name: Amp, device, training: bool):
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def amp_name(dtype) -> str:
+    """The --amp value of an autocast dtype from amp_dtype: none, bf16 or fp16 (for result rows)."""
+    return next(name for name in ("none", "bf16", "fp16") if amp_dtype(name, None, True) == dtype)
+
+
 def use_channels_last(name: ChannelsLast, device, training: bool) -> bool:
     """auto: always for evaluation (oneDNN's and cuDNN's fast layout), for training on CUDA only (on a
     CPU the backward pass of channels_last convolutions is slower)."""
@@ -254,11 +262,17 @@ def atomic_write(path, write_fn, mode: str = "w") -> None:
     """Write through a temp file in the same folder, fsync, then rename over `path`, so readers
     see the old file or the new one, never half of one (also after kill -9 or a full disk)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except (FileExistsError, NotADirectoryError) as e:  # e.g. --out names a file
+        raise UserError(f"cannot write {path}: {e.filename} is a file, not a folder; choose another folder") from e
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; results are for colleagues to read too
-        with os.fdopen(fd, mode) as f:
+        # text: file names that are not valid UTF-8 (scraped datasets) are written back as their bytes
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"})) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())

@@ -6,6 +6,7 @@
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from conftest import assert_user_error, make_image
 from dataset import load_rgb
 from reliability_inputs import (
+    WNIDS,
     assert_no_run_dir,
     bomb,
     eval_folder,
@@ -111,6 +113,28 @@ def test_16bit_png_keeps_its_picture(tmp_path):
     rgb = np.asarray(load_rgb(str(path))).astype(int)  # (48, 64, 3) uint8
     assert rgb.shape == (48, 64, 3)
     assert np.abs(rgb[..., 0] - (ramp.astype(int) >> 8)).max() <= 1, rgb[0, ::8, 0]
+
+
+def test_file_names_that_are_not_utf8_are_evaluated_and_written(tmp_path, weights_home):
+    """Scraped datasets hold file names that are not valid UTF-8: they are read, counted, printed and
+    written back to the predictions file as the same bytes."""
+    eval_folder(tmp_path / "data")
+    good = tmp_path / "data" / WNIDS[1] / "good.JPEG"
+    odd = os.fsencode(good.parent) + b"/caf\xe9.JPEG"
+    with open(odd, "wb") as f:
+        f.write(good.read_bytes())
+    result = evaluate(tmp_path / "data", tmp_path / "out", home=weights_home)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
+    assert record["n_images"] == 3
+    assert b"caf\xe9.JPEG" in (tmp_path / "out" / record["predictions"]).read_bytes()
+
+
+def test_out_that_is_a_file(tmp_path, weights_home):
+    eval_folder(tmp_path / "data")
+    (tmp_path / "out").write_text("my notes")
+    assert_user_error(evaluate(tmp_path / "data", tmp_path / "out", home=weights_home), "out", "is a file")
+    assert (tmp_path / "out").read_text() == "my notes"
 
 
 def test_non_wnid_folders_with_a_1000_way_head(tmp_path, weights_home):

@@ -47,6 +47,10 @@ def test_precedence_defaults_file_command_line(tmp_path):
     assert (cfg.lr, cfg.epochs, cfg.nesterov, cfg.arch, cfg.batch_size) == (0.25, 7, True, "vgg11", 32)
     assert cfg.loss == {"focal": 1.0, "smooth_l1": 1.0} and cfg.milestones == [2, 4]
     assert load_config(TrainConfig, ["--loss", "{ce: 1.0}", "--milestones", "3", "6"]).milestones == [3, 6]
+    assert load_config(TrainConfig, ["--run-name", "{a}"]).run_name == "{a}"  # only a loss spec is YAML
+    config.write_text("data: [a, b]\n")
+    with pytest.raises(UserError, match="data"):
+        load_config(TrainConfig, ["--config", str(config)])
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,11 @@ def test_precedence_defaults_file_command_line(tmp_path):
         (["--batch-size", "0"], "batch_size"),
         (["--val-crop-size", "300"], "val_crop_size"),
         (["--optimizer", "adam"], "sgd, adamw"),
+        (["--loss", "{focal: 1.0"], "not valid YAML"),
+        (["--warmup-epochs", "5", "--warmup-factor", "0"], "warmup_factor"),
+        (["--nesterov", "--momentum", "0"], "nesterov"),
+        (["--dropout", "1.5"], "dropout"),
+        (["--train-preset", "original", "--train-crop-size", "300"], "train_crop_size"),
     ],
 )
 def test_bad_options_are_named(args, needle):
