@@ -205,3 +205,21 @@ def test_clear_errors(tmp_path, torch_home, offline, case):
         "offline": ["mobilenet_v3_small-047dcff4.pth", "https://download.pytorch.org/models/"],
     }[case]
     assert_user_error(result, *expected)
+
+
+def test_image_listing_matches_pathlib_order_and_rules(tmp_path):
+    """dataset's os.scandir walk finds what Path.rglob + is_file found, in the same (Path) order:
+    nested folders, upper-case suffixes, symlinked files, no other files, no symlinked folders."""
+    from dataset import IMAGE_EXTENSIONS, _images_in
+
+    for name in ("a/x.JPEG", "a-b/y.jpg", "a/b/c/z.png", "top.PNG", "notes.txt", "jpg", ".hidden.jpeg"):
+        (tmp_path / "cls" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cls" / name).write_bytes(b"")
+    (tmp_path / "cls" / "link.jpeg").symlink_to(tmp_path / "cls" / "top.PNG")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "w.jpg").write_bytes(b"")
+    (tmp_path / "cls" / "linked_dir").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    folder = tmp_path / "cls"
+    expected = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    assert _images_in(folder) == [str(p) for p in expected]
+    assert [p.split("/cls/")[1] for p in _images_in(folder)][:3] == [".hidden.jpeg", "a/b/c/z.png", "a/x.JPEG"]
