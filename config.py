@@ -118,10 +118,13 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
 def _unwrap_optional(hint) -> tuple[object, bool]:
     """(X, True) for `X | None`, else (hint, False)."""
     args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007 (built at run time)
+    if _is_union(hint) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
     return hint, False
+
+
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
 def _coerce(name: str, value, hint):
@@ -139,7 +142,7 @@ def _coerce(name: str, value, hint):
         if text not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
         return text
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # str | dict: a loss name or spec
+    if _is_union(hint):  # str | dict: a loss name or spec
         return value if isinstance(value, dict) else str(value)
     kind = typing.get_origin(hint) or hint
     if kind is bool:
@@ -202,7 +205,7 @@ def load_config(cls, argv=None, description: str = ""):
         try:
             if isinstance(value, list):
                 value = [yaml.safe_load(v) for v in value]
-            elif name == "loss" and value.lstrip().startswith("{"):  # a spec such as {focal: 1.0, smooth_l1: 1.0}
+            elif dict in typing.get_args(hints[name]) and value.lstrip().startswith("{"):  # {focal: 1.0, ...}
                 value = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise UserError(f"--{name.replace('_', '-')} {value}: not valid YAML ({getattr(e, 'problem', e)})") from e

@@ -116,14 +116,6 @@ def split_folder(data, split: str = "val", need_split: bool = False) -> Path:
     return data / split if (data / split).is_dir() else data
 
 
-IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS)
-
-
-def _is_image_name(name: str) -> bool:
-    _, dot, suffix = name.rpartition(".")
-    return bool(dot) and "." + suffix.lower() in IMAGE_SUFFIXES
-
-
 def _images_in(folder: Path) -> list[str]:
     """Image files below `folder` (symlinks to files count, as prepare-val makes them), sorted as paths.
     os.scandir reads each directory once and tells files from folders without a stat per file, which
@@ -135,7 +127,7 @@ def _images_in(folder: Path) -> list[str]:
                 if entry.is_dir(follow_symlinks=False):
                     folders.append(entry.path)
                     nested = True
-                elif _is_image_name(entry.name) and entry.is_file():
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
                     found.append(entry.path)
     if nested:  # Path order compares part by part ('a/x' before 'a-b/x'); plain strings don't
         return sorted(found, key=lambda path: path.split(os.sep))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import check_bad_images
-from presets import to_device
+from presets import IMAGENET_MEAN, IMAGENET_STD, to_device
 from utils import (
     UserError,
     all_gather_objects,
@@ -37,8 +37,8 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
     @classmethod
     def create(cls, device, amp: str, channels_last: str, training: bool, preset) -> "Runtime":

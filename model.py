@@ -1,8 +1,8 @@
 """Model factory, weights resolution and complexity counting for every torchvision classifier.
-
-from model import build_model, complexity
-model = build_model("resnet50", "DEFAULT")     # weights from torchvision's cache ($TORCH_HOME/hub/checkpoints)
-complexity("vit_b_16", "IMAGENET1K_V1")        # {'params': 86567656, 'gmacs': 17.564, ...}
+In code:
+    from model import build_model, complexity
+    model = build_model("resnet50", "DEFAULT")     # weights from torchvision's cache ($TORCH_HOME/hub/checkpoints)
+    complexity("vit_b_16", "IMAGENET1K_V1")        # {'params': 86567656, 'gmacs': 17.564, ...}
 """
 
 import contextlib

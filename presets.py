@@ -17,6 +17,7 @@ from torchvision.transforms import functional as F
 
 from utils import UserError
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, for every weights
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 TrainPresetName = Literal["standard", "original"]
 
@@ -35,8 +36,8 @@ class EvalPreset:
     crop: int = 224
     interpolation: Interpolation = "bilinear"
     antialias: bool = True
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
     def __post_init__(self):
         check_crop_fits(self.crop, self.resize)

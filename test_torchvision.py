@@ -243,16 +243,17 @@ def run_evaluation(args) -> list[dict]:
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     workers = default_workers(device) if args.workers is None else args.workers
     decode = "gpu" if use_gpu_decode(args.decode, device, samples, sys.stderr if is_main() else None) else "cpu"
+    data_key = {"data": str(Path(args.data).resolve()), "images": images_fingerprint(samples, args.data)}
     for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
         enum = weights_enum_for(arch, weights, file_default="DEFAULT")
-        preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
         if run is not None:  # a model trained here: its own validation preprocessing
             preset = EvalPreset.from_train_config(run["config"], args.resize, args.crop, args.interpolation)
+        else:
+            preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
         runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
         amp = amp_name(runtime.amp_dtype)
         settings = {
-            "data": str(Path(args.data).resolve()),
-            "images": images_fingerprint(samples, args.data),
+            **data_key,
             "limit": args.limit,
             "resize": preset.resize,
             "crop": preset.crop,

@@ -142,12 +142,13 @@ class Training:
             ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
         return cls(model, optimizer, build_scheduler(cfg, optimizer), scaler, ema, runtime.device)
 
-    def stateful(self) -> dict:
-        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler, "ema": self.ema}
+    def restored(self) -> dict:
+        """What a resume loads besides the model (the schedule is not: see load_state_dict)."""
+        return {"optimizer": self.optimizer, "scaler": self.scaler, "ema": self.ema}
 
     def state_dict(self) -> dict:
-        states = {key: None if obj is None else obj.state_dict() for key, obj in self.stateful().items()}
-        return {"model": self.model.state_dict(), **states}
+        states = {key: None if obj is None else obj.state_dict() for key, obj in self.restored().items()}
+        return {"model": self.model.state_dict(), "scheduler": self.scheduler.state_dict(), **states}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """All but the model, which is loaded (and checked against the architecture) before. The learning
@@ -158,8 +159,8 @@ class Training:
             for _ in range(checkpoint["epoch"]):
                 self.scheduler.step()
         lrs = [(group["lr"], group["initial_lr"]) for group in self.optimizer.param_groups]
-        for key, obj in self.stateful().items():
-            if key != "scheduler" and obj is not None and checkpoint.get(key):  # {}: a scaler that was off
+        for key, obj in self.restored().items():
+            if obj is not None and checkpoint.get(key):  # {}: a scaler that was off
                 obj.load_state_dict(checkpoint[key])
         for group, (lr, initial_lr) in zip(self.optimizer.param_groups, lrs):
             group.update(lr=lr, initial_lr=initial_lr)
