@@ -32,9 +32,9 @@ from decode import TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
 from model import build_model, prepare_for_eval, resolve_weights
+from optimizer import build_optimizer
 from presets import EvalPreset, train_preset
 from report import benchmark_report, benchmark_summary, busy_seconds, machine_info, merge_benchmarks
-from train import build_optimizer
 from utils import (
     ArgumentParser,
     UserError,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from loss import check_label_smoothing
 from model import check_arch
-from presets import Interpolation, TrainPresetName, check_crop_fits
+from presets import AutoAugment, Interpolation, TrainPresetName, check_crop_fits
 from utils import RUNTIME_HELP, Amp, ArgumentParser, ChannelsLast, Device, UserError, closest
 
 
@@ -32,16 +32,20 @@ class TrainConfig:
     batch_size: int = 32  # per process; the global batch is batch_size x world size
     lr: float = 0.1  # for the global batch, unless lr_scaling = linear
     lr_scaling: Literal["none", "linear"] = "none"  # linear: lr x global_batch / 256 (Goyal et al.)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = 0.9
+    optimizer: Literal["sgd", "adamw", "rmsprop"] = "sgd"  # rmsprop: eps 0.0316, alpha 0.9 (TF's, as torchvision)
+    momentum: float = 0.9  # sgd and rmsprop
     nesterov: bool = False
     weight_decay: float = 1e-4
-    no_decay_norm_bias: bool = False  # no weight decay on normalisation weights and biases (1-D parameters)
-    scheduler: Literal["step", "multistep", "cosine"] = "step"  # all stepped once per epoch
+    norm_weight_decay: float | None = None  # for normalisation layers' parameters; none: weight_decay
+    bias_weight_decay: float | None = None  # for every parameter named bias; none: weight_decay
+    transformer_embedding_decay: float | None = None  # class token, position embeddings, relative position bias
+    scheduler: Literal["step", "multistep", "cosine", "exponential"] = "step"  # all stepped once per epoch
     step_size: int = 30
     milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
-    lr_gamma: float = 0.1
-    warmup_epochs: int = 0  # linear warmup from lr x warmup_factor
+    lr_gamma: float = 0.1  # step, multistep and exponential (lr x gamma every epoch)
+    lr_min: float = 0.0  # where cosine ends
+    warmup_epochs: int = 0  # warmup from lr x warmup_factor (torchvision's --lr-warmup-decay)
+    warmup_method: Literal["linear", "constant"] = "linear"  # constant: lr x warmup_factor, then lr
     warmup_factor: float = 0.01
     # loss: ce | focal | smooth_l1 | a weighted sum such as {focal: 1.0, smooth_l1: 1.0} (see loss.py)
     loss: str | dict = "ce"
@@ -53,14 +57,24 @@ class TrainConfig:
     val_resize_size: int = 256
     val_crop_size: int = 224
     interpolation: Interpolation = "bilinear"
+    auto_augment: AutoAugment = "none"  # after crop and flip: TrivialAugmentWide | RandAugment | AutoAugment | AugMix
+    ra_magnitude: int = 9  # RandAugment's magnitude (of 31 bins)
+    augmix_severity: int = 3
+    random_erase: float = 0.0  # probability of RandomErasing, applied to the normalised image
+    mixup_alpha: float = 0.0  # > 0: MixUp; with cutmix_alpha too, one of the two at random per batch
+    cutmix_alpha: float = 0.0
+    ra_sampler: bool = False  # repeated augmentation: each image ra_reps times per epoch, on different ranks
+    ra_reps: int = 3
     # speed (the options every script shares: utils.add_runtime_args)
     amp: Amp = "auto"  # bf16 on CUDA; fp16 runs with a GradScaler
     channels_last: ChannelsLast = "auto"  # on for CUDA
     compile: bool = False  # torch.compile the model (minutes of compile, faster epochs)
     workers: int | None = None  # loader processes per rank; None = dataset.default_workers
     # regularisation
-    ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights, evaluated too
-    ema_steps: int = 32  # update the EMA every N steps (torchvision's recipe)
+    # > 0 keeps an exponential moving average of the weights, evaluated too; as torchvision's
+    # --model-ema-decay, adjusted to the global batch, ema_steps and epochs (engine.build_ema)
+    ema_decay: float = 0.0
+    ema_steps: int = 32  # update the EMA every N steps; during warmup it copies the weights
     clip_grad_norm: float = 0.0  # > 0 clips the global gradient norm
     sync_bn: bool = False  # SyncBatchNorm across ranks
     # run
@@ -76,8 +90,10 @@ class TrainConfig:
 
 
 AT_LEAST_ONE = """epochs batch_size train_crop_size train_resize_size val_resize_size val_crop_size ema_steps
-    log_interval dummy_size step_size""".split()
-NON_NEGATIVE = "momentum weight_decay warmup_epochs clip_grad_norm ema_decay save_every_steps warmup_factor".split()
+    log_interval dummy_size step_size ra_reps augmix_severity""".split()
+NON_NEGATIVE = """momentum weight_decay warmup_epochs clip_grad_norm ema_decay save_every_steps warmup_factor
+    norm_weight_decay bias_weight_decay transformer_embedding_decay lr_min ra_magnitude mixup_alpha
+    cutmix_alpha""".split()
 
 
 def check_config(cfg: TrainConfig) -> TrainConfig:
@@ -86,7 +102,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     for key in NON_NEGATIVE:
-        if getattr(cfg, key) < 0:
+        if (getattr(cfg, key) or 0) < 0:
             raise UserError(f"{key} must be non-negative, got {getattr(cfg, key)}")
     if cfg.lr <= 0:
         raise UserError(f"lr must be positive, got {cfg.lr}")
@@ -96,8 +112,13 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"warmup_factor must be in (0, 1], got {cfg.warmup_factor}")
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("nesterov needs a momentum above 0; drop --nesterov or set --momentum")
-    if cfg.dropout is not None and not 0 <= cfg.dropout <= 1:
-        raise UserError(f"dropout must be in [0, 1], got {cfg.dropout}")
+    for key in ("dropout", "random_erase"):
+        if getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) <= 1:
+            raise UserError(f"{key} must be in [0, 1], got {getattr(cfg, key)}")
+    if cfg.augmix_severity > 10:  # torchvision's ranges
+        raise UserError(f"augmix_severity must be in 1..10, got {cfg.augmix_severity}")
+    if cfg.ra_magnitude > 30:
+        raise UserError(f"ra_magnitude must be in 0..30, got {cfg.ra_magnitude}")
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {cfg.num_classes}")
     if cfg.workers is not None and cfg.workers < 0:

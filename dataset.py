@@ -205,8 +205,8 @@ class ImageDataset(torch.utils.data.Dataset):
     """(image, target, index, error) items; a file that cannot be read gives image None and the
     error text, so the loop can stop naming it or skip and count it (workers can't raise cleanly).
 
-    Indexed by (index, epoch) pairs (from TrainSampler), the random augmentation of an image is
-    seeded by (seed, epoch, index): identical for any worker count or world size, and after a resume."""
+    Indexed by (index, epoch, copy) keys (from TrainSampler), the random augmentation of an image is
+    seeded by (seed, epoch, index, copy): identical for any worker count or world size, and after a resume."""
 
     def __init__(self, samples: list[Sample], transform, seed: int = 0):
         self.samples, self.transform, self.seed = samples, transform, seed
@@ -215,14 +215,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, None)
+        index, epoch, copy = key if isinstance(key, tuple) else (key, None, 0)
         sample = self.samples[index]
         try:
             image = self.load(index)
             if epoch is None:
                 return self.transform(image), sample.target, index, ""
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF_FFFF)
+                torch.manual_seed(hash((self.seed, epoch, index, copy)) & 0xFFFF_FFFF_FFFF)
                 return self.transform(image), sample.target, index, ""
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return None, sample.target, index, f"{type(e).__name__}: {e}"
@@ -245,16 +245,33 @@ class SyntheticDataset(ImageDataset):
 
 
 class TrainSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (shuffled by seed + epoch, padded to equal shards) that yields (index, epoch)
-    and can start `skip` items into the epoch, to resume exactly in the middle of one."""
+    """DistributedSampler (shuffled by seed + epoch, padded to equal shards) that yields (index, epoch,
+    copy) and can start `skip` items into the epoch, to resume exactly in the middle of one.
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0):
+    repeats > 1 is repeated augmentation (Hoffer et al. 2020; torchvision's RASampler from DeiT): the
+    shuffled order holds each image `repeats` times in a row, dealt to the ranks in turn, so its copies
+    are augmented differently (`copy` enters the augmentation seed) on different ranks. Each rank keeps
+    len(dataset) // world items, so an epoch is as long as without repeats. (The references keep a
+    multiple of 256 images, which leaves nothing of a folder smaller than that.)"""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0, repeats: int = 1):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip = 0
+        self.repeats, self.skip = repeats, 0
+        if repeats > 1:
+            self.num_samples = max(1, len(dataset) // num_replicas)
+
+    def epoch_items(self) -> list[tuple[int, int, int]]:
+        """This rank's (index, epoch, copy) items of the current epoch, before `skip`."""
+        if self.repeats == 1:
+            return [(i, self.epoch, 0) for i in super().__iter__()]
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        items = [(i, self.epoch, copy) for i in order.tolist() for copy in range(self.repeats)]
+        total = -(-len(items) // self.num_replicas) * self.num_replicas
+        items += items[: total - len(items)]  # pad to equal shards, as the references do
+        return items[self.rank : total : self.num_replicas][: self.num_samples]
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip :]
-        return iter([(i, self.epoch) for i in indices])
+        return iter(self.epoch_items()[self.skip :])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip

@@ -170,6 +170,8 @@ def train_one_epoch(
     *,
     ema=None,
     ema_steps: int = 32,
+    ema_copies_until: int = 0,
+    mix: Callable | None = None,
     clip_grad_norm: float = 0.0,
     log_interval: int = 20,
     checkpoint_every: int = 0,
@@ -181,7 +183,10 @@ def train_one_epoch(
     Loss and accuracy stay on the device between log intervals, the loop's only host syncs. Every
     `checkpoint_every` steps `on_checkpoint(sums)` saves a mid-epoch checkpoint (sums: this rank's
     loss, top-1 and image counts so far). `ema` (an AveragedModel of `model`'s unwrapped module) is
-    updated every `ema_steps` steps. A WeightedSum criterion's terms are reported too."""
+    updated every `ema_steps` steps; before epoch `ema_copies_until` (the warmup) it copies the weights,
+    as torchvision's references do. `mix` (presets.mixup_cutmix) turns each normalised batch and its
+    labels into mixed images and soft targets; train top-1 then counts the largest target. A WeightedSum
+    criterion's terms are reported too."""
     model.train()
     device, epoch = runtime.device, state.epoch
     loader.sampler.set_epoch(epoch)
@@ -213,6 +218,8 @@ def train_one_epoch(
             continue
         seen += len(targets)
         images, targets = runtime.inputs(images, targets)
+        if mix is not None:
+            images, targets = mix(images, targets)  # (B, C) float targets, rows summing to 1
         with autocast(device, runtime.amp_dtype):
             logits = model(images)
         logits = getattr(logits, "logits", logits)  # googlenet and inception_v3 add aux outputs when training
@@ -228,11 +235,14 @@ def train_one_epoch(
         state.batch += 1
         if ema is not None and state.step % ema_steps == 0:
             ema.update_parameters(model)  # DDP and compile wrap the same parameters
+            if epoch < ema_copies_until:
+                ema.n_averaged.fill_(0)  # the next update copies again
         loss = loss.detach()
         first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), state.step, first_bad_step)
         count = torch.tensor(len(targets), device=device)
         parts = [criterion.parts[t].double() * len(targets) for t in terms]
-        top1 = topk_correct(logits.detach(), targets, (1,))[0]
+        labels = targets.argmax(1) if targets.ndim == 2 else targets
+        top1 = topk_correct(logits.detach(), labels, (1,))[0]
         sums += torch.stack([loss.double() * len(targets), top1, count, *parts])
         last = state.batch == bar.total
         save_now = bool(checkpoint_every) and state.step % checkpoint_every == 0 and not last

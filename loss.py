@@ -5,10 +5,13 @@ them built from the config's `losses` entry.
     criterion = build_loss("ce", num_classes=1000, label_smoothing=0.1)         # torchvision's recipes
     criterion = build_loss({"focal": 1.0, "smooth_l1": 1.0}, num_classes=1000)  # this repo's original recipe
     loss = criterion(logits, target)  # logits (B, C) any float dtype, target (B,) int64 -> scalar
+    loss = criterion(logits, soft)    # or (B, C) class probabilities, as MixUp/CutMix make them
     criterion.parts                   # {'focal': tensor(..), 'smooth_l1': tensor(..)}: metrics.csv's train_loss_*
 
 Every loss works in float32 from log_softmax/softmax, so it stays finite and accurate under bf16/fp16
-autocast. Label smoothing follows F.cross_entropy: q = (1 - eps) * onehot + eps / C.
+autocast. Label smoothing follows F.cross_entropy: q = (1 - eps) * onehot + eps / C, and for a
+probability target q = (1 - eps) * target + eps / C. Every loss here is defined for probability
+targets (each is a sum over classes weighted by q), so each takes MixUp/CutMix batches.
 """
 
 import inspect
@@ -28,6 +31,13 @@ def one_hot(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> t
     return q.scatter_(1, target[:, None], 1.0 - smoothing + smoothing / num_classes)
 
 
+def target_probs(target: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """(B,) class indices or (B, C) class probabilities -> smoothed (B, C) float32 probabilities q."""
+    if target.ndim == 2:
+        return target.float() * (1.0 - smoothing) + smoothing / num_classes
+    return one_hot(target, num_classes, smoothing)
+
+
 def check_label_smoothing(label_smoothing) -> float:
     """The one rule for label smoothing, wherever it enters (config, loss spec, LabelCoder): [0, 1],
     the range F.cross_entropy accepts (1 is a uniform target)."""
@@ -37,13 +47,14 @@ def check_label_smoothing(label_smoothing) -> float:
 
 
 class CrossEntropy(nn.Module):
-    """F.cross_entropy with label smoothing, on float32 logits."""
+    """F.cross_entropy with label smoothing, on float32 logits (and float32 probability targets)."""
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
         self.label_smoothing = check_label_smoothing(label_smoothing)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.float() if target.is_floating_point() else target
         return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
 
 
@@ -71,7 +82,7 @@ class FocalLoss(nn.Module):
         # -expm1(log p) is 1 - p without cancellation when p -> 1; the clamp keeps the gradient of
         # x^gamma finite at x = 0 for gamma < 1 (log p is 0 there, so the value is unchanged)
         focal_weight = (-torch.expm1(log_probs)).clamp(min=torch.finfo(torch.float32).tiny) ** self.gamma
-        q = one_hot(target, logits.shape[1], self.label_smoothing)
+        q = target_probs(target, logits.shape[1], self.label_smoothing)
         if self.alpha is not None:
             q = q * self.alpha.to(q.device)  # a no-op once the criterion is on the logits' device
         return -(q * focal_weight * log_probs).sum(1).mean()
@@ -92,7 +103,7 @@ class SmoothL1ProbLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(logits.float(), dim=1)  # (B, C) float32
-        q = one_hot(target, logits.shape[1], self.label_smoothing)
+        q = target_probs(target, logits.shape[1], self.label_smoothing)
         return F.smooth_l1_loss(probs, q, beta=self.beta, reduction="none").sum(1).mean()
 
 

@@ -73,15 +73,71 @@ class EvalPreset:
         return F.pil_to_tensor(F.center_crop(image, [self.crop]))  # (3, crop, crop) uint8
 
 
-def train_preset(name: TrainPresetName, crop: int = 224, resize: int = 256, interpolation: Interpolation = "bilinear"):
-    """'standard': RandomResizedCrop + horizontal flip (torchvision's recipes);
-    'original': Resize + CenterCrop, this repo's first recipe (no augmentation)."""
+AutoAugment = Literal["none", "ta_wide", "ra", "imagenet", "augmix"]
+
+
+def train_preset(
+    name: TrainPresetName,
+    crop: int = 224,
+    resize: int = 256,
+    interpolation: Interpolation = "bilinear",
+    *,
+    auto_augment: AutoAugment = "none",
+    ra_magnitude: int = 9,
+    augmix_severity: int = 3,
+    random_erase: float = 0.0,
+):
+    """'standard': RandomResizedCrop + horizontal flip, then the auto_augment policy (torchvision's
+    recipes, in the order of references/classification/presets.py with its PIL backend);
+    'original': Resize + CenterCrop, this repo's first recipe (no augmentation).
+
+    Returns uint8 (3, crop, crop), normalised later on the device (engine.Runtime.inputs), except with
+    random_erase > 0: erasing writes 0 into the *normalised* image (the mean colour), so those images
+    leave the loader as normalised float32, exactly as the references compute them."""
     mode = InterpolationMode(interpolation)
     if name == "standard":
         steps = [v2.RandomResizedCrop(crop, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
     else:
         steps = [v2.Resize(resize, interpolation=mode, antialias=True), v2.CenterCrop(crop)]
-    return v2.Compose([*steps, v2.PILToTensor()])
+    policies = {
+        "ta_wide": lambda: v2.TrivialAugmentWide(interpolation=mode),
+        "ra": lambda: v2.RandAugment(magnitude=ra_magnitude, interpolation=mode),
+        "imagenet": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=mode),
+        "augmix": lambda: v2.AugMix(severity=augmix_severity, interpolation=mode),
+    }
+    if auto_augment != "none":
+        steps.append(policies[auto_augment]())
+    steps.append(v2.PILToTensor())
+    if random_erase > 0:
+        to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        steps += [*to_float, v2.RandomErasing(random_erase)]
+    return v2.Compose(steps)
+
+
+def train_transform(cfg):
+    """The train preset of a TrainConfig (or anything with its fields)."""
+    return train_preset(
+        cfg.train_preset,
+        cfg.train_crop_size,
+        cfg.train_resize_size,
+        cfg.interpolation,
+        auto_augment=cfg.auto_augment,
+        ra_magnitude=cfg.ra_magnitude,
+        augmix_severity=cfg.augmix_severity,
+        random_erase=cfg.random_erase,
+    )
+
+
+def mixup_cutmix(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
+    """v2.MixUp and/or v2.CutMix, one of them chosen at random per batch (torchvision's references), or
+    None when both alphas are 0. Called as mix(images, targets) on a normalised float batch and (B,)
+    int64 targets; returns the mixed images and (B, num_classes) float targets whose rows sum to 1."""
+    choices = []
+    if mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    return v2.RandomChoice(choices) if choices else None
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -93,6 +149,9 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def to_device(images, device, mean, std, channels_last: bool):
-    """uint8 (B, 3, H, W) host batch -> normalised float on the device (4x fewer bytes to copy)."""
-    images = normalize(images.to(device, non_blocking=True), mean, std)
+    """uint8 (B, 3, H, W) host batch -> normalised float on the device (4x fewer bytes to copy). A float
+    batch was normalised by its transform (train_preset with random_erase) and is only moved."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalize(images, mean, std)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images

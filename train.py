@@ -30,8 +30,9 @@ from dataset import (
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
 from model import build_model, load_checked
+from optimizer import build_ema, build_optimizer, build_scheduler
 from plots import plot_curves
-from presets import EvalPreset, train_preset
+from presets import EvalPreset, mixup_cutmix, train_transform
 from report import choose_run_dir, tensorboard_writer, write_metrics, write_run_files
 from utils import (
     UserError,
@@ -53,7 +54,7 @@ from utils import rank as global_rank
 
 def build_data(cfg: TrainConfig, device) -> tuple:
     """(train loader, val loader, class names); labels index the train folder's classes from 0."""
-    train_tf = train_preset(cfg.train_preset, cfg.train_crop_size, cfg.train_resize_size, cfg.interpolation)
+    train_tf = train_transform(cfg)
     val_tf = EvalPreset(cfg.val_resize_size, cfg.val_crop_size, cfg.interpolation)
     if cfg.dummy:
         classes = [str(i) for i in range(cfg.num_classes or 1000)]
@@ -71,7 +72,7 @@ def build_data(cfg: TrainConfig, device) -> tuple:
     world, rank = world_size(), global_rank()
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     pin = device.type == "cuda"
-    sampler = TrainSampler(train_set, world, rank, cfg.seed)
+    sampler = TrainSampler(train_set, world, rank, cfg.seed, cfg.ra_reps if cfg.ra_sampler else 1)
     drop_last = len(train_set) >= cfg.batch_size * world  # full batches, unless the set is smaller than one
     train_loader = build_loader(train_set, cfg.batch_size, workers, sampler, pin, drop_last, persistent_workers=True)
     val_loader = build_loader(val_set, cfg.batch_size, workers, ShardSampler(len(val_set), world, rank), pin)
@@ -93,33 +94,6 @@ def build_network(cfg: TrainConfig, num_classes: int, runtime: Runtime) -> torch
     return model.to(memory_format=torch.channels_last) if runtime.channels_last else model
 
 
-def build_optimizer(cfg: TrainConfig, model, lr: float):
-    """SGD or AdamW; with no_decay_norm_bias, 1-D parameters (norm weights, biases) get no weight decay."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if not (cfg.no_decay_norm_bias and p.ndim <= 1)]
-    no_decay = [p for p in trainable if cfg.no_decay_norm_bias and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer):
-    """Stepped once per epoch, after an optional linear warmup (torchvision's recipes)."""
-    sched = torch.optim.lr_scheduler
-    if cfg.scheduler == "step":
-        main = sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.lr_gamma)
-    elif cfg.scheduler == "multistep":
-        milestones = [m - cfg.warmup_epochs for m in cfg.milestones]
-        main = sched.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma)
-    else:
-        main = sched.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs - cfg.warmup_epochs))
-    if not cfg.warmup_epochs:
-        return main
-    warmup = sched.LinearLR(optimizer, start_factor=cfg.warmup_factor, total_iters=cfg.warmup_epochs)
-    return sched.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_epochs])
-
-
 @dataclass
 class Training:
     """The model and everything that steps with it; with TrainState, what a checkpoint holds."""
@@ -136,10 +110,7 @@ class Training:
         lr = cfg.lr * cfg.batch_size * world_size() / 256 if cfg.lr_scaling == "linear" else cfg.lr
         optimizer = build_optimizer(cfg, model, lr)
         scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-        ema = None
-        if cfg.ema_decay:
-            average = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay)
-            ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+        ema = build_ema(cfg, model, world_size())
         return cls(model, optimizer, build_scheduler(cfg, optimizer), scaler, ema, runtime.device)
 
     def restored(self) -> dict:
@@ -283,7 +254,8 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
     def save_mid_epoch(sums):
         save(run_dir, training, state, cfg, classes, partial_sums=sums)
 
-    options = {"ema": training.ema, "ema_steps": cfg.ema_steps, "clip_grad_norm": cfg.clip_grad_norm}
+    options = {"ema": training.ema, "ema_steps": cfg.ema_steps, "ema_copies_until": cfg.warmup_epochs}
+    options.update(mix=mixup_cutmix(cfg.mixup_alpha, cfg.cutmix_alpha, num_classes), clip_grad_norm=cfg.clip_grad_norm)
     options.update(log_interval=cfg.log_interval, checkpoint_every=cfg.save_every_steps, on_checkpoint=save_mid_epoch)
     options.update(skip_bad_images=cfg.skip_bad_images, epochs=cfg.epochs)
     while state.epoch < cfg.epochs:

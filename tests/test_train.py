@@ -219,8 +219,8 @@ def test_one_epoch_equals_the_plain_loop_on_the_same_batches(tmp_path):
     from engine import Runtime, TrainState, train_one_epoch
     from loss import build_loss
     from model import build_model
+    from optimizer import build_optimizer
     from presets import EvalPreset, train_preset
-    from train import build_optimizer
 
     data = make_colour_dataset(tmp_path, per_class=(8, 1), size=(36, 40))
     cfg = TrainConfig(arch="resnet18", batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-4)
@@ -239,7 +239,7 @@ def test_one_epoch_equals_the_plain_loop_on_the_same_batches(tmp_path):
     mean, std = EvalPreset().mean, EvalPreset().std
     transform = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(mean, std)])
     folder = ImageFolder(str(data / "train"), transform)
-    order = [index for index, _ in sampler]  # the epoch-0 order train.py used
+    order = [index for index, _, _ in sampler]  # the epoch-0 order train.py used
     sgd = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     plain.train()
     for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):

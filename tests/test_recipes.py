@@ -1,0 +1,202 @@
+"""torchvision's training recipes: augmentations, MixUp/CutMix soft targets through the losses, the
+repeated-augmentation sampler, optimizers, weight-decay groups, schedules and the EMA, each against
+what torchvision's references/classification build for the same flags (written out here)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+
+from config import TrainConfig, check_config, load_config
+from conftest import ROOT
+from dataset import TrainSampler
+from loss import build_loss
+from optimizer import build_optimizer, build_scheduler, ema_decay_per_update, weight_decay_groups
+from presets import mixup_cutmix, train_transform
+from utils import UserError
+
+
+def random_image(seed: int, size=(300, 240)) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=generator).numpy())
+
+
+def v2_recipe():
+    return load_config(TrainConfig, ["--config", str(ROOT / "configs" / "torchvision_v2.yaml")])
+
+
+def test_torchvision_v2_train_transform_equals_the_references_tensor_for_tensor():
+    """references/classification/presets.py, ClassificationPresetTrain(crop_size=176, interpolation=
+    bilinear, auto_augment_policy='ta_wide', random_erase_prob=0.1, backend='pil', use_v2=True)."""
+    bilinear = InterpolationMode.BILINEAR
+    references = v2.Compose(
+        [
+            v2.RandomResizedCrop(176, interpolation=bilinear, antialias=True),
+            v2.RandomHorizontalFlip(0.5),
+            v2.TrivialAugmentWide(interpolation=bilinear),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float, scale=True),
+            v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            v2.RandomErasing(0.1),
+            v2.ToPureTensor(),
+        ]
+    )
+    ours, erased = train_transform(v2_recipe()), 0
+    for seed in range(40):
+        image = random_image(seed)
+        torch.manual_seed(seed)
+        expected = references(image)
+        torch.manual_seed(seed)
+        actual = ours(image)
+        assert actual.dtype == torch.float32 and actual.shape == (3, 176, 176)
+        assert torch.equal(actual, expected), seed
+        erased += bool((actual == 0).all(0).sum() >= 4)  # an erased box is 0 in every channel
+    assert 1 <= erased <= 10  # p = 0.1 over 40 images: the erasing branch ran, and not always
+
+
+@pytest.mark.parametrize("policy", ["ta_wide", "ra", "imagenet", "augmix"])
+def test_every_policy_keeps_uint8_images_for_the_device(policy):
+    cfg = load_config(TrainConfig, f"--auto-augment {policy} --train-crop-size 64".split())
+    out = train_transform(cfg)(random_image(0))
+    assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)
+
+
+def test_mixup_cutmix_targets_are_probabilities_that_match_the_pixels():
+    """Each batch is mixed with itself rolled by one (torchvision's v2.MixUp/CutMix); the weight of an
+    image's own label is the share of its pixels: lam everywhere (MixUp) or outside the box (CutMix)."""
+    mix = mixup_cutmix(0.2, 1.0, num_classes=10)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)  # distinct labels: weights are readable
+    rolled = images.roll(1, 0)
+    torch.manual_seed(0)
+    kinds = set()
+    for _ in range(20):
+        mixed, targets = mix(images, labels)
+        assert targets.shape == (8, 10) and (targets >= 0).all()
+        assert torch.allclose(targets.sum(1), torch.ones(8))
+        own = targets[0, 0].item()
+        assert torch.allclose(targets[torch.arange(8), labels.roll(1)], torch.full((8,), 1 - own))
+        if torch.allclose(mixed, own * images + (1 - own) * rolled, atol=1e-5):
+            kinds.add("mixup")
+        else:
+            pasted = (mixed == rolled).all(1).float().mean((1, 2))  # (B,) share of pixels from the box
+            assert torch.allclose(pasted, torch.full((8,), 1 - own), atol=1e-6)
+            kinds.add("cutmix")
+    assert kinds == {"mixup", "cutmix"}
+    assert mixup_cutmix(0.0, 0.0, 10) is None
+
+
+@pytest.mark.parametrize("spec", ["ce", "focal", "smooth_l1", {"focal": 1.0, "smooth_l1": 0.5}])
+def test_soft_target_losses_equal_hard_label_losses_on_one_hot_targets(spec):
+    criterion = build_loss(spec, num_classes=7, label_smoothing=0.1)
+    logits, labels = torch.randn(6, 7, dtype=torch.float64), torch.randint(0, 7, (6,))
+    hard, soft = criterion(logits, labels), criterion(logits, F.one_hot(labels, 7).float())
+    assert torch.allclose(hard, soft, atol=1e-6)
+    mixed = 0.3 * F.one_hot(labels, 7).float() + 0.7 * F.one_hot(labels.roll(1), 7).float()
+    assert torch.isfinite(criterion(logits, mixed))
+
+
+def references_ra_indices(n: int, world: int, rank: int, seed: int, epoch: int, reps: int) -> list[int]:
+    """references/classification/sampler.py's RASampler.__iter__, before its truncation."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    indices = torch.randperm(n, generator=g).tolist()
+    indices = [ele for ele in indices for _ in range(reps)]
+    total_size = int(math.ceil(n * float(reps) / world)) * world
+    indices += indices[: (total_size - len(indices))]
+    return indices[rank:total_size:world]
+
+
+def test_repeated_augmentation_sampler_follows_the_references():
+    dataset, reps, world = list(range(50)), 4, 2
+    shards = []
+    for rank in range(world):
+        sampler = TrainSampler(dataset, world, rank, seed=3, repeats=reps)
+        sampler.set_epoch(5)
+        items = list(sampler)
+        assert len(items) == len(sampler) == 25 and {epoch for _, epoch, _ in items} == {5}
+        assert [i for i, _, _ in items] == references_ra_indices(50, world, rank, 3, 5, reps)[:25]
+        shards.append(items)
+    # before truncation each image is dealt reps times, its copies alternating between the ranks
+    full = references_ra_indices(50, world, 0, 3, 5, reps) + references_ra_indices(50, world, 1, 3, 5, reps)
+    assert all(full.count(i) == reps for i in dataset)
+    seen = [item for shard in shards for item in shard]
+    assert len(set(seen)) == len(seen)  # no (index, copy) twice: every copy gets its own augmentation seed
+    images = [i for i, _, _ in seen]
+    assert all(images.count(i) == reps for i in set(images) if i != images[-1])  # whole groups of copies
+    sampler = TrainSampler(dataset, world, 1, seed=3, repeats=reps)
+    sampler.set_epoch(5)
+    sampler.skip = 10  # a mid-epoch resume continues where the rank stopped
+    assert list(sampler) == shards[1][10:]
+
+
+def test_weight_decay_groups_follow_the_references_set_weight_decay():
+    from torchvision.models import swin_t
+
+    model = swin_t()
+    options = "--weight-decay 0.05 --norm-weight-decay 0 --bias-weight-decay 0.01 --transformer-embedding-decay 0"
+    cfg = load_config(TrainConfig, options.split())
+    groups = {group["weight_decay"]: group["params"] for group in weight_decay_groups(model, cfg)}
+    ids = {decay: {id(p) for p in params} for decay, params in groups.items()}
+    by_name = dict(model.named_parameters())
+    assert id(by_name["features.1.0.norm1.weight"]) in ids[0.0]  # LayerNorm weight: norm_weight_decay
+    assert id(by_name["features.1.0.norm1.bias"]) in ids[0.01]  # a norm's bias: bias_weight_decay comes first
+    assert id(by_name["head.bias"]) in ids[0.01]
+    assert id(by_name["features.1.0.attn.relative_position_bias_table"]) in ids[0.0]
+    assert id(by_name["head.weight"]) in ids[0.05] and id(by_name["features.0.0.weight"]) in ids[0.05]
+    assert sum(len(p) for p in groups.values()) == len(by_name)  # every parameter once
+    plain = weight_decay_groups(model, load_config(TrainConfig, ["--weight-decay", "0.05"]))
+    assert [g["weight_decay"] for g in plain] == [0.05]
+
+
+def test_rmsprop_exponential_cosine_min_and_constant_warmup():
+    model = torch.nn.Linear(3, 2)
+    cfg = load_config(TrainConfig, "--optimizer rmsprop --lr 0.064 --momentum 0.9 --weight-decay 1e-5".split())
+    optimizer = build_optimizer(cfg, model, cfg.lr)
+    assert isinstance(optimizer, torch.optim.RMSprop)
+    assert optimizer.defaults["eps"] == 0.0316 and optimizer.defaults["alpha"] == 0.9
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-5 and optimizer.defaults["momentum"] == 0.9
+
+    def lrs(options: str, epochs: int) -> list[float]:
+        cfg = load_config(TrainConfig, ["--epochs", str(epochs), *options.split()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        scheduler, out = build_scheduler(cfg, optimizer), []
+        for _ in range(epochs):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    assert lrs("--lr 1 --scheduler exponential --lr-gamma 0.5", 3) == [1, 0.5, 0.25]
+    cosine = lrs("--lr 1 --scheduler cosine --lr-min 0.1 --warmup-epochs 2 --warmup-method constant", 5)
+    assert cosine[:2] == [0.01, 0.01] and cosine[2] == 1
+    assert cosine[3] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 3)) / 2)
+    assert lrs("--lr 1 --scheduler cosine --lr-min 0.1", 3)[-1] > 0.1
+
+
+def test_ema_decay_is_adjusted_like_the_references():
+    """references/classification/train.py: adjust = world x batch x ema_steps / epochs;
+    alpha = min(1, (1 - decay) x adjust); the EMA decays by 1 - alpha per update."""
+    cfg = load_config(TrainConfig, "--ema-decay 0.99998 --ema-steps 32 --batch-size 128 --epochs 600".split())
+    assert ema_decay_per_update(cfg, world_size=8) == pytest.approx(1 - 0.00002 * 8 * 128 * 32 / 600)
+    assert ema_decay_per_update(load_config(TrainConfig, "--ema-decay 0.5 --epochs 1".split()), 1) == 0.0
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ("--auto-augment trivial", "auto_augment must be one of"),
+        ("--random-erase 1.5", "random_erase"),
+        ("--mixup-alpha -1", "mixup_alpha"),
+        ("--ra-reps 0", "ra_reps"),
+        ("--augmix-severity 11", "augmix_severity"),
+        ("--norm-weight-decay -0.1", "norm_weight_decay"),
+        ("--warmup-method cosine", "linear, constant"),
+        ("--optimizer adam", "rmsprop"),
+    ],
+)
+def test_bad_recipe_options_are_named(options, needle):
+    with pytest.raises(UserError, match=needle):
+        check_config(load_config(TrainConfig, ["--dummy", *options.split()]))
