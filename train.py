@@ -4,12 +4,14 @@
     python train.py --config configs/seed.yaml --data /data/imagenet --arch alexnet          # the original recipe
     python train.py --config configs/finetune.yaml --data /data/flowers --arch resnet50      # new head, pretrained body
     torchrun --nproc_per_node=8 train.py --config configs/torchvision_v1.yaml --data /data/imagenet --arch resnet50
+    python train.py --recipe ResNet50_Weights.IMAGENET1K_V2 --data /data/imagenet   # the config of any weights row
     python train.py --run-name NAME --resume auto ...                                        # continue a run
 Every key of TrainConfig (config.py) is also --key value; precedence: defaults < --config < command line.
 """
 
 import dataclasses
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from model import build_model, load_checked
 from optimizer import build_ema, build_optimizer, build_scheduler
 from plots import plot_curves
 from presets import EvalPreset, mixup_cutmix, train_transform
+from recipes import expand_recipe
 from report import choose_run_dir, tensorboard_writer, write_metrics, write_run_files
 from utils import (
     UserError,
@@ -86,9 +89,9 @@ def build_network(cfg: TrainConfig, num_classes: int, runtime: Runtime) -> torch
         model = build_model(cfg.arch, cfg.weights, num_classes, weights_dir=cfg.weights_dir, **options)
     except TypeError as e:  # the builder has no such keyword
         raise UserError(f"{cfg.arch} has no dropout setting; remove --dropout") from e
-    if cfg.sync_bn and runtime.device.type != "cuda":
+    if cfg.sync_bn and world_size() > 1 and runtime.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernel); drop it on CPU")
-    if cfg.sync_bn and world_size() > 1:
+    if cfg.sync_bn and world_size() > 1:  # one process: its statistics are already the batch's
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device)
     return model.to(memory_format=torch.channels_last) if runtime.channels_last else model
@@ -196,8 +199,8 @@ def how_to_continue(run_dir: Path) -> str:
 
 
 def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> dict:
-    """Build, restore, loop, report. Returns the run dir, the per-epoch history, the best val top-1 and
-    the trained (unwrapped) model."""
+    """Build, restore, loop, report. Returns the run dir, the per-epoch history, the best val top-1, the
+    trained (unwrapped) model and the optimizer steps taken."""
     # build
     checkpoint = load_train_checkpoint(resume_from)
     torch.manual_seed(cfg.seed)
@@ -280,7 +283,8 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
             print(f"skipped {len(bad)} unreadable images:\n  " + "\n  ".join(bad))
         saved = "metrics" if cfg.dummy else "checkpoints and metrics"
         print(f"done: best val top-1 {state.best_acc1:.3f}%; {saved} in {run_dir}")
-    return {"run_dir": str(run_dir), "history": state.history, "best_acc1": state.best_acc1, "model": model}
+    return {"run_dir": str(run_dir), "history": state.history, "best_acc1": state.best_acc1, "model": model,
+            "steps": state.step}  # fmt: skip
 
 
 def open_run(cfg: TrainConfig):
@@ -334,6 +338,7 @@ def finish_epoch(cfg: TrainConfig, training: Training, train_stats: dict, val_lo
 
 @cli
 def cli_main(argv=None) -> dict:
+    argv = expand_recipe(sys.argv[1:] if argv is None else [str(a) for a in argv])
     return main(load_config(TrainConfig, argv, description=__doc__))
 
 

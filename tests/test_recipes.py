@@ -11,11 +11,12 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from config import TrainConfig, check_config, load_config
-from conftest import ROOT
+from conftest import ROOT, read_csv, run_script
 from dataset import TrainSampler
 from loss import build_loss
 from optimizer import build_optimizer, build_scheduler, ema_decay_per_update, weight_decay_groups
 from presets import mixup_cutmix, train_transform
+from recipes import recipe_arguments
 from utils import UserError
 
 
@@ -200,3 +201,77 @@ def test_ema_decay_is_adjusted_like_the_references():
 def test_bad_recipe_options_are_named(options, needle):
     with pytest.raises(UserError, match=needle):
         check_config(load_config(TrainConfig, ["--dummy", *options.split()]))
+
+
+SMALL = "--dummy --dummy-size 4 --batch-size 2 --epochs 1 --num-classes 5 --arch resnet18 --weights none".split()
+SMALL += "--train-crop-size 32 --train-resize-size 36 --val-resize-size 36 --val-crop-size 32 --workers 0".split()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_trains_two_steps_on_dummy_data(config, tmp_path):
+    import train
+
+    result = train.cli_main(["--config", str(ROOT / "configs" / config), *SMALL, "--output", str(tmp_path)])
+    row = result["history"][0]
+    assert math.isfinite(row["train_loss"]) and row["val_acc1"] >= 0
+    assert result["steps"] == 2
+
+
+def test_recipe_picks_the_config_arch_and_published_eval_sizes_of_the_weights(capsys):
+    from recipes import expand_recipe
+
+    argv = expand_recipe(["--recipe", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", "--data", "d", "--epochs", "3"])
+    cfg = load_config(TrainConfig, argv)
+    assert (cfg.arch, cfg.optimizer, cfg.auto_augment, cfg.weight_decay) == ("convnext_tiny", "adamw", "ta_wide", 0.05)
+    assert (cfg.val_resize_size, cfg.val_crop_size, cfg.train_crop_size) == (236, 224, 176)  # 236: tuned after
+    assert cfg.epochs == 3  # the user's options still win
+    printed = capsys.readouterr().out
+    assert "82.52 / 96.146" in printed
+    assert "python train.py --config configs/convnext.yaml --arch convnext_tiny" in printed
+    cfg = load_config(TrainConfig, expand_recipe(["--recipe=RegNet_Y_400MF_Weights.IMAGENET1K_V1"]))
+    assert (cfg.arch, cfg.lr, cfg.batch_size, cfg.warmup_factor) == ("regnet_y_400mf", 0.4, 128, 0.1)
+    cfg = load_config(TrainConfig, expand_recipe(["--recipe", "resnet101"]))  # an architecture: its DEFAULT
+    assert (cfg.train_crop_size, cfg.ra_sampler, cfg.mixup_alpha) == (224, False, 0.2)  # "#new-recipe"
+    with pytest.raises(UserError, match="SWAG"):
+        expand_recipe(["--recipe", "ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1"])
+    with pytest.raises(UserError, match="did you mean ResNet50_Weights.IMAGENET1K_V2"):
+        expand_recipe(["--recipe", "ResNet50_Weights.IMAGENET1K_V3"])
+
+
+def test_every_torchvision_weights_has_a_recipe_entry_and_the_table_is_current():
+    from recipes import BY_RECIPE_LINK, DOC, classification_weights, recipe_for, recipes_table
+
+    names = classification_weights()
+    assert len(names) >= 115
+    used_links = set()
+    for name in names:
+        weights, arch, recipe = recipe_for(name)
+        assert "unknown recipe" not in recipe.note, name
+        assert recipe.config is not None or recipe.note, name  # not reproducible: the reason is given
+        if recipe.config is not None:
+            assert (ROOT / "configs" / recipe.config).is_file()
+            check_config(load_config(TrainConfig, ["--data", "d", *recipe_arguments(arch, recipe)]))
+        used_links.add(weights.meta["recipe"])
+    assert set(BY_RECIPE_LINK) <= used_links  # no stale entries
+    reasons = {name: recipe_for(name)[2].note for name in names if recipe_for(name)[2].config is None}
+    assert "Instagram" in reasons["ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1"]
+    assert "ported" in reasons["EfficientNet_B0_Weights.IMAGENET1K_V1"]
+    assert "VGG16_Weights.IMAGENET1K_FEATURES" in reasons
+    assert DOC.read_text() == recipes_table(), "docs/recipes.md is stale: run python recipes.py"
+
+
+@pytest.mark.slow
+def test_a_shortened_torchvision_v2_run_learns(tmp_path):
+    """configs/torchvision_v2.yaml as it is (TrivialAugmentWide, RandomErasing, MixUp/CutMix, repeated
+    augmentation, EMA, label smoothing), shortened to 15 epochs at 32 px with lr 0.05 for batch 16, on
+    three colour classes: the last val top-1 is at least 90% (measured: 100%)."""
+    from test_train import TINY, make_colour_dataset
+
+    data = make_colour_dataset(tmp_path / "data", per_class=(48, 10))
+    options = "--epochs 15 --warmup-epochs 2 --batch-size 16 --lr 0.05 --run-name v2".split()
+    result = run_script("train.py", "--config", ROOT / "configs" / "torchvision_v2.yaml", "--data", data, *TINY,
+                        *options, "--output", tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(tmp_path / "v2" / "metrics.csv")
+    assert len(rows) == 15 and float(rows[-1]["val_acc1"]) >= 90.0, [r["val_acc1"] for r in rows]
+    assert "ema_acc1" in rows[0] and float(rows[-1]["train_acc1"]) > float(rows[0]["train_acc1"]) + 20
