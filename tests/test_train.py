@@ -140,11 +140,18 @@ def test_resume_is_exact(colours, tmp_path):
     assert all(torch.equal(straight[0][k], split[0][k]) for k in straight[0])
 
 
+RECIPE = "--ra-sampler --ra-reps 2 --auto-augment ta_wide --random-erase 0.5 --mixup-alpha 0.2 --cutmix-alpha 1"
+RECIPE += " --label-smoothing 0.1 --ema-decay 0.99 --ema-steps 1 --norm-weight-decay 0"
+
+
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path):
+@pytest.mark.parametrize("recipe", ["", RECIPE], ids=["v1", "v2-recipe"])
+def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path, recipe):
     """kill -9 in the middle of an epoch (last.pt written every 2 steps), resume: the same final metrics
-    and weights (dropout model, an lr milestone after epoch 1)."""
+    and weights (dropout model, an lr milestone after epoch 1). v2-recipe: with the repeated-augmentation
+    sampler, TrivialAugmentWide, RandomErasing, MixUp/CutMix and the EMA, the resume is exact too."""
     options = "--batch-size 4 --lr 0.01 --epochs 2 --save-every-steps 2 --scheduler multistep --milestones 1".split()
+    options += recipe.split()
     args = ["train.py", "--data", colours, *TINY_DROPOUT, *options, "--output", tmp_path]
     assert run_script(*args, "--run-name", "straight").returncode == 0
     command = [sys.executable, *map(str, args), "--run-name", "killed"]
