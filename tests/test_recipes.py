@@ -275,3 +275,20 @@ def test_a_shortened_torchvision_v2_run_learns(tmp_path):
     rows = read_csv(tmp_path / "v2" / "metrics.csv")
     assert len(rows) == 15 and float(rows[-1]["val_acc1"]) >= 90.0, [r["val_acc1"] for r in rows]
     assert "ema_acc1" in rows[0] and float(rows[-1]["train_acc1"]) > float(rows[0]["train_acc1"]) + 20
+
+
+def test_preview_writes_the_mixed_images_and_their_soft_labels(tmp_path):
+    import dataset
+    from presets import augmented_batch
+    from test_train import make_colour_dataset
+
+    data = make_colour_dataset(tmp_path / "data", per_class=(3, 1), size=(60, 80))
+    cfg = load_config(TrainConfig, ["--config", str(ROOT / "configs" / "torchvision_v2.yaml"), "--data", str(data)])
+    samples, classes = dataset.find_samples(data, "train", imagenet_labels=False)
+    images, targets = augmented_batch(cfg, samples, len(classes), count=6, seed=1)
+    assert images.shape == (6, 3, 176, 176) and images.min() >= 0 and images.max() <= 1
+    assert torch.allclose(targets.sum(1), torch.ones(6)) and (targets.max(1).values < 1).all()  # all mixed
+    out = tmp_path / "preview.png"
+    dataset.main(["preview", "--config", str(ROOT / "configs" / "torchvision_v2.yaml"), "--data", str(data),
+                  "--out", str(out), "--count", "6"])  # fmt: skip
+    assert Image.open(out).size == (960, 528)  # 4 x 2 panels of plots.plot_preview
