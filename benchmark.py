@@ -7,8 +7,9 @@ untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights
     python benchmark.py --parts model --arch resnet50 --amp bf16 --compile    # model alone, synthetic input
     python benchmark.py --data DIR --parts eval --decode gpu --amp bf16       # JPEGs decoded on the GPU
     python benchmark.py --data DIR --parts approx --weights DEFAULT           # what --amp, --decode gpu change
+    python benchmark.py --data DIR --parts augment                            # each recipe's train loader, per core
     bash scripts/gpu_check.sh                                                  # the GPU table, <= 5 minutes
---parts: data, model (= forward,step), eval, train (the default: all four), approx.
+--parts: data, model (= forward,step), eval, train (the default: all four), augment, approx.
 """
 
 import argparse
@@ -16,9 +17,9 @@ import copy
 import functools
 import json
 import math
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,14 +27,14 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from config import TrainConfig
+from config import TrainConfig, load_config
 from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, split_folder
 from decode import TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
 from model import build_model, prepare_for_eval, resolve_weights
 from optimizer import build_optimizer
-from presets import EvalPreset, train_preset
+from presets import EvalPreset, train_preset, train_transform
 from report import benchmark_report, benchmark_summary, busy_seconds, machine_info, merge_benchmarks
 from utils import (
     ArgumentParser,
@@ -45,31 +46,11 @@ from utils import (
     cli,
     positive_int,
     resolve_device,
+    timed,
 )
 
-PARTS = ("data", "forward", "step", "eval", "train", "approx")
+PARTS = ("data", "forward", "step", "eval", "train", "augment", "approx")
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
-
-
-def timed(runs: dict, repeats: int, device) -> dict:
-    """runs: name -> (function, images one call processes). One untimed warm-up call of each, then
-    `repeats` rounds that time each once, in turn, so that drifts of the machine's speed (large on
-    shared VMs) hit all of them alike. name -> {img/s of the median call, seconds of every call}."""
-    sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else lambda: None
-    for run, _ in runs.values():
-        run()
-    seconds = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, (run, _) in runs.items():
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            seconds[name].append(time.perf_counter() - start)
-    return {
-        name: {"img_per_s": runs[name][1] / statistics.median(s), "seconds": [round(x, 3) for x in s]}
-        for name, s in seconds.items()
-    }
 
 
 def synthetic_batch(runtime: Runtime, batch: int, size: int) -> torch.Tensor:
@@ -251,6 +232,26 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     )
 
 
+def bench_augment(args, samples, device) -> list[dict]:
+    """Decode + each config's train transform, in this process (what one loader worker does), timed in
+    turn: img/s per worker, and the workers (cores) that feed one GPU training at --gpu-img-per-s. The V1
+    recipe (RandomResizedCrop + flip) is the baseline; MixUp/CutMix run on the device, not in workers."""
+    runs, names = {}, {}
+    for path in sorted((Path(__file__).parent / "configs").glob("*.yaml")):
+        cfg = load_config(TrainConfig, ["--config", str(path), "--dummy"])
+        dataset = ImageDataset(samples, train_transform(cfg), cfg.seed)
+        runs[path.name] = (functools.partial(lambda d: [d[(i, 0, 0)] for i in range(len(d))], dataset), len(samples))
+        names[path.name] = f"{path.name}: {cfg.train_crop_size} px, {cfg.auto_augment}, erase {cfg.random_erase}"
+    times, rows = timed(runs, args.repeats, device), []
+    for name, t in times.items():
+        ratio = t["img_per_s"] / times["torchvision_v1.yaml"]["img_per_s"]
+        rows.append({"part": "augment", "variant": names[name], **t, "baseline": "torchvision_v1.yaml", "ratio": ratio})
+        rows[-1].update(
+            workers_per_gpu=math.ceil(args.gpu_img_per_s / t["img_per_s"]), gpu_img_per_s=args.gpu_img_per_s
+        )
+    return rows
+
+
 def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
     """What each speed option does to the results on these images, against the exact path (PIL
     preprocessing equal to weights.transforms(), BatchNorm unfolded, fp32, NCHW): accuracy, its change,
@@ -313,6 +314,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-counts", help="for --parts data, e.g. 0,1,2 (default: 0, 1 and our default)")
     p.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="eval: decode JPEGs on the CPU or the GPU")
     p.add_argument("--parts", default="data,model,eval,train", help=f"comma list of model and {', '.join(PARTS)}")
+    p.add_argument("--gpu-img-per-s", type=positive_int, default=3000, help="augment: the GPU speed to feed")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True, help="also time the plain loops")
     p.add_argument("--json", help="write the machine, the arguments and every row here")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only print one report of earlier --json files")
@@ -321,8 +323,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.parts = [q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))]
     if any(part not in PARTS for part in args.parts):
         raise UserError(f"unknown part in --parts {','.join(args.parts)}; use model or {', '.join(PARTS)}")
-    if {"data", "eval", "train", "approx"} & set(args.parts) and not args.data and not args.merge:
-        raise UserError("--parts data, eval, train and approx read images: pass --data DIR (or --parts model)")
+    if set(args.parts) - {"forward", "step"} and not args.data and not args.merge:
+        raise UserError("--parts data, eval, train, augment and approx read images: pass --data DIR (or --parts model)")
     return args
 
 
@@ -367,6 +369,8 @@ def main(argv=None) -> dict:
         rows += bench_eval(args, device, samples, preset, weights, workers)
     if "train" in args.parts:
         rows += bench_train(args, device, samples, preset, workers, steps)
+    if "augment" in args.parts:
+        rows += bench_augment(args, samples, device)
     if "approx" in args.parts:
         rows += bench_approx(args, device, samples, preset, workers)
     lines = benchmark_summary(rows)

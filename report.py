@@ -224,8 +224,15 @@ def collect_runs(runs_dir, out) -> list[dict]:
 
 
 def benchmark_summary(rows: list[dict]) -> list[str]:
-    """Ratios against the plain loops, and end-to-end eval as a share of the model alone."""
-    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in rows if r["part"] != "data" and "ratio" in r]
+    """Ratios against the plain loops, end-to-end eval as a share of the model alone, and the loader
+    cores a GPU needs for each recipe's train transform."""
+    compared = [r for r in rows if r["part"] in ("eval", "train") and "ratio" in r]
+    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in compared]
+    for r in (r for r in rows if "workers_per_gpu" in r):
+        lines.append(
+            f"augment: {r['variant'].split(':')[0]} needs {r['workers_per_gpu']} loader cores per GPU training at "
+            f"{r['gpu_img_per_s']} img/s ({r['img_per_s']:.0f} img/s per core here)"
+        )
     for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(
             f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "

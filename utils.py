@@ -6,8 +6,10 @@ import argparse
 import difflib
 import functools
 import os
+import statistics
 import sys
 import tempfile
+import time
 import typing
 from pathlib import Path
 from typing import Literal
@@ -317,3 +319,26 @@ def save_checkpoint(state: dict, path) -> None:
     import torch
 
     atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+
+
+def timed(runs: dict, repeats: int, device) -> dict:
+    """runs: name -> (function, images one call processes). One untimed warm-up call of each, then
+    `repeats` rounds that time each once, in turn, so that drifts of the machine's speed (large on
+    shared VMs) hit all of them alike. name -> {img/s of the median call, seconds of every call}."""
+    import torch
+
+    sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else lambda: None
+    for run, _ in runs.values():
+        run()
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (run, _) in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            seconds[name].append(time.perf_counter() - start)
+    return {
+        name: {"img_per_s": runs[name][1] / statistics.median(s), "seconds": [round(x, 3) for x in s]}
+        for name, s in seconds.items()
+    }

@@ -73,6 +73,21 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
     assert_user_error(run_script("benchmark.py", "--merge", tmp_path / "missing.json"), "missing.json")
 
 
+def test_benchmark_times_every_recipe_train_transform(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "val" / imagenet_wnids()[i] / f"{i}.JPEG", (120 + 10 * i, 90), seed=i)
+    options = "--parts augment --repeats 1 --gpu-img-per-s 1000 --json".split()
+    result = run_script("benchmark.py", "--data", tmp_path, *options, tmp_path / "b.json", timeout=180)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    configs = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+    assert [r["variant"].split(":")[0] for r in rows] == configs and all(r["part"] == "augment" for r in rows)
+    assert all(r["workers_per_gpu"] == -(-1000 // r["img_per_s"]) and r["img_per_s"] > 0 for r in rows)
+    v1 = next(r for r in rows if r["variant"].startswith("torchvision_v1.yaml"))
+    assert v1["ratio"] == 1.0 and "torchvision_v2.yaml: 176 px, ta_wide, erase 0.1" in result.stdout
+    assert "augment: swin.yaml needs" in result.stdout and "at 1000 img/s" in result.stdout
+
+
 def test_benchmark_needs_data_for_the_image_parts(tmp_path):
     assert_user_error(run_script("benchmark.py", "--parts", "eval"), "--data")
     assert_user_error(run_script("benchmark.py", "--parts", "model,decode"), "unknown part")
