@@ -242,7 +242,10 @@ def bench_augment(args, samples, device) -> list[dict]:
         dataset = ImageDataset(samples, train_transform(cfg), cfg.seed)
         runs[path.name] = (functools.partial(lambda d: [d[(i, 0, 0)] for i in range(len(d))], dataset), len(samples))
         names[path.name] = f"{path.name}: {cfg.train_crop_size} px, {cfg.auto_augment}, erase {cfg.random_erase}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
     times, rows = timed(runs, args.repeats, device), []
+    torch.set_num_threads(threads)
     for name, t in times.items():
         ratio = t["img_per_s"] / times["torchvision_v1.yaml"]["img_per_s"]
         rows.append({"part": "augment", "variant": names[name], **t, "baseline": "torchvision_v1.yaml", "ratio": ratio})

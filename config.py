@@ -32,7 +32,7 @@ class TrainConfig:
     batch_size: int = 32  # per process; the global batch is batch_size x world size
     lr: float = 0.1  # for the global batch, unless lr_scaling = linear
     lr_scaling: Literal["none", "linear"] = "none"  # linear: lr x global_batch / 256 (Goyal et al.)
-    optimizer: Literal["sgd", "adamw", "rmsprop"] = "sgd"  # rmsprop: eps 0.0316, alpha 0.9 (TF's, as torchvision)
+    optimizer: Literal["sgd", "adamw", "rmsprop"] = "sgd"  # rmsprop: alpha 0.9, eps 0.0316 as torchvision
     momentum: float = 0.9  # sgd and rmsprop
     nesterov: bool = False
     weight_decay: float = 1e-4
@@ -71,9 +71,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (minutes of compile, faster epochs)
     workers: int | None = None  # loader processes per rank; None = dataset.default_workers
     # regularisation
-    # > 0 keeps an exponential moving average of the weights, evaluated too; as torchvision's
-    # --model-ema-decay, adjusted to the global batch, ema_steps and epochs (engine.build_ema)
-    ema_decay: float = 0.0
+    ema_decay: float = 0.0  # > 0: an EMA of the weights, evaluated too; adjusted as torchvision's --model-ema-decay
     ema_steps: int = 32  # update the EMA every N steps; during warmup it copies the weights
     clip_grad_norm: float = 0.0  # > 0 clips the global gradient norm
     sync_bn: bool = False  # SyncBatchNorm across ranks

@@ -224,7 +224,8 @@ class ImageDataset(torch.utils.data.Dataset):
             if epoch is None:
                 return self.transform(image), sample.target, index, ""
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, epoch, index, copy)) & 0xFFFF_FFFF_FFFF)
+                key = (self.seed, epoch, index, copy) if copy else (self.seed, epoch, index)  # as before copies
+                torch.manual_seed(hash(key) & 0xFFFF_FFFF_FFFF)
                 return self.transform(image), sample.target, index, ""
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return None, sample.target, index, f"{type(e).__name__}: {e}"
@@ -251,10 +252,10 @@ class TrainSampler(torch.utils.data.DistributedSampler):
     copy) and can start `skip` items into the epoch, to resume exactly in the middle of one.
 
     repeats > 1 is repeated augmentation (Hoffer et al. 2020; torchvision's RASampler from DeiT): the
-    shuffled order holds each image `repeats` times in a row, dealt to the ranks in turn, so its copies
-    are augmented differently (`copy` enters the augmentation seed) on different ranks. Each rank keeps
-    len(dataset) // world items, so an epoch is as long as without repeats. (The references keep a
-    multiple of 256 images, which leaves nothing of a folder smaller than that.)"""
+    shuffled order holds each image `repeats` times in a row, dealt to the ranks in turn (so with fewer
+    ranks than repeats, copies share a rank), each copy augmented differently (`copy` enters the
+    augmentation seed). Each rank keeps len(dataset) // world items, so an epoch is as long as without
+    repeats. (The references keep a multiple of 256 images, which leaves nothing of a small folder.)"""
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0, repeats: int = 1):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
@@ -267,10 +268,11 @@ class TrainSampler(torch.utils.data.DistributedSampler):
         if self.repeats == 1:
             return [(i, self.epoch, 0) for i in super().__iter__()]
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        items = [(i, self.epoch, copy) for i in order.tolist() for copy in range(self.repeats)]
-        total = -(-len(items) // self.num_replicas) * self.num_replicas
-        items += items[: total - len(items)]  # pad to equal shards, as the references do
-        return items[self.rank : total : self.num_replicas][: self.num_samples]
+        order, copies = order.tolist(), len(self.dataset) * self.repeats
+        # position p of the repeated order [a, a, a, b, b, b, ...], padded by wrapping to a multiple of the
+        # world size; this rank takes p = rank, rank + world, ... (without building the whole order)
+        positions = (p % copies for p in range(self.rank, self.num_samples * self.num_replicas, self.num_replicas))
+        return [(order[p // self.repeats], self.epoch, p % self.repeats) for p in positions]
 
     def __iter__(self):
         return iter(self.epoch_items()[self.skip :])
@@ -310,7 +312,8 @@ def build_loader(
     drop_last: bool = False,
     persistent_workers: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of (uint8 images, targets, indices, errors) batches (see collate); persistent_workers
+    """A DataLoader of (images, targets, indices, errors) batches (see collate; images are uint8, or
+    normalised float32 from a train preset with random erasing); persistent_workers
     keeps the loader processes between epochs (training). Each epoch's iterator draws its workers' base
     seed from the loader's own generator, not torch's global RNG: a run resumed in the middle of an epoch
     then finds the global RNG (dropout's) where the uninterrupted run had it. (Augmentations are seeded
@@ -350,24 +353,6 @@ def check_bad_images(errors, samples, skip: bool) -> list[str]:
     return [samples[index].path for index, _ in errors]
 
 
-def preview(config, data, out, count: int, seed: int) -> None:
-    from config import TrainConfig, load_config
-    from plots import plot_preview
-    from presets import augmented_batch
-
-    cfg = load_config(TrainConfig, ["--config", config, "--data", data])
-    samples, classes = find_samples(data, "train", imagenet_labels=False)
-    names = classes
-    if all(WNID.match(c) for c in classes) and set(classes) <= set(imagenet_wnids()):  # readable names
-        from coder import LabelCoder
-
-        coder = LabelCoder.imagenet()
-        names = [coder.name(coder.index(c)) for c in classes]
-    images, targets = augmented_batch(cfg, samples, len(classes), count, seed)
-    plot_preview(images, targets, names, out, title=f"{config}: what the model sees (soft labels)")
-    print(f"wrote {out}: {len(images)} training images of {data} as {config} augments and mixes them")
-
-
 @cli
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
@@ -384,7 +369,9 @@ def main(argv=None):
     show.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.command == "preview":
-        return preview(args.config, args.data, args.out, args.count, args.seed)
+        from plots import write_preview  # matplotlib and the training config only for this command
+
+        return write_preview(args.config, args.data, args.out, args.count, args.seed)
     out = prepare_val(args.val_dir, args.labels, args.out)
     classes = sum(1 for d in out.iterdir() if d.is_dir())
     print(f"{out}: {classes} class folders of symlinks; evaluate with: python test_torchvision.py --data {out}")

@@ -170,7 +170,7 @@ def train_one_epoch(
     *,
     ema=None,
     ema_steps: int = 32,
-    ema_copies_until: int = 0,
+    warmup_epochs: int = 0,
     mix: Callable | None = None,
     clip_grad_norm: float = 0.0,
     log_interval: int = 20,
@@ -183,8 +183,8 @@ def train_one_epoch(
     Loss and accuracy stay on the device between log intervals, the loop's only host syncs. Every
     `checkpoint_every` steps `on_checkpoint(sums)` saves a mid-epoch checkpoint (sums: this rank's
     loss, top-1 and image counts so far). `ema` (an AveragedModel of `model`'s unwrapped module) is
-    updated every `ema_steps` steps; before epoch `ema_copies_until` (the warmup) it copies the weights,
-    as torchvision's references do. `mix` (presets.mixup_cutmix) turns each normalised batch and its
+    updated every `ema_steps` steps; during the first `warmup_epochs` it copies the weights, as
+    torchvision's references do. `mix` (presets.MixUpCutMix) turns each normalised batch and its
     labels into mixed images and soft targets; train top-1 then counts the largest target. A WeightedSum
     criterion's terms are reported too."""
     model.train()
@@ -219,7 +219,7 @@ def train_one_epoch(
         seen += len(targets)
         images, targets = runtime.inputs(images, targets)
         if mix is not None:
-            images, targets = mix(images, targets)  # (B, C) float targets, rows summing to 1
+            images, targets = mix(images, targets, state.step, global_rank())  # (B, C) soft targets
         with autocast(device, runtime.amp_dtype):
             logits = model(images)
         logits = getattr(logits, "logits", logits)  # googlenet and inception_v3 add aux outputs when training
@@ -235,7 +235,7 @@ def train_one_epoch(
         state.batch += 1
         if ema is not None and state.step % ema_steps == 0:
             ema.update_parameters(model)  # DDP and compile wrap the same parameters
-            if epoch < ema_copies_until:
+            if epoch < warmup_epochs:
                 ema.n_averaged.fill_(0)  # the next update copies again
         loss = loss.detach()
         first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), state.step, first_bad_step)

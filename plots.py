@@ -3,13 +3,14 @@ weights, as a PNG whose labels never overlap (the Pareto front and the DEFAULT w
 an HTML page where every point names itself on hover. Each file is written atomically.
 
     python test_torchvision.py --out docs      # docs/acc_vs_gmacs.png and docs/acc_vs_gmacs.html
+    python dataset.py preview --config configs/torchvision_v2.yaml --data DIR   # what a recipe feeds the model
 """
 
 import html
 import math
 from pathlib import Path
 
-from utils import atomic_write, atomic_write_text
+from utils import UserError, atomic_write, atomic_write_text
 
 MARKERS = "osD^v<>pPhX*"
 
@@ -183,7 +184,7 @@ def plot_preview(images, targets, class_names: list[str], path, title: str = "")
     plt = _pyplot()
     columns = min(4, len(images))
     rows = math.ceil(len(images) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.5 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, target in zip(axes.flat, images, targets):
@@ -195,3 +196,48 @@ def plot_preview(images, targets, class_names: list[str], path, title: str = "")
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=80), mode="wb")
     plt.close(fig)
+
+
+def augmented_batch(cfg, samples, num_classes: int, count: int = 16, seed: int = 0):
+    """What a training step of a TrainConfig sees: `count` images drawn (by seed) from `samples`, through
+    the config's train preset and MixUp/CutMix. Returns (images (count, 3, H, W) float in [0, 1] for
+    display, targets (count, num_classes) float: the soft labels the loss receives)."""
+    import torch
+
+    from dataset import ImageDataset
+    from presets import IMAGENET_MEAN, IMAGENET_STD, MixUpCutMix, normalize, train_transform
+
+    picked = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    dataset = ImageDataset([samples[i] for i in picked], train_transform(cfg), seed)
+    items = [dataset[(i, 0, 0)] for i in range(len(dataset))]  # (index, epoch 0, copy 0): as epoch 1 sees them
+    bad = [error for image, _, _, error in items if image is None]
+    if bad:
+        raise UserError(f"cannot read an image to preview ({bad[0]})")
+    images, targets = torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])
+    if images.dtype == torch.uint8:  # normalised on the device in training; MixUp needs floats
+        images = normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+    mix = MixUpCutMix.from_config(cfg, num_classes)
+    if mix is not None:
+        images, targets = mix(images, targets, step=seed)
+    else:
+        targets = torch.nn.functional.one_hot(targets, num_classes).float()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1), targets
+
+
+def write_preview(config, data, out, count: int = 16, seed: int = 0) -> None:
+    """`python dataset.py preview`: the PNG of augmented_batch for a config and a folder of images."""
+    from config import TrainConfig, load_config
+    from dataset import WNID, find_samples, imagenet_wnids
+
+    cfg = load_config(TrainConfig, ["--config", config, "--data", data])
+    samples, classes = find_samples(data, "train", imagenet_labels=False)
+    names = classes
+    if all(WNID.match(c) for c in classes) and set(classes) <= set(imagenet_wnids()):  # readable names
+        from coder import LabelCoder
+
+        coder = LabelCoder.imagenet()
+        names = [coder.name(coder.index(c)) for c in classes]
+    images, targets = augmented_batch(cfg, samples, len(classes), count, seed)
+    plot_preview(images, targets, names, out, title=f"{config}: what the model sees (soft labels)")
+    print(f"wrote {out}: {len(images)} training images of {data} as {config} augments and mixes them")

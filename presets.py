@@ -128,16 +128,32 @@ def train_transform(cfg):
     )
 
 
-def mixup_cutmix(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
-    """v2.MixUp and/or v2.CutMix, one of them chosen at random per batch (torchvision's references), or
-    None when both alphas are 0. Called as mix(images, targets) on a normalised float batch and (B,)
-    int64 targets; returns the mixed images and (B, num_classes) float targets whose rows sum to 1."""
-    choices = []
-    if mixup_alpha > 0:
-        choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-    if cutmix_alpha > 0:
-        choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    return v2.RandomChoice(choices) if choices else None
+class MixUpCutMix:
+    """v2.MixUp and/or v2.CutMix, one of them chosen at random per batch (torchvision's references).
+    Called as mix(images, targets, step, rank) on a normalised float batch and (B,) int64 targets;
+    returns the mixed images and (B, num_classes) float targets whose rows sum to 1. Each call draws
+    from its own generator seeded by (seed, step, rank): every rank mixes its batch differently (as the
+    references' loader workers do), the global RNG is untouched and a resumed run mixes as before."""
+
+    def __init__(self, mixup_alpha: float, cutmix_alpha: float, num_classes: int, seed: int = 0):
+        choices = []
+        if mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.choice, self.seed = v2.RandomChoice(choices), seed
+
+    @classmethod
+    def from_config(cls, cfg, num_classes: int) -> "MixUpCutMix | None":
+        """None when both alphas are 0."""
+        if not (cfg.mixup_alpha or cfg.cutmix_alpha):
+            return None
+        return cls(cfg.mixup_alpha, cfg.cutmix_alpha, num_classes, cfg.seed)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int, rank: int = 0):
+        with torch.random.fork_rng(devices=[]):  # v2's draws (choice, lambda, box) are on the CPU
+            torch.manual_seed(hash((self.seed, step, rank)) & 0xFFFF_FFFF_FFFF)
+            return self.choice(images, targets)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -155,30 +171,3 @@ def to_device(images, device, mean, std, channels_last: bool):
     if images.dtype == torch.uint8:
         images = normalize(images, mean, std)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-def augmented_batch(cfg, samples, num_classes: int, count: int = 16, seed: int = 0):
-    """What a training step of a TrainConfig sees: `count` images drawn (by seed) from `samples`, through
-    the config's train preset and MixUp/CutMix. Returns (images (count, 3, H, W) float in [0, 1] for
-    display, targets (count, num_classes) float: the soft labels the loss receives)."""
-    from dataset import ImageDataset
-
-    generator = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(samples), generator=generator)[:count].tolist()
-    dataset = ImageDataset([samples[i] for i in picked], train_transform(cfg), seed)
-    items = [dataset[(i, 0, 0)] for i in range(len(dataset))]
-    bad = [error for image, _, _, error in items if image is None]
-    if bad:
-        raise UserError(f"cannot read an image to preview ({bad[0]})")
-    images = torch.stack([image for image, _, _, _ in items])
-    if images.dtype == torch.uint8:
-        images = normalize(images, IMAGENET_MEAN, IMAGENET_STD)
-    targets = torch.tensor([target for _, target, _, _ in items])
-    mix = mixup_cutmix(cfg.mixup_alpha, cfg.cutmix_alpha, num_classes)
-    torch.manual_seed(seed)
-    if mix is not None:
-        images, targets = mix(images, targets)
-    else:
-        targets = torch.nn.functional.one_hot(targets, num_classes).float()
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1), targets

@@ -6,6 +6,7 @@ each of torchvision's classification weights, found through the recipe link ever
     python recipes.py                                                                 # writes docs/recipes.md
 """
 
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,8 @@ def expand_recipe(argv: list[str]) -> list[str]:
     if recipe.config is None:
         raise UserError(f"{weights} can't be re-trained from ImageNet-1k here: {recipe.note}")
     argv = recipe_arguments(arch, recipe) + rest
+    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun, before the process group exists
+        return argv
     metrics = weights.meta["_metrics"]["ImageNet-1K"]
     print(f"recipe of {weights} ({metrics['acc@1']} / {metrics['acc@5']}{'; ' + recipe.note if recipe.note else ''}):")
     print("  python train.py " + shlex.join(argv), flush=True)
@@ -173,7 +176,7 @@ def recipes_table() -> str:
         "- The EMA is updated every `ema_steps` optimizer steps of the run; the references count the steps",
         "  of each epoch from 0. Its decay is adjusted to the global batch as theirs is.",
         "- `--amp auto` is bf16 on GPUs that have it; the references' `--amp` is fp16 with a GradScaler",
-        "  (`--amp fp16` here).",
+        "  (`--amp fp16` here), and a command without `--amp` trained in fp32 (`--amp none` here).",
         "",
         "| weights | top-1 | top-5 | train.py options | note |",
         "|---|---:|---:|---|---|",

@@ -34,11 +34,12 @@ from loss import build_loss
 from model import build_model, load_checked
 from optimizer import build_ema, build_optimizer, build_scheduler
 from plots import plot_curves
-from presets import EvalPreset, mixup_cutmix, train_transform
+from presets import EvalPreset, MixUpCutMix, train_transform
 from recipes import expand_recipe
 from report import choose_run_dir, tensorboard_writer, write_metrics, write_run_files
 from utils import (
     UserError,
+    all_gather_objects,
     all_reduce_sum,
     broadcast_buffers,
     broadcast_object,
@@ -143,7 +144,12 @@ class Training:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"torch": torch.get_rng_state(), "cuda": cuda}
 
-    def load_rng_state(self, rng: dict) -> None:
+    def load_rng_state(self, saved: list | dict) -> None:
+        """This rank's saved RNG state (a list has one per rank; a rank beyond it keeps its own seed)."""
+        saved = saved if isinstance(saved, list) else [saved]
+        if global_rank() >= len(saved):
+            return
+        rng = saved[global_rank()]
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -156,6 +162,7 @@ def save(run_dir, training: Training, state: TrainState, cfg: TrainConfig, class
     if cfg.dummy:
         return
     sums = None if partial_sums is None else all_reduce_sum(partial_sums.clone()).cpu()
+    rngs = all_gather_objects(training.rng_state())  # every rank's: its dropout masks are its own
     if global_rank() != 0:
         return
     checkpoint = {
@@ -164,7 +171,7 @@ def save(run_dir, training: Training, state: TrainState, cfg: TrainConfig, class
         "train_sums": sums,
         "config": dataclasses.asdict(cfg),
         "classes": classes,
-        "rng": training.rng_state(),
+        "rng": rngs,
     }
     save_checkpoint(checkpoint, run_dir / "last.pt")
     if best:
@@ -221,6 +228,8 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
         source = f"{resume_from} (a {checkpoint.get('config', {}).get('arch')} run)"
         load_checked(lambda: model.load_state_dict(checkpoint["model"]), f"{cfg.arch}, {num_classes} classes", source)
     training = Training.build(cfg, model, runtime)
+    if world_size() > 1:  # dropout and stochastic depth draw other masks on every rank, as the data differs
+        torch.manual_seed(hash((cfg.seed, global_rank())) & 0xFFFF_FFFF_FFFF)
     if checkpoint is not None:
         training.load_state_dict(checkpoint)
         state = TrainState.from_checkpoint(checkpoint)
@@ -257,8 +266,8 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
     def save_mid_epoch(sums):
         save(run_dir, training, state, cfg, classes, partial_sums=sums)
 
-    options = {"ema": training.ema, "ema_steps": cfg.ema_steps, "ema_copies_until": cfg.warmup_epochs}
-    options.update(mix=mixup_cutmix(cfg.mixup_alpha, cfg.cutmix_alpha, num_classes), clip_grad_norm=cfg.clip_grad_norm)
+    options = {"ema": training.ema, "ema_steps": cfg.ema_steps, "warmup_epochs": cfg.warmup_epochs}
+    options.update(mix=MixUpCutMix.from_config(cfg, num_classes), clip_grad_norm=cfg.clip_grad_norm)
     options.update(log_interval=cfg.log_interval, checkpoint_every=cfg.save_every_steps, on_checkpoint=save_mid_epoch)
     options.update(skip_bad_images=cfg.skip_bad_images, epochs=cfg.epochs)
     while state.epoch < cfg.epochs:

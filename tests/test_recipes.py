@@ -15,7 +15,7 @@ from conftest import ROOT, read_csv, run_script
 from dataset import TrainSampler
 from loss import build_loss
 from optimizer import build_optimizer, build_scheduler, ema_decay_per_update, weight_decay_groups
-from presets import mixup_cutmix, train_transform
+from presets import MixUpCutMix, train_transform
 from recipes import recipe_arguments
 from utils import UserError
 
@@ -58,23 +58,38 @@ def test_torchvision_v2_train_transform_equals_the_references_tensor_for_tensor(
     assert 1 <= erased <= 10  # p = 0.1 over 40 images: the erasing branch ran, and not always
 
 
-@pytest.mark.parametrize("policy", ["ta_wide", "ra", "imagenet", "augmix"])
-def test_every_policy_keeps_uint8_images_for_the_device(policy):
-    cfg = load_config(TrainConfig, f"--auto-augment {policy} --train-crop-size 64".split())
-    out = train_transform(cfg)(random_image(0))
-    assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)
+@pytest.mark.parametrize(
+    "options, policy",
+    [
+        ("--auto-augment ta_wide", lambda mode: v2.TrivialAugmentWide(interpolation=mode)),
+        ("--auto-augment ra --ra-magnitude 15", lambda mode: v2.RandAugment(magnitude=15, interpolation=mode)),
+        ("--auto-augment imagenet --interpolation bicubic", lambda mode: v2.AutoAugment(interpolation=mode)),
+        ("--auto-augment augmix --augmix-severity 5", lambda mode: v2.AugMix(severity=5, interpolation=mode)),
+    ],
+    ids=["ta_wide", "ra", "imagenet", "augmix"],
+)
+def test_every_policy_is_torchvisions_with_its_settings_and_stays_uint8(options, policy):
+    cfg = load_config(TrainConfig, [*options.split(), "--train-crop-size", "64"])
+    mode = InterpolationMode(cfg.interpolation)
+    crop_flip = [v2.RandomResizedCrop(64, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
+    references = v2.Compose([*crop_flip, policy(mode), v2.PILToTensor()])  # the references' order and settings
+    for seed in range(6):
+        torch.manual_seed(seed)
+        expected = references(random_image(seed))
+        torch.manual_seed(seed)
+        actual = train_transform(cfg)(random_image(seed))
+        assert actual.dtype == torch.uint8 and torch.equal(actual, expected), (options, seed)
 
 
 def test_mixup_cutmix_targets_are_probabilities_that_match_the_pixels():
     """Each batch is mixed with itself rolled by one (torchvision's v2.MixUp/CutMix); the weight of an
     image's own label is the share of its pixels: lam everywhere (MixUp) or outside the box (CutMix)."""
-    mix = mixup_cutmix(0.2, 1.0, num_classes=10)
+    mix = MixUpCutMix(0.2, 1.0, num_classes=10)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)  # distinct labels: weights are readable
     rolled = images.roll(1, 0)
-    torch.manual_seed(0)
     kinds = set()
-    for _ in range(20):
-        mixed, targets = mix(images, labels)
+    for step in range(20):
+        mixed, targets = mix(images, labels, step)
         assert targets.shape == (8, 10) and (targets >= 0).all()
         assert torch.allclose(targets.sum(1), torch.ones(8))
         own = targets[0, 0].item()
@@ -86,7 +101,13 @@ def test_mixup_cutmix_targets_are_probabilities_that_match_the_pixels():
             assert torch.allclose(pasted, torch.full((8,), 1 - own), atol=1e-6)
             kinds.add("cutmix")
     assert kinds == {"mixup", "cutmix"}
-    assert mixup_cutmix(0.0, 0.0, 10) is None
+    # its own draws: the same (step, rank) mixes alike, another rank otherwise, the global RNG untouched
+    state = torch.get_rng_state()
+    assert torch.equal(mix(images, labels, 7, rank=1)[1], mix(images, labels, 7, rank=1)[1])
+    assert not torch.equal(mix(images, labels, 7, rank=0)[1], mix(images, labels, 7, rank=1)[1])
+    assert torch.equal(torch.get_rng_state(), state)
+    none = load_config(TrainConfig, "--mixup-alpha 0 --cutmix-alpha 0".split())
+    assert MixUpCutMix.from_config(none, 10) is None
 
 
 @pytest.mark.parametrize("spec", ["ce", "focal", "smooth_l1", {"focal": 1.0, "smooth_l1": 0.5}])
@@ -185,6 +206,38 @@ def test_ema_decay_is_adjusted_like_the_references():
     assert ema_decay_per_update(load_config(TrainConfig, "--ema-decay 0.5 --epochs 1".split()), 1) == 0.0
 
 
+def test_ema_copies_the_weights_during_warmup_then_averages_with_the_adjusted_decay():
+    from dataset import SyntheticDataset, build_loader
+    from engine import Runtime, TrainState, train_one_epoch
+    from optimizer import build_ema
+    from presets import train_preset
+
+    cfg = load_config(TrainConfig, "--ema-decay 0.99 --ema-steps 1 --batch-size 2 --epochs 4 --lr 0.1".split())
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))  # fmt: skip
+    ema = build_ema(cfg, model, world_size=1)
+    dataset = SyntheticDataset(4, 3, train_preset("original", 16, 16), image_size=(20, 20))
+    loader = build_loader(dataset, 2, 0, TrainSampler(dataset, 1, 0))
+    optimizer, state = torch.optim.SGD(model.parameters(), lr=0.1), TrainState()
+    options = {"ema": ema, "ema_steps": 1, "warmup_epochs": 1, "log_interval": 100}
+    run = Runtime(torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, scaler, loader, run, state, **options)
+    averaged = [p.detach().clone() for p in ema.module.parameters()]
+    assert all(torch.equal(a, p) for a, p in zip(averaged, model.parameters()))  # warmup: a copy
+    state.epoch = 1
+    train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, scaler, loader, run, state, **options)
+    assert not all(torch.equal(a, p) for a, p in zip(ema.module.parameters(), model.parameters()))
+    before, decay = [p.detach().clone() for p in ema.module.parameters()], ema_decay_per_update(cfg, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)
+    for old, new, weights in zip(before, ema.module.parameters(), model.parameters()):
+        assert torch.allclose(new, decay * old + (1 - decay) * weights)  # decay 1 - 0.01 x 2 x 1 / 4 = 0.995
+
+
 @pytest.mark.parametrize(
     "options, needle",
     [
@@ -279,7 +332,7 @@ def test_a_shortened_torchvision_v2_run_learns(tmp_path):
 
 def test_preview_writes_the_mixed_images_and_their_soft_labels(tmp_path):
     import dataset
-    from presets import augmented_batch
+    from plots import augmented_batch
     from test_train import make_colour_dataset
 
     data = make_colour_dataset(tmp_path / "data", per_class=(3, 1), size=(60, 80))
@@ -291,4 +344,4 @@ def test_preview_writes_the_mixed_images_and_their_soft_labels(tmp_path):
     out = tmp_path / "preview.png"
     dataset.main(["preview", "--config", str(ROOT / "configs" / "torchvision_v2.yaml"), "--data", str(data),
                   "--out", str(out), "--count", "6"])  # fmt: skip
-    assert Image.open(out).size == (960, 528)  # 4 x 2 panels of plots.plot_preview
+    assert Image.open(out).size == (960, 560)  # 4 x 2 panels of plots.plot_preview

@@ -89,7 +89,7 @@ def test_unknown_yaml_key_suggests_the_closest(tmp_path):
 def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         check_config(load_config(TrainConfig, ["--config", str(path), "--data", "x"]))
-        assert path.read_text().startswith("#") and "python train.py" in path.read_text()
+        assert path.read_text().startswith("#") and f"train.py --config configs/{path.name}" in path.read_text()
 
 
 @pytest.mark.slow
@@ -141,7 +141,7 @@ def test_resume_is_exact(colours, tmp_path):
 
 
 RECIPE = "--ra-sampler --ra-reps 2 --auto-augment ta_wide --random-erase 0.5 --mixup-alpha 0.2 --cutmix-alpha 1"
-RECIPE += " --label-smoothing 0.1 --ema-decay 0.99 --ema-steps 1 --norm-weight-decay 0"
+RECIPE += " --label-smoothing 0.1 --ema-decay 0.99 --ema-steps 1 --norm-weight-decay 0 --warmup-epochs 1"
 
 
 @pytest.mark.slow
@@ -169,6 +169,10 @@ def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path, recipe):
     straight, killed = state_of(tmp_path / "straight"), state_of(tmp_path / "killed")
     assert killed[1] == straight[1]
     assert all(torch.equal(straight[0][k], killed[0][k]) for k in straight[0])
+    if recipe:  # the EMA too (copies in the warmup epoch, averages after)
+        ema = [torch.load(tmp_path / run / "last.pt", weights_only=True)["ema"] for run in ("straight", "killed")]
+        assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+        assert any(not torch.equal(ema[0][f"module.{k}"], v) for k, v in straight[0].items())  # it averaged
 
 
 @pytest.mark.slow
