@@ -90,3 +90,21 @@ def test_a_failing_rank_ends_the_job_quickly(tmp_path):
     assert result.returncode != 0
     assert time.time() - start < 60
     assert "0.png" in result.stderr
+
+
+def test_two_processes_resume_the_v2_recipe_exactly(tmp_path):
+    """Under torchrun the repeated-augmentation sampler, MixUp/CutMix (drawn per rank) and dropout (each
+    rank its own masks, its own RNG state saved) resume exactly: 2 epochs straight == 1 + 1 resumed."""
+    from test_train import RECIPE, TINY_DROPOUT, state_of
+
+    data = make_colour_dataset(tmp_path / "data")
+    options = [*TINY_DROPOUT, *RECIPE.split(), *"--batch-size 4 --lr 0.01 --output".split(), tmp_path]
+    common = [*TORCHRUN, "train.py", "--data", data, *options]
+    assert run_script(*common, "--epochs", "2", "--run-name", "straight").returncode == 0
+    assert run_script(*common, "--epochs", "1", "--run-name", "split").returncode == 0
+    resumed = run_script(*common, "--epochs", "2", "--run-name", "split", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    straight, split = state_of(tmp_path / "straight"), state_of(tmp_path / "split")
+    assert split[1] == straight[1] and all(torch.equal(straight[0][k], split[0][k]) for k in straight[0])
+    rngs = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # per rank
