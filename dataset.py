@@ -1,7 +1,8 @@
 """Data sources, ImageNet label mapping and loaders (transform presets: presets.py).
 
 Supported layouts for --data (the split folder or the root holding train/ and val/):
-  root/val/<wnid>/*.JPEG            ImageFolder layout (also class subsets such as Imagenette)
+  root/val/<wnid>/*.JPEG            ImageFolder layout (also class subsets: Imagenette, ImageNet-A and -R)
+  root/<0..999>/*.jpeg              ImageNetV2: folders named by class index
   root/val/ILSVRC2012_val_*.JPEG    the flat validation folder as distributed (labels: see val_labels)
   root/ILSVRC2012_img_val.tar + ILSVRC2012_devkit_t12.tar.gz   a torchvision.datasets.ImageNet root
 
@@ -160,7 +161,9 @@ def find_samples(
             f"{folder} has no class folders (expected {folder}/<class>/<image>) and no ILSVRC2012_val_* images"
         )
     names = [d.name for d in class_dirs]
-    if imagenet_labels:
+    if imagenet_labels and all(re.fullmatch("[0-9]{1,3}", n) for n in names):  # ImageNetV2: folders 0..999
+        targets = [int(n) for n in names]  # class indices (a string sort would put 10 before 2)
+    elif imagenet_labels:
         not_wnids = [n for n in names if not WNID.match(n)]
         if not_wnids:
             raise UserError(

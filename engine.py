@@ -90,13 +90,26 @@ def topk_correct(logits, targets, ks=(1, 5)) -> list:
 
 @torch.inference_mode()
 def evaluate(
-    model, loader, runtime: Runtime, *, criterion=None, skip_bad_images=False, keep_predictions=False, desc="eval"
+    model,
+    loader,
+    runtime: Runtime,
+    *,
+    criterion=None,
+    skip_bad_images=False,
+    keep_predictions=False,
+    class_mask=None,
+    desc="eval",
 ) -> dict:
     """Top-1/top-5 and mean loss over every image of the loader's dataset, each counted once in any
     world size (each rank sees its own shard, sums are all-reduced). With keep_predictions, rank 0
-    also gets the top-5 indices and probabilities of every image, ordered by dataset index."""
+    also gets the top-5 indices and probabilities of every image, ordered by dataset index.
+    class_mask: a (C,) bool tensor; predictions, loss and probabilities are restricted to its classes
+    (ImageNet-A's and -R's protocol: the logits of the other classes become -inf)."""
     model.eval()
     device = runtime.device
+    mask_bias = None  # (C,): 0 for the kept classes, -inf for the others
+    if class_mask is not None:
+        mask_bias = torch.zeros(len(class_mask), device=device).masked_fill(~class_mask.to(device), float("-inf"))
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     predictions, bad = [], []
     samples = loader.dataset.samples
@@ -110,7 +123,7 @@ def evaluate(
         images, targets = runtime.inputs(images, targets)
         with autocast(device, runtime.amp_dtype):
             logits = model(images)
-        logits = logits.float()
+        logits = logits.float() if mask_bias is None else logits.float() + mask_bias
         loss = criterion(logits, targets) if criterion is not None else F.cross_entropy(logits, targets)
         top1, top5 = topk_correct(logits, targets)
         sums += torch.stack([loss.double() * len(targets), top1, top5, torch.tensor(len(targets), device=device)])

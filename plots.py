@@ -198,6 +198,35 @@ def plot_preview(images, targets, class_names: list[str], path, title: str = "")
     plt.close(fig)
 
 
+def plot_robustness(table: list[dict], sets: list[str], clean: str, path) -> None:
+    """Each set's top-1 against the clean top-1, one point per weights, with each set's least-squares
+    line: points above a set's line are more robust than the clean accuracy predicts (the "effective
+    robustness" picture of Taori et al. 2020)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    colours = plt.get_cmap("tab10").colors
+    low = min(row[clean] for row in table)
+    for i, name in enumerate(sets):
+        points = [(row[clean], row[name]) for row in table if name in row]
+        x, y = np.array(points).T
+        ax.scatter(x, y, s=18, color=colours[i % 10], label=f"{name} ({len(points)})")
+        if len(points) > 1 and np.ptp(x) > 0:
+            slope, intercept = np.polyfit(x, y, 1)
+            line = np.array([x.min(), x.max()])
+            ax.plot(line, slope * line + intercept, color=colours[i % 10], linewidth=1)
+        low = min(low, y.min())
+    high = max(row[clean] for row in table)
+    ax.plot([low, high], [low, high], "k--", linewidth=0.8, label="no drop (y = x)")
+    ax.set(xlabel=f"{clean} top-1 (%)", ylabel="top-1 on the set (%)", title="accuracy under distribution shift")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+
+
 def augmented_batch(cfg, samples, num_classes: int, count: int = 16, seed: int = 0):
     """What a training step of a TrainConfig sees: `count` images drawn (by seed) from `samples`, through
     the config's train preset and MixUp/CutMix. Returns (images (count, 3, H, W) float in [0, 1] for

@@ -293,3 +293,38 @@ def merge_benchmarks(paths: list[str]) -> str:
             f"{m['gpu'] or m['cpu']}, {m['cores']} CPU cores, torch {m['torch']}, torchvision {m['torchvision']}"
         )
     return machine_line + "\n\n" + benchmark_report(rows, lines)
+
+
+def robustness_table(rows: list[dict], clean: str = "imagenet") -> tuple[list[dict], list[str]]:
+    """(one row per weights evaluated on `clean` and another set: clean top-1, then each set's top-1 and
+    its drop; the other sets' names). ReaL top-1 of a clean row counts as the set 'real'; a masked row
+    (--mask-classes) as '<set> (masked)'. Of rows with the same weights and set, the last one counts."""
+    accuracy: dict[str, dict[str, float]] = {}
+    for r in rows:
+        label = r.get("dataset", "imagenet") + (" (masked)" if r.get("masked") else "")
+        accuracy.setdefault(r["weights"], {})[label] = r["acc1"]
+        if label == clean and r.get("real_acc1") is not None:
+            accuracy[r["weights"]]["real"] = r["real_acc1"]
+    compared = {weights: found for weights, found in accuracy.items() if clean in found and len(found) > 1}
+    sets = sorted({label for found in compared.values() for label in found if label != clean})
+    table = []
+    for weights, found in compared.items():
+        row = {"weights": weights, clean: found[clean]}
+        for name in (name for name in sets if name in found):
+            row.update({name: found[name], f"{name} drop": found[clean] - found[name]})
+        table.append(row)
+    return table, sets
+
+
+def write_robustness(rows: list[dict], out_dir, clean: str = "imagenet") -> list[Path]:
+    """OUT/robustness.{md,csv,json} and robustness.png when some weights were evaluated on `clean` and
+    another set; nothing (an empty list) otherwise."""
+    from plots import plot_robustness
+
+    table, sets = robustness_table(rows, clean)
+    if not table:
+        return []
+    columns = ["weights", clean, *(c for name in sets for c in (name, f"{name} drop"))]
+    paths = write_records(table, out_dir, "robustness", columns)
+    plot_robustness(table, sets, clean, Path(out_dir) / "robustness.png")
+    return [*paths[:2], Path(out_dir) / "robustness.png"]

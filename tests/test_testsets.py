@@ -1,0 +1,165 @@
+"""ImageNet's other test sets (testsets.py): ImageNetV2's numeric folders, the 200-class protocol of
+ImageNet-A/-R (--mask-classes), ReaL labels, the dataset column of eval rows and the robustness report."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import models
+
+from conftest import ROOT, assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
+from dataset import find_samples, imagenet_wnids, load_rgb
+from report import robustness_table, write_robustness
+from testsets import dataset_name, real_accuracy
+
+WNIDS = imagenet_wnids()
+WEIGHTS = models.ResNet18_Weights.IMAGENET1K_V1
+CLASSES = [0, 1, 2, 10, 11, 100, 101, 250, 999, 3, 20, 200]  # string order differs from numeric order
+EVAL = "--models resnet18 --resize 64 --crop 56 --batch-size 4 --workers 0 --no-fuse-bn --channels-last false"
+
+
+def evaluate(data, out, torch_home, *options):
+    result = run_script("test_torchvision.py", "--data", data, *EVAL.split(), *options, "--out", out,
+                        env={"TORCH_HOME": str(torch_home)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_imagenet_v2_folders_are_class_indices(tmp_path, torch_home):
+    """The same 24 images as ImageNetV2 (folders 0..999) and as wnid folders: the same targets and
+    predictions image by image (a string sort of the numeric folders would shuffle the labels)."""
+    save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
+    v2, wnid = tmp_path / "imagenetv2-matched-frequency-format-val", tmp_path / "wnid" / "val"
+    for i, target in enumerate(CLASSES * 2):
+        make_image(v2 / str(target) / f"{i}.jpeg", (70 + i, 60), seed=i)
+        make_image(wnid / WNIDS[target] / f"{i}.jpeg", (70 + i, 60), seed=i)
+    samples, _ = find_samples(v2)
+    assert sorted((s.path.split("/")[-1], s.target) for s in samples) == sorted(
+        (f"{i}.jpeg", t) for i, t in enumerate(CLASSES * 2)
+    )
+    evaluate(v2, tmp_path / "out", torch_home)
+    evaluate(wnid, tmp_path / "out", torch_home)
+    out = tmp_path / "out"
+    rows = json.loads((out / "eval.json").read_text())
+    assert [r["dataset"] for r in rows] == ["imagenetv2-matched-frequency-format-val", "wnid"]  # both kept
+    predictions = [
+        sorted((p["path"].split("/")[-1], p["target"], p["top1"], p["top5"]) for p in read_csv(out / r["predictions"]))
+        for r in rows
+    ]
+    assert predictions[0] == predictions[1] and rows[0]["acc5"] == rows[1]["acc5"]
+
+
+def reference_top5(model, data, weights, mask=None) -> list[tuple[int, list[int]]]:
+    """(target, top-5) of every image: torchvision's transforms and model, logits masked by hand."""
+    out = []
+    for path in sorted(data.rglob("*.JPEG")):
+        x = weights.transforms(resize_size=64, crop_size=56)(load_rgb(path))[None]
+        with torch.no_grad():
+            logits = model(x)[0]
+        if mask is not None:
+            logits[[c for c in range(1000) if c not in mask]] = float("-inf")
+        out.append((WNIDS.index(path.parent.name), logits.topk(5).indices.tolist()))
+    return out
+
+
+def test_mask_classes_restricts_predictions_to_the_folders_classes(tmp_path, torch_home):
+    model = save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
+    data = tmp_path / "imagenet-a"  # a 200-class-style subset: 7 of the 1000 classes
+    present = [1, 7, 30, 400, 401, 850, 999]
+    for i in range(21):
+        make_image(data / WNIDS[present[i % 7]] / f"{i}.JPEG", (64 + 3 * i, 60), seed=i)
+    evaluate(data, tmp_path / "out", torch_home)
+    evaluate(data, tmp_path / "out", torch_home, "--mask-classes")
+    plain, masked = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert (plain["dataset"], plain["masked"], masked["dataset"], masked["masked"]) == (
+        "imagenet-a", False, "imagenet-a", True
+    )  # fmt: skip
+    for row, mask in ((plain, None), (masked, set(present))):
+        reference = reference_top5(model, data, WEIGHTS, mask)
+        assert row["acc1"] == pytest.approx(100 * sum(t == top[0] for t, top in reference) / 21)
+        assert row["acc5"] == pytest.approx(100 * sum(t in top for t, top in reference) / 21)
+        ours = read_csv(tmp_path / "out" / row["predictions"])
+        assert all(int(p["top1"]) in (mask or range(1000)) for p in ours)
+    assert masked["acc5"] > plain["acc5"] and masked["acc5"] >= 5 / 7 * 100  # 5 of 7 classes are in any top-5
+
+
+def test_real_accuracy_by_hand():
+    labels = [[1], [], [2, 3], [4], [7, 8]]
+    predictions = [
+        {"path": "v/ILSVRC2012_val_00000001.JPEG", "top5": [1, 0, 2, 3, 4]},  # top-1 right
+        {"path": "v/ILSVRC2012_val_00000002.JPEG", "top5": [5, 6, 7, 8, 9]},  # no labels: not scored
+        {"path": "n0/ILSVRC2012_val_00000003.JPEG", "top5": [3, 9, 9, 9, 9]},  # one of two labels: right
+        {"path": "v/ILSVRC2012_val_00000004.JPEG", "top5": [0, 4, 5, 6, 9]},  # top-5 only
+        {"path": "v/ILSVRC2012_val_00000005.JPEG", "top5": [0, 1, 2, 3, 5]},  # wrong
+    ]
+    assert real_accuracy(predictions, labels) == {"real_acc1": 50.0, "real_acc5": 75.0, "real_n_images": 4}
+
+
+def test_real_labels_score_the_val_images_next_to_their_original_labels(tmp_path, torch_home):
+    save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
+    data = tmp_path / "imagenet" / "val"  # the wnid layout of the val set: file names give ReaL's index
+    targets = [5, 5, 9, 9, 12, 12, 40, 40]
+    for i, target in enumerate(targets):
+        make_image(data / WNIDS[target] / f"ILSVRC2012_val_{i + 1:08d}.JPEG", (60 + 5 * i, 60), seed=i)
+    result = evaluate(data, tmp_path / "out", torch_home)
+    row = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
+    top5 = {p["path"].split("/")[-1]: [int(p[f"top{k}"]) for k in range(1, 6)]
+            for p in read_csv(tmp_path / "out" / row["predictions"])}  # fmt: skip
+    # ReaL labels made up from the predictions: right at top-1, right at top-5 only, wrong, and no label
+    names = [f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(8)]
+    real = [[top5[names[0]][0]], [top5[names[1]][3], 999], [], [top5[names[3]][0], 7], [], [998], [], [500]]
+    (tmp_path / "real.json").write_text(json.dumps(real + [[1]] * 10))  # the file covers more images
+    result = evaluate(data, tmp_path / "out", torch_home, "--real-labels", tmp_path / "real.json")
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert len(rows) == 2 and rows[0]["real_labels"] is None  # a ReaL row does not replace the plain one
+    expected1 = sum(top5[n][0] in labels for n, labels in zip(names, real)) / 5 * 100
+    expected5 = sum(bool(set(top5[n]) & set(labels)) for n, labels in zip(names, real)) / 5 * 100
+    assert (expected1, expected5) == (40.0, 60.0)
+    assert (rows[1]["real_acc1"], rows[1]["real_acc5"], rows[1]["real_n_images"]) == (expected1, expected5, 5)
+    assert rows[1]["acc1"] == rows[0]["acc1"] and rows[1]["n_images"] == 8
+    assert "real_acc1" in result.stdout  # the printed table's column
+    (tmp_path / "bad.json").write_text('{"a": 1}')
+    bad = run_script("test_torchvision.py", "--data", data, "--real-labels", tmp_path / "bad.json")
+    assert_user_error(bad, "not ReaL's format")
+    other = tmp_path / "other"
+    make_image(other / WNIDS[3] / "cat.JPEG")
+    bad = run_script("test_torchvision.py", "--data", other, *EVAL.split(), "--real-labels", tmp_path / "real.json",
+                     "--out", tmp_path / "o2", env={"TORCH_HOME": str(torch_home)})  # fmt: skip
+    assert_user_error(bad, "cat.JPEG is not an ILSVRC2012_val")
+
+
+def test_dataset_names(tmp_path):
+    assert dataset_name(tmp_path / "imagenet" / "val", 1000) == "imagenet"
+    assert dataset_name(tmp_path / "ImageNet-A", 200) == "imagenet-a"
+    assert dataset_name(tmp_path / "imagenet-r" / "test", 200) == "imagenet-r"
+    assert dataset_name(tmp_path / "sketch", 1000) == "imagenet-sketch"
+    assert dataset_name(tmp_path / "imagenetv2-top-images-format-val", 1000) == "imagenetv2-top-images-format-val"
+    assert dataset_name(tmp_path / "imagenette2" / "val", 10) == "imagenette2"
+    assert dataset_name(tmp_path / "x", 10, explicit="mine") == "mine"
+
+
+def test_robustness_table_and_plot(tmp_path):
+    rows = []
+    for i, weights in enumerate(["A.V1", "B.V1", "C.V1"]):
+        clean = 70.0 + 5 * i
+        rows.append({"weights": weights, "dataset": "imagenet", "masked": False, "acc1": clean,
+                     "real_acc1": clean + 6 if i else None})  # fmt: skip
+        rows.append({"weights": weights, "dataset": "imagenetv2-matched-frequency", "acc1": clean - 12})
+        rows.append({"weights": weights, "dataset": "imagenet-a", "masked": True, "acc1": 2.0 + 4 * i})
+    rows.append({"weights": "D.V1", "dataset": "imagenet-a", "acc1": 1.0})  # no clean row: left out
+    table, sets = robustness_table(rows)
+    assert sets == ["imagenet-a (masked)", "imagenetv2-matched-frequency", "real"]
+    assert [r["weights"] for r in table] == ["A.V1", "B.V1", "C.V1"] and "real" not in table[0]
+    assert table[1]["imagenetv2-matched-frequency drop"] == 12.0 and table[2]["imagenet-a (masked) drop"] == 70.0
+    assert table[2]["real drop"] == -6.0
+    paths = write_robustness(rows, tmp_path)
+    assert [p.name for p in paths] == ["robustness.md", "robustness.csv", "robustness.png"]
+    md = (tmp_path / "robustness.md").read_text()
+    assert md.startswith("| weights | imagenet | imagenet-a (masked) | imagenet-a (masked) drop |")
+    assert "| B.V1 | 75.000 | 6.000 | 69.000 | 63.000 | 12.000 | 81.000 | -6.000 |" in md
+    assert len(read_csv(tmp_path / "robustness.csv")) == 3
+    assert Image.open(tmp_path / "robustness.png").size == (700, 550)
+    clean_only = [{**r, "real_acc1": None} for r in rows if r["dataset"] == "imagenet"]
+    assert write_robustness(clean_only, tmp_path / "none") == [] and not (tmp_path / "none").exists()
+    assert (ROOT / "testsets.py").is_file()
