@@ -8,6 +8,7 @@ In code:
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 from unittest import mock
 from urllib.parse import urlparse
@@ -21,7 +22,26 @@ from torchvision.models import WeightsEnum
 
 from utils import UserError, closest, load_checkpoint
 
-ARCHS = sorted(models.list_models(module=models))  # classification models only (80 in torchvision 0.29)
+
+def _quantized_archs() -> tuple[list[str], str]:
+    """(torchvision's int8 classifiers, '' or why there are none): torch.ao.quantization is deprecated
+    upstream, and a torch without it leaves these rows out instead of failing."""
+    try:
+        import torch.ao.quantization  # noqa: F401
+        from torchvision.models import quantization
+
+        return sorted(models.list_models(module=quantization)), ""
+    except ImportError as e:
+        return [], f"torchvision's int8 weights are left out: this torch has no torch.ao.quantization ({e})"
+
+
+QUANTIZED_ARCHS, NO_QUANTIZATION = _quantized_archs()  # quantized_resnet50, ... (12 in torchvision 0.29)
+ARCHS = sorted(models.list_models(module=models)) + QUANTIZED_ARCHS  # classifiers: 80 float + 12 int8
+
+
+def is_quantized(arch: str) -> bool:
+    """An int8 model of torchvision.models.quantization (its weights run on the CPU, with their backend)."""
+    return arch in QUANTIZED_ARCHS
 
 
 def check_arch(arch: str) -> str:
@@ -126,6 +146,8 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
     enum_weights = weights_enum_for(arch, weights)
     if enum_weights is not None and is_weights_file(weights):  # a torchvision download, kept elsewhere
         weights_dir = Path(weights).parent
+    if is_quantized(arch) and (enum_weights is not None or kwargs.get("quantize")):
+        return _build_int8(arch, enum_weights, weights_dir)
     if enum_weights is not None:
         state_dict = load_weights_state(enum_weights, weights_dir)
         # Build through torchvision's own builder, so its per-weights settings hold (ViT image size,
@@ -145,6 +167,24 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
     if num_classes is not None and num_classes != _num_outputs(model):
         replace_head(model, num_classes)
     return model
+
+
+def _build_int8(arch: str, weights: WeightsEnum | None, weights_dir=None) -> nn.Module:
+    """torchvision's int8 model: the quantizable architecture fused, observed on a random batch and
+    converted (with the backend the weights name: fbgemm, or qnnpack for the MobileNets), then the
+    weights' int8 state dict (weights_only, as everywhere). Without weights: int8 of random weights."""
+    backend = weights.meta["backend"] if weights is not None else "fbgemm"
+    if backend not in torch.backends.quantized.supported_engines:
+        raise UserError(f"{arch} needs the {backend} quantized engine, which this torch build lacks")
+    with warnings.catch_warnings():  # torch deprecates torch.ao.quantization and its tensors; both still work
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = models.get_model(arch, weights=None, quantize=True, backend=backend)
+        if weights is not None:
+            state_dict = load_weights_state(weights, weights_dir)
+            load_checked(lambda: model.load_state_dict(state_dict), arch, weights)
+    torch.backends.quantized.engine = backend
+    return model.eval()
 
 
 def load_checked(load, arch, source):
@@ -212,6 +252,7 @@ def eval_resolution(weights: WeightsEnum | None) -> int:
 def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None = None) -> nn.Module:
     """The architecture as the weights' builder makes it, on the meta device."""
     kwargs = {"num_classes": len(weights.meta["categories"] or range(1000))} if weights is not None else {}
+    arch = arch.removeprefix("quantized_")  # an int8 model counts as its float architecture (as its metadata)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if arch.startswith("vit_") and weights is not None:
@@ -287,16 +328,19 @@ FAMILIES = (
 
 
 def model_family(arch: str) -> str:
-    """'resnet50' -> 'resnet', 'efficientnet_v2_s' -> 'efficientnet_v2' (for plots and grouping)."""
-    return next((f for f in FAMILIES if arch.startswith(f)), arch)
+    """'resnet50' -> 'resnet', 'efficientnet_v2_s' -> 'efficientnet_v2', every int8 model -> 'int8'
+    (for plots and grouping)."""
+    return "int8" if is_quantized(arch) else next((f for f in FAMILIES if arch.startswith(f)), arch)
 
 
 def prepare_for_eval(model: nn.Module, channels_last: bool = True, fuse_bn: bool = True) -> nn.Module:
     """The inference form of a model: BatchNorm folded into the convolutions before it (torch.fx; one
     convolution instead of two passes; logits move by ~1e-6, as with any change of conv algorithm:
     docs/performance.md) and channels_last (NHWC: oneDNN's and cuDNN's fast layout). Models fx cannot
-    trace stay unfused."""
+    trace stay unfused. An int8 model is already fused and stays as it is."""
     model = model.eval()
+    if any(p.is_quantized for p in model.state_dict().values() if isinstance(p, torch.Tensor)):
+        return model
     if fuse_bn:
         from torch.fx.experimental.optimization import fuse
 

@@ -3,6 +3,7 @@ metrics.csv and TensorBoard events, the "our training" table, and benchmark.py's
 plots.py). Every file is written atomically."""
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -328,3 +329,19 @@ def write_robustness(rows: list[dict], out_dir, clean: str = "imagenet") -> list
     paths = write_records(table, out_dir, "robustness", columns)
     plot_robustness(table, sets, clean, Path(out_dir) / "robustness.png")
     return [*paths[:2], Path(out_dir) / "robustness.png"]
+
+
+def write_predictions(rows: list[dict], path: Path) -> None:
+    lines = [
+        "path,target," + ",".join(f"top{k}" for k in range(1, 6)) + "," + ",".join(f"prob{k}" for k in range(1, 6))
+    ]
+    for r in rows:
+        lines.append(",".join([f'"{r["path"]}"', str(r["target"]), *map(str, r["top5"]), *map(str, r["probs"])]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def images_fingerprint(samples: list, data) -> str:
+    """A short hash of the evaluated files and their labels, so that a re-run skips a row only when the
+    images are the same (e.g. not after `dataset.py prepare-val` reorganised the folder)."""
+    lines = "\n".join(f"{os.path.relpath(s.path, data)}\t{s.target}" for s in samples)
+    return hashlib.sha1(lines.encode(errors="surrogateescape")).hexdigest()[:12]

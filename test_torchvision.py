@@ -29,9 +29,11 @@ from decode import eval_loader, use_gpu_decode
 from engine import Runtime, evaluate
 from model import (
     ARCHS,
+    NO_QUANTIZATION,
     all_weights,
     build_model,
     complexity,
+    is_quantized,
     is_weights_file,
     model_family,
     prepare_for_eval,
@@ -41,14 +43,13 @@ from model import (
 )
 from plots import plot_acc_vs_gmacs
 from presets import EvalPreset, Interpolation
-from report import collect_runs, markdown_table, write_records, write_robustness
+from report import collect_runs, images_fingerprint, markdown_table, write_predictions, write_records, write_robustness
 from testsets import class_mask, dataset_name, load_real_labels, real_accuracy
 from utils import (
     ArgumentParser,
     UserError,
     add_runtime_args,
     amp_name,
-    atomic_write_text,
     cleanup_distributed,
     cli,
     closest,
@@ -60,8 +61,7 @@ from utils import (
 )
 
 COMPLEXITY_COLUMNS = """model weights params gmacs gflops thop_gmacs resize crop interpolation acc1_published
-    acc5_published
-    err1_published err5_published file_mb""".split()
+    acc5_published err1_published err5_published file_mb backend""".split()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,6 +124,10 @@ def select_models(patterns: list[str]) -> list[str]:
     selected = []
     for pattern in patterns:
         matches = fnmatch.filter(ARCHS, pattern)
+        if NO_QUANTIZATION and fnmatch.fnmatch("quantized_resnet50", pattern):  # the int8 models it would add
+            if not matches:
+                raise UserError(NO_QUANTIZATION)
+            print(f"note: {NO_QUANTIZATION}", file=sys.stderr)
         if not matches:
             raise UserError(f"no model matches '{pattern}'{closest(pattern, ARCHS)}")
         selected += [m for m in matches if m not in selected]
@@ -162,6 +166,7 @@ def published(weights) -> dict:
         "err1_published": None if acc1 is None else round(100 - acc1, 3),
         "err5_published": None if acc5 is None else round(100 - acc5, 3),
         "file_mb": weights.meta.get("_file_size"),
+        "backend": weights.meta.get("backend"),  # int8 weights: their quantized engine
     }
 
 
@@ -221,7 +226,7 @@ def run_complexity(args) -> list[dict]:
 
 
 EVAL_COLUMNS = """model weights dataset masked n_images acc1 acc5 real_acc1 real_acc5 loss acc1_published acc1_delta
-    acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation amp decode""".split()
+    acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation amp decode backend""".split()
 
 
 def eval_pairs(args) -> list[tuple]:
@@ -231,15 +236,6 @@ def eval_pairs(args) -> list[tuple]:
             raise UserError("a weights file needs exactly one model name: --models ARCH --weights FILE")
         return [(args.models[0], args.weights)]
     return select_weights(args.models, args.weights)
-
-
-def write_predictions(rows: list[dict], path: Path) -> None:
-    lines = [
-        "path,target," + ",".join(f"top{k}" for k in range(1, 6)) + "," + ",".join(f"prob{k}" for k in range(1, 6))
-    ]
-    for r in rows:
-        lines.append(",".join([f'"{r["path"]}"', str(r["target"]), *map(str, r["top5"]), *map(str, r["probs"])]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def run_evaluation(args) -> list[dict]:
@@ -272,7 +268,9 @@ def run_evaluation(args) -> list[dict]:
             preset = EvalPreset.from_train_config(run["config"], args.resize, args.crop, args.interpolation)
         else:
             preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
-        runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
+        int8 = is_quantized(arch)  # int8 kernels run on the CPU, in their own precision and layout
+        options = ("none", "false") if int8 else (args.amp, args.channels_last)
+        runtime = Runtime.create(torch.device("cpu") if int8 else device, *options, False, preset)
         amp = amp_name(runtime.amp_dtype)
         settings = {
             **data_key,
@@ -281,7 +279,7 @@ def run_evaluation(args) -> list[dict]:
             "crop": preset.crop,
             "interpolation": preset.interpolation,
             "amp": amp,
-            "decode": decode,
+            "decode": "cpu" if int8 else decode,
         }
         key = {"weights": str(weights), **settings}
 
@@ -292,7 +290,7 @@ def run_evaluation(args) -> list[dict]:
             if is_main():
                 tqdm.write(f"{weights}: already in {out / 'eval.json'}, skipped (--force to redo)")
             continue
-        model = build_model(arch, weights, weights_dir=args.weights_dir).to(device)
+        model = build_model(arch, weights, weights_dir=args.weights_dir).to(runtime.device)
         model = prepare_for_eval(model, channels_last=runtime.channels_last, fuse_bn=not args.no_fuse_bn)
         model = torch.compile(model) if args.compile else model
         loader = eval_loader(
@@ -300,13 +298,14 @@ def run_evaluation(args) -> list[dict]:
             preset,
             args.batch_size,
             workers,
-            device,
-            decode == "gpu",
+            runtime.device,
+            settings["decode"] == "gpu",
             ShardSampler(len(samples), world_size(), rank()),
         )
         options = {"skip_bad_images": args.skip_bad_images, "keep_predictions": True, "class_mask": mask}
         result = evaluate(model, loader, runtime, **options, desc=arch)
         record = {"model": arch, **key, **{k: v for k, v in result.items() if k not in ("predictions", "seconds")}}
+        record["backend"] = enum.meta.get("backend") if enum is not None else None  # int8: fbgemm or qnnpack
         settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
         record["predictions"] = f"predictions/{Path(str(weights)).name}_{settings_hash}.csv"
         record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
@@ -355,13 +354,6 @@ def eval_samples(args, run: dict | None) -> list[Sample]:
             )
         samples = [Sample(s.path, index[names[s.target]]) for s in found]
     return samples[: args.limit] if args.limit else samples
-
-
-def images_fingerprint(samples: list[Sample], data) -> str:
-    """A short hash of the evaluated files and their labels, so that a re-run skips a row only when the
-    images are the same (e.g. not after `dataset.py prepare-val` reorganised the folder)."""
-    lines = "\n".join(f"{os.path.relpath(s.path, data)}\t{s.target}" for s in samples)
-    return hashlib.sha1(lines.encode(errors="surrogateescape")).hexdigest()[:12]
 
 
 def published_deltas(weights, record: dict) -> dict:

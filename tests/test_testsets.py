@@ -163,3 +163,37 @@ def test_robustness_table_and_plot(tmp_path):
     clean_only = [{**r, "real_acc1": None} for r in rows if r["dataset"] == "imagenet"]
     assert write_robustness(clean_only, tmp_path / "none") == [] and not (tmp_path / "none").exists()
     assert (ROOT / "testsets.py").is_file()
+
+
+def test_int8_weights_evaluate_like_torchvisions_quantized_model(tmp_path, torch_home):
+    """A calibrated, converted int8 shufflenet saved under the file name torchvision caches its FBGEMM
+    weights as: test_torchvision.py's row and per-image top-5 equal torchvision's int8 model run on
+    torchvision's transforms, image by image."""
+    import warnings
+
+    weights = models.quantization.ShuffleNet_V2_X0_5_QuantizedWeights.IMAGENET1K_FBGEMM_V1
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = models.get_model("quantized_shufflenet_v2_x0_5", weights=None, quantize=True).eval()
+    from model import weights_file_name
+
+    torch.save(model.state_dict(), torch_home / "hub" / "checkpoints" / weights_file_name(weights))
+    data = tmp_path / "val"
+    for i in range(10):
+        make_image(data / WNIDS[(i * 97) % 1000] / f"{i}.JPEG", (80 + 4 * i, 64), seed=i)
+    options = "--models quantized_shufflenet_v2_x0_5 --batch-size 4 --workers 0".split()
+    result = run_script("test_torchvision.py", "--data", data, *options, "--out", tmp_path / "out",
+                        env={"TORCH_HOME": str(torch_home)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    row = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
+    assert (row["weights"], row["backend"], row["n_images"]) == (str(weights), "fbgemm", 10)
+    ours = {p["path"].split("/")[-1]: [int(p[f"top{k}"]) for k in range(1, 6)]
+            for p in read_csv(tmp_path / "out" / row["predictions"])}  # fmt: skip
+    hits = 0
+    for path in sorted(data.rglob("*.JPEG")):
+        with torch.no_grad():
+            top5 = model(weights.transforms()(Image.open(path).convert("RGB"))[None]).topk(5).indices[0].tolist()
+        assert ours[path.name] == top5, path.name
+        hits += WNIDS.index(path.parent.name) in top5
+    assert row["acc5"] == pytest.approx(100 * hits / 10)
