@@ -8,12 +8,12 @@ untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights
     python benchmark.py --data DIR --parts eval --decode gpu --amp bf16       # JPEGs decoded on the GPU
     python benchmark.py --data DIR --parts approx --weights DEFAULT           # what --amp, --decode gpu change
     python benchmark.py --data DIR --parts augment                            # each recipe's train loader, per core
+    python benchmark.py --data DIR --parts int8 --arch resnet50               # torchvision's int8 model vs fp32, CPU
     bash scripts/gpu_check.sh                                                  # the GPU table, <= 5 minutes
---parts: data, model (= forward,step), eval, train (the default: all four), augment, approx.
+--parts: data, model (= forward,step), eval, train (the default: all four), augment, int8, approx.
 """
 
 import argparse
-import copy
 import functools
 import json
 import math
@@ -27,14 +27,15 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
+from approximations import bench_approx
 from config import TrainConfig, load_config
-from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, split_folder
+from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, load_rgb, split_folder
 from decode import TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
-from model import build_model, prepare_for_eval, resolve_weights
+from model import NO_QUANTIZATION, QUANTIZED_ARCHS, build_model, is_quantized, prepare_for_eval, resolve_weights
 from optimizer import build_optimizer
-from presets import EvalPreset, train_preset, train_transform
+from presets import EvalPreset, normalize, train_preset, train_transform
 from report import benchmark_report, benchmark_summary, busy_seconds, machine_info, merge_benchmarks
 from utils import (
     ArgumentParser,
@@ -49,7 +50,7 @@ from utils import (
     timed,
 )
 
-PARTS = ("data", "forward", "step", "eval", "train", "augment", "approx")
+PARTS = ("data", "forward", "step", "eval", "train", "augment", "int8", "approx")
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
 
 
@@ -255,52 +256,26 @@ def bench_augment(args, samples, device) -> list[dict]:
     return rows
 
 
-def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
-    """What each speed option does to the results on these images, against the exact path (PIL
-    preprocessing equal to weights.transforms(), BatchNorm unfolded, fp32, NCHW): accuracy, its change,
-    the share of images whose top-1 class (and top-5 list) stays the same, and the largest relative change
-    of the top-1 probability. One pass each. Random weights predict nearly one class for every image, so
-    only the top-5 and probability columns mean something: --weights DEFAULT (torchvision's cache) gives
-    real accuracies."""
-    base = build_model(args.arch, args.weights).to(device)
-    decode = "batched decode, CPU (--decode gpu's code with libjpeg)"
-    if use_gpu_decode("gpu", device, samples, note_to=None):
-        decode = "--decode gpu"
-    variants = [
-        ("exact (weights.transforms(), BN unfolded, fp32)", {"exact": True}),
-        ("default: BN folded", {}),
-        ("--amp bf16", {"amp": "bf16"}),
-        *([("--amp fp16", {"amp": "fp16"})] if device.type == "cuda" else []),
-        (decode, {"decode": True}),
-        *([("--compile", {"compile": True})] if args.compile else []),
-    ]
-    rows, exact = [], None
-    for name, v in variants:
-        fast = not v.get("exact")  # BN folded and channels_last, as test_torchvision.py evaluates
-        model = prepare_for_eval(copy.deepcopy(base), channels_last=fast, fuse_bn=fast)
-        model = torch.compile(model) if v.get("compile") else model
-        loader = eval_loader(samples, preset, args.batch_size, workers, device, v.get("decode", False))
-        runtime = Runtime.create(device, v.get("amp", "none"), "true" if fast else "false", False, preset)
-        result = evaluate(model, loader, runtime, keep_predictions=True)
-        exact = exact or result
-        pairs = list(zip(result["predictions"], exact["predictions"]))
-        same_top1 = [(a, b) for a, b in pairs if a["top5"][0] == b["top5"][0]]
-        rows.append(
-            {
-                "part": "approx",
-                "variant": name,
-                "img_per_s": result["img_per_s"],
-                "seconds": [result["seconds"]],
-                "acc1": result["acc1"],
-                "acc1_delta": result["acc1"] - exact["acc1"],
-                "top1_agreement": 100 * len(same_top1) / len(pairs),
-                "top5_agreement": 100 * sum(a["top5"] == b["top5"] for a, b in pairs) / len(pairs),
-                "top1_prob_change": max(
-                    (abs(a["probs"][0] - b["probs"][0]) / b["probs"][0] for a, b in same_top1), default=0.0
-                ),
-            }
-        )
-    return rows
+def bench_int8(args, samples, preset) -> list[dict]:
+    """torchvision's int8 model of --arch against our fp32 evaluation path (BatchNorm folded,
+    channels_last), the model alone on the CPU, on the same images (preprocessed once), timed in turn."""
+    if not is_quantized(f"quantized_{args.arch}"):
+        archs = ", ".join(a.removeprefix("quantized_") for a in QUANTIZED_ARCHS) or NO_QUANTIZATION
+        raise UserError(f"torchvision has no int8 {args.arch}; --parts int8 takes {archs}")
+    cpu = torch.device("cpu")
+    images = torch.stack([preset(load_rgb(s.path)) for s in samples[: args.batch_size]])  # (B, 3, H, W) uint8
+    x, batches = normalize(images, preset.mean, preset.std), math.ceil(len(samples) / args.batch_size)
+    fp32 = prepare_for_eval(build_model(args.arch, args.weights), channels_last=True)
+    int8 = build_model(f"quantized_{args.arch}", quantize=True)  # random weights, calibrated and converted
+    runs = {
+        "fp32": (forward_loop(fp32, x.contiguous(memory_format=torch.channels_last), batches, Runtime(cpu)), batches),
+        "int8": (forward_loop(int8, x, batches, Runtime(cpu)), batches),
+    }
+    times = timed({k: (run, n * len(x)) for k, (run, n) in runs.items()}, args.repeats, cpu)
+    fp32_variant = f"fp32 {args.arch} batch {len(x)}, channels_last, BN folded"
+    int8_row = {"part": "int8", "variant": f"int8 {args.arch} batch {len(x)} ({torch.backends.quantized.engine})"}
+    int8_row.update(times["int8"], baseline=fp32_variant, ratio=times["int8"]["img_per_s"] / times["fp32"]["img_per_s"])
+    return [{"part": "int8", "variant": fp32_variant, **times["fp32"]}, int8_row]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -374,6 +349,8 @@ def main(argv=None) -> dict:
         rows += bench_train(args, device, samples, preset, workers, steps)
     if "augment" in args.parts:
         rows += bench_augment(args, samples, device)
+    if "int8" in args.parts:
+        rows += bench_int8(args, samples, preset)
     if "approx" in args.parts:
         rows += bench_approx(args, device, samples, preset, workers)
     lines = benchmark_summary(rows)

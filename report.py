@@ -229,6 +229,8 @@ def benchmark_summary(rows: list[dict]) -> list[str]:
     cores a GPU needs for each recipe's train transform."""
     compared = [r for r in rows if r["part"] in ("eval", "train") and "ratio" in r]
     lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in compared]
+    int8 = [r for r in rows if r["part"] == "int8" and "ratio" in r]
+    lines += [f"int8: {r['variant'].split(' (')[0]} / fp32 = {r['ratio']:.2f}x" for r in int8]
     for r in (r for r in rows if "workers_per_gpu" in r):
         lines.append(
             f"augment: {r['variant'].split(':')[0]} needs {r['workers_per_gpu']} loader cores per GPU training at "
