@@ -88,6 +88,22 @@ def test_benchmark_times_every_recipe_train_transform(tmp_path):
     assert "augment: swin.yaml needs" in result.stdout and "at 1000 img/s" in result.stdout
 
 
+def test_benchmark_times_int8_against_fp32_on_the_same_images(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "val" / imagenet_wnids()[i] / f"{i}.JPEG", (120 + 10 * i, 90), seed=i)
+    options = "--parts int8 --arch resnet18 --batch-size 2 --repeats 1 --json".split()
+    result = run_script("benchmark.py", "--data", tmp_path, *options, tmp_path / "b.json", timeout=180)
+    assert result.returncode == 0, result.stderr
+    fp32, int8 = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert fp32["variant"] == "fp32 resnet18 batch 2, channels_last, BN folded" and int8["baseline"] == fp32["variant"]
+    assert (
+        int8["variant"].startswith("int8 resnet18 batch 2 (") and int8["ratio"] == int8["img_per_s"] / fp32["img_per_s"]
+    )
+    assert "int8: int8 resnet18 batch 2 / fp32 = " in result.stdout
+    no_int8 = run_script("benchmark.py", "--data", tmp_path, "--parts", "int8", "--arch", "vgg11")
+    assert_user_error(no_int8, "no int8 vgg11", "resnet50")
+
+
 def test_benchmark_needs_data_for_the_image_parts(tmp_path):
     assert_user_error(run_script("benchmark.py", "--parts", "eval"), "--data")
     assert_user_error(run_script("benchmark.py", "--parts", "model,decode"), "unknown part")

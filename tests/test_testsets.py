@@ -12,6 +12,7 @@ from conftest import ROOT, assert_user_error, make_image, read_csv, run_script, 
 from dataset import find_samples, imagenet_wnids, load_rgb
 from report import robustness_table, write_robustness
 from testsets import dataset_name, real_accuracy
+from utils import UserError
 
 WNIDS = imagenet_wnids()
 WEIGHTS = models.ResNet18_Weights.IMAGENET1K_V1
@@ -197,3 +198,21 @@ def test_int8_weights_evaluate_like_torchvisions_quantized_model(tmp_path, torch
         assert ours[path.name] == top5, path.name
         hits += WNIDS.index(path.parent.name) in top5
     assert row["acc5"] == pytest.approx(100 * hits / 10)
+
+
+def test_without_torch_ao_quantization_the_int8_rows_are_left_out_with_one_line(monkeypatch, capsys):
+    import sys
+
+    import model
+    import test_torchvision
+
+    monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # what a torch without it raises
+    archs, reason = model._quantized_archs()
+    assert archs == [] and "no torch.ao.quantization" in reason
+    float_archs = [a for a in model.ARCHS if not a.startswith("quantized_")]
+    monkeypatch.setattr(test_torchvision, "ARCHS", float_archs)
+    monkeypatch.setattr(test_torchvision, "NO_QUANTIZATION", reason)
+    with pytest.raises(UserError, match="int8 weights are left out"):
+        test_torchvision.select_models(["quantized_*"])
+    assert test_torchvision.select_models(["*"]) == float_archs  # the sweep goes on without them
+    assert capsys.readouterr().err.count("note: torchvision's int8 weights are left out") == 1
