@@ -33,7 +33,15 @@ from dataset import ImageDataset, TrainSampler, build_loader, default_workers, f
 from decode import TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
-from model import NO_QUANTIZATION, QUANTIZED_ARCHS, build_model, is_quantized, prepare_for_eval, resolve_weights
+from model import (
+    NO_QUANTIZATION,
+    QUANTIZED_ARCHS,
+    build_model,
+    float_arch,
+    is_quantized,
+    prepare_for_eval,
+    resolve_weights,
+)
 from optimizer import build_optimizer
 from presets import EvalPreset, normalize, train_preset, train_transform
 from report import benchmark_report, benchmark_summary, busy_seconds, machine_info, merge_benchmarks
@@ -260,7 +268,7 @@ def bench_int8(args, samples, preset) -> list[dict]:
     """torchvision's int8 model of --arch against our fp32 evaluation path (BatchNorm folded,
     channels_last), the model alone on the CPU, on the same images (preprocessed once), timed in turn."""
     if not is_quantized(f"quantized_{args.arch}"):
-        archs = ", ".join(a.removeprefix("quantized_") for a in QUANTIZED_ARCHS) or NO_QUANTIZATION
+        archs = ", ".join(map(float_arch, QUANTIZED_ARCHS)) or NO_QUANTIZATION
         raise UserError(f"torchvision has no int8 {args.arch}; --parts int8 takes {archs}")
     cpu = torch.device("cpu")
     images = torch.stack([preset(load_rgb(s.path)) for s in samples[: args.batch_size]])  # (B, 3, H, W) uint8

@@ -125,7 +125,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     check_crop_fits(cfg.val_crop_size, cfg.val_resize_size, ("val_crop_size", "val_resize_size"))
     if cfg.train_preset == "original":  # Resize + CenterCrop: a larger crop would pad black borders
         check_crop_fits(cfg.train_crop_size, cfg.train_resize_size, ("train_crop_size", "train_resize_size"))
-    check_arch(cfg.arch)
+    check_arch(cfg.arch, int8=False)
     if not cfg.data and not cfg.dummy:
         raise UserError("no data: pass --data DIR (an ImageFolder root with train/ and val/) or --dummy")
     return cfg

@@ -35,8 +35,8 @@ def _quantized_archs() -> tuple[list[str], str]:
         return [], f"torchvision's int8 weights are left out: this torch has no torch.ao.quantization ({e})"
 
 
-QUANTIZED_ARCHS, NO_QUANTIZATION = _quantized_archs()  # quantized_resnet50, ... (12 in torchvision 0.29)
-ARCHS = sorted(models.list_models(module=models)) + QUANTIZED_ARCHS  # classifiers: 80 float + 12 int8
+ARCHS = sorted(models.list_models(module=models))  # the float classifiers (80 in torchvision 0.29)
+QUANTIZED_ARCHS, NO_QUANTIZATION = _quantized_archs()  # quantized_resnet50, ... (12): evaluation only
 
 
 def is_quantized(arch: str) -> bool:
@@ -44,8 +44,16 @@ def is_quantized(arch: str) -> bool:
     return arch in QUANTIZED_ARCHS
 
 
-def check_arch(arch: str) -> str:
-    if arch not in ARCHS:
+def float_arch(arch: str) -> str:
+    """'quantized_resnet50' -> 'resnet50': the architecture an int8 model quantizes."""
+    return arch.removeprefix("quantized_")
+
+
+def check_arch(arch: str, int8: bool = True) -> str:
+    """A torchvision classifier name; int8 models (evaluation only) unless int8=False."""
+    if is_quantized(arch) and not int8:
+        raise UserError(f"{arch} is an int8 model for evaluation; train its float architecture {float_arch(arch)}")
+    if arch not in ARCHS and not is_quantized(arch):
         raise UserError(f"unknown model '{arch}'{closest(arch, ARCHS)}; see torchvision.models.list_models()")
     return arch
 
@@ -172,8 +180,9 @@ def build_model(arch: str, weights=None, num_classes: int | None = None, weights
 def _build_int8(arch: str, weights: WeightsEnum | None, weights_dir=None) -> nn.Module:
     """torchvision's int8 model: the quantizable architecture fused, observed on a random batch and
     converted (with the backend the weights name: fbgemm, or qnnpack for the MobileNets), then the
-    weights' int8 state dict (weights_only, as everywhere). Without weights: int8 of random weights."""
-    backend = weights.meta["backend"] if weights is not None else "fbgemm"
+    weights' int8 state dict (weights_only, as everywhere). Without weights: int8 of random weights,
+    with the backend of the architecture's DEFAULT weights."""
+    backend = (weights or models.get_model_weights(arch).DEFAULT).meta["backend"]
     if backend not in torch.backends.quantized.supported_engines:
         raise UserError(f"{arch} needs the {backend} quantized engine, which this torch build lacks")
     with warnings.catch_warnings():  # torch deprecates torch.ao.quantization and its tensors; both still work
@@ -183,8 +192,7 @@ def _build_int8(arch: str, weights: WeightsEnum | None, weights_dir=None) -> nn.
         if weights is not None:
             state_dict = load_weights_state(weights, weights_dir)
             load_checked(lambda: model.load_state_dict(state_dict), arch, weights)
-    torch.backends.quantized.engine = backend
-    return model.eval()
+    return model.eval()  # (torchvision's quantize_model has set torch.backends.quantized.engine = backend)
 
 
 def load_checked(load, arch, source):
@@ -252,7 +260,7 @@ def eval_resolution(weights: WeightsEnum | None) -> int:
 def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None = None) -> nn.Module:
     """The architecture as the weights' builder makes it, on the meta device."""
     kwargs = {"num_classes": len(weights.meta["categories"] or range(1000))} if weights is not None else {}
-    arch = arch.removeprefix("quantized_")  # an int8 model counts as its float architecture (as its metadata)
+    arch = float_arch(arch)  # an int8 model counts as its float architecture (as its metadata does)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if arch.startswith("vit_") and weights is not None:
@@ -339,7 +347,7 @@ def prepare_for_eval(model: nn.Module, channels_last: bool = True, fuse_bn: bool
     docs/performance.md) and channels_last (NHWC: oneDNN's and cuDNN's fast layout). Models fx cannot
     trace stay unfused. An int8 model is already fused and stays as it is."""
     model = model.eval()
-    if any(p.is_quantized for p in model.state_dict().values() if isinstance(p, torch.Tensor)):
+    if type(model).__name__.startswith("Quantizable"):  # torchvision's int8 models: converted and fused
         return model
     if fuse_bn:
         from torch.fx.experimental.optimization import fuse

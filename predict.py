@@ -19,7 +19,7 @@ from PIL import Image
 from coder import LabelCoder
 from dataset import imagenet_wnids, load_rgb
 from engine import Runtime
-from model import build_model, is_weights_file, prepare_for_eval, run_of_checkpoint, weights_enum_for
+from model import build_model, is_quantized, is_weights_file, prepare_for_eval, run_of_checkpoint, weights_enum_for
 from presets import EvalPreset
 from utils import ArgumentParser, UserError, add_runtime_args, autocast, cli, positive_int, resolve_device
 
@@ -63,7 +63,9 @@ def main(argv=None):
     enum = weights_enum_for(args.arch, args.weights, file_default="DEFAULT")
     preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
     images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
-    runtime = Runtime.create(resolve_device(args.device), args.amp, args.channels_last, False, preset)
+    int8 = is_quantized(args.arch)  # int8 kernels run on the CPU, in their own precision and layout
+    device, options = (torch.device("cpu"), ("none", "false")) if int8 else (resolve_device(args.device), None)
+    runtime = Runtime.create(device, *(options or (args.amp, args.channels_last)), False, preset)
     weights = args.weights if is_weights_file(args.weights) else enum  # the enum: 'none' means random init
     model = build_model(args.arch, weights, weights_dir=args.weights_dir).to(runtime.device)
     model = prepare_for_eval(model, runtime.channels_last, fuse_bn=False)  # a few images: not worth a trace

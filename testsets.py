@@ -9,36 +9,47 @@ ReaL (Beyer et al. 2020): real.json lists, in val-file order (ILSVRC2012_val_000
 labels each image truly shows; a prediction is right when it is among them, images with none are left out.
 """
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 from utils import UserError
 
 SPLIT_NAMES = ("val", "validation", "test", "train")
-KNOWN_SETS = {  # a folder whose name contains the key is this set (the ImageNetV2 variants keep their names)
-    "imagenetv2": None,
+KNOWN_SETS = {  # a folder (or one of its two parents) named so, or so followed by - or _, is this set
+    "imagenetv2": None,  # the ImageNetV2 variants keep their own names
     "imagenet-v2": None,
+    "imagenet_v2": None,
+    "imagenet-sketch": "imagenet-sketch",
+    "imagenet_sketch": "imagenet-sketch",
     "sketch": "imagenet-sketch",
     "imagenet-a": "imagenet-a",
     "imagenet_a": "imagenet-a",
     "imagenet-r": "imagenet-r",
     "imagenet_r": "imagenet-r",
 }
+IMAGENET_NAMES = ("imagenet", "ilsvrc2012", "imagenet-1k", "imagenet1k", "imagenet_1k")
 VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})\.", re.IGNORECASE)
 
 
-def dataset_name(data, num_classes: int, explicit: str | None = None) -> str:
-    """The `dataset` of an eval row: `explicit`, a known set recognised from the folder's name, 'imagenet'
-    for any other folder of all 1000 classes, else the folder's name (root/val counts as root)."""
+def dataset_name(data, explicit: str | None = None) -> str:
+    """The `dataset` of an eval row: `explicit`; else a known set named by the folder or one of its two
+    parents (imagenet-a, imagenet-r, imagenet-sketch, the ImageNetV2 variants by their own names); else
+    'imagenet' for a folder (or the parent of a split folder) named imagenet or ILSVRC2012; else the
+    folder's name (with its parent's for a split or numbered folder: 'gaussian_noise/3')."""
     if explicit:
         return explicit
-    folder = Path(data).resolve()
-    name = (folder.parent.name if folder.name.lower() in SPLIT_NAMES else folder.name).lower()
-    for key, known in KNOWN_SETS.items():
-        if key in name:
-            return known or name
-    return "imagenet" if num_classes == 1000 else name
+    folder = Path(data).absolute()
+    for part in (p.name.lower() for p in (folder, folder.parent, folder.parent.parent)):
+        for key, known in KNOWN_SETS.items():
+            if part == key or part.startswith((key + "-", key + "_")):
+                return known or part
+    named = folder.parent if folder.name.lower() in SPLIT_NAMES or folder.name.isdigit() else None
+    if (named or folder).name.lower() in IMAGENET_NAMES:
+        return "imagenet"
+    return f"{named.name}/{folder.name}" if named is not None and folder.name.isdigit() else (named or folder).name
 
 
 def class_mask(samples, num_classes: int = 1000):
@@ -67,20 +78,33 @@ def load_real_labels(path) -> list[list[int]]:
     return labels
 
 
-def real_accuracy(predictions: list[dict], labels: list[list[int]]) -> dict:
-    """ReaL top-1 and top-5 (%) and the images scored, from evaluate()'s per-image predictions (path,
-    top5). An image is scored when its file name is a val file with a non-empty label list."""
-    top1 = top5 = scored = 0
-    for row in predictions:
-        match = VAL_FILE.search(Path(row["path"]).name)
+def real_label_sets(samples, labels: list[list[int]]) -> list[set[int]]:
+    """Each sample's ReaL labels (a set; empty: the image is left out), from its file name's index.
+    Checked before any model runs: a file that is not a val image, or beyond the labels, stops here."""
+    sets = []
+    for sample in samples:
+        match = VAL_FILE.search(Path(sample.path).name)
         if match is None:
-            raise UserError(f"{row['path']} is not an ILSVRC2012_val_*.JPEG file, so ReaL has no labels for it")
+            raise UserError(f"{sample.path} is not an ILSVRC2012_val_*.JPEG file, so ReaL has no labels for it")
         number = int(match.group(1))
         if not 1 <= number <= len(labels):
-            raise UserError(f"{Path(row['path']).name} is beyond the {len(labels)} images of the ReaL labels file")
-        real = set(labels[number - 1])
-        if real:
-            scored += 1
-            top1 += row["top5"][0] in real
-            top5 += bool(real & set(row["top5"]))
-    return {"real_acc1": 100 * top1 / max(scored, 1), "real_acc5": 100 * top5 / max(scored, 1), "real_n_images": scored}
+            raise UserError(f"{Path(sample.path).name} is beyond the {len(labels)} images of the ReaL labels file")
+        sets.append(set(labels[number - 1]))
+    return sets
+
+
+def real_accuracy(predictions: list[dict], label_sets: list[set[int]]) -> dict:
+    """ReaL top-1 and top-5 (%) and the images scored, from evaluate()'s per-image predictions (index,
+    top5) and real_label_sets: right when the top-1 (any of the top-5) is among the image's labels."""
+    scored = [(row["top5"], label_sets[row["index"]]) for row in predictions if label_sets[row["index"]]]
+    top1 = sum(top5[0] in real for top5, real in scored)
+    top5 = sum(bool(real & set(top5)) for top5, real in scored)
+    n = len(scored)
+    return {"real_acc1": 100 * top1 / max(n, 1), "real_acc5": 100 * top5 / max(n, 1), "real_n_images": n}
+
+
+def images_fingerprint(samples: list, data) -> str:
+    """A short hash of the evaluated files and their labels, so that a re-run skips a row only when the
+    images are the same (e.g. not after `dataset.py prepare-val` reorganised the folder)."""
+    lines = "\n".join(f"{os.path.relpath(s.path, data)}\t{s.target}" for s in samples)
+    return hashlib.sha1(lines.encode(errors="surrogateescape")).hexdigest()[:12]

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from torchvision import models
 
-from conftest import ROOT, assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
-from dataset import find_samples, imagenet_wnids, load_rgb
+from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
+from dataset import Sample, find_samples, imagenet_wnids, load_rgb
 from report import robustness_table, write_robustness
-from testsets import dataset_name, real_accuracy
+from testsets import dataset_name, real_accuracy, real_label_sets
 from utils import UserError
 
 WNIDS = imagenet_wnids()
@@ -64,6 +64,19 @@ def reference_top5(model, data, weights, mask=None) -> list[tuple[int, list[int]
     return out
 
 
+def test_rows_written_before_the_dataset_columns_are_still_skipped(tmp_path, torch_home):
+    save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
+    data = tmp_path / "imagenet" / "val"
+    make_image(data / WNIDS[3] / "a.JPEG")
+    evaluate(data, tmp_path / "out", torch_home)
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())
+    old = [{k: v for k, v in r.items() if k not in ("dataset", "masked", "real_labels")} for r in rows]
+    (tmp_path / "out" / "eval.json").write_text(json.dumps(old))
+    again = evaluate(data, tmp_path / "out", torch_home)
+    assert "already in" in again.stdout + again.stderr
+    assert len(json.loads((tmp_path / "out" / "eval.json").read_text())) == 1  # not redone, not doubled
+
+
 def test_mask_classes_restricts_predictions_to_the_folders_classes(tmp_path, torch_home):
     model = save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
     data = tmp_path / "imagenet-a"  # a 200-class-style subset: 7 of the 1000 classes
@@ -83,18 +96,24 @@ def test_mask_classes_restricts_predictions_to_the_folders_classes(tmp_path, tor
         ours = read_csv(tmp_path / "out" / row["predictions"])
         assert all(int(p["top1"]) in (mask or range(1000)) for p in ours)
     assert masked["acc5"] > plain["acc5"] and masked["acc5"] >= 5 / 7 * 100  # 5 of 7 classes are in any top-5
+    # --limit 3 keeps images of one class (sorted by path): the mask is still the set's 7 classes
+    evaluate(data, tmp_path / "out", torch_home, "--mask-classes", "--limit", "3")
+    limited = json.loads((tmp_path / "out" / "eval.json").read_text())[-1]
+    top5 = [[int(p[f"top{k}"]) for k in range(1, 6)] for p in read_csv(tmp_path / "out" / limited["predictions"])]
+    assert len(top5) == 3 and all(set(t) <= set(present) for t in top5)
 
 
 def test_real_accuracy_by_hand():
     labels = [[1], [], [2, 3], [4], [7, 8]]
-    predictions = [
-        {"path": "v/ILSVRC2012_val_00000001.JPEG", "top5": [1, 0, 2, 3, 4]},  # top-1 right
-        {"path": "v/ILSVRC2012_val_00000002.JPEG", "top5": [5, 6, 7, 8, 9]},  # no labels: not scored
-        {"path": "n0/ILSVRC2012_val_00000003.JPEG", "top5": [3, 9, 9, 9, 9]},  # one of two labels: right
-        {"path": "v/ILSVRC2012_val_00000004.JPEG", "top5": [0, 4, 5, 6, 9]},  # top-5 only
-        {"path": "v/ILSVRC2012_val_00000005.JPEG", "top5": [0, 1, 2, 3, 5]},  # wrong
-    ]
-    assert real_accuracy(predictions, labels) == {"real_acc1": 50.0, "real_acc5": 75.0, "real_n_images": 4}
+    samples = [Sample(f"v/ILSVRC2012_val_{i:08d}.JPEG", 0) for i in range(1, 6)]
+    samples[2] = Sample("n01440764/ILSVRC2012_val_00000003.JPEG", 0)  # the ImageFolder layout of the val set
+    top5 = [[1, 0, 2, 3, 4], [5, 6, 7, 8, 9], [3, 9, 9, 9, 9], [0, 4, 5, 6, 9], [0, 1, 2, 3, 5]]
+    # right at top-1; no labels (not scored); one of two labels; top-5 only; wrong
+    predictions = [{"index": i, "top5": t} for i, t in enumerate(top5)]
+    sets = real_label_sets(samples, labels)
+    assert real_accuracy(predictions, sets) == {"real_acc1": 50.0, "real_acc5": 75.0, "real_n_images": 4}
+    with pytest.raises(UserError, match="beyond the 5 images"):
+        real_label_sets([Sample("ILSVRC2012_val_00000006.JPEG", 0)], labels)
 
 
 def test_real_labels_score_the_val_images_next_to_their_original_labels(tmp_path, torch_home):
@@ -131,13 +150,22 @@ def test_real_labels_score_the_val_images_next_to_their_original_labels(tmp_path
 
 
 def test_dataset_names(tmp_path):
-    assert dataset_name(tmp_path / "imagenet" / "val", 1000) == "imagenet"
-    assert dataset_name(tmp_path / "ImageNet-A", 200) == "imagenet-a"
-    assert dataset_name(tmp_path / "imagenet-r" / "test", 200) == "imagenet-r"
-    assert dataset_name(tmp_path / "sketch", 1000) == "imagenet-sketch"
-    assert dataset_name(tmp_path / "imagenetv2-top-images-format-val", 1000) == "imagenetv2-top-images-format-val"
-    assert dataset_name(tmp_path / "imagenette2" / "val", 10) == "imagenette2"
-    assert dataset_name(tmp_path / "x", 10, explicit="mine") == "mine"
+    assert dataset_name(tmp_path / "imagenet" / "val") == "imagenet"
+    assert dataset_name(tmp_path / "ILSVRC2012" / "val") == "imagenet"
+    assert dataset_name(tmp_path / "ImageNet-A") == "imagenet-a"
+    assert dataset_name(tmp_path / "imagenet-r" / "imagenet-r") == "imagenet-r"
+    assert dataset_name(tmp_path / "imagenet-sketch" / "sketch") == "imagenet-sketch"
+    assert dataset_name(tmp_path / "imagenetv2-top-images-format-val") == "imagenetv2-top-images-format-val"
+    assert dataset_name(tmp_path / "imagenet_v2" / "matched-frequency") == "imagenet_v2"
+    assert dataset_name(tmp_path / "x", explicit="mine") == "mine"
+    # not mistaken for a known set, nor for ImageNet
+    assert dataset_name(tmp_path / "imagenet-real" / "val") == "imagenet-real"
+    assert dataset_name(tmp_path / "imagenet_resized" / "val") == "imagenet_resized"
+    assert dataset_name(tmp_path / "imagenet-c" / "gaussian_noise" / "3") == "gaussian_noise/3"
+    assert dataset_name(tmp_path / "imagenette2" / "val") == "imagenette2"
+    link = tmp_path / "imagenet-a-link"
+    link.symlink_to(tmp_path / "imagenet", target_is_directory=True)
+    assert dataset_name(link) == "imagenet-a"  # the name given, not the symlink's target
 
 
 def test_robustness_table_and_plot(tmp_path):
@@ -163,7 +191,6 @@ def test_robustness_table_and_plot(tmp_path):
     assert Image.open(tmp_path / "robustness.png").size == (700, 550)
     clean_only = [{**r, "real_acc1": None} for r in rows if r["dataset"] == "imagenet"]
     assert write_robustness(clean_only, tmp_path / "none") == [] and not (tmp_path / "none").exists()
-    assert (ROOT / "testsets.py").is_file()
 
 
 def test_int8_weights_evaluate_like_torchvisions_quantized_model(tmp_path, torch_home):
@@ -209,10 +236,9 @@ def test_without_torch_ao_quantization_the_int8_rows_are_left_out_with_one_line(
     monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # what a torch without it raises
     archs, reason = model._quantized_archs()
     assert archs == [] and "no torch.ao.quantization" in reason
-    float_archs = [a for a in model.ARCHS if not a.startswith("quantized_")]
-    monkeypatch.setattr(test_torchvision, "ARCHS", float_archs)
+    monkeypatch.setattr(test_torchvision, "QUANTIZED_ARCHS", archs)
     monkeypatch.setattr(test_torchvision, "NO_QUANTIZATION", reason)
     with pytest.raises(UserError, match="int8 weights are left out"):
         test_torchvision.select_models(["quantized_*"])
-    assert test_torchvision.select_models(["*"]) == float_archs  # the sweep goes on without them
+    assert test_torchvision.select_models(["*"]) == model.ARCHS  # the sweep goes on without them
     assert capsys.readouterr().err.count("note: torchvision's int8 weights are left out") == 1

@@ -69,6 +69,7 @@ def test_precedence_defaults_file_command_line(tmp_path):
         (["--nesterov", "--momentum", "0"], "nesterov"),
         (["--dropout", "1.5"], "dropout"),
         (["--train-preset", "original", "--train-crop-size", "300"], "train_crop_size"),
+        (["--arch", "quantized_resnet50"], "int8 model for evaluation; train its float architecture resnet50"),
     ],
 )
 def test_bad_options_are_named(args, needle):
