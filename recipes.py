@@ -56,7 +56,9 @@ BY_RECIPE_LINK = {
     f"{NEW_RECIPE}#issuecomment-1013906621": Recipe(V2),  # ResNet50 V2, the blog post's
     f"{NEW_RECIPE}#new-recipe-with-fixres": Recipe(V2, {"ra_sampler": False}, "before repeated augmentation"),
     f"{NEW_RECIPE}#new-recipe": Recipe(
-        V2, {"ra_sampler": False, "train_crop_size": 224}, "trained at 224 px, before repeated augmentation"
+        V2,
+        {"ra_sampler": False, "train_crop_size": 224},
+        "at 224 px, before repeated augmentation; the RegNets' own batch and lr are not published",
     ),
     f"{NEW_RECIPE}#new-recipe-with-reg-tuning": Recipe(
         V2, note="MobileNetV2's command (PR 5560); MobileNetV3-Large's regularisation tuning is not published"
