@@ -12,7 +12,7 @@ from torchvision.datasets import ImageFolder
 from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
 from dataset import ImageDataset, Sample, build_loader, find_samples, imagenet_wnids, load_rgb, prepare_val, val_labels
 from decode import GpuDecodeLoader
-from model import ARCHS, all_weights
+from model import ARCHS, QUANTIZED_ARCHS, all_weights
 from presets import EvalPreset, normalize
 
 WNIDS = imagenet_wnids()
@@ -36,7 +36,7 @@ def odd_images(tmp_path_factory):
 def test_eval_preprocessing_equals_weights_transforms_for_all_weights(odd_images):
     pil = [load_rgb(p) for p in odd_images]
     assert [Image.open(p).mode for p in odd_images[3:5]] == ["L", "CMYK"]
-    weights = [w for arch in ARCHS for w in all_weights(arch)]
+    weights = [w for arch in ARCHS + QUANTIZED_ARCHS for w in all_weights(arch)]
     assert len(weights) >= 129  # the int8 weights too
     checked = {}  # weights with the same transforms() settings are compared once
     for w in weights:

@@ -5,14 +5,14 @@ import math
 
 from torchvision import models
 
-from model import ARCHS, all_weights, model_family, resolve_weights
+from model import ARCHS, QUANTIZED_ARCHS, all_weights, model_family, resolve_weights
 from plots import family_styles, pareto_front, plot_acc_vs_gmacs, point_label
 
 
 def metadata_records() -> list[dict]:
     """The complexity table's columns for every weights, from torchvision's metadata (fast: no counting)."""
     records = []
-    for arch in ARCHS:
+    for arch in ARCHS + QUANTIZED_ARCHS:
         for w in all_weights(arch):
             metrics = w.meta["_metrics"]["ImageNet-1K"]
             acc1 = None if math.isnan(metrics["acc@1"]) else metrics["acc@1"]
@@ -28,7 +28,7 @@ def test_pareto_front():
 
 
 def test_every_family_has_its_own_colour_and_marker():
-    families = sorted({model_family(arch) for arch in ARCHS})
+    families = sorted({model_family(arch) for arch in ARCHS + QUANTIZED_ARCHS})
     styles = family_styles(families)
     assert len(families) >= 20 and len({c for c, _ in styles.values()}) == len(families)
     assert len(set(styles.values())) == len(families)
