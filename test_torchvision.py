@@ -253,9 +253,9 @@ def run_evaluation(args) -> list[dict]:
     samples = every[: args.limit] if args.limit else every
     out = Path(args.out)
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
-    for row in done:  # rows written before the test-set columns existed
-        row.setdefault("masked", False), row.setdefault("real_labels", None)
-        row.setdefault("dataset", dataset_name(row.get("data", "")))
+    for row in done:  # rows written before the test-set columns existed: unmasked, without ReaL labels
+        for key, value in {"dataset": dataset_name(row.get("data", "")), "masked": False, "real_labels": None}.items():
+            row.setdefault(key, value)
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     workers = default_workers(device) if args.workers is None else args.workers

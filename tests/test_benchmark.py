@@ -73,13 +73,18 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
     assert_user_error(run_script("benchmark.py", "--merge", tmp_path / "missing.json"), "missing.json")
 
 
-def test_benchmark_times_every_recipe_train_transform(tmp_path):
+def run_part(tmp_path, options: str):
+    """benchmark.py on 4 generated JPEGs: (the finished process, the rows of its --json)."""
     for i in range(4):
         make_image(tmp_path / "val" / imagenet_wnids()[i] / f"{i}.JPEG", (120 + 10 * i, 90), seed=i)
-    options = "--parts augment --repeats 1 --gpu-img-per-s 1000 --json".split()
-    result = run_script("benchmark.py", "--data", tmp_path, *options, tmp_path / "b.json", timeout=180)
+    args = [*options.split(), "--repeats", "1", "--json", tmp_path / "b.json"]
+    result = run_script("benchmark.py", "--data", tmp_path, *args, timeout=180)
     assert result.returncode == 0, result.stderr
-    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    return result, json.loads((tmp_path / "b.json").read_text())["rows"]
+
+
+def test_benchmark_times_every_recipe_train_transform(tmp_path):
+    result, rows = run_part(tmp_path, "--parts augment --gpu-img-per-s 1000")
     configs = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
     assert [r["variant"].split(":")[0] for r in rows] == configs and all(r["part"] == "augment" for r in rows)
     assert all(r["workers_per_gpu"] == -(-1000 // r["img_per_s"]) and r["img_per_s"] > 0 for r in rows)
@@ -89,12 +94,7 @@ def test_benchmark_times_every_recipe_train_transform(tmp_path):
 
 
 def test_benchmark_times_int8_against_fp32_on_the_same_images(tmp_path):
-    for i in range(4):
-        make_image(tmp_path / "val" / imagenet_wnids()[i] / f"{i}.JPEG", (120 + 10 * i, 90), seed=i)
-    options = "--parts int8 --arch resnet18 --batch-size 2 --repeats 1 --json".split()
-    result = run_script("benchmark.py", "--data", tmp_path, *options, tmp_path / "b.json", timeout=180)
-    assert result.returncode == 0, result.stderr
-    fp32, int8 = json.loads((tmp_path / "b.json").read_text())["rows"]
+    result, (fp32, int8) = run_part(tmp_path, "--parts int8 --arch resnet18 --batch-size 2")
     assert fp32["variant"] == "fp32 resnet18 batch 2, channels_last, BN folded" and int8["baseline"] == fp32["variant"]
     assert (
         int8["variant"].startswith("int8 resnet18 batch 2 (") and int8["ratio"] == int8["img_per_s"] / fp32["img_per_s"]
