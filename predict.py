@@ -5,6 +5,7 @@
     python predict.py cat.jpg --arch resnet50 --weights checkpoints/resnet50-11ad3fa6.pth
     python predict.py cat.jpg --arch resnet50 --weights-dir /data/weights --json > predictions.json
     python predict.py rose.jpg --arch resnet50 --weights checkpoints/flowers/best.pt      # its run's class names
+    python predict.py cat.jpg --weights resnet50.onnx                      # export.py's file, on ONNX Runtime
 
 Weights come from torchvision's cache ($TORCH_HOME/hub/checkpoints), --weights-dir, or a file. Images
 get the weights' own eval preprocessing (torchvision's DEFAULT weights' for a file); a train.py
@@ -12,6 +13,7 @@ checkpoint (checkpoints/RUN/best.pt) brings its run's preprocessing and class na
 """
 
 import json
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -44,34 +46,51 @@ def format_predictions(path: str, predictions: list[dict]) -> str:
     return "\n".join([path, *lines])
 
 
+def onnx_predictor(path):
+    """(ONNX Runtime model, preset, LabelCoder, Runtime) of a file export.py wrote."""
+    from export import OnnxRuntimeModel, onnx_metadata
+
+    if not Path(path).is_file():
+        raise UserError(f"ONNX file {path} does not exist")
+    meta = onnx_metadata(path)
+    if "preprocessing" not in meta or "classes" not in meta:
+        raise UserError(f"{path} has no preprocessing or class names in its metadata; export it with export.py")
+    preset = EvalPreset(**meta["preprocessing"])
+    runtime = Runtime(torch.device("cpu"), mean=preset.mean, std=preset.std)  # ONNX Runtime's CPU provider
+    return OnnxRuntimeModel(path), preset, LabelCoder(meta["classes"], meta.get("wnids")), runtime
+
+
 @cli
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--arch", default="resnet50", help="any torchvision classifier (default: resnet50)")
-    p.add_argument("--weights", default="DEFAULT", help="DEFAULT, an enum name like IMAGENET1K_V2, or a .pth file")
+    p.add_argument("--weights", default="DEFAULT", help="DEFAULT, an enum name, a .pth file or an export.py .onnx file")
     p.add_argument("--weights-dir", help="folder holding torchvision's weights files (default: torchvision's cache)")
     p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     add_runtime_args(p)
     args = p.parse_args(argv)
 
-    # A train.py checkpoint brings its run's class names and eval preprocessing; otherwise the enum
-    # gives them, and a file takes those of its torchvision weights (matched by file name) or of the
-    # arch's DEFAULT weights.
-    run = run_of_checkpoint(args.weights, args.arch) if is_weights_file(args.weights) else None
-    enum = weights_enum_for(args.arch, args.weights, file_default="DEFAULT")
-    preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
-    images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
-    int8 = is_quantized(args.arch)  # int8 kernels run on the CPU, in their own precision and layout
-    device, options = (torch.device("cpu"), ("none", "false")) if int8 else (resolve_device(args.device), None)
-    runtime = Runtime.create(device, *(options or (args.amp, args.channels_last)), False, preset)
-    weights = args.weights if is_weights_file(args.weights) else enum  # the enum: 'none' means random init
-    model = build_model(args.arch, weights, weights_dir=args.weights_dir).to(runtime.device)
-    model = prepare_for_eval(model, runtime.channels_last, fuse_bn=False)  # a few images: not worth a trace
-    coder = (
-        LabelCoder.imagenet(enum) if run is None or run["classes"] == imagenet_wnids() else LabelCoder(run["classes"])
-    )
+    if str(args.weights).endswith(".onnx"):  # export.py's file: its own preprocessing and class names
+        model, preset, coder, runtime = onnx_predictor(args.weights)
+        images = [read_image(path, preset) for path in args.images]
+    else:
+        # A train.py checkpoint brings its run's class names and eval preprocessing; otherwise the enum
+        # gives them, and a file takes those of its torchvision weights (matched by file name) or of the
+        # arch's DEFAULT weights.
+        run = run_of_checkpoint(args.weights, args.arch) if is_weights_file(args.weights) else None
+        enum = weights_enum_for(args.arch, args.weights, file_default="DEFAULT")
+        preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
+        images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
+        int8 = is_quantized(args.arch)  # int8 kernels run on the CPU, in their own precision and layout
+        device, options = (torch.device("cpu"), ("none", "false")) if int8 else (resolve_device(args.device), None)
+        runtime = Runtime.create(device, *(options or (args.amp, args.channels_last)), False, preset)
+        weights = args.weights if is_weights_file(args.weights) else enum  # the enum: 'none' means random init
+        model = build_model(args.arch, weights, weights_dir=args.weights_dir).to(runtime.device)
+        model = prepare_for_eval(model, runtime.channels_last, fuse_bn=False)  # a few images: not worth a trace
+        imagenet = run is None or run["classes"] == imagenet_wnids()
+        coder = LabelCoder.imagenet(enum) if imagenet else LabelCoder(run["classes"])
 
     results = []
     with torch.inference_mode(), autocast(runtime.device, runtime.amp_dtype):

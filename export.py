@@ -1,0 +1,146 @@
+"""Export a torchvision classifier or a train.py checkpoint to ONNX: a file that describes itself (its
+eval preprocessing, class names and source weights in the ONNX metadata) and is checked at once
+against PyTorch on the same images (largest logit difference, top-5 agreement).
+
+    python export.py --arch resnet50 --weights IMAGENET1K_V2 --out resnet50.onnx
+    python export.py --arch resnet50 --weights checkpoints/flowers/best.pt --out flowers.onnx --images DIR
+    python predict.py cat.jpg --weights resnet50.onnx                  # ONNX Runtime, the file's preprocessing
+
+torch.onnx.export's exporter (torch.export, dynamo=True), opset 18, a dynamic batch dimension. The model
+is exported in its inference form (BatchNorm folded, as test_torchvision.py evaluates); the file takes
+normalised float32 (B, 3, crop, crop) images and gives (B, classes) logits.
+"""
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from coder import LabelCoder
+from dataset import find_samples, imagenet_wnids, load_rgb
+from model import build_model, is_weights_file, prepare_for_eval, run_of_checkpoint, weights_enum_for
+from presets import EvalPreset, normalize
+from utils import ArgumentParser, UserError, atomic_write, cli, positive_int
+
+OPSET = 18  # the opset torch's ONNX exporter targets natively
+
+
+def export_onnx(model: nn.Module, path, crop: int, metadata: dict, opset: int = OPSET) -> Path:
+    """Write `model` (eval form, on the CPU) to `path` atomically, with `metadata` (str -> JSON-able)
+    in the file's metadata_props. An architecture the exporter can't handle is a UserError."""
+    path = Path(path)
+    example = torch.randn(2, 3, crop, crop)
+    try:
+        with warnings.catch_warnings():  # the exporter warns about its own internals
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=opset, verbose=False, input_names=["images"], output_names=["logits"],
+            )  # fmt: skip
+    except Exception as e:  # torch.export and the ONNX translation raise many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{metadata.get('arch')} cannot be exported to ONNX: {type(e).__name__}: {reason}") from e
+    proto = program.model_proto
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=json.dumps(value))
+    if proto.ByteSize() >= 2**31:  # protobuf's limit for one message
+        raise UserError(f"{metadata.get('arch')} is over 2 GB as ONNX, beyond a single .onnx file's limit")
+    atomic_write(path, lambda f: f.write(proto.SerializeToString()), mode="wb")
+    return path
+
+
+def onnx_metadata(path) -> dict:
+    """The metadata export_onnx stored: {'arch', 'source', 'preprocessing', 'classes', ...}."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {prop.key: json.loads(prop.value) for prop in proto.metadata_props}
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An exported file run by ONNX Runtime (CPU provider), callable like the PyTorch model: normalised
+    float32 (B, 3, H, W) -> (B, classes) logits."""
+
+    def __init__(self, path, threads: int | None = None):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise UserError("ONNX Runtime is not installed: pip install onnxruntime") from e
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+
+
+def compare(reference: nn.Module, exported: nn.Module, images: torch.Tensor) -> dict:
+    """Largest absolute logit difference and the share of images whose top-5 (in order) agree."""
+    with torch.inference_mode():
+        ours, theirs = reference(images).float(), exported(images)
+    k = min(5, ours.shape[1])  # a fine-tuned head may have fewer classes
+    same = (ours.topk(k).indices == theirs.topk(k).indices).all(1)
+    return {"max_abs_diff": (ours - theirs).abs().max().item(), "top5_agreement": 100 * same.float().mean().item()}
+
+
+def validation_images(folder, preset: EvalPreset, count: int) -> torch.Tensor:
+    """Up to `count` images of `folder` (any layout dataset.py reads), or random pixels without one."""
+    if folder is None:
+        pixels = torch.randint(0, 256, (count, 3, preset.crop, preset.crop), generator=torch.Generator().manual_seed(0))
+        return normalize(pixels.to(torch.uint8), preset.mean, preset.std)
+    samples, _ = find_samples(folder, "val", imagenet_labels=False)
+    step = max(1, len(samples) // count)
+    batch = torch.stack([preset(load_rgb(s.path)) for s in samples[::step][:count]])
+    return normalize(batch, preset.mean, preset.std)
+
+
+@cli
+def main(argv=None) -> dict:
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--arch", default="resnet50", help="any torchvision classifier (default: resnet50)")
+    p.add_argument("--weights", default="DEFAULT", help="DEFAULT, an enum name, a .pth or a train.py checkpoint")
+    p.add_argument("--weights-dir", help="folder holding torchvision's weights files (default: torchvision's cache)")
+    p.add_argument("--out", help="the .onnx file to write (default: ARCH.onnx)")
+    p.add_argument("--images", help="a folder of images to validate on (default: 8 random images)")
+    p.add_argument("--count", type=positive_int, default=8, help="images to validate on (default: 8)")
+    p.add_argument("--opset", type=positive_int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
+    args = p.parse_args(argv)
+    out = Path(args.out or f"{args.arch}.onnx")
+    if out.exists() and out.is_dir():
+        raise UserError(f"--out {out} is a folder; pass a file name such as {out / (args.arch + '.onnx')}")
+
+    run = run_of_checkpoint(args.weights, args.arch) if is_weights_file(args.weights) else None
+    enum = weights_enum_for(args.arch, args.weights, file_default="DEFAULT")
+    preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
+    weights = args.weights if is_weights_file(args.weights) else enum
+    model = prepare_for_eval(build_model(args.arch, weights, weights_dir=args.weights_dir), channels_last=False)
+    coder = LabelCoder.imagenet(enum) if run is None or run["classes"] == imagenet_wnids() else None
+    metadata = {
+        "arch": args.arch,
+        "source": str(weights) if weights is not None else "random",
+        "preprocessing": {
+            k: getattr(preset, k) for k in ("resize", "crop", "interpolation", "antialias", "mean", "std")
+        },
+        "classes": coder.names if coder is not None else run["classes"],
+        "wnids": coder.wnids if coder is not None else None,
+        "input": "float32 (B, 3, crop, crop), normalised: (x / 255 - mean) / std",
+    }
+    images = validation_images(args.images, preset, args.count)  # checked before the minutes of export
+    export_onnx(model, out, preset.crop, metadata, args.opset)
+    check = compare(model, OnnxRuntimeModel(out), images)
+    size_mb = out.stat().st_size / 2**20
+    print(
+        f"wrote {out} ({size_mb:.1f} MB, opset {args.opset}, dynamic batch): {args.arch} from {metadata['source']}; "
+        f"on {len(images)} images the logits differ from PyTorch's by at most {check['max_abs_diff']:.2e}, "
+        f"top-5 agree on {check['top5_agreement']:.0f}%"
+    )
+    return {"path": str(out), **check, "metadata": metadata}
+
+
+if __name__ == "__main__":
+    main()

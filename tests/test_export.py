@@ -1,0 +1,87 @@
+"""export.py: an ONNX file that describes itself, equals PyTorch, and runs in predict.py."""
+
+import json
+
+import pytest
+import torch
+from torchvision import models
+
+from conftest import make_image, save_torchvision_checkpoint
+from dataset import imagenet_wnids
+from export import OnnxRuntimeModel, main, onnx_metadata
+from presets import EvalPreset
+
+WEIGHTS = models.ResNet18_Weights.IMAGENET1K_V1
+
+
+def test_exported_resnet18_equals_pytorch_and_describes_itself(tmp_path, torch_home, capsys):
+    model = save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)  # random weights, torchvision's file name
+    for i in range(4):
+        make_image(tmp_path / "images" / imagenet_wnids()[i] / f"{i}.JPEG", (90 + 10 * i, 80), seed=i)
+    out = tmp_path / "r18.onnx"
+    options = ["--arch", "resnet18", "--weights", "DEFAULT", "--out", str(out), "--images", str(tmp_path / "images")]
+    result = main(options)
+    assert result["max_abs_diff"] <= 1e-4 and result["top5_agreement"] == 100.0
+    assert "top-5 agree on 100%" in capsys.readouterr().out
+    # independently: torchvision's model on other inputs, any batch size (the batch dimension is dynamic)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+    actual = OnnxRuntimeModel(out)(x)
+    assert actual.shape == (3, 1000) and (actual - expected).abs().max() <= 1e-4
+    assert torch.equal(actual.topk(5).indices, expected.topk(5).indices)
+    meta = onnx_metadata(out)  # the metadata round trip
+    assert (meta["arch"], meta["source"]) == ("resnet18", str(WEIGHTS))
+    preset = EvalPreset.from_weights(WEIGHTS)
+    assert meta["preprocessing"] == json.loads(json.dumps(preset.__dict__))
+    assert meta["classes"] == WEIGHTS.meta["categories"] and meta["wnids"] == imagenet_wnids()
+
+
+def test_predict_runs_the_onnx_file_like_the_pytorch_weights(tmp_path, torch_home, capsys):
+    import predict
+
+    save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
+    out = tmp_path / "r18.onnx"
+    main(["--arch", "resnet18", "--weights", "DEFAULT", "--out", str(out), "--count", "2"])
+    image = make_image(tmp_path / "cat.jpg", (120, 100), seed=3)
+    capsys.readouterr()
+    predict.main([str(image), "--arch", "resnet18", "--json"])
+    from_pytorch = json.loads(capsys.readouterr().out)[0]["predictions"]
+    predict.main([str(image), "--weights", str(out), "--json"])
+    from_onnx = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert [p["index"] for p in from_onnx] == [p["index"] for p in from_pytorch]
+    assert [p["prob"] for p in from_onnx] == pytest.approx([p["prob"] for p in from_pytorch], abs=1e-5)
+    assert from_onnx[0]["name"] == from_pytorch[0]["name"]
+
+
+def test_a_train_py_checkpoint_exports_with_its_classes_and_preprocessing(tmp_path):
+    net = models.resnet18(num_classes=2)
+    config = {"arch": "resnet18", "val_resize_size": 72, "val_crop_size": 64, "interpolation": "bicubic"}
+    state = {"model": net.state_dict(), "optimizer": {}, "epoch": 1, "config": config, "classes": ["cat", "dog"]}
+    torch.save(state, tmp_path / "best.pt")
+    out = tmp_path / "pets.onnx"
+    result = main(["--arch", "resnet18", "--weights", str(tmp_path / "best.pt"), "--out", str(out)])
+    assert result["max_abs_diff"] <= 1e-4
+    meta = onnx_metadata(out)
+    assert meta["classes"] == ["cat", "dog"] and meta["wnids"] is None
+    assert (meta["preprocessing"]["resize"], meta["preprocessing"]["crop"]) == (72, 64)
+    assert meta["preprocessing"]["interpolation"] == "bicubic"
+    assert OnnxRuntimeModel(out)(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+
+
+def test_an_export_failure_is_one_line_naming_the_model(tmp_path, torch_home, monkeypatch, capsys):
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Unsupported: aten::frobnicate has no ONNX translation\nlong trace...")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    with pytest.raises(SystemExit) as stop:
+        main(["--arch", "squeezenet1_1", "--weights", "none", "--out", str(tmp_path / "s.onnx"), "--count", "1"])
+    assert stop.value.code == 2 and not (tmp_path / "s.onnx").exists()
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "error: squeezenet1_1 cannot be exported to ONNX: RuntimeError: Unsupported: aten::frobnicate has no "
+        "ONNX translation"
+    )
+    with pytest.raises(SystemExit):
+        main(["--arch", "resnet18", "--weights", "none", "--out", str(tmp_path)])  # a folder, not a file
+    assert "is a folder" in capsys.readouterr().err
