@@ -11,6 +11,7 @@ is exported in its inference form (BatchNorm folded, as test_torchvision.py eval
 normalised float32 (B, 3, crop, crop) images and gives (B, classes) logits.
 """
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ from coder import LabelCoder
 from dataset import find_samples, imagenet_wnids, load_rgb
 from model import build_model, is_weights_file, prepare_for_eval, run_of_checkpoint, weights_enum_for
 from presets import EvalPreset, normalize
-from utils import ArgumentParser, UserError, atomic_write, cli, positive_int
+from utils import ArgumentParser, UserError, atomic_write, barrier, cli, is_main, positive_int
 
 OPSET = 18  # the opset torch's ONNX exporter targets natively
 
@@ -88,6 +89,24 @@ def compare(reference: nn.Module, exported: nn.Module, images: torch.Tensor) -> 
     return {"max_abs_diff": (ours - theirs).abs().max().item(), "top5_agreement": 100 * same.float().mean().item()}
 
 
+def onnx_model(model: nn.Module, arch: str, weights, preset: EvalPreset, folder: Path) -> "OnnxRuntimeModel":
+    """ONNX Runtime running `model` (eval form, CPU) exported to folder/<weights>.onnx, reusing a file
+    exported before from the same weights with the same preprocessing (random weights: always anew).
+    The file's logits are checked against the model's on random input before it is used."""
+    path = folder / f"{Path(str(weights)).name if weights is not None else 'random'}.onnx"
+    metadata = {"arch": arch, "source": str(weights), "preprocessing": dataclasses.asdict(preset)}
+    same = path.is_file() and {k: onnx_metadata(path).get(k) for k in metadata} == json.loads(json.dumps(metadata))
+    if weights is None or not same:
+        if is_main():
+            export_onnx(model, path, preset.crop, metadata)
+        barrier()
+    exported = OnnxRuntimeModel(path)
+    check = compare(model, exported, torch.randn(2, 3, preset.crop, preset.crop))
+    if check["top5_agreement"] < 100 or check["max_abs_diff"] > 1e-3:
+        raise UserError(f"{path} differs from PyTorch (logits by {check['max_abs_diff']:.2g}); delete it to re-export")
+    return exported
+
+
 def validation_images(folder, preset: EvalPreset, count: int) -> torch.Tensor:
     """Up to `count` images of `folder` (any layout dataset.py reads), or random pixels without one."""
     if folder is None:
@@ -123,9 +142,7 @@ def main(argv=None) -> dict:
     metadata = {
         "arch": args.arch,
         "source": str(weights) if weights is not None else "random",
-        "preprocessing": {
-            k: getattr(preset, k) for k in ("resize", "crop", "interpolation", "antialias", "mean", "std")
-        },
+        "preprocessing": dataclasses.asdict(preset),  # resize, crop, interpolation, antialias, mean, std
         "classes": coder.names if coder is not None else run["classes"],
         "wnids": coder.wnids if coder is not None else None,
         "input": "float32 (B, 3, crop, crop), normalised: (x / 255 - mean) / std",

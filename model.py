@@ -7,6 +7,7 @@ In code:
 
 import contextlib
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -251,6 +252,34 @@ def _on_meta():
         yield
     finally:
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def published(weights) -> dict:
+    """Resolution, interpolation and published accuracy from the weights' metadata."""
+    transform = weights.transforms()
+    metrics = weights.meta["_metrics"]["ImageNet-1K"]
+    # VGG16's IMAGENET1K_FEATURES (a feature extractor, no trained head) publishes NaN: reported as None
+    acc1, acc5 = (None if math.isnan(metrics[k]) else metrics[k] for k in ("acc@1", "acc@5"))
+    return {
+        "resize": transform.resize_size[0],
+        "crop": transform.crop_size[0],
+        "interpolation": transform.interpolation.value,
+        "acc1_published": acc1,
+        "acc5_published": acc5,
+        "err1_published": None if acc1 is None else round(100 - acc1, 3),
+        "err5_published": None if acc5 is None else round(100 - acc5, 3),
+        "file_mb": weights.meta.get("_file_size"),
+        "quantized_engine": weights.meta.get("backend"),  # int8 weights: fbgemm or qnnpack
+    }
+
+
+def published_deltas(weights, record: dict) -> dict:
+    """The published top-1/top-5 of `weights` and our difference to them (None where none is published)."""
+    pub = published(weights)
+    deltas = {"acc1_published": pub["acc1_published"], "acc5_published": pub["acc5_published"]}
+    for k in ("acc1", "acc5"):
+        deltas[f"{k}_delta"] = None if pub[f"{k}_published"] is None else record[k] - pub[f"{k}_published"]
+    return deltas
 
 
 def eval_resolution(weights: WeightsEnum | None) -> int:

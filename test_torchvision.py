@@ -15,7 +15,6 @@ import argparse
 import fnmatch
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from dataset import WNID, Sample, ShardSampler, default_workers, find_samples, imagenet_wnids
 from decode import eval_loader, use_gpu_decode
 from engine import Runtime, evaluate
+from export import onnx_model
 from model import (
     ARCHS,
     NO_QUANTIZATION,
@@ -38,6 +38,8 @@ from model import (
     is_weights_file,
     model_family,
     prepare_for_eval,
+    published,
+    published_deltas,
     resolve_weights,
     run_of_checkpoint,
     weights_enum_for,
@@ -62,7 +64,7 @@ from utils import (
 )
 
 COMPLEXITY_COLUMNS = """model weights params gmacs gflops thop_gmacs resize crop interpolation acc1_published
-    acc5_published err1_published err5_published file_mb backend""".split()
+    acc5_published err1_published err5_published file_mb quantized_engine""".split()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="gpu: batched JPEG decoding and resizing on the GPU (changes results slightly, see "
         "docs/performance.md; falls back to cpu where it is not possible)",
     )
+    e.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
+                   help="onnxruntime: export each model to OUT/onnx/ once, run it with ONNX Runtime")  # fmt: skip
     e.add_argument("--compile", action="store_true", help="torch.compile each model (pays off on long sweeps)")
     e.add_argument(
         "--no-fuse-bn", action="store_true", help="keep BatchNorm unfolded (bit-for-bit the module's own math)"
@@ -153,25 +157,6 @@ def select_weights(patterns: list[str], choice: str, evaluating: bool = False) -
     if not pairs:
         raise UserError(f"no selected model has weights '{choice}'; use default, all or e.g. IMAGENET1K_V1")
     return pairs
-
-
-def published(weights) -> dict:
-    """Resolution, interpolation and published accuracy from the weights' metadata."""
-    transform = weights.transforms()
-    metrics = weights.meta["_metrics"]["ImageNet-1K"]
-    # VGG16's IMAGENET1K_FEATURES (a feature extractor, no trained head) publishes NaN: reported as None
-    acc1, acc5 = (None if math.isnan(metrics[k]) else metrics[k] for k in ("acc@1", "acc@5"))
-    return {
-        "resize": transform.resize_size[0],
-        "crop": transform.crop_size[0],
-        "interpolation": transform.interpolation.value,
-        "acc1_published": acc1,
-        "acc5_published": acc5,
-        "err1_published": None if acc1 is None else round(100 - acc1, 3),
-        "err5_published": None if acc5 is None else round(100 - acc5, 3),
-        "file_mb": weights.meta.get("_file_size"),
-        "backend": weights.meta.get("backend"),  # int8 weights: their quantized engine
-    }
 
 
 def _count(job: tuple) -> dict:
@@ -230,7 +215,8 @@ def run_complexity(args) -> list[dict]:
 
 
 EVAL_COLUMNS = """model weights dataset masked n_images acc1 acc5 real_acc1 real_acc5 loss acc1_published acc1_delta
-    acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation amp decode backend""".split()
+    acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation amp decode backend
+    quantized_engine""".split()
 
 
 def eval_pairs(args) -> list[tuple]:
@@ -254,7 +240,8 @@ def run_evaluation(args) -> list[dict]:
     out = Path(args.out)
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
     for row in done:  # rows written before the test-set columns existed: unmasked, without ReaL labels
-        for key, value in {"dataset": dataset_name(row.get("data", "")), "masked": False, "real_labels": None}.items():
+        defaults = {"dataset": dataset_name(row.get("data", "")), "masked": False, "real_labels": None}
+        for key, value in {**defaults, "backend": "pytorch"}.items():
             row.setdefault(key, value)
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
@@ -276,11 +263,14 @@ def run_evaluation(args) -> list[dict]:
             preset = EvalPreset.from_train_config(run["config"], args.resize, args.crop, args.interpolation)
         else:
             preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
-        int8 = is_quantized(arch)  # int8 kernels run on the CPU, in their own precision and layout
-        if int8 and world_size() > 1 and device.type == "cuda":  # the process group is NCCL's: GPU tensors only
-            raise UserError(f"{arch} runs on the CPU: evaluate the int8 weights without torchrun, or with --device cpu")
-        options = ("none", "false") if int8 else (args.amp, args.channels_last)
-        runtime = Runtime.create(torch.device("cpu") if int8 else device, *options, False, preset)
+        int8, onnx = is_quantized(arch), args.backend == "onnxruntime"
+        if int8 and onnx:
+            raise UserError(f"{arch} runs on PyTorch's int8 kernels; evaluate it without --backend onnxruntime")
+        on_cpu = int8 or onnx  # int8 kernels and ONNX Runtime's CPU provider: the CPU, their own precision
+        if on_cpu and world_size() > 1 and device.type == "cuda":  # the process group is NCCL's: GPU tensors only
+            raise UserError(f"{arch} runs on the CPU here: evaluate it without torchrun, or with --device cpu")
+        options = ("none", "false") if on_cpu else (args.amp, args.channels_last)
+        runtime = Runtime.create(torch.device("cpu") if on_cpu else device, *options, False, preset)
         amp = amp_name(runtime.amp_dtype)
         settings = {
             **data_key,
@@ -289,7 +279,8 @@ def run_evaluation(args) -> list[dict]:
             "crop": preset.crop,
             "interpolation": preset.interpolation,
             "amp": amp,
-            "decode": "cpu" if int8 else decode,
+            "decode": "cpu" if on_cpu else decode,
+            "backend": args.backend,
         }
         key = {"weights": str(weights), **settings}
 
@@ -302,7 +293,9 @@ def run_evaluation(args) -> list[dict]:
             continue
         model = build_model(arch, weights, weights_dir=args.weights_dir).to(runtime.device)
         model = prepare_for_eval(model, channels_last=runtime.channels_last, fuse_bn=not args.no_fuse_bn)
-        model = torch.compile(model) if args.compile else model
+        model = torch.compile(model) if args.compile and not onnx else model
+        if onnx:  # exported once into OUT/onnx/ (and checked against PyTorch), then run by ONNX Runtime
+            model = onnx_model(model, arch, weights, preset, out / "onnx")
         loader = eval_loader(
             samples,
             preset,
@@ -315,7 +308,7 @@ def run_evaluation(args) -> list[dict]:
         options = {"skip_bad_images": args.skip_bad_images, "keep_predictions": True, "class_mask": mask}
         result = evaluate(model, loader, runtime, **options, desc=arch)
         record = {"model": arch, **key, **{k: v for k, v in result.items() if k not in ("predictions", "seconds")}}
-        record["backend"] = enum.meta.get("backend") if enum is not None else None  # int8: fbgemm or qnnpack
+        record["quantized_engine"] = enum.meta.get("backend") if enum is not None else None  # int8 weights
         settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
         record["predictions"] = f"predictions/{Path(str(weights)).name}_{settings_hash}.csv"
         record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
@@ -367,15 +360,6 @@ def eval_samples(args, run: dict | None) -> list[Sample]:
             )
         samples = [Sample(s.path, index[names[s.target]]) for s in found]
     return samples
-
-
-def published_deltas(weights, record: dict) -> dict:
-    """The published top-1/top-5 of `weights` and our difference to them (None where none is published)."""
-    pub = published(weights)
-    deltas = {"acc1_published": pub["acc1_published"], "acc5_published": pub["acc5_published"]}
-    for k in ("acc1", "acc5"):
-        deltas[f"{k}_delta"] = None if pub[f"{k}_published"] is None else record[k] - pub[f"{k}_published"]
-    return deltas
 
 
 @cli

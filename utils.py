@@ -226,6 +226,14 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for in one process)."""
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def all_gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] (just [obj] in one process)."""
     if not is_distributed():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision import models
 
-from conftest import make_image, save_torchvision_checkpoint
+from conftest import make_image, read_csv, run_script, save_torchvision_checkpoint
 from dataset import imagenet_wnids
 from export import OnnxRuntimeModel, main, onnx_metadata
 from presets import EvalPreset
@@ -85,3 +85,25 @@ def test_an_export_failure_is_one_line_naming_the_model(tmp_path, torch_home, mo
     with pytest.raises(SystemExit):
         main(["--arch", "resnet18", "--weights", "none", "--out", str(tmp_path)])  # a folder, not a file
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
+    save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
+    for i in range(12):
+        make_image(tmp_path / "val" / imagenet_wnids()[i % 4] / f"{i}.JPEG", (70 + 5 * i, 64), seed=i)
+    options = "--models resnet18 --resize 64 --crop 56 --batch-size 5 --workers 0".split()
+    args = ["test_torchvision.py", "--data", tmp_path / "val", *options, "--out", tmp_path / "out"]
+    env = {"TORCH_HOME": str(torch_home)}
+    for backend in ("pytorch", "onnxruntime"):
+        result = run_script(*args, "--backend", backend, env=env)
+        assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime"]  # the backend is part of the row's key
+    assert [(r["n_images"], r["acc1"], r["acc5"]) for r in rows[:1]] == [
+        (r["n_images"], r["acc1"], r["acc5"]) for r in rows[1:]
+    ]
+    top1 = [{p["path"]: p["top1"] for p in read_csv(tmp_path / "out" / r["predictions"])} for r in rows]
+    assert top1[0] == top1[1] and len(top1[0]) == 12
+    assert (tmp_path / "out" / "onnx" / f"{WEIGHTS}.onnx").is_file()
+    again = run_script(*args, "--backend", "onnxruntime", env=env)
+    assert "already in" in again.stdout + again.stderr

@@ -215,7 +215,7 @@ def test_int8_weights_evaluate_like_torchvisions_quantized_model(tmp_path, torch
                         env={"TORCH_HOME": str(torch_home)})  # fmt: skip
     assert result.returncode == 0, result.stderr
     row = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
-    assert (row["weights"], row["backend"], row["n_images"]) == (str(weights), "fbgemm", 10)
+    assert (row["weights"], row["quantized_engine"], row["n_images"]) == (str(weights), "fbgemm", 10)
     ours = {p["path"].split("/")[-1]: [int(p[f"top{k}"]) for k in range(1, 6)]
             for p in read_csv(tmp_path / "out" / row["predictions"])}  # fmt: skip
     hits = 0
