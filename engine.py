@@ -152,6 +152,27 @@ def evaluate(
     return result
 
 
+OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)  # CUDA's, the host's
+
+
+def with_smaller_batches(run: Callable[[int], dict], batch_size: int, device) -> tuple[dict | None, int]:
+    """(run(batch), batch) for the first batch that fits, halving it after an out-of-memory error (CUDA's
+    or the host's) down to 1; (None, 1) when even 1 does not fit, so a sweep goes on with the next model.
+    Under torchrun the ranks would stop disagreeing on the batch, so there the error ends the run."""
+    while True:
+        try:
+            return run(batch_size), batch_size
+        except OUT_OF_MEMORY as e:
+            if world_size() > 1:
+                raise UserError(f"out of memory at batch {batch_size} ({type(e).__name__}); lower --batch-size") from e
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if batch_size == 1:
+                return None, 1
+            batch_size //= 2
+            tqdm.write(f"note: out of memory ({type(e).__name__}); trying again with batch {batch_size}")
+
+
 def merge_predictions(shards, samples) -> list[dict]:
     """Every rank's (indices, targets, top-5 classes, top-5 probabilities) as one row per image, by index."""
     rows = []

