@@ -9,8 +9,9 @@ untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights
     python benchmark.py --data DIR --parts approx --weights DEFAULT           # what --amp, --decode gpu change
     python benchmark.py --data DIR --parts augment                            # each recipe's train loader, per core
     python benchmark.py --data DIR --parts int8 --arch resnet50               # torchvision's int8 model vs fp32, CPU
+    python benchmark.py --data DIR --parts latency --batch-sizes 1,8,32       # each backend: img/s, p50/p99, memory
     bash scripts/gpu_check.sh                                                  # the GPU table, <= 5 minutes
---parts: data, model (= forward,step), eval, train (the default: all four), augment, int8, approx.
+--parts: data, model (= forward,step), eval, train (the default: all four), augment, int8, latency, approx.
 """
 
 import argparse
@@ -28,22 +29,16 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from approximations import bench_approx
+from backends import bench_int8, bench_latency, forward_loop
 from config import TrainConfig, load_config
-from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, load_rgb, split_folder
+from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, split_folder
 from decode import TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
-from model import (
-    NO_QUANTIZATION,
-    QUANTIZED_ARCHS,
-    build_model,
-    float_arch,
-    is_quantized,
-    prepare_for_eval,
-    resolve_weights,
-)
+from model import build_model, prepare_for_eval, resolve_weights
 from optimizer import build_optimizer
-from presets import EvalPreset, normalize, train_preset, train_transform
+from plots import plot_latency
+from presets import EvalPreset, train_preset, train_transform
 from report import benchmark_report, benchmark_summary, busy_seconds, machine_info, merge_benchmarks
 from utils import (
     ArgumentParser,
@@ -58,24 +53,13 @@ from utils import (
     timed,
 )
 
-PARTS = ("data", "forward", "step", "eval", "train", "augment", "int8", "approx")
+PARTS = ("data", "forward", "step", "eval", "train", "augment", "int8", "latency", "approx")
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
 
 
 def synthetic_batch(runtime: Runtime, batch: int, size: int) -> torch.Tensor:
     x = torch.randn(batch, 3, size, size, device=runtime.device)  # (B, 3, H, W) float32, as normalize() gives
     return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
-
-
-def forward_loop(model, x, batches: int, runtime: Runtime):
-    """The model alone: `batches` forward passes on the synthetic batch x, under inference_mode."""
-
-    def run():
-        with torch.inference_mode(), autocast(runtime.device, runtime.amp_dtype):
-            for _ in range(batches):
-                model(x)
-
-    return run
 
 
 def prepare(args, runtime: Runtime, train: bool):
@@ -264,28 +248,6 @@ def bench_augment(args, samples, device) -> list[dict]:
     return rows
 
 
-def bench_int8(args, samples, preset) -> list[dict]:
-    """torchvision's int8 model of --arch against our fp32 evaluation path (BatchNorm folded,
-    channels_last), the model alone on the CPU, on the same images (preprocessed once), timed in turn."""
-    if not is_quantized(f"quantized_{args.arch}"):
-        archs = ", ".join(map(float_arch, QUANTIZED_ARCHS)) or NO_QUANTIZATION
-        raise UserError(f"torchvision has no int8 {args.arch}; --parts int8 takes {archs}")
-    cpu = torch.device("cpu")
-    images = torch.stack([preset(load_rgb(s.path)) for s in samples[: args.batch_size]])  # (B, 3, H, W) uint8
-    x, batches = normalize(images, preset.mean, preset.std), math.ceil(len(samples) / args.batch_size)
-    fp32 = prepare_for_eval(build_model(args.arch, args.weights), channels_last=True)
-    int8 = build_model(f"quantized_{args.arch}", quantize=True)  # random weights, calibrated and converted
-    runs = {
-        "fp32": (forward_loop(fp32, x.contiguous(memory_format=torch.channels_last), batches, Runtime(cpu)), batches),
-        "int8": (forward_loop(int8, x, batches, Runtime(cpu)), batches),
-    }
-    times = timed({k: (run, n * len(x)) for k, (run, n) in runs.items()}, args.repeats, cpu)
-    fp32_variant = f"fp32 {args.arch} batch {len(x)}, channels_last, BN folded"
-    int8_row = {"part": "int8", "variant": f"int8 {args.arch} batch {len(x)} ({torch.backends.quantized.engine})"}
-    int8_row.update(times["int8"], baseline=fp32_variant, ratio=times["int8"]["img_per_s"] / times["fp32"]["img_per_s"])
-    return [{"part": "int8", "variant": fp32_variant, **times["fp32"]}, int8_row]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--arch", default="resnet18", help="any torchvision classifier (random weights)")
@@ -300,12 +262,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-counts", help="for --parts data, e.g. 0,1,2 (default: 0, 1 and our default)")
     p.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="eval: decode JPEGs on the CPU or the GPU")
     p.add_argument("--parts", default="data,model,eval,train", help=f"comma list of model and {', '.join(PARTS)}")
+    p.add_argument("--batch-sizes", default="1,8,32", help="latency: the batch sizes (default: 1,8,32)")
+    p.add_argument("--latency-runs", type=positive_int, default=20, help="latency: timed calls per backend and batch")
     p.add_argument("--gpu-img-per-s", type=positive_int, default=3000, help="augment: the GPU speed to feed")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True, help="also time the plain loops")
     p.add_argument("--json", help="write the machine, the arguments and every row here")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only print one report of earlier --json files")
     add_runtime_args(p, batch_size=50)  # --batch-size: the eval and forward batch
     args = p.parse_args(argv)
+    try:
+        args.batch_sizes = [positive_int(b) for b in args.batch_sizes.split(",")]
+    except (argparse.ArgumentTypeError, ValueError) as e:  # positive_int: a number below 1, or not a number
+        raise UserError(f"--batch-sizes {args.batch_sizes}: {e}; use e.g. 1,8,32") from e
     args.parts = [q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))]
     if any(part not in PARTS for part in args.parts):
         raise UserError(f"unknown part in --parts {','.join(args.parts)}; use model or {', '.join(PARTS)}")
@@ -359,6 +327,8 @@ def main(argv=None) -> dict:
         rows += bench_augment(args, samples, device)
     if "int8" in args.parts:
         rows += bench_int8(args, samples, preset)
+    if "latency" in args.parts:
+        rows += bench_latency(args, samples, preset, device)
     if "approx" in args.parts:
         rows += bench_approx(args, device, samples, preset, workers)
     lines = benchmark_summary(rows)
@@ -371,6 +341,9 @@ def main(argv=None) -> dict:
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
+        if "latency" in args.parts:
+            plot_latency([r for r in rows if r["part"] == "latency"], Path(args.json).with_suffix(".png"))
+            print(f"wrote {Path(args.json).with_suffix('.png')}: img/s and p50 latency against batch size")
     return result
 
 

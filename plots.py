@@ -227,6 +227,27 @@ def plot_robustness(table: list[dict], sets: list[str], clean: str, path) -> Non
     plt.close(fig)
 
 
+def plot_latency(rows: list[dict], path) -> None:
+    """Images/s and p50 latency (p99 as the bar's top) against batch size, one line per backend."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["batch"])
+        batches = [r["batch"] for r in mine]
+        left.plot(batches, [r["img_per_s"] for r in mine], marker="o", label=backend)
+        p50 = [r["p50_ms"] for r in mine]
+        right.errorbar(batches, p50, yerr=[[0] * len(mine), [r["p99_ms"] - q for r, q in zip(mine, p50)]],
+                       marker="o", capsize=3, label=backend)  # fmt: skip
+    left.set(xscale="log", xlabel="batch size", ylabel="images/s", title="throughput")
+    right.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per batch", title="latency (p50, bar to p99)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+
+
 def augmented_batch(cfg, samples, num_classes: int, count: int = 16, seed: int = 0):
     """What a training step of a TrainConfig sees: `count` images drawn (by seed) from `samples`, through
     the config's train preset and MixUp/CutMix. Returns (images (count, 3, H, W) float in [0, 1] for

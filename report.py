@@ -235,6 +235,11 @@ def benchmark_summary(rows: list[dict]) -> list[str]:
             f"augment: {r['variant'].split(':')[0]} needs {r['workers_per_gpu']} loader cores per GPU training at "
             f"{r['gpu_img_per_s']} img/s ({r['img_per_s']:.0f} img/s per core here)"
         )
+    for r in (r for r in rows if r["part"] == "latency"):
+        lines.append(
+            f"latency: {r['variant']}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+            f"{r['img_per_s']:.1f} img/s, peak memory +{r['peak_mb']:.0f} MB"
+        )
     for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(
             f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "

@@ -311,8 +311,8 @@ def run_evaluation(args) -> list[dict]:
         loader = functools.partial(eval_loader, samples, preset, workers=workers, device=runtime.device,
                                    gpu_decode=settings["decode"] == "gpu", sampler=sampler)  # fmt: skip
         options = {"skip_bad_images": args.skip_bad_images, "keep_predictions": True, "class_mask": mask}
-        run = functools.partial(evaluate_with_loader, model, loader, runtime, options, arch)
-        result, batch_size = with_smaller_batches(run, args.batch_size, runtime.device)
+        evaluate_at = functools.partial(evaluate_with_loader, model, loader, runtime, options, arch)
+        result, batch_size = with_smaller_batches(evaluate_at, args.batch_size, runtime.device)
         if result is None:
             tqdm.write(f"{weights}: out of memory even at batch 1, skipped")
             continue

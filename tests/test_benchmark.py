@@ -104,6 +104,19 @@ def test_benchmark_times_int8_against_fp32_on_the_same_images(tmp_path):
     assert_user_error(no_int8, "no int8 vgg11", "resnet50")
 
 
+def test_benchmark_latency_of_every_cpu_backend_per_batch_size(tmp_path):
+    result, rows = run_part(tmp_path, "--parts latency --arch resnet18 --batch-sizes 1,3 --latency-runs 2")
+    assert [(r["backend"], r["batch"]) for r in rows] == [
+        (backend, batch) for batch in (1, 3) for backend in ("pytorch", "onnxruntime", "int8")
+    ]
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] and len(r["seconds"]) == 2 and r["peak_mb"] >= 0 for r in rows)
+    assert all(r["img_per_s"] == pytest.approx(r["batch"] / (r["p50_ms"] / 1000)) for r in rows)
+    assert "latency: onnxruntime resnet18 batch 3: p50" in result.stdout
+    assert Image.open(tmp_path / "b.png").size == (1100, 400)
+    bad = run_script("benchmark.py", "--data", tmp_path, "--parts", "latency", "--batch-sizes", "1,x")
+    assert_user_error(bad, "--batch-sizes 1,x")
+
+
 def test_benchmark_needs_data_for_the_image_parts(tmp_path):
     assert_user_error(run_script("benchmark.py", "--parts", "eval"), "--data")
     assert_user_error(run_script("benchmark.py", "--parts", "model,decode"), "unknown part")
