@@ -85,9 +85,17 @@ def inference_backends(args, preset, device, folder) -> dict:
     return backends
 
 
+def run_once(model, x, runtime: Runtime, device) -> None:
+    with torch.inference_mode(), autocast(device, runtime.amp_dtype):
+        model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_latency(args, samples, preset, device) -> list[dict]:
     """Every backend at every --batch-sizes, one call at a time, backends in turn: images/s (median
-    call), p50 and p99 latency of a call, and peak memory above the start of its calls."""
+    call), p50 and p99 latency of a call, and the peak memory of one call above what was in use before
+    it (CUDA's allocated memory, or the process's resident set on a CPU)."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         backends = inference_backends(args, preset, device, folder)
@@ -96,20 +104,18 @@ def bench_latency(args, samples, preset, device) -> list[dict]:
             inputs = {name: x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
                       for name, (_, rt) in backends.items()}  # fmt: skip
             seconds, memory = {name: [] for name in backends}, {}
-            for round_ in range(args.latency_runs + 2):  # 2 warm-up calls each, then timed in turn
-                for name, (model, runtime) in backends.items():
-                    if round_ == 2:
+            for name, (model, runtime) in backends.items():  # warm up, then one call alone for its memory
+                for call in range(2):
+                    if call == 1:
                         reset_peak(device)
-                        memory[name] = memory_now(device)
+                        start_mb = memory_now(device)
+                    run_once(model, inputs[name], runtime, device)
+                memory[name] = max(0.0, peak(device) - start_mb)
+            for _ in range(args.latency_runs):  # the backends in turn, so that drifts hit all alike
+                for name, (model, runtime) in backends.items():
                     start = time.perf_counter()
-                    with torch.inference_mode(), autocast(device, runtime.amp_dtype):
-                        model(inputs[name])
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    if round_ >= 2:
-                        seconds[name].append(time.perf_counter() - start)
-                    if round_ == args.latency_runs + 1:
-                        memory[name] = peak(device) - memory[name]
+                    run_once(model, inputs[name], runtime, device)
+                    seconds[name].append(time.perf_counter() - start)
             for name, s in seconds.items():
                 p99 = sorted(s)[min(len(s) - 1, int(0.99 * len(s)))]
                 row = {"part": "latency", "variant": f"{name} {args.arch} batch {batch}", "backend": name}
