@@ -21,7 +21,7 @@ from torch import nn
 
 from coder import LabelCoder
 from dataset import find_samples, imagenet_wnids, load_rgb
-from model import build_model, is_weights_file, prepare_for_eval, run_of_checkpoint, weights_enum_for
+from model import build_model, is_weights_file, prepare_for_eval, resolve_weights, run_of_checkpoint, weights_enum_for
 from presets import EvalPreset, normalize
 from utils import ArgumentParser, UserError, atomic_write, barrier, cli, is_main, positive_int
 
@@ -58,6 +58,24 @@ def onnx_metadata(path) -> dict:
 
     proto = onnx.load(str(path), load_external_data=False)
     return {prop.key: json.loads(prop.value) for prop in proto.metadata_props}
+
+
+def onnx_file_metadata(path) -> dict:
+    """onnx_metadata of a file to evaluate: export.py's, for the 1000 ImageNet classes."""
+    if not Path(path).is_file():
+        raise UserError(f"ONNX file {path} does not exist")
+    meta = onnx_metadata(path)
+    if not {"arch", "source", "preprocessing", "wnids"} <= set(meta):
+        raise UserError(f"{path} has no arch, preprocessing or source in its metadata; export it with export.py")
+    if meta["wnids"] is None:
+        raise UserError(f"{path} is a model of its own classes; evaluate its train.py checkpoint instead")
+    return meta
+
+
+def source_weights(meta: dict):
+    """The torchvision weights enum an exported file was made from (None: random, or a file)."""
+    source = meta["source"]
+    return None if source == "random" or is_weights_file(source) else resolve_weights(meta["arch"], source)
 
 
 class OnnxRuntimeModel(nn.Module):

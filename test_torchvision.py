@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dataset import ShardSampler, default_workers
 from decode import eval_loader, use_gpu_decode
 from engine import Runtime, evaluate, with_smaller_batches
-from export import onnx_model
+from export import OnnxRuntimeModel, onnx_file_metadata, onnx_model, source_weights
 from model import (
     ARCHS,
     NO_QUANTIZATION,
@@ -230,7 +230,7 @@ EVAL_COLUMNS = """model weights dataset masked n_images acc1 acc5 real_acc1 real
 
 def eval_pairs(args) -> list[tuple]:
     """(arch, weights) to evaluate; a local .pth goes with one model and that model's DEFAULT preprocessing."""
-    if is_weights_file(args.weights):
+    if is_weights_file(args.weights) or str(args.weights).endswith(".onnx"):
         if len(args.models) != 1 or args.models[0] not in ARCHS:
             raise UserError("a weights file needs exactly one model name: --models ARCH --weights FILE")
         return [(args.models[0], args.weights)]
@@ -242,8 +242,11 @@ def run_evaluation(args) -> list[dict]:
     skips rows already evaluated with the same data and settings (unless --force)."""
     import torch
 
+    onnx_file = onnx_file_metadata(args.weights) if str(args.weights).endswith(".onnx") else None
+    if onnx_file is not None:  # export.py's file: its architecture, preprocessing and source weights
+        args.models, args.backend = [onnx_file["arch"]], "onnxruntime"
     pairs = eval_pairs(args)
-    run = run_of_checkpoint(args.weights, args.models[0]) if is_weights_file(args.weights) else None
+    run = run_of_checkpoint(args.weights, args.models[0]) if is_weights_file(args.weights) and not onnx_file else None
     every = eval_samples(
         args.data, args.val_labels, run, args.weights
     )  # --mask-classes: the classes of the whole set, whatever --limit keeps
@@ -269,8 +272,10 @@ def run_evaluation(args) -> list[dict]:
         "real_labels": str(Path(args.real_labels).resolve()) if real is not None else None,
     }
     for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
-        enum = weights_enum_for(arch, weights, file_default="DEFAULT")
-        if run is not None:  # a model trained here: its own validation preprocessing
+        enum = source_weights(onnx_file) if onnx_file else weights_enum_for(arch, weights, file_default="DEFAULT")
+        if onnx_file is not None:
+            preset = EvalPreset(**onnx_file["preprocessing"])
+        elif run is not None:  # a model trained here: its own validation preprocessing
             preset = EvalPreset.from_train_config(run["config"], args.resize, args.crop, args.interpolation)
         else:
             preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
@@ -302,10 +307,13 @@ def run_evaluation(args) -> list[dict]:
             if is_main():
                 tqdm.write(f"{weights}: already in {out / 'eval.json'}, skipped (--force to redo)")
             continue
-        model = build_model(arch, weights, weights_dir=args.weights_dir).to(runtime.device)
-        model = prepare_for_eval(model, channels_last=runtime.channels_last, fuse_bn=not args.no_fuse_bn)
-        model = torch.compile(model) if args.compile and not onnx else model
-        if onnx:  # exported once into OUT/onnx/ (and checked against PyTorch), then run by ONNX Runtime
+        if onnx_file is not None:  # the given file, run by ONNX Runtime
+            model = OnnxRuntimeModel(weights)
+        else:
+            model = build_model(arch, weights, weights_dir=args.weights_dir).to(runtime.device)
+            model = prepare_for_eval(model, channels_last=runtime.channels_last, fuse_bn=not args.no_fuse_bn)
+            model = torch.compile(model) if args.compile and not onnx else model
+        if onnx and onnx_file is None:  # exported once into OUT/onnx/ (and checked against PyTorch)
             model = onnx_model(model, arch, weights, preset, out / "onnx")
         sampler = ShardSampler(len(samples), world_size(), rank())
         loader = functools.partial(eval_loader, samples, preset, workers=workers, device=runtime.device,
@@ -324,7 +332,7 @@ def run_evaluation(args) -> list[dict]:
         record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
         if real is not None:
             record.update(real_accuracy(result["predictions"], real))
-        if enum is not None and not is_weights_file(weights):
+        if enum is not None and (onnx_file is not None or not is_weights_file(weights)):
             record.update(published_deltas(enum, record))
         done = [r for r in done if not same_row(r)] + [record]
         if not is_main():

@@ -107,6 +107,19 @@ def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
     assert (tmp_path / "out" / "onnx" / f"{WEIGHTS}.onnx").is_file()
     again = run_script(*args, "--backend", "onnxruntime", env=env)
     assert "already in" in again.stdout + again.stderr
+    # --weights FILE.onnx: export.py's file, its architecture and preprocessing from its metadata
+    exported = tmp_path / "r18.onnx"
+    main(["--arch", "resnet18", "--weights", "DEFAULT", "--out", str(exported), "--count", "1"])
+    given = run_script("test_torchvision.py", "--data", tmp_path / "val", "--weights", exported,
+                       "--out", tmp_path / "given", "--workers", "0", env=env)  # fmt: skip
+    assert given.returncode == 0, given.stderr
+    row = json.loads((tmp_path / "given" / "eval.json").read_text())[0]
+    assert (row["model"], row["backend"], row["crop"], row["acc1_published"]) == (
+        "resnet18",
+        "onnxruntime",
+        224,
+        69.758,
+    )
 
 
 def test_out_of_memory_retries_with_half_the_batch_and_records_it(tmp_path, torch_home, monkeypatch, capsys):
