@@ -13,6 +13,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from dataset import ImageDataset, build_loader, load_rgb
+from engine import OUT_OF_MEMORY
 from presets import EvalPreset
 
 
@@ -94,6 +95,8 @@ class GpuDecodeLoader:
             try:
                 decoded = decode_jpeg([item[0] for item in jpegs], mode=ImageReadMode.RGB, device=self.device)
                 images.update((item[2], image) for item, image in zip(jpegs, decoded))
+            except OUT_OF_MEMORY:  # a RuntimeError too, but for the caller's retry with a smaller batch
+                raise
             except RuntimeError:
                 for item in jpegs:
                     images[item[2]], error = self.decode_on_cpu(item[2])

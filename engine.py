@@ -165,12 +165,13 @@ def with_smaller_batches(run: Callable[[int], dict], batch_size: int, device) ->
         except OUT_OF_MEMORY as e:
             if world_size() > 1:
                 raise UserError(f"out of memory at batch {batch_size} ({type(e).__name__}); lower --batch-size") from e
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if batch_size == 1:
-                return None, 1
-            batch_size //= 2
-            tqdm.write(f"note: out of memory ({type(e).__name__}); trying again with batch {batch_size}")
+            error = type(e).__name__
+        if device.type == "cuda":  # outside the except block, whose traceback holds the batch's tensors
+            torch.cuda.empty_cache()
+        if batch_size == 1:
+            return None, 1
+        batch_size //= 2
+        tqdm.write(f"note: out of memory ({error}); trying again with batch {batch_size}")
 
 
 def merge_predictions(shards, samples) -> list[dict]:

@@ -12,6 +12,7 @@ normalised float32 (B, 3, crop, crop) images and gives (B, classes) logits.
 """
 
 import dataclasses
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -57,17 +58,25 @@ def onnx_metadata(path) -> dict:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return {prop.key: json.loads(prop.value) for prop in proto.metadata_props}
+    return {prop.key: _json_or_text(prop.value) for prop in proto.metadata_props}
 
 
-def onnx_file_metadata(path) -> dict:
-    """onnx_metadata of a file to evaluate: export.py's, for the 1000 ImageNet classes."""
+def _json_or_text(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:  # metadata another tool wrote
+        return value
+
+
+def onnx_file_metadata(path, imagenet: bool = True) -> dict:
+    """onnx_metadata of a file export.py wrote; with imagenet, one for the 1000 ImageNet classes."""
     if not Path(path).is_file():
         raise UserError(f"ONNX file {path} does not exist")
     meta = onnx_metadata(path)
-    if not {"arch", "source", "preprocessing", "wnids"} <= set(meta):
-        raise UserError(f"{path} has no arch, preprocessing or source in its metadata; export it with export.py")
-    if meta["wnids"] is None:
+    missing = {"arch", "source", "preprocessing", "classes", "wnids"} - set(meta)
+    if missing:
+        raise UserError(f"{path} has no {', '.join(sorted(missing))} in its metadata; export it with export.py")
+    if imagenet and meta["wnids"] is None:
         raise UserError(f"{path} is a model of its own classes; evaluate its train.py checkpoint instead")
     return meta
 
@@ -107,22 +116,51 @@ def compare(reference: nn.Module, exported: nn.Module, images: torch.Tensor) -> 
     return {"max_abs_diff": (ours - theirs).abs().max().item(), "top5_agreement": 100 * same.float().mean().item()}
 
 
+def export_metadata(arch: str, weights, preset: EvalPreset, classes: list | None = None) -> dict:
+    """What an exported file says of itself. classes: a fine-tuned run's (default: ImageNet-1k's, with
+    the names of the weights' metadata and the wnids)."""
+    coder = LabelCoder.imagenet(weights_enum_for(arch, weights)) if classes is None else None
+    return {
+        "arch": arch,
+        "source": str(weights) if weights is not None else "random",
+        "preprocessing": dataclasses.asdict(preset),  # resize, crop, interpolation, antialias, mean, std
+        "classes": coder.names if coder is not None else list(classes),
+        "wnids": coder.wnids if coder is not None else None,
+        "input": "float32 (B, 3, crop, crop), normalised: (x / 255 - mean) / std",
+    }
+
+
+def check_export(model: nn.Module, exported: "OnnxRuntimeModel", images: torch.Tensor, path) -> dict:
+    """compare(); a file whose top-5 differs from PyTorch's, or whose logits differ by more than 1e-3, is
+    an error (kept on disk, to inspect)."""
+    check = compare(model, exported, images)
+    if check["top5_agreement"] < 100 or check["max_abs_diff"] > 1e-3:
+        raise UserError(
+            f"{path} differs from PyTorch (logits by up to {check['max_abs_diff']:.2g}, top-5 agree on "
+            f"{check['top5_agreement']:.0f}% of {len(images)} images); do not use it"
+        )
+    return check
+
+
 def onnx_model(model: nn.Module, arch: str, weights, preset: EvalPreset, folder: Path) -> "OnnxRuntimeModel":
-    """ONNX Runtime running `model` (eval form, CPU) exported to folder/<weights>.onnx, reusing a file
-    exported before from the same weights with the same preprocessing (random weights: always anew).
-    The file's logits are checked against the model's on random input before it is used."""
-    path = folder / f"{Path(str(weights)).name if weights is not None else 'random'}.onnx"
-    metadata = {"arch": arch, "source": str(weights), "preprocessing": dataclasses.asdict(preset)}
-    same = path.is_file() and {k: onnx_metadata(path).get(k) for k in metadata} == json.loads(json.dumps(metadata))
-    if weights is None or not same:
-        if is_main():
+    """ONNX Runtime running `model` (eval form, CPU), exported into `folder` under a name that holds the
+    weights and a hash of the metadata (so other preprocessing makes another file), reused while it
+    passes check_export on random input, exported again (once) when it does not. Rank 0 exports."""
+    metadata = export_metadata(arch, weights, preset)
+    digest = hashlib.sha1(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:8]
+    path = folder / f"{Path(str(weights)).name if weights is not None else 'random'}_{digest}.onnx"
+    images = torch.randn(2, 3, preset.crop, preset.crop)
+    for attempt in range(2):
+        if is_main() and (attempt or weights is None or not path.is_file()):
             export_onnx(model, path, preset.crop, metadata)
         barrier()
-    exported = OnnxRuntimeModel(path)
-    check = compare(model, exported, torch.randn(2, 3, preset.crop, preset.crop))
-    if check["top5_agreement"] < 100 or check["max_abs_diff"] > 1e-3:
-        raise UserError(f"{path} differs from PyTorch (logits by {check['max_abs_diff']:.2g}); delete it to re-export")
-    return exported
+        exported = OnnxRuntimeModel(path)
+        try:
+            check_export(model, exported, images, path)
+            return exported
+        except UserError:
+            if attempt:
+                raise
 
 
 def validation_images(folder, preset: EvalPreset, count: int) -> torch.Tensor:
@@ -156,18 +194,11 @@ def main(argv=None) -> dict:
     preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
     weights = args.weights if is_weights_file(args.weights) else enum
     model = prepare_for_eval(build_model(args.arch, weights, weights_dir=args.weights_dir), channels_last=False)
-    coder = LabelCoder.imagenet(enum) if run is None or run["classes"] == imagenet_wnids() else None
-    metadata = {
-        "arch": args.arch,
-        "source": str(weights) if weights is not None else "random",
-        "preprocessing": dataclasses.asdict(preset),  # resize, crop, interpolation, antialias, mean, std
-        "classes": coder.names if coder is not None else run["classes"],
-        "wnids": coder.wnids if coder is not None else None,
-        "input": "float32 (B, 3, crop, crop), normalised: (x / 255 - mean) / std",
-    }
+    own_classes = run is not None and run["classes"] != imagenet_wnids()
+    metadata = export_metadata(args.arch, weights, preset, run["classes"] if own_classes else None)
     images = validation_images(args.images, preset, args.count)  # checked before the minutes of export
     export_onnx(model, out, preset.crop, metadata, args.opset)
-    check = compare(model, OnnxRuntimeModel(out), images)
+    check = check_export(model, OnnxRuntimeModel(out), images, out)
     size_mb = out.stat().st_size / 2**20
     print(
         f"wrote {out} ({size_mb:.1f} MB, opset {args.opset}, dynamic batch): {args.arch} from {metadata['source']}; "

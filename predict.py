@@ -13,7 +13,6 @@ checkpoint (checkpoints/RUN/best.pt) brings its run's preprocessing and class na
 """
 
 import json
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -48,13 +47,9 @@ def format_predictions(path: str, predictions: list[dict]) -> str:
 
 def onnx_predictor(path):
     """(ONNX Runtime model, preset, LabelCoder, Runtime) of a file export.py wrote."""
-    from export import OnnxRuntimeModel, onnx_metadata
+    from export import OnnxRuntimeModel, onnx_file_metadata
 
-    if not Path(path).is_file():
-        raise UserError(f"ONNX file {path} does not exist")
-    meta = onnx_metadata(path)
-    if "preprocessing" not in meta or "classes" not in meta:
-        raise UserError(f"{path} has no preprocessing or class names in its metadata; export it with export.py")
+    meta = onnx_file_metadata(path, imagenet=False)
     preset = EvalPreset(**meta["preprocessing"])
     runtime = Runtime(torch.device("cpu"), mean=preset.mean, std=preset.std)  # ONNX Runtime's CPU provider
     return OnnxRuntimeModel(path), preset, LabelCoder(meta["classes"], meta.get("wnids")), runtime

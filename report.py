@@ -238,7 +238,7 @@ def benchmark_summary(rows: list[dict]) -> list[str]:
     for r in (r for r in rows if r["part"] == "latency"):
         lines.append(
             f"latency: {r['variant']}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-            f"{r['img_per_s']:.1f} img/s, peak memory +{r['peak_mb']:.0f} MB"
+            f"{r['img_per_s']:.1f} img/s, memory +{r['peak_mb']:.0f} MB"
         )
     for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(

@@ -244,6 +244,10 @@ def run_evaluation(args) -> list[dict]:
 
     onnx_file = onnx_file_metadata(args.weights) if str(args.weights).endswith(".onnx") else None
     if onnx_file is not None:  # export.py's file: its architecture, preprocessing and source weights
+        if args.resize or args.crop or args.interpolation:
+            raise UserError(f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation")
+        if args.models not in (["*"], [onnx_file["arch"]]):
+            raise UserError(f"{args.weights} is a {onnx_file['arch']} model; drop --models")
         args.models, args.backend = [onnx_file["arch"]], "onnxruntime"
     pairs = eval_pairs(args)
     run = run_of_checkpoint(args.weights, args.models[0]) if is_weights_file(args.weights) and not onnx_file else None
@@ -314,7 +318,11 @@ def run_evaluation(args) -> list[dict]:
             model = prepare_for_eval(model, channels_last=runtime.channels_last, fuse_bn=not args.no_fuse_bn)
             model = torch.compile(model) if args.compile and not onnx else model
         if onnx and onnx_file is None:  # exported once into OUT/onnx/ (and checked against PyTorch)
-            model = onnx_model(model, arch, weights, preset, out / "onnx")
+            try:
+                model = onnx_model(model, arch, weights, preset, out / "onnx")
+            except UserError as e:  # one model the exporter can't handle: the sweep goes on
+                tqdm.write(f"{weights}: skipped: {e}")
+                continue
         sampler = ShardSampler(len(samples), world_size(), rank())
         loader = functools.partial(eval_loader, samples, preset, workers=workers, device=runtime.device,
                                    gpu_decode=settings["decode"] == "gpu", sampler=sampler)  # fmt: skip

@@ -111,6 +111,13 @@ def test_benchmark_latency_of_every_cpu_backend_per_batch_size(tmp_path):
     ]
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and len(r["seconds"]) == 2 and r["peak_mb"] >= 0 for r in rows)
     assert all(r["img_per_s"] == pytest.approx(r["batch"] / (r["p50_ms"] / 1000)) for r in rows)
+    from backends import percentile
+
+    assert (percentile(list(range(1, 101)), 99), percentile(list(range(1, 11)), 99), percentile([3.0], 50)) == (
+        99,
+        10,
+        3,
+    )
     assert "latency: onnxruntime resnet18 batch 3: p50" in result.stdout
     assert Image.open(tmp_path / "b.png").size == (1100, 400)
     bad = run_script("benchmark.py", "--data", tmp_path, "--parts", "latency", "--batch-sizes", "1,x")

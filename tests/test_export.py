@@ -104,9 +104,12 @@ def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
     ]
     top1 = [{p["path"]: p["top1"] for p in read_csv(tmp_path / "out" / r["predictions"])} for r in rows]
     assert top1[0] == top1[1] and len(top1[0]) == 12
-    assert (tmp_path / "out" / "onnx" / f"{WEIGHTS}.onnx").is_file()
+    [cached] = (tmp_path / "out" / "onnx").glob(f"{WEIGHTS}_*.onnx")  # named by the weights and a metadata hash
     again = run_script(*args, "--backend", "onnxruntime", env=env)
     assert "already in" in again.stdout + again.stderr
+    written = cached.stat().st_mtime_ns
+    assert run_script(*args, "--backend", "onnxruntime", "--force", env=env).returncode == 0
+    assert cached.stat().st_mtime_ns == written  # reused, not exported again
     # --weights FILE.onnx: export.py's file, its architecture and preprocessing from its metadata
     exported = tmp_path / "r18.onnx"
     main(["--arch", "resnet18", "--weights", "DEFAULT", "--out", str(exported), "--count", "1"])
