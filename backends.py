@@ -40,13 +40,16 @@ def image_batch(samples, preset, size: int) -> torch.Tensor:
     return normalize(torch.stack([images[i % len(images)] for i in range(size)]), preset.mean, preset.std)
 
 
-def memory_now(device) -> float:
-    """MB in use: CUDA's allocated memory, or this process's resident set (Linux's /proc)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
+def process_mb(field: str) -> float:
+    """A memory line of Linux's /proc/self/status in MB ('VmRSS': resident now, 'VmHWM': its peak)."""
     status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
-    rss = [line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")]
-    return int(rss[0]) / 1024 if rss else math.nan
+    values = [line.split()[1] for line in status.splitlines() if line.startswith(field + ":")]
+    return int(values[0]) / 1024 if values else math.nan
+
+
+def memory_now(device) -> float:
+    """MB in use: CUDA's allocated memory, or this process's resident set."""
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else process_mb("VmRSS")
 
 
 def reset_peak(device) -> None:
@@ -58,11 +61,7 @@ def reset_peak(device) -> None:
 
 def peak(device) -> float:
     """MB at the peak since reset_peak: CUDA's max allocated, or the process's VmHWM."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
-    hwm = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
-    return int(hwm[0]) / 1024 if hwm else math.nan
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else process_mb("VmHWM")
 
 
 def inference_backends(args, preset, device, folder) -> dict:
