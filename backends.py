@@ -76,7 +76,7 @@ def inference_backends(args, preset, device, folder) -> dict:
     if args.compile:
         backends["compiled"] = (torch.compile(model), runtime)
     if device.type == "cpu":
-        cpu = Runtime(device, mean=preset.mean, std=preset.std)
+        cpu = Runtime.on_cpu(preset)
         try:
             exported = onnx_model(prepare_for_eval(weights, channels_last=False), args.arch, None, preset, Path(folder))
             backends["onnxruntime"] = (exported, cpu)
@@ -140,16 +140,16 @@ def bench_int8(args, samples, preset) -> list[dict]:
     if not is_quantized(f"quantized_{args.arch}"):
         archs = ", ".join(map(float_arch, QUANTIZED_ARCHS)) or NO_QUANTIZATION
         raise UserError(f"torchvision has no int8 {args.arch}; --parts int8 takes {archs}")
-    cpu = torch.device("cpu")
+    cpu = Runtime.on_cpu(preset)
     images = torch.stack([preset(load_rgb(s.path)) for s in samples[: args.batch_size]])  # (B, 3, H, W) uint8
     x, batches = normalize(images, preset.mean, preset.std), math.ceil(len(samples) / args.batch_size)
     fp32 = prepare_for_eval(build_model(args.arch, args.weights), channels_last=True)
     int8 = build_model(f"quantized_{args.arch}", quantize=True)  # random weights, calibrated and converted
     runs = {
-        "fp32": (forward_loop(fp32, x.contiguous(memory_format=torch.channels_last), batches, Runtime(cpu)), batches),
-        "int8": (forward_loop(int8, x, batches, Runtime(cpu)), batches),
+        "fp32": (forward_loop(fp32, x.contiguous(memory_format=torch.channels_last), batches, cpu), batches),
+        "int8": (forward_loop(int8, x, batches, cpu), batches),
     }
-    times = timed({k: (run, n * len(x)) for k, (run, n) in runs.items()}, args.repeats, cpu)
+    times = timed({k: (run, n * len(x)) for k, (run, n) in runs.items()}, args.repeats, cpu.device)
     fp32_variant = f"fp32 {args.arch} batch {len(x)}, channels_last, BN folded"
     int8_row = {"part": "int8", "variant": f"int8 {args.arch} batch {len(x)} ({torch.backends.quantized.engine})"}
     int8_row.update(times["int8"], baseline=fp32_variant, ratio=times["int8"]["img_per_s"] / times["fp32"]["img_per_s"])

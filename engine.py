@@ -51,6 +51,12 @@ class Runtime:
             preset.std,
         )
 
+    @classmethod
+    def on_cpu(cls, preset) -> "Runtime":
+        """For kernels that run on the CPU in their own precision and layout: the int8 models and ONNX
+        Runtime's CPU provider (fp32, NCHW)."""
+        return cls(torch.device("cpu"), None, False, preset.mean, preset.std)
+
     def inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) uint8 host batch -> normalised float on the device, and the targets there."""
         images = to_device(images, self.device, self.mean, self.std, self.channels_last)

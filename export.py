@@ -22,8 +22,8 @@ from torch import nn
 
 from coder import LabelCoder
 from dataset import find_samples, imagenet_wnids, load_rgb
-from model import build_model, is_weights_file, prepare_for_eval, resolve_weights, run_of_checkpoint, weights_enum_for
-from presets import EvalPreset, normalize
+from model import build_model, is_weights_file, prepare_for_eval, resolve_weights, weights_enum_for
+from presets import EvalPreset, eval_source, normalize
 from utils import ArgumentParser, UserError, atomic_write, barrier, cli, is_main, positive_int
 
 OPSET = 18  # the opset torch's ONNX exporter targets natively
@@ -189,10 +189,7 @@ def main(argv=None) -> dict:
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder; pass a file name such as {out / (args.arch + '.onnx')}")
 
-    run = run_of_checkpoint(args.weights, args.arch) if is_weights_file(args.weights) else None
-    enum = weights_enum_for(args.arch, args.weights, file_default="DEFAULT")
-    preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
-    weights = args.weights if is_weights_file(args.weights) else enum
+    weights, _, run, preset = eval_source(args.arch, args.weights)
     model = prepare_for_eval(build_model(args.arch, weights, weights_dir=args.weights_dir), channels_last=False)
     own_classes = run is not None and run["classes"] != imagenet_wnids()
     metadata = export_metadata(args.arch, weights, preset, run["classes"] if own_classes else None)

@@ -20,8 +20,8 @@ from PIL import Image
 from coder import LabelCoder
 from dataset import imagenet_wnids, load_rgb
 from engine import Runtime
-from model import build_model, is_quantized, is_weights_file, prepare_for_eval, run_of_checkpoint, weights_enum_for
-from presets import EvalPreset
+from model import build_model, is_quantized, prepare_for_eval
+from presets import EvalPreset, eval_source
 from utils import ArgumentParser, UserError, add_runtime_args, autocast, cli, positive_int, resolve_device
 
 
@@ -51,8 +51,7 @@ def onnx_predictor(path):
 
     meta = onnx_file_metadata(path, imagenet=False)
     preset = EvalPreset(**meta["preprocessing"])
-    runtime = Runtime(torch.device("cpu"), mean=preset.mean, std=preset.std)  # ONNX Runtime's CPU provider
-    return OnnxRuntimeModel(path), preset, LabelCoder(meta["classes"], meta.get("wnids")), runtime
+    return OnnxRuntimeModel(path), preset, LabelCoder(meta["classes"], meta.get("wnids")), Runtime.on_cpu(preset)
 
 
 @cli
@@ -71,17 +70,12 @@ def main(argv=None):
         model, preset, coder, runtime = onnx_predictor(args.weights)
         images = [read_image(path, preset) for path in args.images]
     else:
-        # A train.py checkpoint brings its run's class names and eval preprocessing; otherwise the enum
-        # gives them, and a file takes those of its torchvision weights (matched by file name) or of the
-        # arch's DEFAULT weights.
-        run = run_of_checkpoint(args.weights, args.arch) if is_weights_file(args.weights) else None
-        enum = weights_enum_for(args.arch, args.weights, file_default="DEFAULT")
-        preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
+        weights, enum, run, preset = eval_source(args.arch, args.weights)
         images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
-        int8 = is_quantized(args.arch)  # int8 kernels run on the CPU, in their own precision and layout
-        device, options = (torch.device("cpu"), ("none", "false")) if int8 else (resolve_device(args.device), None)
-        runtime = Runtime.create(device, *(options or (args.amp, args.channels_last)), False, preset)
-        weights = args.weights if is_weights_file(args.weights) else enum  # the enum: 'none' means random init
+        if is_quantized(args.arch):
+            runtime = Runtime.on_cpu(preset)
+        else:
+            runtime = Runtime.create(resolve_device(args.device), args.amp, args.channels_last, False, preset)
         model = build_model(args.arch, weights, weights_dir=args.weights_dir).to(runtime.device)
         model = prepare_for_eval(model, runtime.channels_last, fuse_bn=False)  # a few images: not worth a trace
         imagenet = run is None or run["classes"] == imagenet_wnids()

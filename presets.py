@@ -76,6 +76,18 @@ class EvalPreset:
 AutoAugment = Literal["none", "ta_wide", "ra", "imagenet", "augmix"]
 
 
+def eval_source(arch: str, weights) -> tuple:
+    """(weights to build, weights enum, train.py run or None, EvalPreset) of a --weights argument. A
+    train.py checkpoint brings its run's preprocessing (and class names); otherwise the enum gives them,
+    and a file takes those of its torchvision weights (matched by file name) or of the arch's DEFAULT."""
+    from model import is_weights_file, run_of_checkpoint, weights_enum_for
+
+    run = run_of_checkpoint(weights, arch) if is_weights_file(weights) else None
+    enum = weights_enum_for(arch, weights, file_default="DEFAULT")
+    preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
+    return (weights if is_weights_file(weights) else enum), enum, run, preset  # the enum: 'none' is random
+
+
 def train_preset(
     name: TrainPresetName,
     crop: int = 224,

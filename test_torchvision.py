@@ -289,8 +289,10 @@ def run_evaluation(args) -> list[dict]:
         on_cpu = int8 or onnx  # int8 kernels and ONNX Runtime's CPU provider: the CPU, their own precision
         if on_cpu and world_size() > 1 and device.type == "cuda":  # the process group is NCCL's: GPU tensors only
             raise UserError(f"{arch} runs on the CPU here: evaluate it without torchrun, or with --device cpu")
-        options = ("none", "false") if on_cpu else (args.amp, args.channels_last)
-        runtime = Runtime.create(torch.device("cpu") if on_cpu else device, *options, False, preset)
+        if on_cpu:
+            runtime = Runtime.on_cpu(preset)
+        else:
+            runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
         amp = amp_name(runtime.amp_dtype)
         settings = {
             **data_key,

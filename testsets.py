@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from dataset import WNID, Sample, find_samples, imagenet_wnids
 from utils import UserError, is_main
 
 SPLIT_NAMES = ("val", "validation", "test", "train")
@@ -114,7 +115,6 @@ def images_fingerprint(samples: list, data) -> str:
 def eval_samples(data, val_labels=None, run: dict | None = None, weights=None) -> list:
     """The images of an eval folder, targets in the head's class order: ImageNet-1k's, or those of the
     train.py run that made `weights` (a fine-tuned model: its classes matched by folder name)."""
-    from dataset import WNID, Sample, find_samples, imagenet_wnids
 
     if run is None or run["classes"] == imagenet_wnids():
         samples, _ = find_samples(data, "val", imagenet_labels=True, labels_file=val_labels)
