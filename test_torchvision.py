@@ -65,6 +65,7 @@ from utils import (
     cleanup_distributed,
     cli,
     closest,
+    is_distributed,
     is_main,
     positive_int,
     rank,
@@ -287,7 +288,7 @@ def run_evaluation(args) -> list[dict]:
         if int8 and onnx:
             raise UserError(f"{arch} runs on PyTorch's int8 kernels; evaluate it without --backend onnxruntime")
         on_cpu = int8 or onnx  # int8 kernels and ONNX Runtime's CPU provider: the CPU, their own precision
-        if on_cpu and world_size() > 1 and device.type == "cuda":  # the process group is NCCL's: GPU tensors only
+        if on_cpu and is_distributed() and device.type == "cuda":  # the process group is NCCL's: GPU tensors only
             raise UserError(f"{arch} runs on the CPU here: evaluate it without torchrun, or with --device cpu")
         if on_cpu:
             runtime = Runtime.on_cpu(preset)

@@ -46,7 +46,9 @@ from utils import (
     cleanup_distributed,
     cli,
     interrupt_in,
+    is_distributed,
     load_checkpoint,
+    process_group_name,
     save_checkpoint,
     setup_distributed,
     world_size,
@@ -211,7 +213,8 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
     # build
     checkpoint = load_train_checkpoint(resume_from)
     torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
+    if cfg.deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before its first call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not cfg.deterministic  # autotuned conv kernels, as torchvision's references
     train_loader, val_loader, classes = build_data(cfg, device)
@@ -247,7 +250,7 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
     if global_rank() == 0 and not (run_dir / "config.yaml").exists():  # a new run, or --resume FILE elsewhere
         write_run_files(run_dir, dataclasses.asdict(cfg), classes)
     trained = model
-    if world_size() > 1:
+    if is_distributed():  # torchrun with one process too: the path its users scale out from
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
@@ -260,7 +263,8 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
         resumed = f", resumed from {resume_from} at epoch {state.epoch + 1}" if checkpoint else ""
         print(
             f"run dir {run_dir}: {cfg.arch}, {num_classes} classes, {len(train_loader.dataset)} train / "
-            f"{len(val_loader.dataset)} val images, world size {world_size()}, device {device}{resumed}"
+            f"{len(val_loader.dataset)} val images, world size {world_size()}, process group "
+            f"{process_group_name()}, device {device}{resumed}"
         )
 
     def save_mid_epoch(sums):

@@ -195,19 +195,28 @@ def is_distributed() -> bool:
 
 
 def setup_distributed(device_name: Device):
-    """The device of this process; under torchrun (WORLD_SIZE > 1) also the process group:
-    NCCL on GPUs, gloo on CPUs."""
+    """The device of this process; under torchrun (any --nproc_per_node, 1 too, as torchvision's
+    references do) also the process group: NCCL on GPUs, gloo on CPUs."""
     import torch
     import torch.distributed as dist
 
     device = resolve_device(device_name)
-    if world_size() > 1 and not is_distributed():
+    if "TORCHELASTIC_RUN_ID" in os.environ and not is_distributed():
         if device.type == "cuda":
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
     return device
+
+
+def process_group_name() -> str:
+    """'nccl' or 'gloo' under torchrun, 'none' in a plain process (for run headers)."""
+    if not is_distributed():
+        return "none"
+    import torch.distributed as dist
+
+    return str(dist.get_backend())
 
 
 def cleanup_distributed() -> None:

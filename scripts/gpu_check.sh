@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# GPU throughput check in under 5 minutes on one NVIDIA GPU, on 2000 generated 500x375 JPEGs:
-#   resnet50 model-only inference, fp32 and bf16, channels_last, compiled;
-#   end-to-end eval from JPEG, decoded on the CPU (loader workers) vs on the GPU (nvjpeg), vs the plain loop;
-#   training with bf16 autocast + channels_last vs a plain fp32 NCHW loop;
+# GPU throughput check in under 5 minutes on one NVIDIA GPU, resnet50 on 10,000 generated 500x375 JPEGs:
+#   model alone (synthetic input): inference bf16 + channels_last, eager and compiled; a training step,
+#   bf16 + channels_last vs fp32 NCHW;
+#   evaluation from JPEG files decoded on the CPU (loader workers) or on the GPU (nvjpeg), vs a plain loop;
+#   training from JPEG files with the standard augmentation and every core but one as loader workers;
 #   how often --amp bf16/fp16 and --decode gpu keep the exact path's top-1 class.
-# Prints one table; each benchmark.py run's JSON goes to OUT (default results/gpu_check).
+# Prints the card, driver and versions, then one table; each benchmark.py run's JSON goes to OUT
+# (default results/gpu_check).
 #     bash scripts/gpu_check.sh [OUT]
 # Without a CUDA GPU it says so and exits 0.
 set -euo pipefail
@@ -18,8 +20,12 @@ data=$(mktemp -d)
 trap 'rm -rf "$data"' EXIT
 mkdir -p "$out"
 
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'torchvision', torchvision.__version__)"
+workers=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
+
 python - "$data" <<'PY'
-# 20 wnid folders x 100 JPEGs: smooth shapes plus noise, about the file size and decode cost of photos
+# 20 wnid folders x 500 JPEGs: smooth shapes plus noise, about the file size and decode cost of photos
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -40,16 +46,18 @@ def make(i):
 
 
 with ProcessPoolExecutor() as pool:
-    list(pool.map(make, range(2000), chunksize=50))
-print(f"generated 2000 JPEGs (500x375) in {sys.argv[1]}")
+    list(pool.map(make, range(10000), chunksize=100))
+print(f"generated 10000 JPEGs (500x375) in {sys.argv[1]}")
 PY
 
-run() { python benchmark.py --arch resnet50 --data "$data" --batch-size 128 --repeats 3 "$@"; }
-run --parts forward --amp none --compile --json "$out/forward_fp32.json"
-run --parts forward --amp bf16 --compile --json "$out/forward_bf16.json"
-run --parts forward,eval,train --amp bf16 --train-batch-size 128 --train-steps 10 --json "$out/cpu_decode.json"
-run --parts eval --amp bf16 --decode gpu --no-baselines --json "$out/gpu_decode.json"
-run --parts approx --limit 1000 --json "$out/approx.json"   # random weights: agreement, not accuracy
+run() { python benchmark.py --arch resnet50 --data "$data" --batch-size 256 --train-batch-size 256 "$@"; }
+bf16=(--amp bf16 --channels-last true)
+run --parts forward "${bf16[@]}" --compile --json "$out/forward_compiled.json"
+run --parts forward,step "${bf16[@]}" --train-steps 10 --json "$out/model_bf16.json"
+run --parts forward,step --amp none --channels-last false --train-steps 5 --json "$out/model_fp32.json"
+run --parts eval,train "${bf16[@]}" --limit 5000 --train-steps 15 --repeats 2 --workers "$workers" --json "$out/from_jpeg.json"
+run --parts eval "${bf16[@]}" --decode gpu --workers "$workers" --no-baselines --json "$out/gpu_decode.json"
+run --parts approx --limit 1000 --workers "$workers" --json "$out/approx.json"   # random weights: agreement, not accuracy
 
-names="forward_fp32 forward_bf16 cpu_decode gpu_decode approx"
+names="forward_compiled model_bf16 model_fp32 from_jpeg gpu_decode approx"
 python benchmark.py --merge $(for name in $names; do echo "$out/$name.json"; done)

@@ -72,6 +72,21 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert last["epoch"] == 2 and not any(k.startswith("module.") for k in last["model"])
 
 
+def test_torchrun_with_one_process_runs_ddp_and_trains_like_a_plain_process(tmp_path):
+    """torchrun --nproc_per_node=1 starts the process group (gloo here, NCCL on a GPU: tests/test_gpu.py)
+    and trains through DDP, as torchvision's references do; the all-reduce over one rank changes no bit."""
+    data = make_colour_dataset(tmp_path / "data")
+    common = ["train.py", "--data", data, *TINY, *"--epochs 1 --batch-size 8 --lr 0.01 --output".split(), tmp_path]
+    plain = run_script(*common, "--run-name", "plain")
+    one = run_script(*TORCHRUN[:-1], "--nproc_per_node=1", *common, "--run-name", "one")
+    assert plain.returncode == 0 and one.returncode == 0, plain.stderr + one.stderr
+    assert "process group none" in plain.stdout and "process group gloo" in one.stdout, one.stdout
+    weights = [torch.load(tmp_path / run / "last.pt", weights_only=True)["model"] for run in ("plain", "one")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], torch.zeros_like(weights[0][k])) for k in weights[0])
+
+
 def test_batchnorm_ranks_end_identical(tmp_path):
     """With BatchNorm the ranks' running statistics would drift apart; rank 0's are broadcast each epoch."""
     data = make_colour_dataset(tmp_path / "data")
