@@ -20,7 +20,7 @@ def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
     real accuracies."""
     base = build_model(args.arch, args.weights).to(device)
     decode = "batched decode, CPU (--decode gpu's code with libjpeg)"
-    if use_gpu_decode("gpu", device, samples, note_to=None):
+    if use_gpu_decode("gpu", device, note_to=None):
         decode = "--decode gpu"
     variants = [
         ("exact (weights.transforms(), BN unfolded, fp32)", {"exact": True}),

@@ -143,7 +143,7 @@ def ours_and_plain(part: str, times: dict, variant: str, plain_variant: str) -> 
 def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dict]:
     """Ours: ImageDataset + EvalPreset + build_loader + engine.evaluate(). Plain: ImageFolder + PIL +
     weights.transforms() + DataLoader, fp32 NCHW (its labels are 0..k-1, which is fine for speed)."""
-    gpu_decode = use_gpu_decode(args.decode, device, samples, note_to=sys.stdout)
+    gpu_decode = use_gpu_decode(args.decode, device, note_to=sys.stdout)
     runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
     _, model = prepare(args, runtime, False)
 

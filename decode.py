@@ -8,7 +8,7 @@ import sys
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
@@ -42,6 +42,19 @@ def resize_crop(image: torch.Tensor, preset: EvalPreset) -> torch.Tensor:
     return F.center_crop(image, [preset.crop])
 
 
+def resize_crop_batch(images: list[torch.Tensor], preset: EvalPreset) -> torch.Tensor:
+    """resize_crop of each image, stacked: images of one size are resized in one call (most of
+    ImageNet's val images share a handful of sizes), which saves a kernel launch per image on a GPU."""
+    out = [None] * len(images)
+    by_size = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(i)
+    for indices in by_size.values():
+        for i, image in zip(indices, resize_crop(torch.stack([images[i] for i in indices]), preset)):
+            out[i] = image
+    return torch.stack(out)
+
+
 class TensorImageDataset(ImageDataset):
     """Images decoded by torchvision.io (transform e.g. resize_crop), or, with raw_jpeg, JPEGs left as
     file bytes for GpuDecodeLoader to decode in batches (other formats are decoded here)."""
@@ -52,10 +65,15 @@ class TensorImageDataset(ImageDataset):
 
     def load(self, index: int):
         path = self.samples[index].path
-        data = read_file(path)
-        if self.raw_jpeg and is_jpeg(data):
-            return data.clone()  # read_file's file-backed storage can't be sent between processes
-        return decode_rgb(path, data)
+        if self.raw_jpeg:
+            with open(path, "rb") as f:
+                data = f.read()
+            if data[:2] == b"\xff\xd8":
+                # bytes, not a tensor: a tensor crosses from a loader worker as its own shared-memory file,
+                # which costs the main process more per image than the GPU's decode (H100: 1.8k img/s cap)
+                return data
+            return decode_rgb(path, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return decode_rgb(path, read_file(path))
 
 
 class GpuDecodeLoader:
@@ -71,8 +89,7 @@ class GpuDecodeLoader:
             batch_size,
             sampler=sampler,
             num_workers=workers,
-            collate_fn=list,
-            pin_memory=device.type == "cuda",
+            collate_fn=list,  # decode_jpeg copies the bytes to the GPU itself: nothing to pin
             prefetch_factor=4 if workers > 0 else None,
         )
         self.preset, self.device = preset, device
@@ -90,10 +107,11 @@ class GpuDecodeLoader:
         for items in self.loader:
             errors = [(index, error) for image, _, index, error in items if image is None]
             good = [item for item in items if item[0] is not None]
-            images = {item[2]: item[0] for item in good if item[0].ndim == 3}
-            jpegs = [item for item in good if item[0].ndim == 1]
+            images = {item[2]: item[0] for item in good if isinstance(item[0], torch.Tensor)}
+            jpegs = [item for item in good if isinstance(item[0], bytes)]
             try:
-                decoded = decode_jpeg([item[0] for item in jpegs], mode=ImageReadMode.RGB, device=self.device)
+                data = [torch.frombuffer(bytearray(item[0]), dtype=torch.uint8) for item in jpegs]
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if data else []
                 images.update((item[2], image) for item, image in zip(jpegs, decoded))
             except OUT_OF_MEMORY:  # a RuntimeError too, but for the caller's retry with a smaller batch
                 raise
@@ -102,23 +120,22 @@ class GpuDecodeLoader:
                     images[item[2]], error = self.decode_on_cpu(item[2])
                     errors += [(item[2], error)] if error else []
             good = [item for item in good if images.get(item[2]) is not None]
-            batch = [resize_crop(images[item[2]].to(self.device, non_blocking=True), self.preset) for item in good]
+            batch = [images[item[2]].to(self.device, non_blocking=True) for item in good]
             yield (
-                torch.stack(batch) if batch else torch.empty(0, dtype=torch.uint8),
+                resize_crop_batch(batch, self.preset) if batch else torch.empty(0, dtype=torch.uint8),
                 torch.tensor([item[1] for item in good], dtype=torch.long),
                 torch.tensor([item[2] for item in good], dtype=torch.long),
                 errors,
             )
 
 
-def gpu_decode_error(device, samples) -> str:
-    """'' when batched decode_jpeg works on `device` for these files, else why not."""
+def gpu_decode_error(device) -> str:
+    """'' when batched decode_jpeg works on `device`, else why not. Tried on a JPEG made here: a user's
+    file that nvjpeg refuses (CMYK, say) is decoded on the CPU alone and must not turn the GPU off."""
     if device.type != "cuda":
         return f"decoding on the GPU needs a CUDA device, not {device.type}"
     try:
-        jpeg = next((s.path for s in samples[:100] if is_jpeg(read_file(s.path))), None)
-        if jpeg is not None:
-            decode_jpeg([read_file(jpeg)], mode=ImageReadMode.RGB, device=device)
+        decode_jpeg([encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))], mode=ImageReadMode.RGB, device=device)
         return ""
     except (RuntimeError, TypeError) as e:
         return f"decode_jpeg on {device} failed: {str(e).splitlines()[0][:120]}"
@@ -133,10 +150,10 @@ def eval_loader(samples, preset: EvalPreset, batch_size: int, workers: int, devi
     )
 
 
-def use_gpu_decode(decode: str, device, samples, note_to=sys.stderr) -> bool:
+def use_gpu_decode(decode: str, device, note_to=sys.stderr) -> bool:
     """Whether --decode `decode` ("cpu" or "gpu") decodes on the GPU here; where it can't, a note says
     why and the exact CPU path is used."""
-    why_not = gpu_decode_error(device, samples) if decode == "gpu" else ""
+    why_not = gpu_decode_error(device) if decode == "gpu" else ""
     if why_not and note_to is not None:
         print(f"note: --decode gpu is not possible here ({why_not}); decoding on the CPU", file=note_to)
     return decode == "gpu" and not why_not

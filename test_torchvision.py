@@ -265,7 +265,7 @@ def run_evaluation(args) -> list[dict]:
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     workers = default_workers(device) if args.workers is None else args.workers
-    decode = "gpu" if use_gpu_decode(args.decode, device, samples, sys.stderr if is_main() else None) else "cpu"
+    decode = "gpu" if use_gpu_decode(args.decode, device, sys.stderr if is_main() else None) else "cpu"
     num_classes = len(run["classes"]) if run is not None else 1000
     mask = class_mask(every, num_classes) if args.mask_classes else None
     real = real_label_sets(samples, load_real_labels(args.real_labels)) if args.real_labels else None

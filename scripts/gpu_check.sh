@@ -55,9 +55,9 @@ bf16=(--amp bf16 --channels-last true)
 run --parts forward "${bf16[@]}" --compile --json "$out/forward_compiled.json"
 run --parts forward,step "${bf16[@]}" --train-steps 10 --json "$out/model_bf16.json"
 run --parts forward,step --amp none --channels-last false --train-steps 5 --json "$out/model_fp32.json"
-run --parts eval,train "${bf16[@]}" --limit 5000 --train-steps 15 --repeats 2 --workers "$workers" --json "$out/from_jpeg.json"
+run --parts eval,train "${bf16[@]}" --limit 2000 --train-steps 7 --repeats 2 --workers "$workers" --json "$out/from_jpeg.json"
 run --parts eval "${bf16[@]}" --decode gpu --workers "$workers" --no-baselines --json "$out/gpu_decode.json"
-run --parts approx --limit 1000 --workers "$workers" --json "$out/approx.json"   # random weights: agreement, not accuracy
+run --parts approx --limit 500 --workers "$workers" --json "$out/approx.json"   # random weights: agreement, not accuracy
 
 names="forward_compiled model_bf16 model_fp32 from_jpeg gpu_decode approx"
 python benchmark.py --merge $(for name in $names; do echo "$out/$name.json"; done)

@@ -19,7 +19,7 @@ from test_train import make_colour_dataset
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TRAIN = "--arch resnet18 --train-crop-size 56 --val-resize-size 64 --val-crop-size 56 --workers 4".split()
-TRAIN += "--batch-size 32 --lr 0.05 --label-smoothing 0.1 --channels-last true --device cuda".split()
+TRAIN += "--batch-size 32 --lr 0.01 --label-smoothing 0.1 --channels-last true --device cuda".split()
 TORCHRUN_ONE = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
 CLASSES = (1, 151, 285, 340, 417, 530, 675, 817, 920, 985)  # 10 ImageNet classes, 20 JPEGs each
 WEIGHTS = models.ResNet18_Weights.IMAGENET1K_V1
