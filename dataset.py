@@ -16,16 +16,17 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
+from index import IMAGE_EXTENSIONS, Sample, Samples, index_class_folders
 from utils import ArgumentParser, UserError, cli
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"^n\d{8}$")
 FLAT_VAL = re.compile(r"^ILSVRC2012_val_\d{8}\.JPEG$", re.IGNORECASE)
 
@@ -90,12 +91,6 @@ def prepare_val(val_dir, labels_file=None, out_dir=None) -> Path:
     return out_dir
 
 
-@dataclass(slots=True)  # no per-object dict: ImageNet-21k has 14 million of them
-class Sample:
-    path: str
-    target: int
-
-
 def extract_imagenet_archives(data, split: str = "val") -> None:
     """A torchvision ImageNet root (ILSVRC2012_img_<split>.tar + the devkit) is extracted once, by
     torchvision.datasets.ImageNet, into root/<split>/<wnid>/; anything else is left alone."""
@@ -119,27 +114,9 @@ def split_folder(data, split: str = "val", need_split: bool = False) -> Path:
     return data / split if (data / split).is_dir() else data
 
 
-def _images_in(folder: Path) -> list[str]:
-    """Image files below `folder` (symlinks to files count, as prepare-val makes them), sorted as paths.
-    os.scandir reads each directory once and tells files from folders without a stat per file, which
-    matters on trees of millions of images and on network file systems."""
-    found, folders, nested = [], [str(folder)], False
-    while folders:
-        with os.scandir(folders.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append(entry.path)
-                    nested = True
-                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
-                    found.append(entry.path)
-    if nested:  # Path order compares part by part ('a/x' before 'a-b/x'); plain strings don't
-        return sorted(found, key=lambda path: path.split(os.sep))
-    return sorted(found)
-
-
 def find_samples(
     data, split: str = "val", imagenet_labels: bool = True, labels_file=None, need_split: bool = False
-) -> tuple[list[Sample], list[str]]:
+) -> tuple[Samples, list[str]]:
     """(samples sorted by path, class names). With imagenet_labels, targets are 1000-way ImageNet
     indices (a wnid subset keeps its ImageNet indices); otherwise 0..k-1 over the sorted class folders."""
     extract_imagenet_archives(data, split)
@@ -155,7 +132,8 @@ def find_samples(
         unknown = [p.name for p in flat if p.name not in labels]
         if unknown:
             raise UserError(f"no label for {unknown[0]} (and {len(unknown) - 1} more); pass --val-labels FILE")
-        return [Sample(str(p), labels[p.name]) for p in sorted(flat)], wnids
+        flat = sorted(flat)
+        return Samples.from_paths(str(folder), [p.name for p in flat], [labels[p.name] for p in flat]), wnids
     if not class_dirs:
         raise UserError(
             f"{folder} has no class folders (expected {folder}/<class>/<image>) and no ILSVRC2012_val_* images"
@@ -177,15 +155,15 @@ def find_samples(
         targets = [index[n] for n in names]
     else:
         targets = list(range(len(names)))
-    images = [_images_in(d) for d in class_dirs]
-    empty = [d.name for d, found in zip(class_dirs, images) if not found]
+    blob, offsets, counts = index_class_folders(folder, names)  # cached: see index.py
+    empty = [name for name, count in zip(names, counts) if not count]
     if empty and not imagenet_labels and len(empty) < len(class_dirs):  # a class with nothing to learn from
         raise UserError(
             f"class folder '{empty[0]}' in {folder} has no images ({len(empty) - 1} more such); "
             "add images to it or remove it"
         )
-    samples = [Sample(p, t) for found, t in zip(images, targets) for p in found]
-    if not samples:
+    samples = Samples(str(folder), blob, offsets, np.repeat(np.asarray(targets, dtype=np.int32), counts))
+    if not len(samples):
         raise UserError(f"no images in the class folders of {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return samples, (imagenet_wnids() if imagenet_labels else names)
 
@@ -213,7 +191,7 @@ class ImageDataset(torch.utils.data.Dataset):
     Indexed by (index, epoch, copy) keys (from TrainSampler), the random augmentation of an image is
     seeded by (seed, epoch, index, copy): identical for any worker count or world size, and after a resume."""
 
-    def __init__(self, samples: list[Sample], transform, seed: int = 0):
+    def __init__(self, samples: Sequence[Sample], transform, seed: int = 0):
         self.samples, self.transform, self.seed = samples, transform, seed
 
     def __len__(self) -> int:

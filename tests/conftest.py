@@ -15,6 +15,14 @@ sys.path.insert(0, str(ROOT))
 OFFLINE = {name: "http://127.0.0.1:9" for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_cache(tmp_path_factory) -> Path:
+    """The image-index cache of every test and the scripts they start: a temporary folder, never ~/.cache."""
+    folder = tmp_path_factory.mktemp("index_cache")
+    os.environ["IMAGENET_INDEX_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture
 def offline(monkeypatch) -> dict:
     """No network for this test and the scripts it starts (they inherit the environment): every HTTP(S)

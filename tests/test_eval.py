@@ -210,7 +210,8 @@ def test_clear_errors(tmp_path, torch_home, offline, case):
 def test_image_listing_matches_pathlib_order_and_rules(tmp_path):
     """dataset's os.scandir walk finds what Path.rglob + is_file found, in the same (Path) order:
     nested folders, upper-case suffixes, symlinked files, no other files, no symlinked folders."""
-    from dataset import IMAGE_EXTENSIONS, _images_in
+    from index import IMAGE_EXTENSIONS
+    from index import images_in as _images_in
 
     for name in ("a/x.JPEG", "a-b/y.jpg", "a/b/c/z.png", "top.PNG", "notes.txt", "jpg", ".hidden.jpeg"):
         (tmp_path / "cls" / name).parent.mkdir(parents=True, exist_ok=True)
