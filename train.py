@@ -28,6 +28,7 @@ from dataset import (
     build_loader,
     default_workers,
     find_samples,
+    is_shard_source,
 )
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
@@ -37,6 +38,7 @@ from plots import plot_curves
 from presets import EvalPreset, MixUpCutMix, train_transform
 from recipes import expand_recipe
 from report import choose_run_dir, tensorboard_writer, write_metrics, write_run_files
+from shards import shard_eval_loader, shard_train_loader
 from utils import (
     UserError,
     all_gather_objects,
@@ -78,6 +80,10 @@ def build_data(cfg: TrainConfig, device) -> tuple:
     world, rank = world_size(), global_rank()
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     pin = device.type == "cuda"
+    if not cfg.dummy and is_shard_source(cfg.data):  # tar shards, read as streams (shards.py)
+        train_loader = shard_train_loader(cfg.data, train_tf, cfg, rank, world, workers, pin)
+        val_args = (val_samples, val_tf, cfg.batch_size, workers, rank, world, pin)
+        return train_loader, shard_eval_loader(cfg.data, *val_args, strict=True), classes
     sampler = TrainSampler(train_set, world, rank, cfg.seed, cfg.ra_reps if cfg.ra_sampler else 1)
     drop_last = len(train_set) >= cfg.batch_size * world  # full batches, unless the set is smaller than one
     train_loader = build_loader(train_set, cfg.batch_size, workers, sampler, pin, drop_last, persistent_workers=True)
@@ -237,11 +243,14 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
         training.load_state_dict(checkpoint)
         state = TrainState.from_checkpoint(checkpoint)
         saved_batch = checkpoint.get("config", {}).get("batch_size", cfg.batch_size)
-        if state.batch and (saved_batch, state.world_size) != (cfg.batch_size, world_size()):
+        stream = is_shard_source(cfg.data) and not cfg.dummy  # a shard stream resumes at epoch starts
+        if state.batch and (stream or (saved_batch, state.world_size) != (cfg.batch_size, world_size())):
             if global_rank() == 0:  # its position counts batches of another size: redo the epoch
                 print(
                     f"note: {resume_from} stopped inside epoch {state.epoch + 1} with batch {saved_batch} x "
-                    f"{state.world_size} processes; with another global batch that epoch starts again"
+                    f"{state.world_size} processes; "
+                    + ("from tar shards" if stream else "with another global batch")
+                    + " that epoch starts again"
                 )
             state.batch, state.train_sums = 0, None
         state.world_size = world_size()

@@ -136,3 +136,24 @@ def test_gpu_check_skips_cleanly_without_a_gpu():
     )
     assert result.returncode == 0, result.stderr
     assert "no CUDA GPU" in result.stdout and "skipping" in result.stdout
+
+
+def test_index_part_times_our_index_against_imagefolder_and_measures_memory(tmp_path):
+    out = tmp_path / "index.json"
+    result = run_script("benchmark.py", "--parts", "index", "--files", "3000", "--repeats", "1", "--json", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    timings = {r["variant"]: r for r in rows if r["part"] == "index"}
+    assert list(timings) == [
+        "ours, no cache",
+        "ours, cached",
+        "torchvision ImageFolder",
+        "bare os.scandir, 2 levels, unsorted",
+    ]
+    assert all(r["img_per_s"] > 0 and len(r["seconds"]) == 1 for r in timings.values())
+    assert timings["ours, cached"]["baseline"] == "torchvision ImageFolder"
+    memory = next(r for r in rows if r["part"] == "index_memory")
+    assert memory["files"] == 3000 and memory["bytes_per_image_beside_paths"] == pytest.approx(12, abs=0.01)
+    assert 20 < memory["path_bytes_per_image"] < 30  # 'n01440764/n01440764_12.JPEG': relative paths
+    assert memory["list_of_samples_bytes_per_image"] > 100
+    assert "bytes per image beside" in result.stdout and "loader workers: resident +" in result.stdout

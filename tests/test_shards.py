@@ -1,0 +1,116 @@
+"""WebDataset tar shards (shards.py): `dataset.py make-shards` writes what the folder holds; evaluation
+from shards equals the folder's image by image in 1 and 2 processes; training streams them and
+resumes exactly at epoch boundaries; clear errors."""
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision import models
+
+from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
+from dataset import find_samples, imagenet_wnids
+from test_train import TINY, make_colour_dataset
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def val_folder(tmp_path_factory):
+    """val/<wnid>/: 25 images of 5 ImageNet classes, JPEGs of several sizes and one PNG."""
+    root = tmp_path_factory.mktemp("shard_data")
+    wnids = imagenet_wnids()
+    for i in range(25):
+        suffix = "png" if i == 7 else "JPEG"
+        make_image(root / "val" / wnids[(3, 58, 238, 381, 999)[i % 5]] / f"{i:02d}.{suffix}", (48 + i % 4 * 8, 40),
+                   fmt="PNG" if suffix == "png" else "JPEG", seed=i)  # fmt: skip
+    return root / "val"
+
+
+def test_make_shards_writes_every_image_with_its_labels(val_folder, tmp_path):
+    result = run_script("dataset.py", "make-shards", val_folder, tmp_path / "shards", "--shard-size", "10")
+    assert result.returncode == 0, result.stderr
+    names = sorted(os.listdir(tmp_path / "shards"))
+    assert names == ["val-000000.tar", "val-000001.tar", "val-000002.tar", "val.index.npz"]
+    samples, _ = find_samples(val_folder)
+    with tarfile.open(tmp_path / "shards" / "val-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    first = samples[0]
+    assert members["00000000.jpg"] == Path(first.path).read_bytes()
+    assert members["00000000.cls"] == str(first.target).encode()
+    assert members["00000000.class"] == os.path.basename(os.path.dirname(first.path)).encode()
+    assert members["00000000.path"] == os.path.relpath(first.path, val_folder).encode()
+    shard_samples, classes = find_samples(tmp_path / "shards")  # the manifest, as --data reads it
+    assert [(os.path.join(val_folder, s.path), s.target) for s in shard_samples] == [
+        (s.path, s.target) for s in samples
+    ]
+    assert len(classes) == 1000
+    again = run_script("dataset.py", "make-shards", val_folder, tmp_path / "shards", "--shard-size", "10")
+    assert_user_error(again, "already holds val shards")  # nothing is overwritten
+
+
+def rows_by_relative_path(out, folder=None) -> list[tuple]:
+    record = json.loads((out / "eval.json").read_text())[0]
+    rows = read_csv(out / record["predictions"])
+    return record, [
+        (os.path.relpath(r["path"], folder) if folder else r["path"], r["target"], r["top5"], r["prob1"]) for r in rows
+    ]
+
+
+@pytest.mark.slow
+def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(val_folder, tmp_path, torch_home):
+    assert run_script("dataset.py", "make-shards", val_folder, tmp_path / "s", "--shard-size", "4").returncode == 0
+    save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
+    env = {"TORCH_HOME": str(torch_home)}
+    options = "--models resnet18 --resize 64 --crop 56 --batch-size 4".split()
+    pattern = str(tmp_path / "s" / "val-{000000..000006}.tar")
+    runs = {
+        "folder": ["test_torchvision.py", "--data", val_folder, *options, "--workers", "0"],
+        "pattern": ["test_torchvision.py", "--data", pattern, *options, "--workers", "2"],
+        "two": [*TORCHRUN, "test_torchvision.py", "--data", tmp_path / "s", *options, "--workers", "2"],
+    }
+    for name, args in runs.items():
+        result = run_script(*args, "--out", tmp_path / name, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    folder, expected = rows_by_relative_path(tmp_path / "folder", val_folder)
+    assert folder["n_images"] == 25 and len(expected) == 25
+    for name in ("pattern", "two"):
+        record, rows = rows_by_relative_path(tmp_path / name)
+        assert rows == expected, name
+        assert (record["n_images"], record["acc1"], record["acc5"]) == (25, folder["acc1"], folder["acc5"])
+    limited = run_script(*runs["pattern"], "--limit", "9", "--out", tmp_path / "limit", env=env)
+    assert limited.returncode == 0, limited.stderr[-3000:]
+    assert rows_by_relative_path(tmp_path / "limit")[1] == expected[:9]
+
+
+@pytest.mark.slow
+def test_training_on_shards_resumes_exactly_at_epoch_boundaries(tmp_path):
+    data = make_colour_dataset(tmp_path / "data")
+    assert run_script("dataset.py", "make-shards", data, tmp_path / "s", "--shard-size", "5").returncode == 0
+    args = ["train.py", "--data", tmp_path / "s", *TINY[:-2], "--workers", "2", "--batch-size", "4"]
+    args += ["--lr", "0.01", "--shard-shuffle-buffer", "6", "--output", tmp_path / "runs"]
+    straight = run_script(*args, "--epochs", "2", "--run-name", "straight")
+    first = run_script(*args, "--epochs", "1", "--run-name", "split")
+    resumed = run_script(*args, "--epochs", "2", "--run-name", "split", "--resume", "auto")
+    for result in (straight, first, resumed):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "48 train / 18 val images" in straight.stdout
+    a, b = (read_csv(tmp_path / "runs" / r / "metrics.csv") for r in ("straight", "split"))
+    assert [(r["train_loss"], r["val_loss"]) for r in a] == [(r["train_loss"], r["val_loss"]) for r in b]
+    weights = [torch.load(tmp_path / "runs" / r / "last.pt", weights_only=True)["model"] for r in ("straight", "split")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    two = run_script(*TORCHRUN, *args, "--epochs", "1", "--run-name", "two")  # ranks take equal batch counts
+    assert two.returncode == 0 and "process group gloo" in two.stdout, two.stderr[-3000:]
+
+
+def test_shard_errors_end_in_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    missing = run_script("test_torchvision.py", "--data", str(tmp_path / "val-{000000..000001}.tar"))
+    assert_user_error(missing, "val.index.npz", "make-shards")
+    data = make_colour_dataset(tmp_path / "data", per_class=(2, 1))
+    assert run_script("dataset.py", "make-shards", data, tmp_path / "s", "--shard-size", "100").returncode == 0
+    too_few = run_script("train.py", "--data", tmp_path / "s", *TINY, "--batch-size", "8", "--output", tmp_path)
+    assert_user_error(too_few, "no full batch")
