@@ -280,8 +280,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.parts = [q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))]
     if any(part not in PARTS for part in args.parts):
         raise UserError(f"unknown part in --parts {','.join(args.parts)}; use model or {', '.join(PARTS)}")
-    if set(args.parts) - {"forward", "step"} and not args.data and not args.merge:
-        raise UserError("--parts data, eval, train, augment and approx read images: pass --data DIR (or --parts model)")
+    if set(args.parts) - {"forward", "step", "index"} and not args.data and not args.merge:
+        raise UserError(
+            "--parts data, eval, train, augment, int8, latency and approx read images: pass --data DIR "
+            "(or --parts model or index)"
+        )
     return args
 
 
