@@ -116,21 +116,20 @@ def split_folder(data, split: str = "val", need_split: bool = False) -> Path:
     return data / split if (data / split).is_dir() else data
 
 
-def is_shard_source(data) -> bool:
-    """--data names tar shards: a .tar pattern or URL, or a folder holding make-shards' manifests."""
-    text = str(data)
-    if "://" in text or text.startswith("pipe:") or text.endswith(".tar") or ".tar" in text.split("}")[-1]:
-        return True
-    return any((Path(text) / f"{split}.index.npz").is_file() for split in SPLITS)
-
-
 def find_samples(
-    data, split: str = "val", imagenet_labels: bool = True, labels_file=None, need_split: bool = False
+    data, split="val", imagenet_labels=True, labels_file=None, need_split=False, shards_ok=False
 ) -> tuple[Samples, list[str]]:
     """(samples sorted by path, class names). With imagenet_labels, targets are 1000-way ImageNet
-    indices (a wnid subset keeps its ImageNet indices); otherwise 0..k-1 over the sorted class folders."""
+    indices (a wnid subset keeps its ImageNet indices); otherwise 0..k-1 over the sorted class folders.
+    shards_ok: `data` may be tar shards (their manifest's samples: paths inside the shards, for callers
+    that stream them: train.py and test_torchvision.py)."""
+    from shards import is_shard_source, shard_samples  # (shards.py reads images with this module)
+
     if is_shard_source(data):  # make-shards' tar shards: their manifest lists the images
-        from shards import shard_samples
+        if not shards_ok:
+            raise UserError(f"{data} is tar shards; this command reads image files: pass the image folder")
+        if labels_file is not None:
+            raise UserError(f"--val-labels does not apply to {data}: the shards' manifest holds their labels")
 
         return shard_samples(data, split, imagenet_labels, strict=need_split)
     extract_imagenet_archives(data, split)

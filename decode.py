@@ -97,7 +97,14 @@ class GpuDecodeLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def decode_on_cpu(self, index: int):
+    def decode_one(self, index: int, data: torch.Tensor):
+        """(image, '') on the device, else on the CPU (libjpeg, then PIL), else (None, why not)."""
+        try:
+            return decode_jpeg([data], mode=ImageReadMode.RGB, device=self.device)[0], ""
+        except OUT_OF_MEMORY:
+            raise
+        except RuntimeError:
+            pass
         try:
             return decode_rgb(self.dataset.samples[index].path), ""
         except (RuntimeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -115,9 +122,9 @@ class GpuDecodeLoader:
                 images.update((item[2], image) for item, image in zip(jpegs, decoded))
             except OUT_OF_MEMORY:  # a RuntimeError too, but for the caller's retry with a smaller batch
                 raise
-            except RuntimeError:
-                for item in jpegs:
-                    images[item[2]], error = self.decode_on_cpu(item[2])
+            except RuntimeError:  # an image the device refuses (CMYK, say) fails the batch: the rest one by one
+                for item, one in zip(jpegs, data):
+                    images[item[2]], error = self.decode_one(item[2], one)
                     errors += [(item[2], error)] if error else []
             good = [item for item in good if images.get(item[2]) is not None]
             batch = [images[item[2]].to(self.device, non_blocking=True) for item in good]

@@ -32,6 +32,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 CACHE_ENV = "IMAGENET_INDEX_CACHE"
 FRESH_SECONDS = 3  # folders changed this recently are not cached (coarse timestamps, see above)
 CACHE_VERSION = 1
+KEEP_ENTRIES = 16  # cached folders kept, most recently used first
 
 
 @dataclass(slots=True)
@@ -85,15 +86,16 @@ def encode_paths(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
 
 
-def scan(folder: str, prefix_len: int = 0) -> tuple[list[str], list[str]]:
+def scan(folder: str, prefix_len: int = 0) -> tuple[list[str], list[tuple[str, int]]]:
     """(image files below `folder`, sorted as paths and without their first `prefix_len` characters;
-    `folder` and the folders below it). Symlinks to files count, as prepare-val makes them; symlinked
-    folders don't. Directory entries tell files from folders without a stat per file on most file
-    systems, which matters on millions of images and on network file systems."""
+    `folder` and the folders below it, each with the modification time the walk found). Symlinks to
+    files count, as prepare-val makes them; symlinked folders don't. Directory entries tell files from
+    folders without a stat per file on most file systems, which matters on millions of images and on
+    network file systems."""
     found, pending, folders = [], [folder], []
     while pending:
         current = pending.pop()
-        folders.append(current)
+        folders.append((current, os.stat(current).st_mtime_ns))  # before listing: a change during the walk shows
         with os.scandir(current) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
@@ -134,8 +136,10 @@ def _read_cache(path: Path | None, folder: str, class_dirs: list[str]):
                 return None
             if _mtimes([os.path.join(folder, f) for f in key["folders"]]) != key["mtimes"]:
                 return None
-            return saved["blob"], saved["offsets"], saved["counts"]
-    except (OSError, ValueError, KeyError):  # unreadable or from another version: walk again
+            found = saved["blob"], saved["offsets"], saved["counts"]
+        os.utime(path)  # recently used: kept by _evict
+        return found
+    except Exception:  # noqa: BLE001 - truncated, unreadable or from another version: walk again
         return None
 
 
@@ -149,13 +153,22 @@ def _walk(folder: str, class_dirs: list[str]):
 
 def _write_cache(path: Path, folder: str, class_dirs: list[str], walked) -> None:
     blob, offsets, counts, folders, started = walked
-    mtimes = _mtimes(folders)
-    if mtimes is None or max(mtimes, default=0) > started - FRESH_SECONDS * 10**9:
-        return  # changed while or just before we walked it: don't vouch for it
+    mtimes = [mtime for _, mtime in folders]
+    if max(mtimes, default=0) > started - FRESH_SECONDS * 10**9:
+        return  # changed just before we walked it: don't vouch for it
     key = {"version": CACHE_VERSION, "folder": folder, "classes": class_dirs, "mtimes": mtimes}
-    key["folders"] = [os.path.relpath(f, folder) for f in folders]
+    key["folders"] = [os.path.relpath(f, folder) for f, _ in folders]
     with contextlib.suppress(UserError, OSError):  # a cache that can't be written (read-only home) costs only time
         atomic_write(path, lambda f: np.savez(f, blob=blob, offsets=offsets, counts=counts, key=json.dumps(key)), "wb")
+        _evict(path.parent, KEEP_ENTRIES)
+
+
+def _evict(cache: Path, keep: int) -> None:
+    """Only the `keep` most recently used entries stay (a job that copies its data to a new folder each
+    time would otherwise fill the home folder)."""
+    entries = sorted(cache.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def index_class_folders(folder: Path, class_dirs: list[str]):
@@ -165,11 +178,15 @@ def index_class_folders(folder: Path, class_dirs: list[str]):
     folder = os.path.abspath(folder)
     path = cache_file(Path(folder))
     if is_distributed() and path is not None:
+        walked = None
         if local_rank() == 0:
             found = _read_cache(path, folder, class_dirs)
             if found is None:
-                _write_cache(path, folder, class_dirs, _walk(folder, class_dirs))
+                walked = _walk(folder, class_dirs)
+                _write_cache(path, folder, class_dirs, walked)
         barrier()
+        if walked is not None:  # the walker keeps its own result (the cache may not have been written)
+            return walked[:3]
     found = _read_cache(path, folder, class_dirs)
     if found is not None:
         return found

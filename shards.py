@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import random
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,15 @@ import torch
 from dataset import SPLITS, collate, find_samples, imagenet_wnids, load_rgb, seeded_transform
 from index import IMAGE_EXTENSIONS, Samples
 from utils import UserError, atomic_write
+
+
+def is_shard_source(data) -> bool:
+    """--data names tar shards: a folder holding make-shards' manifests, a pattern or path ending in
+    .tar, or a URL (http://, pipe:, ...)."""
+    text = str(data)
+    if Path(text).is_dir():
+        return any((Path(text) / f"{split}.index.npz").is_file() for split in SPLITS)
+    return "://" in text or text.startswith("pipe:") or text.endswith(".tar")
 
 
 @dataclass
@@ -74,7 +84,7 @@ def read_manifest(data, split: str, imagenet_labels: bool, strict: bool = False)
     try:
         with np.load(io.BytesIO(_read_bytes(location)), allow_pickle=False) as saved:
             arrays = {k: saved[k] for k in saved.files}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(
             f"cannot read the shard manifest {location} ({e}); --data takes shards written by "
             "`python dataset.py make-shards SRC DST` (their folder, or a pattern of one split's .tar files)"
@@ -139,14 +149,15 @@ class ShardEvalStream(torch.utils.data.IterableDataset):
         self.samples, self.transform = samples, transform
         mine = range(rank, len(manifest.urls), world)
         self.urls = [manifest.urls[i] for i in mine if manifest.starts[i] < len(samples)]
-        self.count = sum(min(manifest.starts[i + 1], len(samples)) - manifest.starts[i] for i in mine)
-        self.count = int(max(self.count, 0))
+        self.count = int(sum(max(0, min(manifest.starts[i + 1], len(samples)) - manifest.starts[i]) for i in mine))
 
     def __len__(self) -> int:
         return self.count
 
     def __iter__(self):
         worker, workers = _worker()
+        if not self.urls[worker::workers]:  # more ranks (or workers) than shards: nothing to read here
+            return
         for index, data in _images_of(self.urls[worker::workers]):
             if index < len(self.samples):
                 image, error = _decode(data)
@@ -248,12 +259,24 @@ def shard_eval_loader(data, samples, transform, batch_size, workers, rank, world
     """Evaluation batches of rank `rank` of `world`: the images of `samples` (by index), from the shards."""
     manifest = read_manifest(data, split, imagenet_labels=False, strict=strict)
     stream = ShardEvalStream(manifest, samples, transform, rank, world)
-    return ShardLoader(stream, batch_size, min(workers, max(len(stream.urls), 1)), pin, drop_last=False)
+    return ShardLoader(stream, batch_size, min(workers, len(stream.urls)), pin, drop_last=False)
 
 
 def shard_train_loader(data, transform, cfg, rank: int, world: int, workers: int, pin: bool) -> ShardLoader:
-    manifest = read_manifest(data, "train", imagenet_labels=False)
+    if cfg.ra_sampler:
+        raise UserError(
+            "repeated augmentation (ra_sampler) deals images by index, which a tar stream can't; "
+            "pass --ra-sampler false to train from shards"
+        )
+    manifest = read_manifest(data, "train", imagenet_labels=False, strict=True)
     workers = shard_workers(manifest, world, workers)
+    slots = world * max(workers, 1)
+    if len(manifest.urls) % slots and rank == 0:
+        print(
+            f"note: {len(manifest.urls)} shards over {world} processes x {max(workers, 1)} loader workers: each "
+            f"epoch, slots with a shard less read some images twice and skip as many; write a multiple of {slots} "
+            "shards for epochs that read every image once"
+        )
     stream = ShardTrainStream(manifest, transform, cfg.seed, rank, world, cfg.shard_shuffle_buffer)
     loader = ShardLoader(stream, cfg.batch_size, workers, pin, drop_last=True)
     if len(loader) == 0:
@@ -299,7 +322,7 @@ def _split_items(samples, root: Path, labels, classes):
             "__key__": f"{i:08d}",
             {"jpeg": "jpg"}.get(suffix, suffix): Path(sample.path).read_bytes(),
             "cls": str(int(labels[i])).encode(),
-            "class": classes[sample.target].encode(),
+            "class": os.fsencode(classes[sample.target]),
             "path": os.fsencode(relative),
         }
 
@@ -307,10 +330,11 @@ def _split_items(samples, root: Path, labels, classes):
 def make_shards(src, dst, shard_size: int, split: str = "val") -> list[Path]:
     """Shards and a manifest for each split of `src` (see the module's docstring); the paths written."""
     src, dst = Path(src), Path(dst)
-    written = []
-    for name in [s for s in SPLITS if (src / s).is_dir()] or [split]:
+    written, splits = [], [s for s in SPLITS if (src / s).is_dir()] or [split]
+    for name in splits:  # before writing anything: hours of shards must not end in this error
         if list(dst.glob(f"{name}-*.tar")) or (dst / f"{name}.index.npz").exists():
             raise UserError(f"{dst} already holds {name} shards; choose an empty folder or remove them")
+    for name in splits:
         samples, imagenet_targets, classes = _labels(src, name)
         root = src / name if (src / name).is_dir() else src
         folder_targets = [s.target for s in samples]

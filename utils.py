@@ -201,7 +201,7 @@ def setup_distributed(device_name: Device):
     import torch.distributed as dist
 
     device = resolve_device(device_name)
-    if "TORCHELASTIC_RUN_ID" in os.environ and not is_distributed():
+    if (world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not is_distributed():
         if device.type == "cuda":
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)

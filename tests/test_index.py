@@ -86,6 +86,24 @@ def test_the_cache_is_reused_and_invalidated_when_a_class_folder_changes(tmp_pat
     assert classes == ["b", "c", "z"] and len(renamed) == 14
 
 
+def test_a_damaged_cache_entry_is_walked_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGENET_INDEX_CACHE", str(tmp_path / "cache"))
+    tree = make_tree(tmp_path / "train")
+    first = listing(find_samples(tree, "train", imagenet_labels=False)[0])
+    (entry,) = (tmp_path / "cache").glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[:100])  # cut short (a full disk, a killed writer)
+    assert listing(find_samples(tree, "train", imagenet_labels=False)[0]) == first
+
+
+def test_old_cache_entries_are_evicted(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGENET_INDEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(index, "KEEP_ENTRIES", 2)
+    for i in range(4):
+        find_samples(make_tree(tmp_path / f"t{i}"), "train", imagenet_labels=False)
+        time.sleep(0.01)  # distinct modification times
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
 def test_no_cache_when_turned_off_or_unwritable(tmp_path, monkeypatch):
     tree = make_tree(tmp_path / "val")
     monkeypatch.setenv("IMAGENET_INDEX_CACHE", "off")
@@ -112,7 +130,8 @@ def test_one_process_per_node_walks_under_torchrun(tmp_path):
         "open(out, 'w').write(f'{len(walks)} {len(samples)}')\n"
         "utils.cleanup_distributed()\n"
     )
-    env = {"IMAGENET_INDEX_CACHE": str(tmp_path / "cache")}
-    result = run_script(*TORCHRUN, script, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["3 15", "0 15"]
+    (tmp_path / "a_file").write_text("")
+    for cache, walks in ((tmp_path / "cache", ["3 15", "0 15"]), (tmp_path / "a_file" / "cache", ["3 15", "3 15"])):
+        result = run_script(*TORCHRUN, script, env={"IMAGENET_INDEX_CACHE": str(cache)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == walks  # unwritable: rank 0 walks once

@@ -43,7 +43,7 @@ def test_make_shards_writes_every_image_with_its_labels(val_folder, tmp_path):
     assert members["00000000.cls"] == str(first.target).encode()
     assert members["00000000.class"] == os.path.basename(os.path.dirname(first.path)).encode()
     assert members["00000000.path"] == os.path.relpath(first.path, val_folder).encode()
-    shard_samples, classes = find_samples(tmp_path / "shards")  # the manifest, as --data reads it
+    shard_samples, classes = find_samples(tmp_path / "shards", shards_ok=True)  # the manifest, as --data reads it
     assert [(os.path.join(val_folder, s.path), s.target) for s in shard_samples] == [
         (s.path, s.target) for s in samples
     ]
@@ -84,6 +84,13 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(val
     limited = run_script(*runs["pattern"], "--limit", "9", "--out", tmp_path / "limit", env=env)
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert rows_by_relative_path(tmp_path / "limit")[1] == expected[:9]
+    # one shard for two processes: rank 1 has nothing to read; --limit under torchrun
+    assert run_script("dataset.py", "make-shards", val_folder, tmp_path / "one", "--shard-size", "100").returncode == 0
+    one = [*TORCHRUN, "test_torchvision.py", "--data", tmp_path / "one", *options, "--limit", "5"]
+    one = run_script(*one, "--workers", "2", "--out", tmp_path / "o", env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    record, rows = rows_by_relative_path(tmp_path / "o")
+    assert rows == expected[:5] and record["n_images"] == 5
 
 
 @pytest.mark.slow
@@ -104,13 +111,44 @@ def test_training_on_shards_resumes_exactly_at_epoch_boundaries(tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     two = run_script(*TORCHRUN, *args, "--epochs", "1", "--run-name", "two")  # ranks take equal batch counts
     assert two.returncode == 0 and "process group gloo" in two.stdout, two.stderr[-3000:]
+    assert "note: 10 shards over 2 processes x 2 loader workers" in two.stdout  # 10 is no multiple of 4
+    val_pattern = str(tmp_path / "s" / "val-{000000..000003}.tar")  # names the folder; train.py takes train/
+    from_val = run_script("train.py", "--data", val_pattern, *args[3:], "--epochs", "1", "--run-name", "v")
+    assert from_val.returncode == 0 and "48 train / 18 val images" in from_val.stdout, from_val.stderr[-3000:]
 
 
 def test_shard_errors_end_in_one_line(tmp_path):
-    (tmp_path / "empty").mkdir()
     missing = run_script("test_torchvision.py", "--data", str(tmp_path / "val-{000000..000001}.tar"))
     assert_user_error(missing, "val.index.npz", "make-shards")
     data = make_colour_dataset(tmp_path / "data", per_class=(2, 1))
     assert run_script("dataset.py", "make-shards", data, tmp_path / "s", "--shard-size", "100").returncode == 0
     too_few = run_script("train.py", "--data", tmp_path / "s", *TINY, "--batch-size", "8", "--output", tmp_path)
     assert_user_error(too_few, "no full batch")
+    repeated = run_script("train.py", "--data", tmp_path / "s", *TINY, "--ra-sampler", "--output", tmp_path)
+    assert_user_error(repeated, "--ra-sampler false")
+    files_only = run_script(
+        "dataset.py", "preview", "--config", "configs/torchvision_v2.yaml", "--data", tmp_path / "s"
+    )
+    assert_user_error(files_only, "is tar shards", "image folder")
+    labels = run_script(
+        "test_torchvision.py", "--data", tmp_path / "s", "--val-labels", "x.csv", "--models", "resnet18"
+    )
+    assert_user_error(labels, "--val-labels does not apply")
+    (tmp_path / "s" / "val.index.npz").write_bytes(b"PK\x03\x04 cut short")  # a half-downloaded manifest
+    assert_user_error(run_script("test_torchvision.py", "--data", tmp_path / "s"), "cannot read the shard manifest")
+
+
+def test_make_shards_keeps_class_and_file_names_that_are_not_utf8(tmp_path):
+    data = make_colour_dataset(tmp_path / "data", per_class=(2, 1))
+    odd = os.fsdecode(b"caf\xe9")
+    for split in ("train", "val"):
+        (data / split / "red").rename(data / split / odd)
+        (data / split / odd / "0.png").rename(data / split / odd / os.fsdecode(b"\xff.png"))
+    result = run_script("dataset.py", "make-shards", data, tmp_path / "s", "--shard-size", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    shard_samples, classes = find_samples(tmp_path / "s", "val", imagenet_labels=False, shards_ok=True)
+    folder_samples, folder_classes = find_samples(data, "val", imagenet_labels=False)
+    assert classes == folder_classes and odd in classes
+    assert [(os.path.join(data, "val", s.path), s.target) for s in shard_samples] == [
+        (s.path, s.target) for s in folder_samples
+    ]
