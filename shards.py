@@ -52,7 +52,7 @@ def is_shard_source(data) -> bool:
 class Manifest:
     urls: list[str]  # the split's shards, in order
     starts: np.ndarray  # index of each shard's first image, then the total
-    samples: Samples  # paths relative to the split folder; targets set by `labels`
+    samples: Samples  # paths relative to the split folder; ImageNet or folder targets (imagenet_labels)
     classes: list[str]
 
 
@@ -69,7 +69,7 @@ def read_manifest(data, split: str, imagenet_labels: bool, strict: bool = False)
     """The shards and images of `split`. For a pattern: the split its file names start with, unless
     `strict` (train.py) asks for another split of the same folder (its val/ beside its train/)."""
     text = str(data)
-    if ".tar" in text.split("}")[-1] or text.endswith(".tar"):
+    if text.endswith(".tar"):
         import braceexpand
 
         urls = list(braceexpand.braceexpand(text))
@@ -194,9 +194,9 @@ class ShardTrainStream(torch.utils.data.IterableDataset):
         random.Random(hash((self.seed, self.epoch))).shuffle(order)
         urls = [self.urls[i] for i in order[self.rank :: self.world][worker::workers]]
         rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
-        buffer, stream = [], self._stream(urls)
-        for _ in range(self.quota(worker, workers)):
-            while len(buffer) < self.buffer:
+        buffer, stream, quota = [], self._stream(urls), self.quota(worker, workers)
+        for taken in range(quota):
+            while len(buffer) < min(self.buffer, quota - taken):  # read no image more than the quota needs
                 buffer.append(next(stream))
             index, data = buffer.pop(rng.randrange(len(buffer)))
             image, error = _decode(data)

@@ -2,9 +2,12 @@
 from shards equals the folder's image by image in 1 and 2 processes; training streams them and
 resumes exactly at epoch boundaries; clear errors."""
 
+import functools
+import http.server
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -67,17 +70,26 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(val
     env = {"TORCH_HOME": str(torch_home)}
     options = "--models resnet18 --resize 64 --crop 56 --batch-size 4".split()
     pattern = str(tmp_path / "s" / "val-{000000..000006}.tar")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "s"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # shards from a URL, through curl
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    env.update(NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
     runs = {
         "folder": ["test_torchvision.py", "--data", val_folder, *options, "--workers", "0"],
         "pattern": ["test_torchvision.py", "--data", pattern, *options, "--workers", "2"],
         "two": [*TORCHRUN, "test_torchvision.py", "--data", tmp_path / "s", *options, "--workers", "2"],
+        "url": ["test_torchvision.py", "--data", url + "/val-{000000..000006}.tar", *options, "--workers", "1"],
     }
-    for name, args in runs.items():
-        result = run_script(*args, "--out", tmp_path / name, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        for name, args in runs.items():
+            result = run_script(*args, "--out", tmp_path / name, env=env)
+            assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        server.shutdown()
     folder, expected = rows_by_relative_path(tmp_path / "folder", val_folder)
     assert folder["n_images"] == 25 and len(expected) == 25
-    for name in ("pattern", "two"):
+    for name in ("pattern", "two", "url"):
         record, rows = rows_by_relative_path(tmp_path / name)
         assert rows == expected, name
         assert (record["n_images"], record["acc1"], record["acc5"]) == (25, folder["acc1"], folder["acc5"])
