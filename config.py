@@ -19,7 +19,7 @@ from utils import RUNTIME_HELP, Amp, ArgumentParser, ChannelsLast, Device, UserE
 @dataclass
 class TrainConfig:
     # data and model
-    data: str = ""  # ImageFolder root with train/ and val/ (class names need not be wnids)
+    data: str = ""  # ImageFolder root with train/ and val/ (any class names), or tar shards (shards.py)
     arch: str = "resnet18"  # any name in torchvision.models.list_models()
     weights: str | None = None  # start from pretrained weights (DEFAULT, IMAGENET1K_V2, a .pth) to fine-tune
     weights_dir: str | None = None  # folder of downloaded torchvision .pth files; none: torchvision's cache

@@ -106,6 +106,8 @@ def extract_imagenet_archives(data, split: str = "val") -> None:
 def split_folder(data, split: str = "val", need_split: bool = False) -> Path:
     """`data` may be the split folder itself or (unless need_split) the root holding it."""
     data = Path(data)
+    if data.is_file():
+        raise UserError(f"{data} is a file; pass the folder it is in (the ImageNet {split} folder or its root)")
     if not data.is_dir():
         raise UserError(f"data folder {data} does not exist; pass the ImageNet {split} folder or its root")
     if need_split and not (data / split).is_dir():
@@ -365,7 +367,8 @@ def main(argv=None):
     tar.add_argument("src", help="a root with train/ and val/, or one split folder (any layout --data takes)")
     tar.add_argument("dst", help="the folder to write <split>-000000.tar ... and <split>.index.npz into")
     tar.add_argument("--shard-size", type=positive_int, default=5000, help="images per shard (default: 5000)")
-    tar.add_argument("--split", default="val", help="the name of a single split folder's shards (default: val)")
+    tar.add_argument("--split", help="one split folder's shard name (default: its name if train or val, else val)")
+    tar.add_argument("--labels", help="labels of a flat val folder: LOC_val_solution.csv or the devkit")
     show = sub.add_parser("preview", help="a PNG grid of augmented, mixed training images and their soft labels")
     show.add_argument("--config", required=True, help="a train.py config (configs/*.yaml)")
     show.add_argument("--data", required=True, help="an ImageFolder root (its train/ folder is used) or class folders")
@@ -374,9 +377,9 @@ def main(argv=None):
     show.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.command == "make-shards":
-        from shards import make_shards
+        from shard_writer import make_shards
 
-        return make_shards(args.src, args.dst, args.shard_size, args.split)
+        return make_shards(args.src, args.dst, args.shard_size, args.split, args.labels)
     if args.command == "preview":
         from plots import write_preview  # matplotlib and the training config only for this command
 

@@ -1,7 +1,7 @@
 """WebDataset tar shards: many small files turned into a few large sequential reads, for clusters
 whose shared storage or object store is slow at opening millions of files.
 
-    python dataset.py make-shards /data/imagenet /data/shards --shard-size 5000
+    python dataset.py make-shards /data/imagenet /data/shards --shard-size 5005
     torchrun --nproc_per_node=8 train.py --data /data/shards --arch resnet50
     python test_torchvision.py --data 'https://host/shards/val-{000000..000009}.tar' --models resnet50
 
@@ -11,7 +11,8 @@ ImageNet class index and its folder's position among the sorted class folders), 
 each shard's first image. Each tar sample holds the image's bytes (under its suffix, jpg for JPEG),
 `cls` (class index), `class` (folder name, the wnid) and `path`, so other WebDataset readers can use
 the shards too. --data takes the folder (or URL) of the manifests, or a brace pattern of one split's
-shards; local paths and any URL webdataset's gopen opens (http, https, pipe:, ...) work.
+shards; local paths and any URL webdataset's gopen opens (http, https, pipe: commands that end with
+the shard's name, ...) work.
 
 Evaluation: rank r of w reads shards r, r + w, ...; each shard is read by one loader worker, so every
 image is counted exactly once in any world size, and predictions equal the folder's image by image.
@@ -23,20 +24,17 @@ with the same world size and --workers: an interrupted epoch starts again from i
 """
 
 import io
-import itertools
 import json
-import os
 import random
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dataset import SPLITS, collate, find_samples, imagenet_wnids, load_rgb, seeded_transform
+from dataset import SPLITS, collate, imagenet_wnids, load_rgb, seeded_transform
 from index import IMAGE_EXTENSIONS, Samples
-from utils import UserError, atomic_write
+from utils import UserError
 
 
 def is_shard_source(data) -> bool:
@@ -54,9 +52,23 @@ class Manifest:
     starts: np.ndarray  # index of each shard's first image, then the total
     samples: Samples  # paths relative to the split folder; ImageNet or folder targets (imagenet_labels)
     classes: list[str]
+    dataset: str  # the source folder's test-set name (testsets.dataset_name), for result rows
+
+
+CURL = "curl -f -s -S -L --connect-timeout 20 --speed-limit 1 --speed-time 60 --retry 3 --retry-delay 2"
+
+
+def _opened(url: str) -> str:
+    """http(s) through curl with time limits (webdataset's own retries for minutes when a server is silent)."""
+    return f"pipe:{CURL} {url!r}" if url.startswith(("http://", "https://")) else url
 
 
 def _read_bytes(location: str) -> bytes:
+    if location.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(location, timeout=60) as f:
+            return f.read()
     if "://" in location or location.startswith("pipe:"):
         import webdataset as wds
 
@@ -69,6 +81,13 @@ def read_manifest(data, split: str, imagenet_labels: bool, strict: bool = False)
     """The shards and images of `split`. For a pattern: the split its file names start with, unless
     `strict` (train.py) asks for another split of the same folder (its val/ beside its train/)."""
     text = str(data)
+    if "*" in text or "?" in text:
+        raise UserError(
+            f"{data}: globs are not expanded here; pass the shards' folder or a brace pattern such as "
+            "'DST/val-{000000..000009}.tar'"
+        )
+    if Path(text).name.startswith("ILSVRC2012_img_"):
+        raise UserError(f"{data} is ImageNet's archive, not shards; pass the folder holding it and the devkit")
     if text.endswith(".tar"):
         import braceexpand
 
@@ -84,7 +103,7 @@ def read_manifest(data, split: str, imagenet_labels: bool, strict: bool = False)
     try:
         with np.load(io.BytesIO(_read_bytes(location)), allow_pickle=False) as saved:
             arrays = {k: saved[k] for k in saved.files}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - missing, cut short, a server's error: one line that says where
         raise UserError(
             f"cannot read the shard manifest {location} ({e}); --data takes shards written by "
             "`python dataset.py make-shards SRC DST` (their folder, or a pattern of one split's .tar files)"
@@ -93,15 +112,26 @@ def read_manifest(data, split: str, imagenet_labels: bool, strict: bool = False)
     if urls is None:
         urls = [f"{folder}/{name}" for name in names]
     elif [u.rsplit("/", 1)[-1] for u in urls] != names:
-        raise UserError(f"{data} names {len(urls)} shards, but {location} lists {len(names)} ({names[0]} ...)")
+        given = {u.rsplit("/", 1)[-1] for u in urls}
+        odd = sorted(given - set(names)) or sorted(set(names) - given)
+        raise UserError(
+            f"{data} does not name the {len(names)} shards {location} lists ({odd[0]} differs); pass the folder "
+            f"{folder} or '{folder}/{split}-{{000000..{len(names) - 1:06d}}}.tar'"
+        )
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if missing:
+        raise UserError(f"shard {missing[0]} is missing ({len(missing)} of {len(urls)}); write the shards again")
     if imagenet_labels and not bool(arrays["imagenet"]):
-        raise UserError(f"the classes of {data} are not ImageNet classes, so a 1000-way ImageNet head can't score them")
+        raise UserError(
+            f"the classes of {data} are not ImageNet classes, so a 1000-way ImageNet head can't score them; "
+            "fine-tune a model on them with train.py, or make shards of wnid class folders"
+        )
     targets = arrays["targets_imagenet" if imagenet_labels else "targets_folder"]
     samples = Samples("", arrays["blob"], arrays["offsets"], targets)
     classes = json.loads(str(arrays["classes"]))
     if imagenet_labels:
         classes = imagenet_wnids()
-    return Manifest(urls, arrays["starts"], samples, classes)
+    return Manifest(urls, arrays["starts"], samples, classes, str(arrays.get("dataset", split)))
 
 
 def shard_samples(data, split: str, imagenet_labels: bool, strict: bool = False) -> tuple[Samples, list[str]]:
@@ -112,15 +142,29 @@ def shard_samples(data, split: str, imagenet_labels: bool, strict: bool = False)
 # ----------------------------------------------------------------------------- reading
 
 
-def _images_of(urls: list[str]):
-    """(index, image bytes) of every image of these shards, in order."""
+def _images_of(shards: list[tuple[str, int, int]]):
+    """(index, image bytes) of every image of these (url, first index, end index) shards, in order.
+    A shard that can't be read, or holds other images than the manifest says, ends the run."""
     import webdataset as wds
 
-    keep = lambda shards: shards  # noqa: E731 - the shards are dealt to ranks and workers here already
-    stream = wds.WebDataset(urls, shardshuffle=False, nodesplitter=keep, workersplitter=keep, empty_check=False)
-    for sample in stream:
-        image = next((sample[k] for k in sample if k.lower() in _IMAGE_KEYS), None)
-        yield int(sample["__key__"]), image
+    keep = lambda urls: urls  # noqa: E731 - the shards are dealt to ranks and workers here already
+    for url, first, end in shards:
+        expected = first
+        try:
+            for sample in wds.WebDataset([_opened(url)], shardshuffle=False, nodesplitter=keep, workersplitter=keep):
+                index = int(sample["__key__"])
+                if index != expected:
+                    break
+                expected += 1
+                yield index, next((sample[k] for k in sample if k.lower() in _IMAGE_KEYS), None)
+        except Exception as e:  # noqa: BLE001 - tarfile, curl and file errors, from a loader worker
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot read shard {url} ({why}); check it, or write the shards again") from None
+        if expected != end:
+            raise UserError(
+                f"shard {url} holds other images than its manifest lists (image {expected} of {first}..{end - 1}); "
+                "write the shards again"
+            )
 
 
 _IMAGE_KEYS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
@@ -147,29 +191,33 @@ class ShardEvalStream(torch.utils.data.IterableDataset):
 
     def __init__(self, manifest: Manifest, samples, transform, rank: int, world: int):
         self.samples, self.transform = samples, transform
+        starts = manifest.starts.tolist()
         mine = range(rank, len(manifest.urls), world)
-        self.urls = [manifest.urls[i] for i in mine if manifest.starts[i] < len(samples)]
-        self.count = int(sum(max(0, min(manifest.starts[i + 1], len(samples)) - manifest.starts[i]) for i in mine))
+        self.urls = [(manifest.urls[i], starts[i], starts[i + 1]) for i in mine if starts[i] < len(samples)]
+        self.count = sum(max(0, min(starts[i + 1], len(samples)) - starts[i]) for i in mine)  # this rank's
 
-    def __len__(self) -> int:
-        return self.count
+    def __len__(self) -> int:  # the images evaluated, as len() of a folder dataset
+        return len(self.samples)
 
     def __iter__(self):
         worker, workers = _worker()
         if not self.urls[worker::workers]:  # more ranks (or workers) than shards: nothing to read here
             return
         for index, data in _images_of(self.urls[worker::workers]):
-            if index < len(self.samples):
-                image, error = _decode(data)
-                target = self.samples[index].target
-                yield (self.transform(image) if image is not None else None), target, index, error
+            if index >= len(self.samples):  # --limit: the rest of this shard is not evaluated
+                break
+            image, error = _decode(data)
+            target = self.samples[index].target
+            yield (self.transform(image) if image is not None else None), target, index, error
 
 
 class ShardTrainStream(torch.utils.data.IterableDataset):
     """An epoch of (image, target, index, error) items for one rank (see the module's docstring)."""
 
     def __init__(self, manifest: Manifest, transform, seed: int, rank: int, world: int, buffer: int):
-        self.urls, self.samples, self.transform = manifest.urls, manifest.samples, transform
+        starts = manifest.starts.tolist()
+        self.urls = [(url, starts[i], starts[i + 1]) for i, url in enumerate(manifest.urls)]
+        self.samples, self.transform = manifest.samples, transform
         self.seed, self.rank, self.world, self.buffer, self.epoch = seed, rank, world, buffer, 0
         self.per_rank = len(self.samples) // world
 
@@ -186,7 +234,7 @@ class ShardTrainStream(torch.utils.data.IterableDataset):
                 found += 1
                 yield item
             if not found:
-                raise UserError(f"no images in the shards {', '.join(urls[:3])}")
+                raise UserError(f"no images in the shards {', '.join(url for url, _, _ in urls[:3])}")
 
     def __iter__(self):
         worker, workers = _worker()
@@ -236,13 +284,16 @@ class ShardLoader:
         if isinstance(stream, ShardTrainStream):
             self.batches = sum(stream.quota(k, max(workers, 1)) // batch_size for k in range(max(workers, 1)))
         else:
-            self.batches = -(-len(stream) // batch_size)
+            self.batches = -(-stream.count // batch_size)
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self):
-        return iter(self.loader)
+        try:
+            yield from self.loader
+        except UserError as e:  # from a loader worker: its message arrives inside the worker's traceback
+            raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
 def shard_workers(manifest: Manifest, world: int, workers: int) -> int:
@@ -270,6 +321,8 @@ def shard_train_loader(data, transform, cfg, rank: int, world: int, workers: int
         )
     manifest = read_manifest(data, "train", imagenet_labels=False, strict=True)
     workers = shard_workers(manifest, world, workers)
+    if cfg.save_every_steps and rank == 0:
+        print("note: from tar shards, a run stopped inside an epoch resumes at that epoch's start (--save-every-steps)")
     slots = world * max(workers, 1)
     if len(manifest.urls) % slots and rank == 0:
         print(
@@ -285,80 +338,3 @@ def shard_train_loader(data, transform, cfg, rank: int, world: int, workers: int
             f"({world} processes x {max(workers, 1)} workers); lower --batch-size or --workers"
         )
     return loader
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def _labels(folder: Path, split: str):
-    """(samples with their folder-position targets, their ImageNet targets or None, class names)."""
-    try:
-        imagenet = find_samples(folder, split, imagenet_labels=True)[0]
-    except UserError:  # class folders that are not ImageNet's
-        imagenet = None
-    try:
-        samples, classes = find_samples(folder, split, imagenet_labels=False)
-    except UserError:
-        if imagenet is None:
-            raise
-        samples, classes = imagenet, imagenet_wnids()  # a flat val folder: ImageNet's classes only
-    return samples, None if imagenet is None else imagenet.targets, classes
-
-
-def _write_tar(f, items) -> None:
-    import webdataset as wds
-
-    with wds.TarWriter(f, encoder=False) as tar:
-        for item in items:
-            tar.write(item)
-
-
-def _split_items(samples, root: Path, labels, classes):
-    """The tar sample of each image of a split, in order (bytes read as they are written)."""
-    for i, sample in enumerate(samples):
-        relative = os.path.relpath(sample.path, root)
-        suffix = Path(relative).suffix.lower().lstrip(".")
-        yield {
-            "__key__": f"{i:08d}",
-            {"jpeg": "jpg"}.get(suffix, suffix): Path(sample.path).read_bytes(),
-            "cls": str(int(labels[i])).encode(),
-            "class": os.fsencode(classes[sample.target]),
-            "path": os.fsencode(relative),
-        }
-
-
-def make_shards(src, dst, shard_size: int, split: str = "val") -> list[Path]:
-    """Shards and a manifest for each split of `src` (see the module's docstring); the paths written."""
-    src, dst = Path(src), Path(dst)
-    written, splits = [], [s for s in SPLITS if (src / s).is_dir()] or [split]
-    for name in splits:  # before writing anything: hours of shards must not end in this error
-        if list(dst.glob(f"{name}-*.tar")) or (dst / f"{name}.index.npz").exists():
-            raise UserError(f"{dst} already holds {name} shards; choose an empty folder or remove them")
-    for name in splits:
-        samples, imagenet_targets, classes = _labels(src, name)
-        root = src / name if (src / name).is_dir() else src
-        folder_targets = [s.target for s in samples]
-        labels = imagenet_targets if imagenet_targets is not None else folder_targets
-        items, shard_names = _split_items(samples, root, labels, classes), []
-        for first in range(0, len(samples), shard_size):
-            shard_names.append(f"{name}-{len(shard_names):06d}.tar")
-            count = min(shard_size, len(samples) - first)
-            atomic_write(
-                dst / shard_names[-1], lambda f, n=count, items=items: _write_tar(f, itertools.islice(items, n)), "wb"
-            )
-            written.append(dst / shard_names[-1])
-        compact = Samples.from_paths("", [os.path.relpath(s.path, root) for s in samples], folder_targets)
-        arrays = {
-            "blob": compact.blob,
-            "offsets": compact.offsets,
-            "targets_folder": compact.targets,
-            "targets_imagenet": np.asarray(labels if imagenet_targets is not None else [-1] * len(samples), np.int32),
-            "imagenet": np.array(imagenet_targets is not None),
-            "classes": np.array(json.dumps(classes)),
-            "shards": np.array(json.dumps(shard_names)),
-            "starts": np.array([*range(0, len(samples), shard_size), len(samples)], dtype=np.int64),
-        }
-        atomic_write(dst / f"{name}.index.npz", lambda f, arrays=arrays: np.savez(f, **arrays), "wb")
-        written.append(dst / f"{name}.index.npz")
-        print(f"{root}: {len(samples)} images in {len(shard_names)} shards {dst / name}-*.tar, manifest {written[-1]}")
-    return written

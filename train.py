@@ -244,13 +244,13 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> di
         saved_batch = checkpoint.get("config", {}).get("batch_size", cfg.batch_size)
         stream = is_shard_source(cfg.data) and not cfg.dummy  # a shard stream resumes at epoch starts
         if state.batch and (stream or (saved_batch, state.world_size) != (cfg.batch_size, world_size())):
-            if global_rank() == 0:  # its position counts batches of another size: redo the epoch
-                print(
-                    f"note: {resume_from} stopped inside epoch {state.epoch + 1} with batch {saved_batch} x "
-                    f"{state.world_size} processes; "
-                    + ("from tar shards" if stream else "with another global batch")
-                    + " that epoch starts again"
+            if global_rank() == 0:  # its position counts batches of another size, or a stream's: redo the epoch
+                why = (
+                    "a tar-shard stream resumes at epoch starts"
+                    if stream
+                    else (f"it ran with batch {saved_batch} x {state.world_size} processes, another global batch")
                 )
+                print(f"note: {resume_from} stopped inside epoch {state.epoch + 1}; {why}: that epoch starts again")
             state.batch, state.train_sums = 0, None
         state.world_size = world_size()
         train_loader.sampler.skip = state.batch * cfg.batch_size  # a mid-epoch checkpoint continues there

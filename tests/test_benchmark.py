@@ -157,3 +157,15 @@ def test_index_part_times_our_index_against_imagefolder_and_measures_memory(tmp_
     assert 20 < memory["path_bytes_per_image"] < 30  # 'n01440764/n01440764_12.JPEG': relative paths
     assert memory["list_of_samples_bytes_per_image"] > 100
     assert "bytes per image beside" in result.stdout and "loader workers: resident +" in result.stdout
+
+
+def test_the_index_parts_cached_timing_reads_the_cache(monkeypatch):
+    import argparse
+
+    import index
+    import index_benchmark
+
+    hits, read = [], index._read_cache
+    monkeypatch.setattr(index, "_read_cache", lambda *a: hits.append(read(*a)) or hits[-1])
+    index_benchmark.bench_index(argparse.Namespace(files=3000, repeats=1))
+    assert sum(hit is not None for hit in hits) >= 2  # the warm-up and the timed call of "ours, cached"

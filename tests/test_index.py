@@ -3,6 +3,7 @@ when a folder changes, skipped for folders changed seconds ago), one walker per 
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,7 +102,17 @@ def test_old_cache_entries_are_evicted(tmp_path, monkeypatch):
     for i in range(4):
         find_samples(make_tree(tmp_path / f"t{i}"), "train", imagenet_labels=False)
         time.sleep(0.01)  # distinct modification times
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    kept = {p.name for p in (tmp_path / "cache").glob("*.npz")}
+    assert kept == {index.cache_file(Path(os.path.abspath(tmp_path / f"t{i}"))).name for i in (2, 3)}  # the newest
+
+
+def test_nested_folders_are_ordered_as_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGENET_INDEX_CACHE", "off")
+    for sub in ("x", "x-y"):  # as strings 'a/x-y/0.jpg' < 'a/x/0.jpg'; as paths a/x comes first
+        (tmp_path / "val" / "a" / sub).mkdir(parents=True)
+        (tmp_path / "val" / "a" / sub / "0.jpg").write_bytes(b"")
+    samples, _ = find_samples(tmp_path / "val", imagenet_labels=False)
+    assert [os.path.relpath(s.path, tmp_path / "val") for s in samples] == ["a/x/0.jpg", "a/x-y/0.jpg"]
 
 
 def test_no_cache_when_turned_off_or_unwritable(tmp_path, monkeypatch):

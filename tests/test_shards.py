@@ -92,6 +92,7 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(val
     for name in ("pattern", "two", "url"):
         record, rows = rows_by_relative_path(tmp_path / name)
         assert rows == expected, name
+        assert record["dataset"] == folder["dataset"]  # the source folder's name, kept in the manifest
         assert (record["n_images"], record["acc1"], record["acc5"]) == (25, folder["acc1"], folder["acc5"])
     limited = run_script(*runs["pattern"], "--limit", "9", "--out", tmp_path / "limit", env=env)
     assert limited.returncode == 0, limited.stderr[-3000:]
@@ -164,3 +165,69 @@ def test_make_shards_keeps_class_and_file_names_that_are_not_utf8(tmp_path):
     assert [(os.path.join(data, "val", s.path), s.target) for s in shard_samples] == [
         (s.path, s.target) for s in folder_samples
     ]
+
+
+def test_damaged_or_mismatched_shards_end_in_one_line(val_folder, tmp_path, torch_home):
+    assert run_script("dataset.py", "make-shards", val_folder, tmp_path / "s", "--shard-size", "10").returncode == 0
+    save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
+    args = ["test_torchvision.py", "--models", "resnet18", "--resize", "64", "--crop", "56", "--workers", "1"]
+    env = {"TORCH_HOME": str(torch_home)}
+    shard = tmp_path / "s" / "val-000002.tar"
+    good = shard.read_bytes()
+    shard.write_bytes((tmp_path / "s" / "val-000001.tar").read_bytes())  # another shard's images under its name
+    assert_user_error(run_script(*args, "--data", tmp_path / "s", env=env), "val-000002.tar", "write the shards again")
+    shard.write_bytes(good[: len(good) // 2])  # cut short
+    assert_user_error(run_script(*args, "--data", tmp_path / "s", env=env), "cannot read shard", "val-000002.tar")
+    shard.unlink()
+    assert_user_error(run_script(*args, "--data", tmp_path / "s", env=env), "val-000002.tar is missing")
+    partial = run_script(*args, "--data", str(tmp_path / "s" / "val-{000000..000001}.tar"), env=env)
+    assert_user_error(partial, "val-{000000..000002}.tar", "pass the folder")
+    assert_user_error(run_script(*args, "--data", str(tmp_path / "s" / "*.tar")), "globs are not expanded")
+
+
+def test_make_shards_names_a_split_folder_by_its_name_and_refuses_to_write_inside_it(tmp_path):
+    data = make_colour_dataset(tmp_path / "data", per_class=(2, 1))
+    assert run_script("dataset.py", "make-shards", data / "train", tmp_path / "s").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["train-000000.tar", "train.index.npz"]
+    inside = run_script("dataset.py", "make-shards", data, data / "shards")
+    assert_user_error(inside, "is inside")
+
+
+def train_stream(tmp_path, buffer):
+    """A training stream over 8 shards of 6 images (equal worker shares: nothing is read twice)."""
+    from shard_writer import make_shards
+    from shards import ShardTrainStream, read_manifest
+
+    if not (tmp_path / "s").exists():
+        make_shards(make_colour_dataset(tmp_path / "data", per_class=(16, 1)), tmp_path / "s", 6)
+    manifest = read_manifest(tmp_path / "s", "train", imagenet_labels=False, strict=True)
+    return ShardTrainStream(manifest, lambda image: 0, seed=0, rank=0, world=1, buffer=buffer)
+
+
+def test_the_training_stream_is_shuffled_by_epoch_and_by_worker(tmp_path, monkeypatch):
+    import shards
+
+    stream = train_stream(tmp_path, buffer=1)  # a buffer of 1 yields the shards in their dealt order
+    first = [index for _, _, index, _ in stream]
+    assert sorted(first) == list(range(48))  # one epoch, one worker: every image once
+    stream.epoch = 1
+    assert [index for _, _, index, _ in stream] != first
+    orders = []
+    for worker in (0, 1):
+        monkeypatch.setattr(shards, "_worker", lambda w=worker: (w, 2))
+        read = [index for _, _, index, _ in train_stream(tmp_path, buffer=1)]
+        shuffled = [index for _, _, index, _ in train_stream(tmp_path, buffer=100)]
+        assert sorted(read) == sorted(shuffled) and len(read) == 24
+        orders.append([read.index(i) for i in shuffled])
+    assert orders[0] != orders[1]  # each worker's buffer draws its own order
+
+
+def test_worker_quotas_share_the_remainder():
+    import numpy as np
+
+    from index import Samples
+    from shards import Manifest, ShardTrainStream
+
+    samples = Samples.from_paths("", [f"{i}.jpg" for i in range(10)], [0] * 10)
+    stream = ShardTrainStream(Manifest(["x.tar"], np.array([0, 10]), samples, ["a"], "x"), None, 0, 0, 1, 1)
+    assert [stream.quota(w, 4) for w in range(4)] == [3, 3, 2, 2]
