@@ -132,7 +132,6 @@ def find_samples(
             raise UserError(f"{data} is tar shards; this command reads image files: pass the image folder")
         if labels_file is not None:
             raise UserError(f"--val-labels does not apply to {data}: the shards' manifest holds their labels")
-
         return shard_samples(data, split, imagenet_labels, strict=need_split)
     extract_imagenet_archives(data, split)
     folder = split_folder(data, split, need_split)

@@ -17,8 +17,9 @@ from engine import OUT_OF_MEMORY
 from presets import EvalPreset
 
 
-def is_jpeg(data: torch.Tensor) -> bool:
-    return data[:2].tolist() == [0xFF, 0xD8]
+def is_jpeg(data: torch.Tensor | bytes) -> bool:
+    """A JPEG's first two bytes, in a file's bytes or a uint8 tensor of them."""
+    return bytes(data[:2]) == b"\xff\xd8"
 
 
 def decode_rgb(path: str, data: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,7 +69,7 @@ class TensorImageDataset(ImageDataset):
         if self.raw_jpeg:
             with open(path, "rb") as f:
                 data = f.read()
-            if data[:2] == b"\xff\xd8":
+            if is_jpeg(data):
                 # bytes, not a tensor: a tensor crosses from a loader worker as its own shared-memory file,
                 # which costs the main process more per image than the GPU's decode (H100: 1.8k img/s cap)
                 return data
@@ -79,8 +80,9 @@ class TensorImageDataset(ImageDataset):
 class GpuDecodeLoader:
     """Iterates like build_loader's loader (so engine.evaluate runs on it unchanged), but each batch of
     JPEG bytes is decoded in one batched decode_jpeg call on `device` and resized and cropped there.
-    A batch the device refuses (e.g. a CMYK JPEG) is decoded image by image on the CPU; an image
-    nothing can decode is reported like build_loader reports it."""
+    When the device refuses a batch (e.g. for a CMYK JPEG in it), its images are decoded one by one, on
+    the device where it takes them, else on the CPU; an image nothing can decode is reported like
+    build_loader reports it."""
 
     def __init__(self, samples, preset: EvalPreset, batch_size: int, workers: int, device, sampler=None):
         self.dataset = TensorImageDataset(samples, torch.nn.Identity(), raw_jpeg=True)

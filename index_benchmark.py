@@ -126,6 +126,7 @@ def bench_index(args) -> list[dict]:
             {
                 "part": "index_memory",
                 "files": files,
+                "workers": LOADER_WORKERS,
                 "path_bytes_per_image": samples.blob.nbytes / files,
                 "bytes_per_image_beside_paths": beside_paths,
                 "list_of_samples_bytes_per_image": object_bytes,

@@ -248,8 +248,8 @@ def benchmark_summary(rows: list[dict]) -> list[str]:
             f"{r['list_of_samples_bytes_per_image']:.0f} bytes per image)"
         )
         lines.append(
-            f"index: one pass of 4 loader workers: resident +{ours[0]:.1f} MB, private +{ours[1]:.1f} MB per "
-            f"worker (a list of Sample objects: +{objects[0]:.1f} MB, +{objects[1]:.1f} MB)"
+            f"index: one pass of {r['workers']} loader workers: resident +{ours[0]:.1f} MB, private "
+            f"+{ours[1]:.1f} MB per worker (a list of Sample objects: +{objects[0]:.1f} MB, +{objects[1]:.1f} MB)"
         )
     for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(

@@ -38,17 +38,16 @@ def _write_tar(f, items) -> None:
             tar.write(item)
 
 
-def _split_items(samples, root: Path, labels, classes):
+def _split_items(samples, relative: list[str], labels, classes):
     """The tar sample of each image of a split, in order (bytes read as they are written)."""
     for i, sample in enumerate(samples):
-        relative = os.path.relpath(sample.path, root)
-        suffix = Path(relative).suffix.lower().lstrip(".")
+        suffix = Path(relative[i]).suffix.lower().lstrip(".")
         yield {
             "__key__": f"{i:08d}",
             {"jpeg": "jpg"}.get(suffix, suffix): Path(sample.path).read_bytes(),
             "cls": str(int(labels[i])).encode(),
             "class": os.fsencode(classes[sample.target]),
-            "path": os.fsencode(relative),
+            "path": os.fsencode(relative[i]),
         }
 
 
@@ -68,9 +67,9 @@ def make_shards(src, dst, shard_size: int, split: str | None = None, labels_file
     for name in splits:
         samples, imagenet_targets, classes = _labels(src, name, labels_file)
         root = src / name if (src / name).is_dir() else src
-        folder_targets = [s.target for s in samples]
-        labels = imagenet_targets if imagenet_targets is not None else folder_targets
-        items, shard_names = _split_items(samples, root, labels, classes), []
+        relative = [os.path.relpath(s.path, root) for s in samples]
+        labels = imagenet_targets if imagenet_targets is not None else samples.targets
+        items, shard_names = _split_items(samples, relative, labels, classes), []
         for first in range(0, len(samples), shard_size):
             shard_names.append(f"{name}-{len(shard_names):06d}.tar")
             count = min(shard_size, len(samples) - first)
@@ -78,12 +77,14 @@ def make_shards(src, dst, shard_size: int, split: str | None = None, labels_file
                 dst / shard_names[-1], lambda f, n=count, items=items: _write_tar(f, itertools.islice(items, n)), "wb"
             )
             written.append(dst / shard_names[-1])
-        compact = Samples.from_paths("", [os.path.relpath(s.path, root) for s in samples], folder_targets)
+        compact = Samples.from_paths("", relative, samples.targets)
         arrays = {
             "blob": compact.blob,
             "offsets": compact.offsets,
             "targets_folder": compact.targets,
-            "targets_imagenet": np.asarray(labels if imagenet_targets is not None else [-1] * len(samples), np.int32),
+            "targets_imagenet": np.asarray(
+                labels if imagenet_targets is not None else np.full(len(samples), -1), np.int32
+            ),
             "imagenet": np.array(imagenet_targets is not None),
             "classes": np.array(json.dumps(classes)),
             "shards": np.array(json.dumps(shard_names)),

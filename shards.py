@@ -23,6 +23,7 @@ run short). Augmentations are seeded per image, as from folders. A resume is exa
 with the same world size and --workers: an interrupted epoch starts again from its beginning.
 """
 
+import functools
 import io
 import json
 import random
@@ -37,13 +38,18 @@ from index import IMAGE_EXTENSIONS, Samples
 from utils import UserError
 
 
+def is_url(text: str) -> bool:
+    """Read through webdataset's gopen (http://, s3://, pipe: ...), not as a local path."""
+    return "://" in text or text.startswith("pipe:")
+
+
 def is_shard_source(data) -> bool:
     """--data names tar shards: a folder holding make-shards' manifests, a pattern or path ending in
     .tar, or a URL (http://, pipe:, ...)."""
     text = str(data)
     if Path(text).is_dir():
         return any((Path(text) / f"{split}.index.npz").is_file() for split in SPLITS)
-    return "://" in text or text.startswith("pipe:") or text.endswith(".tar")
+    return is_url(text) or text.endswith(".tar")
 
 
 @dataclass
@@ -63,18 +69,24 @@ def _opened(url: str) -> str:
     return f"pipe:{CURL} {url!r}" if url.startswith(("http://", "https://")) else url
 
 
-def _read_bytes(location: str) -> bytes:
+@functools.lru_cache(maxsize=8)
+def _manifest_arrays(location: str) -> dict:
+    """The arrays of a manifest, read once per process: the samples, the loaders, the row's dataset
+    name and every model of a sweep ask for it, and a URL's would be downloaded each time."""
     if location.startswith(("http://", "https://")):
         import urllib.request
 
         with urllib.request.urlopen(location, timeout=60) as f:
-            return f.read()
-    if "://" in location or location.startswith("pipe:"):
+            data = f.read()
+    elif is_url(location):
         import webdataset as wds
 
         with wds.gopen(location, "rb") as f:
-            return f.read()
-    return Path(location).read_bytes()
+            data = f.read()
+    else:
+        data = Path(location).read_bytes()
+    with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+        return {k: saved[k] for k in saved.files}
 
 
 def read_manifest(data, split: str, imagenet_labels: bool, strict: bool = False) -> Manifest:
@@ -101,8 +113,7 @@ def read_manifest(data, split: str, imagenet_labels: bool, strict: bool = False)
         folder, urls = text.rstrip("/"), None
     location = f"{folder}/{split}.index.npz"
     try:
-        with np.load(io.BytesIO(_read_bytes(location)), allow_pickle=False) as saved:
-            arrays = {k: saved[k] for k in saved.files}
+        arrays = _manifest_arrays(location)
     except Exception as e:  # noqa: BLE001 - missing, cut short, a server's error: one line that says where
         raise UserError(
             f"cannot read the shard manifest {location} ({e}); --data takes shards written by "
@@ -118,7 +129,7 @@ def read_manifest(data, split: str, imagenet_labels: bool, strict: bool = False)
             f"{data} does not name the {len(names)} shards {location} lists ({odd[0]} differs); pass the folder "
             f"{folder} or '{folder}/{split}-{{000000..{len(names) - 1:06d}}}.tar'"
         )
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    missing = [u for u in urls if not is_url(u) and not Path(u).is_file()]
     if missing:
         raise UserError(f"shard {missing[0]} is missing ({len(missing)} of {len(urls)}); write the shards again")
     if imagenet_labels and not bool(arrays["imagenet"]):

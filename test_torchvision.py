@@ -48,7 +48,7 @@ from model import (
 from plots import plot_acc_vs_gmacs
 from presets import EvalPreset, Interpolation
 from report import collect_runs, markdown_table, write_predictions, write_records, write_robustness
-from shards import is_shard_source, shard_eval_loader
+from shards import is_shard_source, is_url, shard_eval_loader
 from testsets import (
     class_mask,
     dataset_name,
@@ -275,7 +275,7 @@ def run_evaluation(args) -> list[dict]:
     real = real_label_sets(samples, load_real_labels(args.real_labels)) if args.real_labels else None
     data_key = {
         "dataset": dataset_name(args.data, args.dataset),
-        "data": args.data if "://" in args.data or args.data.startswith("pipe:") else str(Path(args.data).resolve()),
+        "data": args.data if is_url(args.data) else str(Path(args.data).resolve()),
         "images": images_fingerprint(samples, args.data),
         "masked": args.mask_classes,
         "real_labels": str(Path(args.real_labels).resolve()) if real is not None else None,
