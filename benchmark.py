@@ -3,7 +3,7 @@ to plain PyTorch loops in the same run. Every number is the median of --repeats 
 untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights: nothing is downloaded.
 
     python benchmark.py --data /work/shared/data/imagenet-samples --json results/benchmark-cpu.json
-    python benchmark.py --data DIR --parts data --worker-counts 0,1,2        # decoding alone, PIL vs tensor
+    python benchmark.py --data DIR --parts data --worker-counts 0,1,2        # decoding alone: PIL, tensor, batched
     python benchmark.py --parts model --arch resnet50 --amp bf16 --compile    # model alone, synthetic input
     python benchmark.py --data DIR --parts eval --decode gpu --amp bf16       # JPEGs decoded on the GPU
     python benchmark.py --data DIR --parts approx --weights DEFAULT           # what --amp, --decode gpu change
@@ -33,7 +33,7 @@ from approximations import bench_approx
 from backends import bench_int8, bench_latency, forward_loop
 from config import TrainConfig, load_config
 from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, split_folder
-from decode import TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
+from decode import GpuDecodeLoader, TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from index_benchmark import bench_index
 from loss import build_loss
@@ -84,8 +84,11 @@ def settings(args, runtime: Runtime, train: bool) -> str:
 
 
 def bench_data(args, samples, preset, device) -> list[dict]:
-    """Decode + eval transform alone (what the model is fed), per worker count and backend."""
+    """Decode + eval transform alone (what the model is fed), per worker count and backend: PIL (the
+    exact path), torchvision.io in the workers, and --decode gpu's batched loader (on the GPU where
+    --decode gpu is possible, else the same code with libjpeg on the CPU)."""
     rows = []
+    batched_device = device if use_gpu_decode(args.decode, device, note_to=None) else torch.device("cpu")
     datasets = {
         "pil": ImageDataset(samples, preset),
         "tensor": TensorImageDataset(samples, functools.partial(resize_crop, preset=preset)),
@@ -95,13 +98,18 @@ def bench_data(args, samples, preset, device) -> list[dict]:
         def count(dataset, workers=workers):
             return sum(len(batch[1]) for batch in build_loader(dataset, args.batch_size, workers))
 
+        def count_batched(workers=workers):
+            return sum(
+                len(batch[1]) for batch in GpuDecodeLoader(samples, preset, args.batch_size, workers, batched_device)
+            )
+
         runs = {backend: (functools.partial(count, d), len(samples)) for backend, d in datasets.items()}
+        runs[f"batched on {batched_device.type}"] = (count_batched, len(samples))
         times = timed(runs, args.repeats, device)
-        pil, tensor = (
-            {"part": "data", "variant": f"{backend}, {workers} workers", **times[backend]} for backend in runs
-        )
-        tensor.update(baseline=pil["variant"], ratio=tensor["img_per_s"] / pil["img_per_s"])
-        rows += [pil, tensor]
+        pil, *others = ({"part": "data", "variant": f"{name}, {workers} workers", **times[name]} for name in runs)
+        for row in others:
+            row.update(baseline=pil["variant"], ratio=row["img_per_s"] / pil["img_per_s"])
+        rows += [pil, *others]
     return rows
 
 
@@ -130,6 +138,18 @@ def bench_model(args, runtime: Runtime, size: int, batches: int, train: bool) ->
         "part": "step" if train else "forward",
         "variant": variant,
         **timed({"run": (run, batches * batch)}, args.repeats, device)["run"],
+    }
+
+
+def short_pass_note(batches: int, workers: int) -> dict:
+    """{'note': ...} where a pass is too short to time the loader's throughput: a worker builds whole
+    batches, so with few batches per worker a pass times the wait for one worker's batch (and idle
+    workers) more than the rate the workers keep up; {} otherwise."""
+    if not workers or batches >= 4 * workers:
+        return {}
+    return {
+        "note": f"{batches} batches a pass for {workers} loader workers times their first batches' wait more than "
+        f"their rate: for the rate, give at least {4 * workers} batches a pass (more images or a smaller batch)"
     }
 
 
@@ -181,6 +201,7 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
     rows[0].update(
         model_only=times["model"], share_of_model_only=times["ours"]["img_per_s"] / times["model"]["img_per_s"]
     )
+    rows[0].update(short_pass_note(batches, workers) if not gpu_decode else {})  # gpu decode: workers only read
     return rows
 
 
@@ -222,9 +243,11 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
         runs["plain"] = (plain, images)
     times = timed(runs, args.repeats, device)  # ours and plain in turn
     variant = f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, runtime, True)}"
-    return ours_and_plain(
+    rows = ours_and_plain(
         "train", times, variant, f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW"
     )
+    rows[0].update(short_pass_note(steps, workers))
+    return rows
 
 
 def bench_augment(args, samples, device) -> list[dict]:

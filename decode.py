@@ -4,7 +4,10 @@ the GPU (nvjpeg) for `--decode gpu`. Pixels differ slightly from the PIL path of
 (torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec; they still work.)
 """
 
+import contextlib
+import queue
 import sys
+import threading
 
 import torch
 from PIL import Image
@@ -77,12 +80,30 @@ class TensorImageDataset(ImageDataset):
         return decode_rgb(path, read_file(path))
 
 
+def pack_jpegs(items: list) -> dict:
+    """GpuDecodeLoader's collate_fn, run in the loader workers: the batch's JPEG bytes joined in one
+    uint8 tensor, which crosses to the main process as one shared-memory block: as a list of byte
+    strings, every image's bytes went through a pipe and were unpickled and copied by the main
+    process, which also runs the decoder and the model.
+    items: ImageDataset's (image, target, index, error); image is bytes, a decoded tensor or None."""
+    jpegs = [item[0] for item in items if isinstance(item[0], bytes)]
+    joined = bytearray().join(jpegs)
+    return {
+        "jpeg_bytes": torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8),
+        "jpeg_sizes": [len(data) for data in jpegs],
+        # in batch order; None where the image is among the JPEG bytes, in the same order
+        "items": [(None if isinstance(image, bytes) else image, t, i) for image, t, i, error in items if not error],
+        "errors": [(index, error) for _, _, index, error in items if error],
+    }
+
+
 class GpuDecodeLoader:
     """Iterates like build_loader's loader (so engine.evaluate runs on it unchanged), but each batch of
     JPEG bytes is decoded in one batched decode_jpeg call on `device` and resized and cropped there.
-    When the device refuses a batch (e.g. for a CMYK JPEG in it), its images are decoded one by one, on
-    the device where it takes them, else on the CPU; an image nothing can decode is reported like
-    build_loader reports it."""
+    A thread decodes the next batches while the model runs on this one (decode_jpeg releases the GIL),
+    on a CUDA stream of its own. When the device refuses a batch (e.g. for a CMYK JPEG in it), its
+    images are decoded one by one, on the device where it takes them, else on the CPU; an image
+    nothing can decode is reported like build_loader reports it."""
 
     def __init__(self, samples, preset: EvalPreset, batch_size: int, workers: int, device, sampler=None):
         self.dataset = TensorImageDataset(samples, torch.nn.Identity(), raw_jpeg=True)
@@ -91,7 +112,7 @@ class GpuDecodeLoader:
             batch_size,
             sampler=sampler,
             num_workers=workers,
-            collate_fn=list,  # decode_jpeg copies the bytes to the GPU itself: nothing to pin
+            collate_fn=pack_jpegs,  # decode_jpeg copies the bytes to the GPU itself: nothing to pin
             prefetch_factor=4 if workers > 0 else None,
         )
         self.preset, self.device = preset, device
@@ -112,30 +133,89 @@ class GpuDecodeLoader:
         except (RuntimeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return None, f"{type(e).__name__}: {e}"
 
+    def decode_batch(self, batch: dict):
+        """One packed batch as build_loader gives it: (images on the device, targets, indices, errors)."""
+        sizes, errors = batch["jpeg_sizes"], list(batch["errors"])
+        data = list(batch["jpeg_bytes"].split(sizes)) if sizes else []  # views: nothing is copied
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if data else []
+        except OUT_OF_MEMORY:  # a RuntimeError too, but for the caller's retry with a smaller batch
+            raise
+        except RuntimeError:  # an image the device refuses (CMYK, say) fails the batch: the rest one by one
+            jpeg_indices = [index for image, _, index in batch["items"] if image is None]
+            decoded = []
+            for index, one in zip(jpeg_indices, data):
+                image, error = self.decode_one(index, one)
+                decoded.append(image)
+                errors += [(index, error)] if error else []
+        decoded = iter(decoded)
+        items = [(next(decoded) if image is None else image, t, i) for image, t, i in batch["items"]]
+        items = [item for item in items if item[0] is not None]
+        images = [image.to(self.device, non_blocking=True) for image, _, _ in items]
+        return (
+            resize_crop_batch(images, self.preset) if images else torch.empty(0, dtype=torch.uint8),
+            torch.tensor([target for _, target, _ in items], dtype=torch.long),
+            torch.tensor([index for _, _, index in items], dtype=torch.long),
+            errors,
+        )
+
     def __iter__(self):
-        for items in self.loader:
-            errors = [(index, error) for image, _, index, error in items if image is None]
-            good = [item for item in items if item[0] is not None]
-            images = {item[2]: item[0] for item in good if isinstance(item[0], torch.Tensor)}
-            jpegs = [item for item in good if isinstance(item[0], bytes)]
+        batches = iter(self.loader)  # here, not in the thread: workers are forked from the main thread
+        return decoded_ahead(lambda: map(self.decode_batch, batches), self.device)
+
+
+def decoded_ahead(produce, device, depth: int = 2):
+    """Iterates produce() (batches whose first item is a tensor on `device`) in a thread, up to `depth`
+    batches ahead of the caller, on a CUDA stream of its own: each batch is handed over after its
+    stream's work, and kept from the allocator until the caller's stream is done with it. The
+    thread's errors are raised here; leaving the loop early stops the thread."""
+    results, stop = queue.Queue(depth), threading.Event()
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
             try:
-                data = [torch.frombuffer(bytearray(item[0]), dtype=torch.uint8) for item in jpegs]
-                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if data else []
-                images.update((item[2], image) for item, image in zip(jpegs, decoded))
-            except OUT_OF_MEMORY:  # a RuntimeError too, but for the caller's retry with a smaller batch
-                raise
-            except RuntimeError:  # an image the device refuses (CMYK, say) fails the batch: the rest one by one
-                for item, one in zip(jpegs, data):
-                    images[item[2]], error = self.decode_one(item[2], one)
-                    errors += [(item[2], error)] if error else []
-            good = [item for item in good if images.get(item[2]) is not None]
-            batch = [images[item[2]].to(self.device, non_blocking=True) for item in good]
-            yield (
-                resize_crop_batch(batch, self.preset) if batch else torch.empty(0, dtype=torch.uint8),
-                torch.tensor([item[1] for item in good], dtype=torch.long),
-                torch.tensor([item[2] for item in good], dtype=torch.long),
-                errors,
-            )
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            if cuda:
+                torch.cuda.set_device(index)  # the current device is per thread
+            side = torch.cuda.Stream(index) if cuda else None
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                for batch in produce():
+                    event = torch.cuda.Event() if cuda else None
+                    if event is not None:
+                        event.record(side)
+                    if not hand_over((batch, event, None)):
+                        return
+        except BaseException as e:  # noqa: BLE001 - every error reaches the caller, re-raised there
+            hand_over((None, None, e))
+            return
+        hand_over((None, None, None))
+
+    thread = threading.Thread(target=work, name="decode-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, event, error = results.get()
+            if error is not None:
+                raise error
+            if batch is None:
+                return
+            if event is not None:
+                stream = torch.cuda.current_stream(index)
+                stream.wait_event(event)
+                batch[0].record_stream(stream)
+            yield batch
+    finally:
+        stop.set()
+        thread.join()
 
 
 def gpu_decode_error(device) -> str:

@@ -251,6 +251,7 @@ def benchmark_summary(rows: list[dict]) -> list[str]:
             f"index: one pass of {r['workers']} loader workers: resident +{ours[0]:.1f} MB, private "
             f"+{ours[1]:.1f} MB per worker (a list of Sample objects: +{objects[0]:.1f} MB, +{objects[1]:.1f} MB)"
         )
+    lines += [f"{r['part']}: note: {r['note']}" for r in rows if "note" in r]
     for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(
             f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "

@@ -37,23 +37,30 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
     report = json.loads(out.read_text())
     assert {"cpu", "cores", "gpu", "torch", "torchvision", "threads"} <= set(report["machine"])
     assert report["machine"]["threads"] == 1 and report["machine"]["torch"] == torch.__version__
-    rows, approx = report["rows"][:8], report["rows"][8:]
-    assert [r["part"] for r in rows] == ["data", "data", "forward", "step", "eval", "eval", "train", "train"]
+    rows, approx = report["rows"][:9], report["rows"][9:]
+    assert [r["part"] for r in rows] == ["data"] * 3 + ["forward", "step", "eval", "eval", "train", "train"]
     assert [r["variant"].split(",")[0].split(":")[0] for r in rows] == [
         "pil",
         "tensor",
+        "batched on cpu",  # --decode gpu's loader, with libjpeg where there is no GPU
         "mobilenet_v3_small batch 4",
         "mobilenet_v3_small batch 2",
         *"ours plain ours plain".split(),
     ]
     assert (
-        all(r["img_per_s"] > 0 and len(r["seconds"]) == 1 for r in rows) and rows[1]["baseline"] == rows[0]["variant"]
+        all(r["img_per_s"] > 0 and len(r["seconds"]) == 1 for r in rows)
+        and rows[1]["baseline"] == rows[2]["baseline"] == rows[0]["variant"]
     )
     assert all("ratio" in r for r in rows if r["part"] in ("eval", "train") and r["variant"].startswith("ours"))
-    assert "cpu decode" in rows[4]["variant"] and "note: --decode gpu is not possible here" in result.stdout
+    assert "cpu decode" in rows[5]["variant"] and "note: --decode gpu is not possible here" in result.stdout
     assert "eval: ours / baseline = " in result.stdout and "train: ours / baseline = " in result.stdout
+    assert "eval: note: 2 batches a pass for 1 loader workers" in result.stdout  # 8 images, batch 4
+    assert (
+        "train: note: 2 batches a pass for 1 loader workers" in result.stdout
+        and "at least 4 batches" in rows[7]["note"]
+    )
     assert "% of the model alone" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
-    assert rows[4]["model_only"]["img_per_s"] > 0 and rows[4]["share_of_model_only"] > 0  # timed in turn with ours
+    assert rows[5]["model_only"]["img_per_s"] > 0 and rows[5]["share_of_model_only"] > 0  # timed in turn with ours
     # approx: its exact row is the independent exact run; folded BatchNorm changes no top-1 class; the
     # approximations are measured against the exact row, not against themselves
     assert [r["variant"].split(" ")[0] for r in approx] == ["exact", "default:", "--amp", "batched"]

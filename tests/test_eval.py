@@ -1,7 +1,9 @@
 """Data layer and pretrained evaluation: preprocessing equal to torchvision's, labels right in every
 layout, evaluation equal to an independent reference loop, and clear errors."""
 
+import itertools
 import json
+import threading
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torchvision.datasets import ImageFolder
 
 from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
 from dataset import ImageDataset, Sample, build_loader, find_samples, imagenet_wnids, load_rgb, prepare_val, val_labels
-from decode import GpuDecodeLoader
+from decode import GpuDecodeLoader, decoded_ahead
 from model import ARCHS, QUANTIZED_ARCHS, all_weights
 from presets import EvalPreset, normalize
 
@@ -161,17 +163,18 @@ def test_unreadable_image_stops_or_is_skipped_and_listed(tmp_path, torch_home):
     assert record["decode"] == "cpu"
 
 
-def test_batched_decode_loader_matches_the_exact_path(tmp_path, odd_images):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batched_decode_loader_matches_the_exact_path(tmp_path, odd_images, workers):
     """GpuDecodeLoader run on the CPU: the code path of --decode gpu, with libjpeg in place of nvjpeg.
     Same images, targets and order as build_loader, pixels within 1 level (another antialiasing
     kernel); a truncated JPEG fails the batched call, and the per-image fallback reports it as
-    build_loader does."""
+    build_loader does. With workers, each batch's JPEGs cross from the worker packed in one tensor."""
     good = odd_images[0].read_bytes()
     (tmp_path / "cut.JPEG").write_bytes(good[: len(good) // 2])
     samples = [Sample(str(p), i) for i, p in enumerate([*odd_images, tmp_path / "cut.JPEG"])]
     preset = EvalPreset(resize=64, crop=56)
     exact = list(build_loader(ImageDataset(samples, preset), 4, 0))
-    batched = list(GpuDecodeLoader(samples, preset, 4, 0, torch.device("cpu")))
+    batched = list(GpuDecodeLoader(samples, preset, 4, workers, torch.device("cpu")))
     assert len(exact) == len(batched) == 2
     for (a, targets_a, indices_a, errors_a), (b, targets_b, indices_b, errors_b) in zip(exact, batched):
         assert b.dtype == torch.uint8 and a.shape == b.shape
@@ -179,6 +182,35 @@ def test_batched_decode_loader_matches_the_exact_path(tmp_path, odd_images):
         assert [i for i, _ in errors_a] == [i for i, _ in errors_b]
         assert (a.int() - b.int()).abs().float().mean() < 0.3 and (a.int() - b.int()).abs().max() <= 1
     assert [i for i, _ in batched[1][3]] == [6]
+
+
+def decode_threads() -> int:
+    return sum(thread.name == "decode-ahead" for thread in threading.enumerate())
+
+
+def test_decoding_ahead_runs_in_a_thread_keeps_order_and_stops():
+    """GpuDecodeLoader's thread: batches in order, produced ahead of the caller while it holds one,
+    the thread's error raised in the caller, and a loop left early ends the thread."""
+    cpu, made, ahead = torch.device("cpu"), [], threading.Event()
+
+    def produce(n=None, fail_at=None):
+        for i in itertools.count() if n is None else range(n):
+            if i == fail_at:
+                raise OSError("disk gone")
+            made.append(i)
+            if len(made) == 3:
+                ahead.set()
+            yield torch.tensor([i]), i
+
+    batches = decoded_ahead(lambda: produce(5), cpu, depth=2)
+    assert next(batches)[1] == 0 and ahead.wait(10)  # 2 queued + 1 in hand while the caller holds batch 0
+    assert [i for _, i in batches] == [1, 2, 3, 4] and decode_threads() == 0
+    with pytest.raises(OSError, match="disk gone"):
+        list(decoded_ahead(lambda: produce(5, fail_at=2), cpu))
+    endless = decoded_ahead(produce, cpu)
+    assert next(endless)[1] == 0 and decode_threads() == 1
+    endless.close()  # what leaving a for loop early does
+    assert decode_threads() == 0
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_wnids", "unknown_model", "unknown_weights", "offline"])
