@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# GPU throughput check in under 5 minutes on one NVIDIA GPU, resnet50 on 10,000 generated 500x375 JPEGs:
+# GPU throughput check in under 5 minutes on one NVIDIA GPU, resnet50 on 16,000 generated 500x375 JPEGs:
 #   model alone (synthetic input): inference bf16 + channels_last, eager and compiled; a training step,
 #   bf16 + channels_last vs fp32 NCHW;
-#   evaluation from JPEG files decoded on the CPU (loader workers) or on the GPU (nvjpeg), vs a plain loop;
-#   training from JPEG files with the standard augmentation and every core but one as loader workers;
+#   the loaders alone: decoding + eval transform with PIL, torchvision.io, or batched on the GPU;
+#   evaluation from JPEG files decoded on the CPU (loader workers) or on the GPU (nvjpeg);
+#   training from JPEG files with the standard augmentation and every core but one as loader workers
+#   (passes of at least 4 batches per worker: shorter ones time a worker's first batch, not its rate);
+#   each recipe's train transform per loader core on this CPU, and the cores one GPU needs at the
+#   synthetic training step's rate;
 #   how often --amp bf16/fp16 and --decode gpu keep the exact path's top-1 class.
 # Prints the card, driver and versions, then one table; each benchmark.py run's JSON goes to OUT
 # (default results/gpu_check).
@@ -25,7 +29,7 @@ python -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', 
 workers=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
 
 python - "$data" <<'PY'
-# 20 wnid folders x 500 JPEGs: smooth shapes plus noise, about the file size and decode cost of photos
+# 20 wnid folders x 800 JPEGs: smooth shapes plus noise, about the file size and decode cost of photos
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -46,8 +50,8 @@ def make(i):
 
 
 with ProcessPoolExecutor() as pool:
-    list(pool.map(make, range(10000), chunksize=100))
-print(f"generated 10000 JPEGs (500x375) in {sys.argv[1]}")
+    list(pool.map(make, range(16000), chunksize=100))
+print(f"generated 16000 JPEGs (500x375) in {sys.argv[1]}")
 PY
 
 run() { python benchmark.py --arch resnet50 --data "$data" --batch-size 256 --train-batch-size 256 "$@"; }
@@ -55,9 +59,17 @@ bf16=(--amp bf16 --channels-last true)
 run --parts forward "${bf16[@]}" --compile --json "$out/forward_compiled.json"
 run --parts forward,step "${bf16[@]}" --train-steps 10 --json "$out/model_bf16.json"
 run --parts forward,step --amp none --channels-last false --train-steps 5 --json "$out/model_fp32.json"
-run --parts eval,train "${bf16[@]}" --limit 2000 --train-steps 7 --repeats 2 --workers "$workers" --json "$out/from_jpeg.json"
-run --parts eval "${bf16[@]}" --decode gpu --workers "$workers" --no-baselines --json "$out/gpu_decode.json"
-run --parts approx --limit 500 --workers "$workers" --json "$out/approx.json"   # random weights: agreement, not accuracy
+run --parts data "${bf16[@]}" --decode gpu --limit 8000 --batch-size 128 --worker-counts "$workers" --repeats 1 \
+    --json "$out/loaders.json"   # 62 batches of 128
+# 62 batches of 256 to evaluate, 60 steps of 256 to train: about 4 per worker (the plain loops' 2 workers
+# would take minutes here: benchmark.py without --no-baselines compares with them)
+run --parts eval,train "${bf16[@]}" --train-steps 60 --repeats 1 --workers "$workers" --no-baselines \
+    --json "$out/from_jpeg.json"
+run --parts eval "${bf16[@]}" --decode gpu --workers "$workers" --no-baselines --repeats 2 --json "$out/gpu_decode.json"
+step=$(python -c "import json, sys; print(round(next(r['img_per_s'] for r in json.load(open(sys.argv[1]))['rows'] \
+    if r['part'] == 'step')))" "$out/model_bf16.json")
+run --parts augment --limit 200 --repeats 1 --gpu-img-per-s "$step" --json "$out/augment.json"
+run --parts approx --limit 300 --workers "$workers" --json "$out/approx.json"   # random weights: agreement, not accuracy
 
-names="forward_compiled model_bf16 model_fp32 from_jpeg gpu_decode approx"
+names="forward_compiled model_bf16 model_fp32 loaders from_jpeg gpu_decode augment approx"
 python benchmark.py --merge $(for name in $names; do echo "$out/$name.json"; done)
