@@ -148,7 +148,8 @@ def short_pass_note(batches: int, workers: int) -> dict:
     if not workers or batches >= 4 * workers:
         return {}
     return {
-        "note": f"{batches} batches a pass for {workers} loader workers times their first batches' wait more than "
+        "note": f"{batches} batches a pass for {workers} loader worker{'s' * (workers > 1)} times their first "
+        "batches' wait more than "
         f"their rate: for the rate, give at least {4 * workers} batches a pass (more images or a smaller batch)"
     }
 

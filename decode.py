@@ -5,6 +5,7 @@ the GPU (nvjpeg) for `--decode gpu`. Pixels differ slightly from the PIL path of
 """
 
 import contextlib
+import functools
 import queue
 import sys
 import threading
@@ -126,8 +127,8 @@ class GpuDecodeLoader:
             return decode_jpeg([data], mode=ImageReadMode.RGB, device=self.device)[0], ""
         except OUT_OF_MEMORY:
             raise
-        except RuntimeError:
-            pass
+        except RuntimeError as e:
+            raise_if_out_of_memory(e)
         try:
             return decode_rgb(self.dataset.samples[index].path), ""
         except (RuntimeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -141,7 +142,8 @@ class GpuDecodeLoader:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if data else []
         except OUT_OF_MEMORY:  # a RuntimeError too, but for the caller's retry with a smaller batch
             raise
-        except RuntimeError:  # an image the device refuses (CMYK, say) fails the batch: the rest one by one
+        except RuntimeError as e:  # an image the device refuses (CMYK, say) fails the batch: the rest one by one
+            raise_if_out_of_memory(e)
             jpeg_indices = [index for image, _, index in batch["items"] if image is None]
             decoded = []
             for index, one in zip(jpeg_indices, data):
@@ -162,6 +164,20 @@ class GpuDecodeLoader:
     def __iter__(self):
         batches = iter(self.loader)  # here, not in the thread: workers are forked from the main thread
         return decoded_ahead(lambda: map(self.decode_batch, batches), self.device)
+
+
+def raise_if_out_of_memory(error: RuntimeError) -> None:
+    """torchvision's GPU decoder re-raises CUDA's out-of-memory error as a RuntimeError: raise it as
+    one, for the caller's retry with a smaller batch, not as an image the device refuses."""
+    if "out of memory" in str(error):
+        raise OUT_OF_MEMORY[0](str(error)) from error
+
+
+@functools.cache
+def side_stream(index: int):
+    """One stream per GPU for decoding ahead: memory the allocator caches for a stream serves only that
+    stream, so a stream per pass would hold a cache per pass."""
+    return torch.cuda.Stream(index)
 
 
 def decoded_ahead(produce, device, depth: int = 2):
@@ -186,7 +202,7 @@ def decoded_ahead(produce, device, depth: int = 2):
         try:
             if cuda:
                 torch.cuda.set_device(index)  # the current device is per thread
-            side = torch.cuda.Stream(index) if cuda else None
+            side = side_stream(index) if cuda else None
             with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                 for batch in produce():
                     event = torch.cuda.Event() if cuda else None
@@ -194,6 +210,10 @@ def decoded_ahead(produce, device, depth: int = 2):
                         event.record(side)
                     if not hand_over((batch, event, None)):
                         return
+                    if event is not None:
+                        # nvjpeg writes on a stream of its own into memory allocated on this one: the next
+                        # batch's decode may reuse blocks this batch's queued resize still reads
+                        event.synchronize()
         except BaseException as e:  # noqa: BLE001 - every error reaches the caller, re-raised there
             hand_over((None, None, e))
             return
@@ -205,7 +225,10 @@ def decoded_ahead(produce, device, depth: int = 2):
         while True:
             batch, event, error = results.get()
             if error is not None:
-                raise error
+                try:
+                    raise error
+                finally:  # this frame is in the error's traceback: no cycle keeping its tensors alive
+                    error = None  # (an out-of-memory retry needs their GPU memory back)
             if batch is None:
                 return
             if event is not None:

@@ -60,8 +60,8 @@ run --parts forward "${bf16[@]}" --compile --json "$out/forward_compiled.json"
 run --parts forward,step "${bf16[@]}" --train-steps 10 --json "$out/model_bf16.json"
 run --parts forward,step --amp none --channels-last false --train-steps 5 --json "$out/model_fp32.json"
 run --parts data "${bf16[@]}" --decode gpu --limit 8000 --batch-size 128 --worker-counts "$workers" --repeats 1 \
-    --json "$out/loaders.json"   # 62 batches of 128
-# 62 batches of 256 to evaluate, 60 steps of 256 to train: about 4 per worker (the plain loops' 2 workers
+    --json "$out/loaders.json"   # 63 batches of 128
+# 63 batches of 256 to evaluate, 60 steps of 256 to train: about 4 per worker (the plain loops' 2 workers
 # would take minutes here: benchmark.py without --no-baselines compares with them)
 run --parts eval,train "${bf16[@]}" --train-steps 60 --repeats 1 --workers "$workers" --no-baselines \
     --json "$out/from_jpeg.json"

@@ -54,10 +54,9 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
     assert all("ratio" in r for r in rows if r["part"] in ("eval", "train") and r["variant"].startswith("ours"))
     assert "cpu decode" in rows[5]["variant"] and "note: --decode gpu is not possible here" in result.stdout
     assert "eval: ours / baseline = " in result.stdout and "train: ours / baseline = " in result.stdout
-    assert "eval: note: 2 batches a pass for 1 loader workers" in result.stdout  # 8 images, batch 4
+    assert "eval: note: 2 batches a pass for 1 loader worker times" in result.stdout  # 8 images, batch 4
     assert (
-        "train: note: 2 batches a pass for 1 loader workers" in result.stdout
-        and "at least 4 batches" in rows[7]["note"]
+        "train: note: 2 batches a pass for 1 loader worker" in result.stdout and "at least 4 batches" in rows[7]["note"]
     )
     assert "% of the model alone" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
     assert rows[5]["model_only"]["img_per_s"] > 0 and rows[5]["share_of_model_only"] > 0  # timed in turn with ours

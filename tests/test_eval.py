@@ -1,9 +1,11 @@
 """Data layer and pretrained evaluation: preprocessing equal to torchvision's, labels right in every
 layout, evaluation equal to an independent reference loop, and clear errors."""
 
+import gc
 import itertools
 import json
 import threading
+import weakref
 
 import pytest
 import torch
@@ -11,9 +13,11 @@ from PIL import Image
 from torchvision import models
 from torchvision.datasets import ImageFolder
 
+import decode
 from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
 from dataset import ImageDataset, Sample, build_loader, find_samples, imagenet_wnids, load_rgb, prepare_val, val_labels
 from decode import GpuDecodeLoader, decoded_ahead
+from engine import OUT_OF_MEMORY
 from model import ARCHS, QUANTIZED_ARCHS, all_weights
 from presets import EvalPreset, normalize
 
@@ -211,6 +215,42 @@ def test_decoding_ahead_runs_in_a_thread_keeps_order_and_stops():
     assert next(endless)[1] == 0 and decode_threads() == 1
     endless.close()  # what leaving a for loop early does
     assert decode_threads() == 0
+
+
+def test_decoding_ahead_frees_a_failed_pass_for_the_retry(tmp_path, odd_images, monkeypatch):
+    """with_smaller_batches retries after an out-of-memory error and needs the failed pass's memory back:
+    nothing of it may outlive the except block (no reference cycle through the thread's error). The
+    GPU decoder raises CUDA's out-of-memory as a RuntimeError; it must reach the retry as one."""
+    held = []
+
+    def produce():
+        yield torch.zeros(1), 0
+        tensor = torch.zeros(1000)  # e.g. the decoded images of the failing batch
+        held.append(weakref.ref(tensor))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    gc.disable()  # reference counting alone must free it, as on a GPU between the error and the retry
+    try:
+        raised = False
+        try:
+            list(decoded_ahead(produce, torch.device("cpu")))
+        except OUT_OF_MEMORY:
+            raised = True
+        assert raised and held[0]() is None
+    finally:
+        gc.enable()
+
+    calls = []
+
+    def refuse(data, **_):
+        calls.append(len(data))
+        raise RuntimeError("Error while decoding JPEG images: CUDA error: out of memory")
+
+    monkeypatch.setattr(decode, "decode_jpeg", refuse)
+    samples = [Sample(str(path), 0) for path in odd_images[:2]]
+    with pytest.raises(OUT_OF_MEMORY, match="out of memory"):
+        list(GpuDecodeLoader(samples, EvalPreset(resize=64, crop=56), 4, 0, torch.device("cpu")))
+    assert calls == [2]  # the batch's call: not retried image by image as if the device refused an image
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_wnids", "unknown_model", "unknown_weights", "offline"])
