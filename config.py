@@ -208,6 +208,33 @@ def load_config(cls, argv=None, description: str = ""):
     """Defaults (the dataclass) < --config YAML < --key value on the command line. Each value is
     checked against its field's annotation (a Literal lists the choices). Unknown keys, in the file or
     on the command line, are errors that suggest the closest valid key."""
+    return parse_config(cls, argv, description)[0]
+
+
+# where the run is, not how it trains: a resume keeps the ones of this command
+NOT_INHERITED = ("resume", "output", "run_name", "device")
+
+
+def resumed_config(cfg, saved: dict | None, given: frozenset | None) -> tuple:
+    """(config, changes) of a resumed run: the settings saved in its checkpoint, except those this
+    command gives (given: field names from --config or the command line; None: all of cfg's), so that
+    `--run-name NAME --resume auto` alone continues the run as it was. changes: 'key old -> new' for
+    each setting given that differs from the saved run."""
+    if not saved:
+        return cfg, []
+    values = dataclasses.asdict(cfg)
+    given = set(values) if given is None else set(given) | set(NOT_INHERITED)
+    changes = []
+    for name in values.keys() & saved.keys():
+        if name not in given:
+            values[name] = saved[name]
+        elif values[name] != saved[name] and name not in NOT_INHERITED:
+            changes.append(f"{name} {saved[name]} -> {values[name]}")
+    return type(cfg)(**values), sorted(changes)
+
+
+def parse_config(cls, argv=None, description: str = "") -> tuple:
+    """(load_config's config, the names of the fields that --config or the command line set)."""
     import yaml
 
     hints = typing.get_type_hints(cls)
@@ -230,7 +257,7 @@ def load_config(cls, argv=None, description: str = ""):
         except yaml.YAMLError as e:
             raise UserError(f"--{name.replace('_', '-')} {value}: not valid YAML ({getattr(e, 'problem', e)})") from e
         values[name] = value
-    return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+    return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()}), frozenset(values)
 
 
 def _config_parser(cls, hints: dict, description: str) -> ArgumentParser:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import TrainConfig, check_config, load_config
+from config import TrainConfig, check_config, parse_config, resumed_config
 from dataset import (
     ImageDataset,
     ShardSampler,
@@ -188,13 +188,19 @@ def save(run_dir, training: Training, state: TrainState, cfg: TrainConfig, class
 # ----------------------------------------------------------------------------- the run
 
 
-def main(cfg: TrainConfig) -> dict:
+def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
+    """given: the fields the user set (parse_config); on a resume the others come from the checkpoint."""
     check_config(cfg)
     device = setup_distributed(cfg.device)
     try:
         run_dir, resume_from = open_run(cfg)
+        checkpoint = load_train_checkpoint(resume_from)
+        cfg, changes = resumed_config(cfg, (checkpoint or {}).get("config"), given)
+        if changes and global_rank() == 0:
+            print(f"note: {resume_from} continues with settings other than its run's: {'; '.join(changes)}")
+        check_config(cfg)
         try:
-            return fit(cfg, device, run_dir, resume_from)
+            return fit(cfg, device, run_dir, resume_from, checkpoint)
         except BaseException as e:  # Ctrl-C (also inside torch.save): say what is kept and how to go on
             if interrupt_in(e) is None:
                 raise
@@ -212,11 +218,10 @@ def how_to_continue(run_dir: Path) -> str:
     return f"interrupted before the first checkpoint; the run name {run_dir.name} can be used again"
 
 
-def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None) -> dict:
+def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, checkpoint: dict | None) -> dict:
     """Build, restore, loop, report. Returns the run dir, the per-epoch history, the best val top-1, the
     trained (unwrapped) model and the optimizer steps taken."""
     # build
-    checkpoint = load_train_checkpoint(resume_from)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before its first call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -360,7 +365,7 @@ def finish_epoch(cfg: TrainConfig, training: Training, train_stats: dict, val_lo
 @cli
 def cli_main(argv=None) -> dict:
     argv = expand_recipe(sys.argv[1:] if argv is None else [str(a) for a in argv])
-    return main(load_config(TrainConfig, argv, description=__doc__))
+    return main(*parse_config(TrainConfig, argv, description=__doc__))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 
 import benchmark
 import test_torchvision
-from config import TrainConfig, load_config
+from config import TrainConfig, load_config, parse_config, resumed_config
 from utils import RUNTIME_HELP, Amp, ChannelsLast, Device, UserError
 
 SHARED = {"device": Device, "amp": Amp, "channels_last": ChannelsLast}
@@ -48,3 +48,20 @@ def test_train_config_choices_come_from_the_types():
 def test_data_and_runs_exclude_each_other():
     with pytest.raises(UserError, match="--runs.*not allowed with.*--data|--data.*not allowed with.*--runs"):
         test_torchvision.parse_args(["--data", "val", "--runs", "checkpoints"])
+
+
+def test_a_resume_takes_the_runs_settings_except_those_given():
+    """train.py --run-name X --resume auto [--epochs N]: the checkpoint's config, but for the settings the
+    command gives (said as changes) and where the run is (output, run name, device: this command's)."""
+    saved = TrainConfig(arch="resnet18", batch_size=8, epochs=2, lr=0.05, device="cuda", output="old").__dict__
+    saved = {k: v for k, v in saved.items() if k != "label_smoothing"}  # a checkpoint from before that field
+    cfg, given = parse_config(TrainConfig, "--run-name r --resume auto --epochs 3 --label-smoothing 0.1".split())
+    assert given == {"run_name", "resume", "epochs", "label_smoothing"}
+    resumed, changes = resumed_config(cfg, saved, given)
+    assert (resumed.arch, resumed.batch_size, resumed.lr, resumed.epochs) == ("resnet18", 8, 0.05, 3)
+    assert (resumed.device, resumed.output, resumed.run_name, resumed.label_smoothing) == ("auto", cfg.output, "r", 0.1)
+    assert changes == ["epochs 2 -> 3"]
+    # a config object (train.main(cfg) from Python): every setting counts as given
+    same, changes = resumed_config(TrainConfig(arch="resnet18", batch_size=32), saved, None)
+    assert (same.batch_size, same.lr) == (32, TrainConfig().lr) and "batch_size 8 -> 32" in changes
+    assert resumed_config(cfg, None, given) == (cfg, [])  # a new run

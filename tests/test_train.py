@@ -179,12 +179,17 @@ def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path, recipe):
 @pytest.mark.slow
 def test_a_run_extended_with_more_epochs_follows_the_longer_schedule(colours, tmp_path):
     """A cosine run stopped after 1 of 1 epochs and resumed with --epochs 3 trains as a 3-epoch run:
-    the saved schedule (1 epoch long) would train epochs 2 and 3 at lr 0."""
+    the saved schedule (1 epoch long) would train epochs 2 and 3 at lr 0. The resume names only the
+    run and the new epoch count: every other setting (arch, sizes, batch, lr, schedule) is the run's
+    own, from its checkpoint, not the defaults; the change is said."""
     args = ["--data", colours, *TINY, *"--batch-size 8 --lr 0.01 --scheduler cosine".split(), "--output", tmp_path]
     assert run_script("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
     assert run_script("train.py", *args, "--epochs", "1", "--run-name", "extended").returncode == 0
-    longer = run_script("train.py", *args, "--epochs", "3", "--run-name", "extended", "--resume", "auto")
+    short = ["--data", colours, "--output", tmp_path, "--run-name", "extended", "--resume", "auto"]
+    longer = run_script("train.py", *short, "--epochs", "3")
     assert longer.returncode == 0, longer.stderr
+    assert "continues with settings other than its run's: epochs 1 -> 3" in longer.stdout, longer.stdout
+    assert "resnet18" in longer.stdout and "->" not in longer.stdout.split("epochs 1 -> 3")[1].split("\n")[0]
     straight, extended = state_of(tmp_path / "straight"), state_of(tmp_path / "extended")
     assert [row["lr"] for row in extended[1]] == [row["lr"] for row in straight[1]] and extended[1][1]["lr"] > 0
     assert extended[1] == straight[1]
