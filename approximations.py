@@ -18,7 +18,7 @@ def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
     of the top-1 probability. One pass each. Random weights predict nearly one class for every image, so
     only the top-5 and probability columns mean something: --weights DEFAULT (torchvision's cache) gives
     real accuracies."""
-    base = build_model(args.arch, args.weights).to(device)
+    base = build_model(args.arch, args.weights, weights_dir=args.weights_dir).to(device)
     decode = "batched decode, CPU (--decode gpu's code with libjpeg)"
     if use_gpu_decode("gpu", device, note_to=None):
         decode = "--decode gpu"

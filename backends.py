@@ -70,7 +70,8 @@ def inference_backends(args, preset, device, folder) -> dict:
     from export import onnx_model
 
     runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
-    weights = build_model(args.arch, args.weights)  # one set of weights for the float backends
+    # one set of weights for the float backends
+    weights = build_model(args.arch, args.weights, weights_dir=args.weights_dir)
     model = prepare_for_eval(copy.deepcopy(weights).to(device), runtime.channels_last)
     backends = {"pytorch": (model, runtime)}
     if args.compile:
@@ -143,7 +144,7 @@ def bench_int8(args, samples, preset) -> list[dict]:
     cpu = Runtime.on_cpu(preset)
     images = torch.stack([preset(load_rgb(s.path)) for s in samples[: args.batch_size]])  # (B, 3, H, W) uint8
     x, batches = normalize(images, preset.mean, preset.std), math.ceil(len(samples) / args.batch_size)
-    fp32 = prepare_for_eval(build_model(args.arch, args.weights), channels_last=True)
+    fp32 = prepare_for_eval(build_model(args.arch, args.weights, weights_dir=args.weights_dir), channels_last=True)
     int8 = build_model(f"quantized_{args.arch}", quantize=True)  # random weights, calibrated and converted
     runs = {
         "fp32": (forward_loop(fp32, x.contiguous(memory_format=torch.channels_last), batches, cpu), batches),

@@ -66,7 +66,7 @@ def synthetic_batch(runtime: Runtime, batch: int, size: int) -> torch.Tensor:
 
 def prepare(args, runtime: Runtime, train: bool):
     """(model, the module to call), with our layout and compile settings; optimizers take the first."""
-    model = build_model(args.arch, args.weights).to(runtime.device)
+    model = build_model(args.arch, args.weights, weights_dir=args.weights_dir).to(runtime.device)
     if not train:  # as test_torchvision.py evaluates: BatchNorm folded into the convolutions
         model = prepare_for_eval(model, runtime.channels_last)
     elif runtime.channels_last:
@@ -180,7 +180,10 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
         "model": (forward_loop(model, x, batches, runtime), batches * args.batch_size),
     }
     if args.baselines:
-        plain_model, criterion = build_model(args.arch, args.weights).to(device).eval(), nn.CrossEntropyLoss()
+        plain_model, criterion = (
+            build_model(args.arch, args.weights, weights_dir=args.weights_dir).to(device).eval(),
+            nn.CrossEntropyLoss(),
+        )
         folder = ImageFolder(str(split_folder(args.data)), transform=weights.transforms())
         dataset = Subset(folder, range(len(samples)))
 
@@ -224,7 +227,10 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
 
     runs = {"ours": (ours, images)}
     if args.baselines:
-        plain_model, criterion = build_model(args.arch, args.weights).to(device).train(), nn.CrossEntropyLoss()
+        plain_model, criterion = (
+            build_model(args.arch, args.weights, weights_dir=args.weights_dir).to(device).train(),
+            nn.CrossEntropyLoss(),
+        )
         plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
         transform = T.Compose(
             [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(preset.mean, preset.std)]
@@ -278,6 +284,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--arch", default="resnet18", help="any torchvision classifier (random weights)")
     p.add_argument("--weights", help="DEFAULT or a weights name from torchvision's cache (default: random weights)")
+    p.add_argument("--weights-dir", help="folder holding torchvision's weights files (default: torchvision's cache)")
     p.add_argument("--train-batch-size", type=positive_int, default=32, help="train and step batch")
     p.add_argument("--train-steps", type=positive_int, default=5, help="timed optimizer steps per pass (train, step)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (never the plain loops')")

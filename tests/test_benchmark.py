@@ -108,6 +108,11 @@ def test_benchmark_times_int8_against_fp32_on_the_same_images(tmp_path):
     assert "int8: int8 resnet18 batch 2 / fp32 = " in result.stdout
     no_int8 = run_script("benchmark.py", "--data", tmp_path, "--parts", "int8", "--arch", "vgg11")
     assert_user_error(no_int8, "no int8 vgg11", "resnet50")
+    # weights looked for in --weights-dir (as in the other scripts), not downloaded
+    empty = tmp_path / "weights"
+    missing = run_script("benchmark.py", "--data", tmp_path, "--parts", "int8", "--arch", "resnet18",
+                         "--weights", "DEFAULT", "--weights-dir", empty)  # fmt: skip
+    assert_user_error(missing, "resnet18-f37072fd.pth", str(empty))
 
 
 def test_benchmark_latency_of_every_cpu_backend_per_batch_size(tmp_path):
