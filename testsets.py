@@ -33,6 +33,14 @@ KNOWN_SETS = {  # a folder (or one of its two parents) named so, or so followed 
     "imagenet_r": "imagenet-r",
 }
 IMAGENET_NAMES = ("imagenet", "ilsvrc2012", "imagenet-1k", "imagenet1k", "imagenet_1k")
+
+
+def is_shifted_set(dataset: str) -> bool:
+    """Whether an eval row's dataset is one of KNOWN_SETS (ImageNetV2, -Sketch, -A, -R), on which the
+    published ImageNet-val accuracies of the weights say nothing."""
+    return dataset in KNOWN_SETS.values() or dataset.startswith(tuple(k for k, v in KNOWN_SETS.items() if v is None))
+
+
 VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})\.", re.IGNORECASE)
 
 
