@@ -222,8 +222,8 @@ def train_one_epoch(
 ) -> dict:
     """One pass over this rank's shard of epoch `state.epoch`, advancing state.step and state.batch.
     Loss and accuracy stay on the device between log intervals, the loop's only host syncs. Every
-    `checkpoint_every` steps `on_checkpoint(sums)` saves a mid-epoch checkpoint (sums: this rank's
-    loss, top-1 and image counts so far). `ema` (an AveragedModel of `model`'s unwrapped module) is
+    `checkpoint_every` steps and after the last one, `on_checkpoint(sums)` saves a mid-epoch checkpoint
+    (sums: this rank's loss, top-1 and image counts so far). `ema` (an AveragedModel of `model`'s unwrapped module) is
     updated every `ema_steps` steps; during the first `warmup_epochs` it copies the weights, as
     torchvision's references do. `mix` (presets.MixUpCutMix) turns each normalised batch and its
     labels into mixed images and soft targets; train top-1 then counts the largest target. A WeightedSum
@@ -286,7 +286,10 @@ def train_one_epoch(
         top1 = topk_correct(logits.detach(), labels, (1,))[0]
         sums += torch.stack([loss.double() * len(targets), top1, count, *parts])
         last = state.batch == bar.total
-        save_now = bool(checkpoint_every) and state.step % checkpoint_every == 0 and not last
+        # and after the epoch's last step: a validation that fails (an unreadable val image, a crash) keeps the
+        # epoch's training, and the resume validates it
+        every = bool(checkpoint_every) and state.step % checkpoint_every == 0
+        save_now = on_checkpoint is not None and (every or last)
         if state.step % log_interval == 0 or last or save_now:
             if first_bad_step.item() >= 0:  # the only host syncs of the loop: at log and save points
                 raise UserError(
@@ -297,7 +300,7 @@ def train_one_epoch(
             rate = seen * world_size() / (time.perf_counter() - start)
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
-            if save_now and on_checkpoint is not None:
+            if save_now:
                 on_checkpoint(sums)
     totals = all_reduce_sum(sums).tolist()
     seconds = time.perf_counter() - start

@@ -201,21 +201,20 @@ def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
         check_config(cfg)
         try:
             return fit(cfg, device, run_dir, resume_from, checkpoint)
-        except BaseException as e:  # Ctrl-C (also inside torch.save): say what is kept and how to go on
-            if interrupt_in(e) is None:
-                raise
-            raise KeyboardInterrupt(how_to_continue(run_dir)) from None
+        except BaseException as e:  # Ctrl-C (also inside torch.save), or e.g. an unreadable val image: say
+            if interrupt_in(e) is not None:  # what is kept and how to go on
+                raise KeyboardInterrupt(how_to_continue(run_dir, "interrupted")) from None
+            if isinstance(e, UserError) and (run_dir / "last.pt").is_file() and global_rank() == 0:
+                print(f"note: {how_to_continue(run_dir, 'stopped')}, once that is fixed", file=sys.stderr)
+            raise
     finally:
         cleanup_distributed()
 
 
-def how_to_continue(run_dir: Path) -> str:
+def how_to_continue(run_dir: Path, what: str) -> str:
     if (run_dir / "last.pt").is_file():
-        return (
-            f"interrupted; {run_dir / 'last.pt'} is kept: continue with the same command and "
-            f"--run-name {run_dir.name} --resume auto"
-        )
-    return f"interrupted before the first checkpoint; the run name {run_dir.name} can be used again"
+        return f"{what}; {run_dir / 'last.pt'} is kept: continue with --run-name {run_dir.name} --resume auto"
+    return f"{what} before the first checkpoint; the run name {run_dir.name} can be used again"
 
 
 def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, checkpoint: dict | None) -> dict:
@@ -338,7 +337,9 @@ def finish_epoch(cfg: TrainConfig, training: Training, train_stats: dict, val_lo
     best epoch so far)."""
     broadcast_buffers(training.model)  # rank 0's BatchNorm statistics: every rank evaluates and saves the same model
     lr_used = training.optimizer.param_groups[0]["lr"]
-    training.scheduler.step()
+    with warnings.catch_warnings():  # a resume at the end of an epoch's steps takes no step before this one
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+        training.scheduler.step()
     val = evaluate(training.model, val_loader, runtime, criterion=criterion, skip_bad_images=cfg.skip_bad_images)
     state.bad_images += val["bad_images"]
     row = {

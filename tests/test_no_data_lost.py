@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision import models
 
-from config import TrainConfig, load_config
+from config import TrainConfig, load_config, parse_config
 from conftest import make_image, save_torchvision_checkpoint
 from dataset import imagenet_wnids
 from test_train import TINY, make_colour_dataset
@@ -35,6 +35,30 @@ def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, mon
     assert sorted(p.name for p in (tmp_path / "disk").iterdir() if p.name.endswith(".tmp")) == []
     monkeypatch.undo()
     assert torch.load(last, weights_only=True)["epoch"] == 1
+
+
+def test_an_unreadable_val_image_keeps_the_epochs_training(tmp_path, capsys):
+    """Validation meets a broken val image after an epoch of training: the run stops with one error,
+    last.pt holds the trained epoch (written before validating), and once the file is removed,
+    --resume auto validates it and ends as a run that never saw the file."""
+    data = make_colour_dataset(tmp_path / "data", per_class=(4, 2))
+    clean = make_colour_dataset(tmp_path / "clean", per_class=(4, 2))
+    (data / "val" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    args = [*TINY, "--batch-size", "4", "--epochs", "1", "--output", str(tmp_path)]
+    with pytest.raises(UserError, match="cannot read image .*broken.png"):
+        train_main(load_config(TrainConfig, ["--data", str(data), *args, "--run-name", "broken"]))
+    assert "--run-name broken --resume auto" in capsys.readouterr().err
+    saved = torch.load(tmp_path / "broken" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["batch"]) == (0, 3)  # every step of epoch 1 (12 images, batch 4) trained
+    (data / "val" / "red" / "broken.png").unlink()
+    resume = ["--data", str(data), "--output", str(tmp_path), "--run-name", "broken", "--resume", "auto"]
+    resumed = train_main(*parse_config(TrainConfig, resume))
+    straight = train_main(load_config(TrainConfig, ["--data", str(clean), *args, "--run-name", "straight"]))
+    rows = [[{k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in run["history"]]
+            for run in (resumed, straight)]  # fmt: skip
+    assert rows[0] == rows[1] and len(rows[0]) == 1
+    finished = [torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("broken", "straight")]
+    assert all(torch.equal(finished[0][k], finished[1][k]) for k in finished[0])
 
 
 def test_interrupted_sweep_keeps_finished_rows(tmp_path, torch_home, monkeypatch):
