@@ -4,12 +4,12 @@
     python predict.py cat.jpg --arch vit_b_16 --weights IMAGENET1K_SWAG_E2E_V1 --topk 3
     python predict.py cat.jpg --arch resnet50 --weights checkpoints/resnet50-11ad3fa6.pth
     python predict.py cat.jpg --arch resnet50 --weights-dir /data/weights --json > predictions.json
-    python predict.py rose.jpg --arch resnet50 --weights checkpoints/flowers/best.pt      # its run's class names
+    python predict.py rose.jpg --weights checkpoints/flowers/best.pt      # its run's arch and class names
     python predict.py cat.jpg --weights resnet50.onnx                      # export.py's file, on ONNX Runtime
 
 Weights come from torchvision's cache ($TORCH_HOME/hub/checkpoints), --weights-dir, or a file. Images
 get the weights' own eval preprocessing (torchvision's DEFAULT weights' for a file); a train.py
-checkpoint (checkpoints/RUN/best.pt) brings its run's preprocessing and class names.
+checkpoint (checkpoints/RUN/best.pt) brings its run's architecture, preprocessing and class names.
 """
 
 import json
@@ -20,9 +20,20 @@ from PIL import Image
 from coder import LabelCoder
 from dataset import imagenet_wnids, load_rgb
 from engine import Runtime
-from model import build_model, is_quantized, prepare_for_eval
+from model import build_model, is_quantized, is_weights_file, prepare_for_eval
 from presets import EvalPreset, eval_source
-from utils import ArgumentParser, UserError, add_runtime_args, autocast, cli, positive_int, resolve_device
+from utils import (
+    ArgumentParser,
+    UserError,
+    add_runtime_args,
+    autocast,
+    cli,
+    load_checkpoint,
+    positive_int,
+    resolve_device,
+)
+
+DEFAULT_ARCH = "resnet50"  # for torchvision's weights names and files; a train.py checkpoint names its own
 
 
 def read_image(path: str, preset: EvalPreset) -> torch.Tensor:
@@ -45,6 +56,16 @@ def format_predictions(path: str, predictions: list[dict]) -> str:
     return "\n".join([path, *lines])
 
 
+def default_arch(weights) -> str:
+    """The architecture a train.py checkpoint records (its config's arch), else DEFAULT_ARCH."""
+    if not is_weights_file(weights):
+        return DEFAULT_ARCH
+    state = load_checkpoint(weights)
+    config = state.get("config") if isinstance(state, dict) else None
+    arch = config.get("arch") if isinstance(config, dict) else None
+    return arch if isinstance(arch, str) and arch else DEFAULT_ARCH
+
+
 def onnx_predictor(path):
     """(ONNX Runtime model, preset, LabelCoder, Runtime) of a file export.py wrote."""
     from export import OnnxRuntimeModel, onnx_file_metadata
@@ -58,8 +79,11 @@ def onnx_predictor(path):
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--arch", default="resnet50", help="any torchvision classifier (default: resnet50)")
-    p.add_argument("--weights", default="DEFAULT", help="DEFAULT, an enum name, a .pth file or an export.py .onnx file")
+    p.add_argument(
+        "--arch", help=f"any torchvision classifier (default: a train.py checkpoint's own, else {DEFAULT_ARCH})"
+    )
+    weights_help = "DEFAULT, an enum name, a .pth file, a train.py checkpoint or an export.py .onnx file"
+    p.add_argument("--weights", default="DEFAULT", help=weights_help)
     p.add_argument("--weights-dir", help="folder holding torchvision's weights files (default: torchvision's cache)")
     p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
@@ -70,6 +94,8 @@ def main(argv=None):
         model, preset, coder, runtime = onnx_predictor(args.weights)
         images = [read_image(path, preset) for path in args.images]
     else:
+        if args.arch is None:  # given, it must match a checkpoint's (eval_source says so if not)
+            args.arch = default_arch(args.weights)
         weights, enum, run, preset = eval_source(args.arch, args.weights)
         images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
         if is_quantized(args.arch):

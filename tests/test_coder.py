@@ -179,3 +179,18 @@ def test_predict_bad_inputs_are_one_line_errors(torch_home, tmp_path, capsys):
     assert_user_error(run_predict(capsys, image, "--topk", "0"), "--topk")
     no_weights = run_predict(capsys, image, "--arch", "mobilenet_v3_small", "--weights-dir", tmp_path)
     assert_user_error(no_weights, "mobilenet_v3_small", "is not in", str(tmp_path))
+
+
+def test_predict_takes_the_architecture_of_a_train_py_checkpoint(torch_home, tmp_path, capsys):
+    """No --arch: a train.py checkpoint's own arch (resnet18), not the default resnet50; an --arch that
+    contradicts it is still an error naming both."""
+    torch.manual_seed(0)
+    config = {"arch": "resnet18", "val_resize_size": 72, "val_crop_size": 64}
+    state = {"model": models.resnet18(num_classes=2).state_dict(), "config": config, "classes": ["cat", "dog"]}
+    torch.save({**state, "optimizer": {}, "epoch": 1}, tmp_path / "best.pt")
+    image = make_image(tmp_path / "photo.JPEG", (90, 80))
+    result = run_predict(capsys, image, "--weights", tmp_path / "best.pt", "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p["name"] for p in json.loads(result.stdout)[0]["predictions"]) == ["cat", "dog"]
+    wrong = run_predict(capsys, image, "--arch", "resnet50", "--weights", tmp_path / "best.pt")
+    assert_user_error(wrong, "is a resnet18 model, not resnet50")

@@ -69,6 +69,61 @@ def test_a_train_py_checkpoint_exports_with_its_classes_and_preprocessing(tmp_pa
     assert OnnxRuntimeModel(out)(torch.randn(1, 3, 64, 64)).shape == (1, 2)
 
 
+def save_train_checkpoint(path, logit_scale: float = 1.0):
+    """A train.py checkpoint of a random resnet18 with 10 classes at crop 64, its head scaled by `logit_scale`."""
+    torch.manual_seed(0)
+    net = models.resnet18(num_classes=10)
+    with torch.no_grad():
+        net.fc.weight.mul_(logit_scale), net.fc.bias.mul_(logit_scale)
+    config = {"arch": "resnet18", "val_resize_size": 72, "val_crop_size": 64}
+    classes = [f"class{i}" for i in range(10)]
+    torch.save({"model": net.state_dict(), "optimizer": {}, "epoch": 1, "config": config, "classes": classes}, path)
+    return net.eval()
+
+
+def test_large_logits_export_within_a_tolerance_relative_to_their_size(tmp_path):
+    """A run whose loss blew up: logits ~1e5 differ from ONNX Runtime's by ~0.1 from float32 rounding
+    alone, far over an absolute 1e-3, yet the export is right: the check scales with the logits."""
+    net = save_train_checkpoint(tmp_path / "best.pt", logit_scale=1e5)
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 64, 64)).abs().max() > 3e4
+    result = main(["--arch", "resnet18", "--weights", str(tmp_path / "best.pt"), "--out", str(tmp_path / "big.onnx")])
+    assert result["top5_agreement"] == 100.0 and result["max_rel_diff"] <= 1e-5
+    assert result["max_abs_diff"] > 1e-3  # the case an absolute tolerance refused
+    assert OnnxRuntimeModel(tmp_path / "big.onnx")(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_an_export_that_fails_the_check_is_never_written(tmp_path, monkeypatch, capsys):
+    """The exported model's head corrupted between export and check (as a mistranslation would): one
+    line, exit 2, no file at --out, no temporary file beside it, and a previous file there untouched."""
+    import onnx
+    from onnx import numpy_helper
+
+    import export
+
+    exported = export.onnx_bytes
+
+    def corrupted(*args, **kwargs):
+        proto = onnx.load_from_string(exported(*args, **kwargs))
+        [head] = [t for t in proto.graph.initializer if t.name == "fc.weight"]
+        head.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(head), head.name))
+        return proto.SerializeToString()
+
+    save_train_checkpoint(tmp_path / "best.pt")
+    monkeypatch.setattr(export, "onnx_bytes", corrupted)
+    previous = tmp_path / "old.onnx"
+    previous.write_bytes(b"a previous export")
+    for out in (tmp_path / "new.onnx", previous):
+        with pytest.raises(SystemExit) as stop:
+            main(["--arch", "resnet18", "--weights", str(tmp_path / "best.pt"), "--out", str(out), "--count", "2"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: the ONNX export of resnet18 differs from PyTorch") and "\n" not in err
+        assert f"{out} was not written" in err
+    assert "the previous file is kept" in err and previous.read_bytes() == b"a previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "old.onnx"]
+
+
 def test_an_export_failure_is_one_line_naming_the_model(tmp_path, torch_home, monkeypatch, capsys):
     def unsupported(*args, **kwargs):
         raise RuntimeError("Unsupported: aten::frobnicate has no ONNX translation\nlong trace...")

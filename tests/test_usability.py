@@ -39,8 +39,9 @@ def test_a_trained_model_evaluates_on_its_own_classes_and_predicts_their_names(f
     assert record["n_images"] == 12 and record["crop"] == 32 and record["resize"] == 36  # the run's preprocessing
     assert record["acc1"] == pytest.approx(float(best["val_acc1"]))  # reproduces the run's best epoch
     assert f"top-1 {record['acc1']:.3f}%" in result.stdout  # a percentage, not a fraction
-    predicted = run_script("predict.py", data / "val" / "red" / "0.png", "--arch", "resnet18", "--weights",
-                           run / "best.pt", "--topk", "3", "--json")  # fmt: skip
+    predicted = run_script(
+        "predict.py", data / "val" / "red" / "0.png", "--weights", run / "best.pt", "--topk", "3", "--json"
+    )  # no --arch: the checkpoint's own (resnet18)
     assert predicted.returncode == 0, predicted.stderr
     names = [p["name"] for p in json.loads(predicted.stdout)[0]["predictions"]]
     assert sorted(names) == ["blue", "green", "red"]
