@@ -25,7 +25,10 @@ TrainPresetName = Literal["standard", "original"]
 def check_crop_fits(crop: int, resize: int, names: tuple[str, str] = ("crop", "resize")) -> None:
     """The center crop must fit in the resized image (the one rule, for every script)."""
     if crop > resize:
-        raise UserError(f"{names[0]} {crop} is larger than {names[1]} {resize}")
+        raise UserError(
+            f"{names[0]} {crop} is larger than {names[1]} {resize}; use a {names[0]} of at most {resize}, "
+            f"or a {names[1]} of at least {crop}"
+        )
 
 
 @dataclass

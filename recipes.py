@@ -153,7 +153,8 @@ def expand_recipe(argv: list[str]) -> list[str]:
         return argv
     metrics = weights.meta["_metrics"]["ImageNet-1K"]
     print(f"recipe of {weights} ({metrics['acc@1']} / {metrics['acc@5']}{'; ' + recipe.note if recipe.note else ''}):")
-    print("  python train.py " + shlex.join(argv), flush=True)
+    print("  python train.py " + shlex.join(argv))
+    print(f"  (--batch-size is per process: launch as many as the original run, configs/{recipe.config}'s header)")
     return argv
 
 

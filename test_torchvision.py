@@ -2,7 +2,7 @@
 
 Complexity of every weights enum (no data, no download; the repo's main job):
     python test_torchvision.py               # -> results/complexity.{md,csv,json}, acc_vs_gmacs.{png,html}
-    python test_torchvision.py --models 'resnet*' --weights default
+    python test_torchvision.py --models 'resnet*' --weights default --out results/few   # a subset, elsewhere
 Accuracy on the ImageNet validation set (README: the --data layouts) and its other test sets (testsets.py):
     python test_torchvision.py --data /data/imagenet/val --models resnet50 vit_b_16
     python test_torchvision.py --data /data/imagenet/val --real-labels real.json     # ReaL top-1/top-5 too
