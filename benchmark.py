@@ -373,7 +373,7 @@ def main(argv=None) -> dict:
     lines = benchmark_summary(rows)
     if busy:  # other processes' CPU use during the run: how far to trust CPU numbers
         now, seconds = busy_seconds(), time.perf_counter() - start
-        info["other_busy_cores"] = others = round(((now[0] - busy[0]) - (now[1] - busy[1])) / seconds, 2)
+        info["other_busy_cores"] = others = round(max(0.0, (now[0] - busy[0]) - (now[1] - busy[1])) / seconds, 2)
         lines.append(f"other processes kept {others:.2f} of {info['cores']} cores busy during the run")
     print(benchmark_report(rows, lines))
     result = {"machine": info, "args": vars(args), "rows": rows, "summary": lines}
