@@ -75,8 +75,11 @@ class TrainState:
     bad_images: list = field(default_factory=list)  # unreadable files skipped so far
     world_size: int = 1  # of the run that saved it: a mid-epoch position is in its batches
     train_sums: torch.Tensor | None = None  # a mid-epoch checkpoint's sums of the epoch so far
+    train_seconds: float = 0.0  # a mid-epoch checkpoint's training time of the epoch so far
+    trained: bool = False  # a checkpoint saved after the epoch's last step, before its validation
 
     CHECKPOINT_KEYS = ("epoch", "step", "batch", "best_acc1", "history", "bad_images", "world_size")
+    CHECKPOINT_KEYS += ("train_seconds", "trained")
 
     def checkpoint_fields(self) -> dict:
         return {key: getattr(self, key) for key in self.CHECKPOINT_KEYS}
@@ -238,7 +241,7 @@ def train_one_epoch(
             sums[: len(state.train_sums)] += state.train_sums.to(device)
         state.train_sums = None
     first_bad_step = torch.tensor(-1, device=device)
-    start, seen = time.perf_counter(), 0  # images this process trained on in this call
+    start, seen, carried = time.perf_counter(), 0, state.train_seconds  # seen: images of this call
     bar = tqdm(
         loader,
         desc=f"epoch {epoch + 1}/{epochs or '?'}",
@@ -301,10 +304,23 @@ def train_one_epoch(
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
             if save_now:
+                state.trained, state.train_seconds = last, carried + time.perf_counter() - start
                 on_checkpoint(sums)
-    totals = all_reduce_sum(sums).tolist()
     seconds = time.perf_counter() - start
+    return epoch_stats(all_reduce_sum(sums).tolist(), terms, carried + seconds, seen * world_size() / seconds)
+
+
+def epoch_stats(totals: list, terms: list, seconds: float, img_per_s: float) -> dict:
+    """An epoch's train row from its global sums (loss, top-1, images, each loss term)."""
     n = totals[2]
     result = {"train_loss": totals[0] / n, "train_acc1": 100 * totals[1] / n}
     result.update({f"train_loss_{term}": total / n for term, total in zip(terms, totals[3:])})
-    return {**result, "train_time_s": seconds, "img_per_s": seen * world_size() / seconds}
+    return {**result, "train_time_s": seconds, "img_per_s": img_per_s}
+
+
+def trained_epoch_stats(criterion, state: TrainState) -> dict:
+    """train_one_epoch's row for an epoch whose steps a checkpoint holds (state.trained): from its sums,
+    already summed over the ranks, and its training time."""
+    totals, seconds = state.train_sums.tolist(), state.train_seconds
+    state.train_sums = None
+    return epoch_stats(totals, list(getattr(criterion, "losses", {})), seconds, totals[2] / max(seconds, 1e-9))

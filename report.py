@@ -163,11 +163,16 @@ def run_info(seed: int) -> dict:
 
 def write_run_files(run_dir: Path, config: dict, classes: list[str]) -> None:
     """A new run's config.yaml (the resolved config) and run.json (run_info and the class names)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(run_dir, config)
+    atomic_write_text(run_dir / "run.json", json.dumps({**run_info(config["seed"]), "classes": classes}, indent=1))
+
+
+def write_run_config(run_dir: Path, config: dict) -> None:
+    """config.yaml: the run's resolved config (again when a resume changes a setting)."""
     import yaml
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    atomic_write_text(run_dir / "run.json", json.dumps({**run_info(config["seed"]), "classes": classes}, indent=1))
 
 
 def tensorboard_writer(run_dir: Path):

@@ -38,6 +38,7 @@ IMAGENET_NAMES = ("imagenet", "ilsvrc2012", "imagenet-1k", "imagenet1k", "imagen
 def is_shifted_set(dataset: str) -> bool:
     """Whether an eval row's dataset is one of KNOWN_SETS (ImageNetV2, -Sketch, -A, -R), on which the
     published ImageNet-val accuracies of the weights say nothing."""
+    dataset = dataset.lower()  # --dataset ImageNet-A names it as given
     return dataset in KNOWN_SETS.values() or dataset.startswith(tuple(k for k, v in KNOWN_SETS.items() if v is None))
 
 

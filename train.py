@@ -11,6 +11,7 @@ Every key of TrainConfig (config.py) is also --key value; precedence: defaults <
 
 import dataclasses
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass
@@ -29,14 +30,14 @@ from dataset import (
     default_workers,
     find_samples,
 )
-from engine import Runtime, TrainState, evaluate, train_one_epoch
+from engine import Runtime, TrainState, evaluate, train_one_epoch, trained_epoch_stats
 from loss import build_loss
 from model import build_model, load_checked
 from optimizer import build_ema, build_optimizer, build_scheduler
 from plots import plot_curves
 from presets import EvalPreset, MixUpCutMix, train_transform
 from recipes import expand_recipe
-from report import choose_run_dir, tensorboard_writer, write_metrics, write_run_files
+from report import choose_run_dir, tensorboard_writer, write_metrics, write_run_config, write_run_files
 from shards import is_shard_source, shard_eval_loader, shard_train_loader
 from utils import (
     UserError,
@@ -190,30 +191,34 @@ def save(run_dir, training: Training, state: TrainState, cfg: TrainConfig, class
 
 def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
     """given: the fields the user set (parse_config); on a resume the others come from the checkpoint."""
-    check_config(cfg)
+    if not resuming(cfg):  # a resume's settings are checked once its run's are known
+        check_config(cfg)
     device = setup_distributed(cfg.device)
     try:
         run_dir, resume_from = open_run(cfg)
         checkpoint = load_train_checkpoint(resume_from)
         cfg, changes = resumed_config(cfg, (checkpoint or {}).get("config"), given)
+        check_config(cfg)
         if changes and global_rank() == 0:
             print(f"note: {resume_from} continues with settings other than its run's: {'; '.join(changes)}")
-        check_config(cfg)
+            if (run_dir / "config.yaml").exists():  # what test_torchvision.py --runs reads
+                write_run_config(run_dir, dataclasses.asdict(cfg))
         try:
             return fit(cfg, device, run_dir, resume_from, checkpoint)
         except BaseException as e:  # Ctrl-C (also inside torch.save), or e.g. an unreadable val image: say
             if interrupt_in(e) is not None:  # what is kept and how to go on
                 raise KeyboardInterrupt(how_to_continue(run_dir, "interrupted")) from None
             if isinstance(e, UserError) and (run_dir / "last.pt").is_file() and global_rank() == 0:
-                print(f"note: {how_to_continue(run_dir, 'stopped')}, once that is fixed", file=sys.stderr)
+                print(f"note: {how_to_continue(run_dir, 'stopped', 'once that is fixed, ')}", file=sys.stderr)
             raise
     finally:
         cleanup_distributed()
 
 
-def how_to_continue(run_dir: Path, what: str) -> str:
+def how_to_continue(run_dir: Path, what: str, when: str = "") -> str:
     if (run_dir / "last.pt").is_file():
-        return f"{what}; {run_dir / 'last.pt'} is kept: continue with --run-name {run_dir.name} --resume auto"
+        where = f"--output {shlex.quote(str(run_dir.parent))} --run-name {shlex.quote(run_dir.name)}"
+        return f"{what}; {run_dir / 'last.pt'} is kept: {when}continue with {where} --resume auto"
     return f"{what} before the first checkpoint; the run name {run_dir.name} can be used again"
 
 
@@ -247,7 +252,8 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
         state = TrainState.from_checkpoint(checkpoint)
         saved_batch = checkpoint.get("config", {}).get("batch_size", cfg.batch_size)
         stream = is_shard_source(cfg.data) and not cfg.dummy  # a shard stream resumes at epoch starts
-        if state.batch and (stream or (saved_batch, state.world_size) != (cfg.batch_size, world_size())):
+        other_batches = stream or (saved_batch, state.world_size) != (cfg.batch_size, world_size())
+        if state.batch and not state.trained and other_batches:
             if global_rank() == 0:  # its position counts batches of another size, or a stream's: redo the epoch
                 why = (
                     "a tar-shard stream resumes at epoch starts"
@@ -255,10 +261,11 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
                     else (f"it ran with batch {saved_batch} x {state.world_size} processes, another global batch")
                 )
                 print(f"note: {resume_from} stopped inside epoch {state.epoch + 1}; {why}: that epoch starts again")
-            state.batch, state.train_sums = 0, None
+            state.batch, state.train_sums, state.train_seconds = 0, None, 0.0
         state.world_size = world_size()
         train_loader.sampler.skip = state.batch * cfg.batch_size  # a mid-epoch checkpoint continues there
         training.load_rng_state(checkpoint["rng"])  # after everything that draws random numbers was built
+        checkpoint.clear()  # main() holds it too: its tensors (GBs for large models) are no longer needed
     if global_rank() == 0 and not (run_dir / "config.yaml").exists():  # a new run, or --resume FILE elsewhere
         write_run_files(run_dir, dataclasses.asdict(cfg), classes)
     trained = model
@@ -287,8 +294,11 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
     options.update(log_interval=cfg.log_interval, checkpoint_every=cfg.save_every_steps, on_checkpoint=save_mid_epoch)
     options.update(skip_bad_images=cfg.skip_bad_images, epochs=cfg.epochs)
     while state.epoch < cfg.epochs:
-        optimizer, scaler = training.optimizer, training.scaler
-        train_stats = train_one_epoch(trained, criterion, optimizer, scaler, train_loader, runtime, state, **options)
+        if state.trained:  # resumed from the checkpoint between the epoch's last step and its validation
+            train_stats = trained_epoch_stats(criterion, state)
+        else:
+            loop = (trained, criterion, training.optimizer, training.scaler, train_loader, runtime, state)
+            train_stats = train_one_epoch(*loop, **options)
         row, is_best = finish_epoch(cfg, training, train_stats, val_loader, runtime, criterion, state)
         train_loader.sampler.skip = 0
         save(run_dir, training, state, cfg, classes, best=is_best)
@@ -312,11 +322,15 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
             "steps": state.step}  # fmt: skip
 
 
+def resuming(cfg: TrainConfig) -> bool:
+    """--resume, or a job torchrun --max-restarts started again (open_run resumes it from last.pt)."""
+    return bool(cfg.resume) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+
+
 def open_run(cfg: TrainConfig):
     """(run dir, checkpoint path to resume from or None). Rank 0 names the run (a timestamp) and checks
     it; every rank uses its answer. Under torchrun --max-restarts a restarted job continues from last.pt."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    resume = cfg.resume or ("auto" if restarted else "")
+    resume = cfg.resume or ("auto" if resuming(cfg) else "")
     named = choose_run_dir(cfg.output, cfg.run_name, cfg.arch, resume) if global_rank() == 0 else None
     return broadcast_object(named)
 
@@ -357,7 +371,7 @@ def finish_epoch(cfg: TrainConfig, training: Training, train_stats: dict, val_lo
         row.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
     row["epoch_time_s"] = row.pop("train_time_s") + val["seconds"]
     state.history.append(row)
-    state.epoch, state.batch = state.epoch + 1, 0
+    state.epoch, state.batch, state.trained, state.train_seconds = state.epoch + 1, 0, False, 0.0
     is_best = val["acc1"] > state.best_acc1
     state.best_acc1 = max(state.best_acc1, val["acc1"])
     return row, is_best

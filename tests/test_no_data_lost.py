@@ -39,24 +39,29 @@ def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, mon
 
 def test_an_unreadable_val_image_keeps_the_epochs_training(tmp_path, capsys):
     """Validation meets a broken val image after an epoch of training: the run stops with one error,
-    last.pt holds the trained epoch (written before validating), and once the file is removed,
-    --resume auto validates it and ends as a run that never saw the file."""
+    last.pt holds the trained epoch (written before validating), and once the file is removed, the
+    command the note gives (no --data: the run's own settings) validates that epoch without training it
+    again, even at another batch size, and ends as a run that never saw the file."""
     data = make_colour_dataset(tmp_path / "data", per_class=(4, 2))
     clean = make_colour_dataset(tmp_path / "clean", per_class=(4, 2))
     (data / "val" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
     args = [*TINY, "--batch-size", "4", "--epochs", "1", "--output", str(tmp_path)]
     with pytest.raises(UserError, match="cannot read image .*broken.png"):
         train_main(load_config(TrainConfig, ["--data", str(data), *args, "--run-name", "broken"]))
-    assert "--run-name broken --resume auto" in capsys.readouterr().err
+    note = capsys.readouterr().err
+    assert f"continue with --output {tmp_path} --run-name broken --resume auto" in note, note
     saved = torch.load(tmp_path / "broken" / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["batch"]) == (0, 3)  # every step of epoch 1 (12 images, batch 4) trained
+    assert (saved["epoch"], saved["batch"], saved["trained"]) == (0, 3, True)  # 12 images, batch 4: all trained
     (data / "val" / "red" / "broken.png").unlink()
-    resume = ["--data", str(data), "--output", str(tmp_path), "--run-name", "broken", "--resume", "auto"]
+    resume = note.split("continue with ")[1].split() + ["--batch-size", "2"]  # and a batch of another size
     resumed = train_main(*parse_config(TrainConfig, resume))
     straight = train_main(load_config(TrainConfig, ["--data", str(clean), *args, "--run-name", "straight"]))
-    rows = [[{k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in run["history"]]
-            for run in (resumed, straight)]  # fmt: skip
-    assert rows[0] == rows[1] and len(rows[0]) == 1
+    assert resumed["steps"] == straight["steps"] == 3  # validated, not trained again
+    rows = [run["history"][0] for run in (resumed, straight)]
+    assert len(resumed["history"]) == 1 and rows[0]["img_per_s"] > 0 and rows[0]["epoch_time_s"] > 0
+    for key in ("train_loss", "train_acc1", "val_acc1", "val_acc5", "lr"):
+        assert rows[0][key] == rows[1][key], key
+    assert rows[0]["val_loss"] == pytest.approx(rows[1]["val_loss"], rel=1e-6)  # batches of 2, not 4
     finished = [torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("broken", "straight")]
     assert all(torch.equal(finished[0][k], finished[1][k]) for k in finished[0])
 

@@ -189,6 +189,7 @@ def test_a_run_extended_with_more_epochs_follows_the_longer_schedule(colours, tm
     longer = run_script("train.py", *short, "--epochs", "3")
     assert longer.returncode == 0, longer.stderr
     assert "continues with settings other than its run's: epochs 1 -> 3" in longer.stdout, longer.stdout
+    assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["epochs"] == 3  # --runs reads it
     assert "resnet18" in longer.stdout and "->" not in longer.stdout.split("epochs 1 -> 3")[1].split("\n")[0]
     straight, extended = state_of(tmp_path / "straight"), state_of(tmp_path / "extended")
     assert [row["lr"] for row in extended[1]] == [row["lr"] for row in straight[1]] and extended[1][1]["lr"] > 0
