@@ -279,7 +279,7 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
     # loop
     writer = tensorboard_writer(run_dir) if global_rank() == 0 else None
     if global_rank() == 0:
-        resumed = f", resumed from {resume_from} at epoch {state.epoch + 1}" if checkpoint else ""
+        resumed = f", resumed from {resume_from} at epoch {state.epoch + 1}" if checkpoint is not None else ""
         print(
             f"run dir {run_dir}: {cfg.arch}, {num_classes} classes, {len(train_loader.dataset)} train / "
             f"{len(val_loader.dataset)} val images, world size {world_size()}, process group "
