@@ -5,6 +5,7 @@ import gc
 import itertools
 import json
 import threading
+import time
 import weakref
 
 import pytest
@@ -171,11 +172,14 @@ def test_unreadable_image_stops_or_is_skipped_and_listed(tmp_path, torch_home):
 def test_batched_decode_loader_matches_the_exact_path(tmp_path, odd_images, workers):
     """GpuDecodeLoader run on the CPU: the code path of --decode gpu, with libjpeg in place of nvjpeg.
     Same images, targets and order as build_loader, pixels within 1 level (another antialiasing
-    kernel); a truncated JPEG fails the batched call, and the per-image fallback reports it as
-    build_loader does. With workers, each batch's JPEGs cross from the worker packed in one tensor."""
+    kernel); a file the worker can't read and a truncated JPEG (which fails the batched call: the
+    per-image fallback finds it) are reported as build_loader reports them. With workers, each batch's
+    JPEGs cross from the worker packed in one tensor."""
     good = odd_images[0].read_bytes()
     (tmp_path / "cut.JPEG").write_bytes(good[: len(good) // 2])
-    samples = [Sample(str(p), i) for i, p in enumerate([*odd_images, tmp_path / "cut.JPEG"])]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    files = [*odd_images, tmp_path / "broken.png", tmp_path / "cut.JPEG"]
+    samples = [Sample(str(p), i) for i, p in enumerate(files)]
     preset = EvalPreset(resize=64, crop=56)
     exact = list(build_loader(ImageDataset(samples, preset), 4, 0))
     batched = list(GpuDecodeLoader(samples, preset, 4, workers, torch.device("cpu")))
@@ -185,7 +189,8 @@ def test_batched_decode_loader_matches_the_exact_path(tmp_path, odd_images, work
         assert targets_a.tolist() == targets_b.tolist() and indices_a.tolist() == indices_b.tolist()
         assert [i for i, _ in errors_a] == [i for i, _ in errors_b]
         assert (a.int() - b.int()).abs().float().mean() < 0.3 and (a.int() - b.int()).abs().max() <= 1
-    assert [i for i, _ in batched[1][3]] == [6]
+    assert [i for i, _ in batched[1][3]] == [6, 7]
+    assert sum(len(batch[1]) for batch in batched) == 6
 
 
 def decode_threads() -> int:
@@ -207,14 +212,31 @@ def test_decoding_ahead_runs_in_a_thread_keeps_order_and_stops():
             yield torch.tensor([i]), i
 
     batches = decoded_ahead(lambda: produce(5), cpu, depth=2)
-    assert next(batches)[1] == 0 and ahead.wait(10)  # 2 queued + 1 in hand while the caller holds batch 0
+    assert next(batches)[1] == 0 and ahead.wait(10)  # made ahead while the caller holds batch 0
+    time.sleep(0.5)
+    assert len(made) == 4  # no further: batch 0 in hand, 1 and 2 queued, 3 waiting for room
     assert [i for _, i in batches] == [1, 2, 3, 4] and decode_threads() == 0
     with pytest.raises(OSError, match="disk gone"):
         list(decoded_ahead(lambda: produce(5, fail_at=2), cpu))
     endless = decoded_ahead(produce, cpu)
     assert next(endless)[1] == 0 and decode_threads() == 1
-    endless.close()  # what leaving a for loop early does
-    assert decode_threads() == 0
+    closing = threading.Thread(target=endless.close)  # what leaving a for loop early does
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive() and decode_threads() == 0
+
+
+def test_a_batch_the_device_refuses_is_decoded_image_by_image(odd_images, monkeypatch):
+    """decode_jpeg refusing every call (as nvjpeg refuses a CMYK JPEG): each image comes back from the
+    CPU fallback, none is reported unreadable."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Error while decoding JPEG images: unsupported")
+
+    monkeypatch.setattr(decode, "decode_jpeg", refuse)
+    samples = [Sample(str(path), i) for i, path in enumerate(odd_images)]
+    batches = list(GpuDecodeLoader(samples, EvalPreset(resize=64, crop=56), 4, 0, torch.device("cpu")))
+    assert sum(len(batch[1]) for batch in batches) == len(odd_images) and not any(batch[3] for batch in batches)
 
 
 def test_decoding_ahead_frees_a_failed_pass_for_the_retry(tmp_path, odd_images, monkeypatch):
