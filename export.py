@@ -168,6 +168,9 @@ def check_export(
     """compare(); an export whose top-5 differs from PyTorch's, or whose logits differ by more than
     ABS_TOL + REL_TOL x the largest |logit|, is an error naming it (`name`) and saying `action`."""
     check = compare(model, exported, images)
+    # the error's traceback holds this frame: with the session in it, a garbage collection in a process
+    # forked later (a DataLoader worker, a Pool) destroys the copied session, whose thread pool's locks hang
+    del exported
     if check["top5_agreement"] < 100 or not check["within_tolerance"]:
         raise UserError(
             f"{name} differs from PyTorch (logits by up to {check['max_abs_diff']:.2g}, {check['max_rel_diff']:.2g} "

@@ -14,6 +14,7 @@ The table of finished train.py runs:
 import argparse
 import fnmatch
 import functools
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -187,6 +188,7 @@ def complexity_records(pairs: list[tuple], thop: bool = True, workers: int | Non
     progress = tqdm(total=len(jobs), desc="counting", unit="model", disable=None)
     counts = {}
     if workers > 1:
+        gc.collect()  # no garbage for forked workers to collect: a native object in it may hang them (ORT's)
         with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
             for key, result in zip([k for k, _ in jobs], pool.imap(_count, [j for _, j in jobs])):
                 counts[key] = result
@@ -349,8 +351,7 @@ def run_evaluation(args) -> list[dict]:
         settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
         record["predictions"] = f"predictions/{Path(str(weights)).name}_{settings_hash}.csv"
         record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
-        if real is not None:
-            record.update(real_accuracy(result["predictions"], real))
+        record.update(real_accuracy(result["predictions"], real) if real is not None else {})
         own = enum is not None and (onnx_file is not None or not is_weights_file(weights))  # the weights published
         if own and not (record["masked"] or is_shifted_set(record["dataset"])):  # published: on ImageNet val
             record.update(published_deltas(enum, record))

@@ -1,5 +1,6 @@
 """export.py: an ONNX file that describes itself, equals PyTorch, and runs in predict.py."""
 
+import gc
 import json
 
 import pytest
@@ -122,6 +123,9 @@ def test_an_export_that_fails_the_check_is_never_written(tmp_path, monkeypatch, 
         assert f"{out} was not written" in err
     assert "the previous file is kept" in err and previous.read_bytes() == b"a previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "old.onnx"]
+    # no ONNX Runtime session left in the error's traceback: a process forked later (a Pool, a DataLoader
+    # worker) that collects it as garbage hangs on the session's thread-pool locks
+    assert not [o for o in gc.get_objects() if isinstance(o, export.OnnxRuntimeModel)]
 
 
 def test_an_export_failure_is_one_line_naming_the_model(tmp_path, torch_home, monkeypatch, capsys):
