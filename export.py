@@ -4,7 +4,7 @@ against PyTorch on the same images (largest logit difference, top-5 agreement) b
 a file that differs is never written.
 
     python export.py --arch resnet50 --weights IMAGENET1K_V2 --out resnet50.onnx
-    python export.py --arch resnet50 --weights checkpoints/flowers/best.pt --out flowers.onnx --images DIR
+    python export.py --weights checkpoints/flowers/best.pt --out flowers.onnx --images DIR   # its run's arch
     python predict.py cat.jpg --weights resnet50.onnx                  # ONNX Runtime, the file's preprocessing
 
 torch.onnx.export's exporter (torch.export, dynamo=True), opset 18, a dynamic batch dimension. The model
@@ -23,7 +23,7 @@ from torch import nn
 
 from coder import LabelCoder
 from dataset import find_samples, imagenet_wnids, load_rgb
-from model import build_model, is_weights_file, prepare_for_eval, resolve_weights, weights_enum_for
+from model import arch_of_weights, build_model, is_weights_file, prepare_for_eval, resolve_weights, weights_enum_for
 from presets import EvalPreset, eval_source, normalize
 from utils import ArgumentParser, UserError, atomic_write, barrier, cli, is_main, positive_int
 
@@ -215,7 +215,7 @@ def validation_images(folder, preset: EvalPreset, count: int) -> torch.Tensor:
 @cli
 def main(argv=None) -> dict:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--arch", default="resnet50", help="any torchvision classifier (default: resnet50)")
+    p.add_argument("--arch", help="any torchvision classifier (default: a train.py checkpoint's own, else resnet50)")
     p.add_argument("--weights", default="DEFAULT", help="DEFAULT, an enum name, a .pth or a train.py checkpoint")
     p.add_argument("--weights-dir", help="folder holding torchvision's weights files (default: torchvision's cache)")
     p.add_argument("--out", help="the .onnx file to write (default: ARCH.onnx)")
@@ -223,6 +223,7 @@ def main(argv=None) -> dict:
     p.add_argument("--count", type=positive_int, default=8, help="images to validate on (default: 8)")
     p.add_argument("--opset", type=positive_int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
     args = p.parse_args(argv)
+    args.arch = args.arch or arch_of_weights(args.weights)  # given, it must match a checkpoint's
     out = Path(args.out or f"{args.arch}.onnx")
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder; pass a file name such as {out / (args.arch + '.onnx')}")

@@ -98,6 +98,14 @@ def weights_enum_for(arch: str, weights, file_default: str | None = None) -> Wei
     return match or resolve_weights(arch, file_default)
 
 
+def arch_of_weights(weights, default: str = "resnet50") -> str:
+    """The architecture a train.py checkpoint records (its config's), else `default` (for --arch left out)."""
+    state = load_checkpoint(weights) if is_weights_file(weights) else None
+    config = state.get("config") if isinstance(state, dict) else None
+    arch = config.get("arch") if isinstance(config, dict) else None
+    return arch if isinstance(arch, str) and arch else default
+
+
 def run_of_checkpoint(path, arch: str) -> dict | None:
     """{'classes', 'config'} of a train.py checkpoint of `arch` (a model trained or fine-tuned here: its
     head's class names and its eval preprocessing), None for any other weights file."""

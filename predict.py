@@ -20,18 +20,9 @@ from PIL import Image
 from coder import LabelCoder
 from dataset import imagenet_wnids, load_rgb
 from engine import Runtime
-from model import build_model, is_quantized, is_weights_file, prepare_for_eval
+from model import arch_of_weights, build_model, is_quantized, prepare_for_eval
 from presets import EvalPreset, eval_source
-from utils import (
-    ArgumentParser,
-    UserError,
-    add_runtime_args,
-    autocast,
-    cli,
-    load_checkpoint,
-    positive_int,
-    resolve_device,
-)
+from utils import ArgumentParser, UserError, add_runtime_args, autocast, cli, positive_int, resolve_device
 
 DEFAULT_ARCH = "resnet50"  # for torchvision's weights names and files; a train.py checkpoint names its own
 
@@ -54,16 +45,6 @@ def format_predictions(path: str, predictions: list[dict]) -> str:
         for rank, p in enumerate(predictions, 1)
     ]
     return "\n".join([path, *lines])
-
-
-def default_arch(weights) -> str:
-    """The architecture a train.py checkpoint records (its config's arch), else DEFAULT_ARCH."""
-    if not is_weights_file(weights):
-        return DEFAULT_ARCH
-    state = load_checkpoint(weights)
-    config = state.get("config") if isinstance(state, dict) else None
-    arch = config.get("arch") if isinstance(config, dict) else None
-    return arch if isinstance(arch, str) and arch else DEFAULT_ARCH
 
 
 def onnx_predictor(path):
@@ -95,7 +76,7 @@ def main(argv=None):
         images = [read_image(path, preset) for path in args.images]
     else:
         if args.arch is None:  # given, it must match a checkpoint's (eval_source says so if not)
-            args.arch = default_arch(args.weights)
+            args.arch = arch_of_weights(args.weights, DEFAULT_ARCH)
         weights, enum, run, preset = eval_source(args.arch, args.weights)
         images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
         if is_quantized(args.arch):

@@ -61,10 +61,10 @@ def test_a_train_py_checkpoint_exports_with_its_classes_and_preprocessing(tmp_pa
     state = {"model": net.state_dict(), "optimizer": {}, "epoch": 1, "config": config, "classes": ["cat", "dog"]}
     torch.save(state, tmp_path / "best.pt")
     out = tmp_path / "pets.onnx"
-    result = main(["--arch", "resnet18", "--weights", str(tmp_path / "best.pt"), "--out", str(out)])
+    result = main(["--weights", str(tmp_path / "best.pt"), "--out", str(out)])  # the checkpoint's own arch
     assert result["max_abs_diff"] <= 1e-4
     meta = onnx_metadata(out)
-    assert meta["classes"] == ["cat", "dog"] and meta["wnids"] is None
+    assert meta["arch"] == "resnet18" and meta["classes"] == ["cat", "dog"] and meta["wnids"] is None
     assert (meta["preprocessing"]["resize"], meta["preprocessing"]["crop"]) == (72, 64)
     assert meta["preprocessing"]["interpolation"] == "bicubic"
     assert OnnxRuntimeModel(out)(torch.randn(1, 3, 64, 64)).shape == (1, 2)
