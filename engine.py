@@ -226,11 +226,11 @@ def train_one_epoch(
     """One pass over this rank's shard of epoch `state.epoch`, advancing state.step and state.batch.
     Loss and accuracy stay on the device between log intervals, the loop's only host syncs. Every
     `checkpoint_every` steps and after the last one, `on_checkpoint(sums)` saves a mid-epoch checkpoint
-    (sums: this rank's loss, top-1 and image counts so far). `ema` (an AveragedModel of `model`'s unwrapped module) is
-    updated every `ema_steps` steps; during the first `warmup_epochs` it copies the weights, as
-    torchvision's references do. `mix` (presets.MixUpCutMix) turns each normalised batch and its
-    labels into mixed images and soft targets; train top-1 then counts the largest target. A WeightedSum
-    criterion's terms are reported too."""
+    (sums: this rank's loss, top-1 and image counts so far). `ema` (an AveragedModel of `model`'s
+    unwrapped module) is updated every `ema_steps` steps; during the first `warmup_epochs` it copies the
+    weights, as torchvision's references do. `mix` (presets.MixUpCutMix) turns each normalised batch and
+    its labels into mixed images and soft targets; train top-1 then counts the largest target. A
+    WeightedSum criterion's terms are reported too."""
     model.train()
     device, epoch = runtime.device, state.epoch
     loader.sampler.set_epoch(epoch)
@@ -289,8 +289,8 @@ def train_one_epoch(
         top1 = topk_correct(logits.detach(), labels, (1,))[0]
         sums += torch.stack([loss.double() * len(targets), top1, count, *parts])
         last = state.batch == bar.total
-        # and after the epoch's last step: a validation that fails (an unreadable val image, a crash) keeps the
-        # epoch's training, and the resume validates it
+        # also after the epoch's last step, before validation: a validation that fails (an unreadable val
+        # image, a crash) then keeps the epoch's training, and the resume validates it
         every = bool(checkpoint_every) and state.step % checkpoint_every == 0
         save_now = on_checkpoint is not None and (every or last)
         if state.step % log_interval == 0 or last or save_now:
