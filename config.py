@@ -233,6 +233,21 @@ def resumed_config(cfg, saved: dict | None, given: frozenset | None) -> tuple:
     return type(cfg)(**values), sorted(changes)
 
 
+def resume_notes(cfg, saved: dict, epochs_done: int, saved_world: int, world: int) -> list[str]:
+    """What a resume does that its command may not say: another global batch at the same lr (e.g. a
+    torchrun run resumed with fewer processes), or nothing left to train."""
+    notes = []
+    before, now = saved.get("batch_size", cfg.batch_size) * saved_world, cfg.batch_size * world
+    if before != now:
+        notes.append(
+            f"the global batch changes from {before} to {now} (--batch-size {cfg.batch_size} x {world} processes) "
+            f"at lr {cfg.lr:g}: launch the run's {saved_world} processes, or scale --lr ({cfg.lr * now / before:g})"
+        )
+    if epochs_done >= cfg.epochs:
+        notes.append(f"the run has done its {epochs_done} epochs: to train further, pass --epochs N above that")
+    return notes
+
+
 def parse_config(cls, argv=None, description: str = "") -> tuple:
     """(load_config's config, the names of the fields that --config or the command line set)."""
     import yaml

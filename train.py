@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import TrainConfig, check_config, parse_config, resumed_config
+from config import TrainConfig, check_config, parse_config, resume_notes, resumed_config
 from dataset import (
     ImageDataset,
     ShardSampler,
@@ -201,8 +201,6 @@ def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
         check_config(cfg)
         if changes and global_rank() == 0:
             print(f"note: {resume_from} continues with settings other than its run's: {'; '.join(changes)}")
-            if (run_dir / "config.yaml").exists():  # what test_torchvision.py --runs reads
-                write_run_config(run_dir, dataclasses.asdict(cfg))
         try:
             return fit(cfg, device, run_dir, resume_from, checkpoint)
         except BaseException as e:  # Ctrl-C (also inside torch.save), or e.g. an unreadable val image: say
@@ -248,8 +246,17 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
     if world_size() > 1:  # dropout and stochastic depth draw other masks on every rank, as the data differs
         torch.manual_seed(hash((cfg.seed, global_rank())) & 0xFFFF_FFFF_FFFF)
     if checkpoint is not None:
-        training.load_state_dict(checkpoint)
+        try:
+            training.load_state_dict(checkpoint)
+        except (ValueError, KeyError, RuntimeError) as e:  # torch's words for "another optimizer structure"
+            raise UserError(
+                f"the optimizer state of {resume_from} does not fit this command's optimizer settings "
+                f"({type(e).__name__}: {e}); resume with the run's own, or start a new run from it with --weights"
+            ) from e
         state = TrainState.from_checkpoint(checkpoint)
+        if global_rank() == 0:  # what the resume does that its command may not say
+            for note in resume_notes(cfg, checkpoint.get("config", {}), state.epoch, state.world_size, world_size()):
+                print(f"note: {note}")
         saved_batch = checkpoint.get("config", {}).get("batch_size", cfg.batch_size)
         stream = is_shard_source(cfg.data) and not cfg.dummy  # a shard stream resumes at epoch starts
         other_batches = stream or (saved_batch, state.world_size) != (cfg.batch_size, world_size())
@@ -266,8 +273,10 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
         train_loader.sampler.skip = state.batch * cfg.batch_size  # a mid-epoch checkpoint continues there
         training.load_rng_state(checkpoint["rng"])  # after everything that draws random numbers was built
         checkpoint.clear()  # main() holds it too: its tensors (GBs for large models) are no longer needed
-    if global_rank() == 0 and not (run_dir / "config.yaml").exists():  # a new run, or --resume FILE elsewhere
-        write_run_files(run_dir, dataclasses.asdict(cfg), classes)
+    if global_rank() == 0 and (checkpoint is None or not (run_dir / "config.yaml").exists()):  # a new run
+        write_run_files(run_dir, dataclasses.asdict(cfg), classes)  # (or --resume FILE into a new folder)
+    elif global_rank() == 0:  # a resume: its settings, once restored (test_torchvision.py --runs reads them)
+        write_run_config(run_dir, dataclasses.asdict(cfg))
     trained = model
     if is_distributed():  # torchrun with one process too: the path its users scale out from
         trained = torch.nn.parallel.DistributedDataParallel(
@@ -304,6 +313,7 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
         save(run_dir, training, state, cfg, classes, best=is_best)
         if global_rank() == 0:
             write_metrics(state.history, run_dir, writer)
+            plot_curves(state.history, run_dir)  # every epoch: a run stopped early has its curves too
             tqdm.write(
                 f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f}% | val "
                 f"loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% top-5 {row['val_acc5']:.2f}% | "
@@ -312,7 +322,6 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
 
     # report
     if global_rank() == 0 and state.history:
-        plot_curves(state.history, run_dir)
         if state.bad_images:
             bad = sorted(set(state.bad_images))
             print(f"skipped {len(bad)} unreadable images:\n  " + "\n  ".join(bad))

@@ -7,7 +7,7 @@ import pytest
 
 import benchmark
 import test_torchvision
-from config import TrainConfig, load_config, parse_config, resumed_config
+from config import TrainConfig, load_config, parse_config, resume_notes, resumed_config
 from utils import RUNTIME_HELP, Amp, ChannelsLast, Device, UserError
 
 SHARED = {"device": Device, "amp": Amp, "channels_last": ChannelsLast}
@@ -65,3 +65,14 @@ def test_a_resume_takes_the_runs_settings_except_those_given():
     same, changes = resumed_config(TrainConfig(arch="resnet18", batch_size=32), saved, None)
     assert (same.batch_size, same.lr) == (32, TrainConfig().lr) and "batch_size 8 -> 32" in changes
     assert resumed_config(cfg, None, given) == (cfg, [])  # a new run
+
+
+def test_a_resume_says_what_its_command_may_not():
+    """A torchrun run (2 x batch 8) resumed by one process halves the global batch at the same lr; a
+    finished run resumed without more epochs trains nothing."""
+    saved = {"batch_size": 8, "lr": 0.1}
+    cfg = TrainConfig(batch_size=8, lr=0.1, epochs=4)
+    [note] = resume_notes(cfg, saved, 2, 2, 1)
+    assert "global batch changes from 16 to 8" in note and "launch the run's 2 processes" in note and "0.05" in note
+    assert resume_notes(cfg, saved, 2, 2, 2) == []
+    assert "done its 4 epochs" in resume_notes(cfg, saved, 4, 1, 1)[-1]

@@ -190,6 +190,11 @@ def test_a_run_extended_with_more_epochs_follows_the_longer_schedule(colours, tm
     assert longer.returncode == 0, longer.stderr
     assert "continues with settings other than its run's: epochs 1 -> 3" in longer.stdout, longer.stdout
     assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["epochs"] == 3  # --runs reads it
+    done = run_script("train.py", *short)  # nothing left to train: said, not silent
+    assert done.returncode == 0 and "the run has done its 3 epochs: to train further, pass --epochs" in done.stdout
+    other = run_script("train.py", *short, "--epochs", "4", "--optimizer", "adamw")  # another optimizer state
+    assert_user_error(other, "does not fit this command's optimizer settings", "--weights")
+    assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["optimizer"] == "sgd"  # untouched
     assert "resnet18" in longer.stdout and "->" not in longer.stdout.split("epochs 1 -> 3")[1].split("\n")[0]
     straight, extended = state_of(tmp_path / "straight"), state_of(tmp_path / "extended")
     assert [row["lr"] for row in extended[1]] == [row["lr"] for row in straight[1]] and extended[1][1]["lr"] > 0
@@ -202,6 +207,19 @@ def digest(folder: Path) -> dict:
 
 
 @pytest.mark.slow
+def test_a_run_started_again_in_a_folder_without_checkpoint_writes_its_own_run_files(colours, tmp_path):
+    """A run that stopped before its first checkpoint leaves its name free: the next run under that name
+    writes its own config.yaml and run.json, not keeping the failed one's."""
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "config.yaml").write_text("arch: vgg11\nlr: 0.5\n")
+    (tmp_path / "again" / "run.json").write_text('{"command": "the failed one"}')
+    args = ["train.py", "--data", colours, *TINY, "--batch-size", "16", "--epochs", "1", "--output", tmp_path]
+    assert run_script(*args, "--run-name", "again").returncode == 0
+    assert yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())["arch"] == "resnet18"
+    assert "the failed one" not in (tmp_path / "again" / "run.json").read_text()
+    assert (tmp_path / "again" / "curves.png").is_file()
+
+
 def test_same_run_name_never_overwrites(colours, tmp_path):
     args = ["train.py", "--data", colours, *TINY, "--batch-size", "16", "--epochs", "1", "--output", tmp_path]
     assert run_script(*args, "--run-name", "mine").returncode == 0
