@@ -111,6 +111,8 @@ def recipe_for(name: str):
     archs = classification_weights()
     if name in set(archs.values()):
         name = str(models.get_model_weights(name).DEFAULT)
+    elif name.endswith(".DEFAULT") and name.removesuffix(".DEFAULT") in {n.split(".")[0] for n in archs}:
+        name = str(models.get_weight(name))  # ResNet50_Weights.DEFAULT: the weights it stands for
     if name not in archs:
         raise UserError(f"unknown weights '{name}'{closest(name, archs)}; see docs/recipes.md for every name")
     weights = models.get_weight(name)

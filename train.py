@@ -267,7 +267,7 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
                     if stream
                     else (f"it ran with batch {saved_batch} x {state.world_size} processes, another global batch")
                 )
-                print(f"note: {resume_from} stopped inside epoch {state.epoch + 1}; {why}: that epoch starts again")
+                print(f"note: {resume_from} stopped inside epoch {state.epoch + 1}; {why}: its data starts again")
             state.batch, state.train_sums, state.train_seconds = 0, None, 0.0
         state.world_size = world_size()
         train_loader.sampler.skip = state.batch * cfg.batch_size  # a mid-epoch checkpoint continues there

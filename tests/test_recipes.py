@@ -285,6 +285,7 @@ def test_recipe_picks_the_config_arch_and_published_eval_sizes_of_the_weights(ca
     assert (cfg.arch, cfg.lr, cfg.batch_size, cfg.warmup_factor) == ("regnet_y_400mf", 0.4, 128, 0.1)
     cfg = load_config(TrainConfig, expand_recipe(["--recipe", "resnet101"]))  # an architecture: its DEFAULT
     assert (cfg.train_crop_size, cfg.ra_sampler, cfg.mixup_alpha) == (224, False, 0.2)  # "#new-recipe"
+    assert load_config(TrainConfig, expand_recipe(["--recipe", "ResNet101_Weights.DEFAULT"])) == cfg  # the same
     with pytest.raises(UserError, match="SWAG"):
         expand_recipe(["--recipe", "ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1"])
     with pytest.raises(UserError, match="did you mean ResNet50_Weights.IMAGENET1K_V2"):
