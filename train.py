@@ -184,6 +184,9 @@ def save(run_dir, training: Training, state: TrainState, cfg: TrainConfig, class
     save_checkpoint(checkpoint, run_dir / "last.pt")
     if best:
         save_checkpoint(checkpoint, run_dir / "best.pt")
+    if training.ema is not None and partial_sums is None:  # the EMA weights, as --weights of every script
+        ema = {"model": training.ema.module.state_dict(), "config": checkpoint["config"], "classes": classes}
+        save_checkpoint(ema, run_dir / "ema.pt")
 
 
 # ----------------------------------------------------------------------------- the run

@@ -139,6 +139,15 @@ def test_resume_is_exact(colours, tmp_path):
     straight, split = state_of(tmp_path / "straight"), state_of(tmp_path / "split")
     assert split[1] == straight[1]
     assert all(torch.equal(straight[0][k], split[0][k]) for k in straight[0])
+    # ema.pt: the EMA weights as a model checkpoint, which every script takes as --weights
+    ema = torch.load(tmp_path / "straight" / "ema.pt", weights_only=True)
+    averaged = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["ema"]
+    assert ema.keys() >= {"model", "config", "classes"} and "optimizer" not in ema
+    assert all(torch.equal(v, averaged[f"module.{k}"]) for k, v in ema["model"].items())
+    image = next((colours / "val" / "red").iterdir())
+    predicted = run_script("predict.py", image, "--weights", tmp_path / "straight" / "ema.pt", "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)[0]["predictions"][0]["name"] in ("red", "green", "blue")  # its classes
 
 
 RECIPE = "--ra-sampler --ra-reps 2 --auto-augment ta_wide --random-erase 0.5 --mixup-alpha 0.2 --cutmix-alpha 1"
