@@ -6,9 +6,10 @@ import copy
 
 import torch
 
+from backends import benchmark_model
 from decode import eval_loader, use_gpu_decode
 from engine import Runtime, evaluate
-from model import build_model, prepare_for_eval
+from model import prepare_for_eval
 
 
 def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
@@ -18,7 +19,7 @@ def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
     of the top-1 probability. One pass each. Random weights predict nearly one class for every image, so
     only the top-5 and probability columns mean something: --weights DEFAULT (torchvision's cache) gives
     real accuracies."""
-    base = build_model(args.arch, args.weights, weights_dir=args.weights_dir).to(device)
+    base = benchmark_model(args).to(device)
     decode = "batched decode, CPU (--decode gpu's code with libjpeg)"
     if use_gpu_decode("gpu", device, note_to=None):
         decode = "--decode gpu"

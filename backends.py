@@ -64,14 +64,18 @@ def peak(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else process_mb("VmHWM")
 
 
+def benchmark_model(args):
+    """benchmark.py's --arch with its --weights (from --weights-dir or torchvision's cache; random without)."""
+    return build_model(args.arch, args.weights, weights_dir=args.weights_dir)
+
+
 def inference_backends(args, preset, device, folder) -> dict:
     """name -> (model, Runtime): PyTorch's eval path, compiled (--compile), and on a CPU ONNX Runtime and
     the int8 model where torchvision has one. Random weights unless --weights."""
     from export import onnx_model
 
     runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
-    # one set of weights for the float backends
-    weights = build_model(args.arch, args.weights, weights_dir=args.weights_dir)
+    weights = benchmark_model(args)  # one set of weights for the float backends
     model = prepare_for_eval(copy.deepcopy(weights).to(device), runtime.channels_last)
     backends = {"pytorch": (model, runtime)}
     if args.compile:
@@ -144,7 +148,7 @@ def bench_int8(args, samples, preset) -> list[dict]:
     cpu = Runtime.on_cpu(preset)
     images = torch.stack([preset(load_rgb(s.path)) for s in samples[: args.batch_size]])  # (B, 3, H, W) uint8
     x, batches = normalize(images, preset.mean, preset.std), math.ceil(len(samples) / args.batch_size)
-    fp32 = prepare_for_eval(build_model(args.arch, args.weights, weights_dir=args.weights_dir), channels_last=True)
+    fp32 = prepare_for_eval(benchmark_model(args), channels_last=True)
     int8 = build_model(f"quantized_{args.arch}", quantize=True)  # random weights, calibrated and converted
     runs = {
         "fp32": (forward_loop(fp32, x.contiguous(memory_format=torch.channels_last), batches, cpu), batches),

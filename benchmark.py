@@ -30,14 +30,14 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from approximations import bench_approx
-from backends import bench_int8, bench_latency, forward_loop
+from backends import bench_int8, bench_latency, benchmark_model, forward_loop
 from config import TrainConfig, load_config
 from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, split_folder
 from decode import GpuDecodeLoader, TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
 from engine import Runtime, TrainState, evaluate, train_one_epoch
 from index_benchmark import bench_index
 from loss import build_loss
-from model import build_model, prepare_for_eval, resolve_weights
+from model import prepare_for_eval, resolve_weights
 from optimizer import build_optimizer
 from plots import plot_latency
 from presets import EvalPreset, train_preset, train_transform
@@ -66,7 +66,7 @@ def synthetic_batch(runtime: Runtime, batch: int, size: int) -> torch.Tensor:
 
 def prepare(args, runtime: Runtime, train: bool):
     """(model, the module to call), with our layout and compile settings; optimizers take the first."""
-    model = build_model(args.arch, args.weights, weights_dir=args.weights_dir).to(runtime.device)
+    model = benchmark_model(args).to(runtime.device)
     if not train:  # as test_torchvision.py evaluates: BatchNorm folded into the convolutions
         model = prepare_for_eval(model, runtime.channels_last)
     elif runtime.channels_last:
@@ -147,10 +147,10 @@ def short_pass_note(batches: int, workers: int) -> dict:
     workers) more than the rate the workers keep up; {} otherwise."""
     if not workers or batches >= 4 * workers:
         return {}
+    workers_named = f"{workers} loader worker{'s' * (workers > 1)}"
     return {
-        "note": f"{batches} batches a pass for {workers} loader worker{'s' * (workers > 1)} times their first "
-        "batches' wait more than "
-        f"their rate: for the rate, give at least {4 * workers} batches a pass (more images or a smaller batch)"
+        "note": f"{batches} batches a pass for {workers_named} times their first batches' wait more than their "
+        f"rate: for the rate, give at least {4 * workers} batches a pass (more images or a smaller batch)"
     }
 
 
@@ -180,10 +180,7 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
         "model": (forward_loop(model, x, batches, runtime), batches * args.batch_size),
     }
     if args.baselines:
-        plain_model, criterion = (
-            build_model(args.arch, args.weights, weights_dir=args.weights_dir).to(device).eval(),
-            nn.CrossEntropyLoss(),
-        )
+        plain_model, criterion = benchmark_model(args).to(device).eval(), nn.CrossEntropyLoss()
         folder = ImageFolder(str(split_folder(args.data)), transform=weights.transforms())
         dataset = Subset(folder, range(len(samples)))
 
@@ -227,10 +224,7 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
 
     runs = {"ours": (ours, images)}
     if args.baselines:
-        plain_model, criterion = (
-            build_model(args.arch, args.weights, weights_dir=args.weights_dir).to(device).train(),
-            nn.CrossEntropyLoss(),
-        )
+        plain_model, criterion = benchmark_model(args).to(device).train(), nn.CrossEntropyLoss()
         plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
         transform = T.Compose(
             [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(preset.mean, preset.std)]

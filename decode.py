@@ -125,8 +125,6 @@ class GpuDecodeLoader:
         """(image, '') on the device, else on the CPU (libjpeg, then PIL), else (None, why not)."""
         try:
             return decode_jpeg([data], mode=ImageReadMode.RGB, device=self.device)[0], ""
-        except OUT_OF_MEMORY:
-            raise
         except RuntimeError as e:
             raise_if_out_of_memory(e)
         try:
@@ -140,8 +138,6 @@ class GpuDecodeLoader:
         data = list(batch["jpeg_bytes"].split(sizes)) if sizes else []  # views: nothing is copied
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if data else []
-        except OUT_OF_MEMORY:  # a RuntimeError too, but for the caller's retry with a smaller batch
-            raise
         except RuntimeError as e:  # an image the device refuses (CMYK, say) fails the batch: the rest one by one
             raise_if_out_of_memory(e)
             jpeg_indices = [index for image, _, index in batch["items"] if image is None]
@@ -167,8 +163,11 @@ class GpuDecodeLoader:
 
 
 def raise_if_out_of_memory(error: RuntimeError) -> None:
-    """torchvision's GPU decoder re-raises CUDA's out-of-memory error as a RuntimeError: raise it as
-    one, for the caller's retry with a smaller batch, not as an image the device refuses."""
+    """Raise `error` as the out-of-memory error it may be (for the caller's retry with a smaller batch),
+    not as an image the device refuses: torch's own, or CUDA's that torchvision's GPU decoder re-raises
+    as a plain RuntimeError."""
+    if isinstance(error, OUT_OF_MEMORY):
+        raise error
     if "out of memory" in str(error):
         raise OUT_OF_MEMORY[0](str(error)) from error
 

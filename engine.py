@@ -78,8 +78,7 @@ class TrainState:
     train_seconds: float = 0.0  # a mid-epoch checkpoint's training time of the epoch so far
     trained: bool = False  # a checkpoint saved after the epoch's last step, before its validation
 
-    CHECKPOINT_KEYS = ("epoch", "step", "batch", "best_acc1", "history", "bad_images", "world_size")
-    CHECKPOINT_KEYS += ("train_seconds", "trained")
+    CHECKPOINT_KEYS = tuple("epoch step batch best_acc1 history bad_images world_size train_seconds trained".split())
 
     def checkpoint_fields(self) -> dict:
         return {key: getattr(self, key) for key in self.CHECKPOINT_KEYS}
@@ -234,7 +233,7 @@ def train_one_epoch(
     model.train()
     device, epoch = runtime.device, state.epoch
     loader.sampler.set_epoch(epoch)
-    terms = list(getattr(criterion, "losses", {}))  # WeightedSum: each term's mean, beside the total
+    terms = loss_terms(criterion)
     sums = torch.zeros(3 + len(terms), dtype=torch.float64, device=device)  # loss, top-1, n, terms...
     if state.train_sums is not None:  # resumed mid-epoch: rank 0 carries the epoch's (global) sums so far
         if global_rank() == 0:
@@ -310,6 +309,11 @@ def train_one_epoch(
     return epoch_stats(all_reduce_sum(sums).tolist(), terms, carried + seconds, seen * world_size() / seconds)
 
 
+def loss_terms(criterion) -> list[str]:
+    """A WeightedSum's terms, whose means an epoch's row reports beside the total; [] for one loss."""
+    return list(getattr(criterion, "losses", {}))
+
+
 def epoch_stats(totals: list, terms: list, seconds: float, img_per_s: float) -> dict:
     """An epoch's train row from its global sums (loss, top-1, images, each loss term)."""
     n = totals[2]
@@ -323,4 +327,4 @@ def trained_epoch_stats(criterion, state: TrainState) -> dict:
     already summed over the ranks, and its training time."""
     totals, seconds = state.train_sums.tolist(), state.train_seconds
     state.train_sums = None
-    return epoch_stats(totals, list(getattr(criterion, "losses", {})), seconds, totals[2] / max(seconds, 1e-9))
+    return epoch_stats(totals, loss_terms(criterion), seconds, totals[2] / max(seconds, 1e-9))

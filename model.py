@@ -100,10 +100,14 @@ def weights_enum_for(arch: str, weights, file_default: str | None = None) -> Wei
 
 def arch_of_weights(weights, default: str = "resnet50") -> str:
     """The architecture a train.py checkpoint records (its config's), else `default` (for --arch left out)."""
-    state = load_checkpoint(weights) if is_weights_file(weights) else None
+    return (saved_arch(load_checkpoint(weights)) if is_weights_file(weights) else None) or default
+
+
+def saved_arch(state) -> str | None:
+    """The architecture a train.py checkpoint's config names; None for other files."""
     config = state.get("config") if isinstance(state, dict) else None
     arch = config.get("arch") if isinstance(config, dict) else None
-    return arch if isinstance(arch, str) and arch else default
+    return arch if isinstance(arch, str) and arch else None
 
 
 def run_of_checkpoint(path, arch: str) -> dict | None:
@@ -120,11 +124,11 @@ def run_of_checkpoint(path, arch: str) -> dict | None:
 
 def check_saved_arch(state: dict, arch: str, path) -> None:
     """A train.py checkpoint names its architecture: using it as another one is a clear error."""
-    saved_arch = state.get("config", {}).get("arch") if isinstance(state.get("config"), dict) else None
-    if saved_arch and saved_arch != arch:
+    saved = saved_arch(state)
+    if saved and saved != arch:
         raise UserError(
-            f"checkpoint {path} is a {saved_arch} model, not {arch}; use it as {saved_arch} "
-            f"(train.py/predict.py --arch {saved_arch}, test_torchvision.py --models {saved_arch})"
+            f"checkpoint {path} is a {saved} model, not {arch}; use it as {saved} "
+            f"(train.py/predict.py --arch {saved}, test_torchvision.py --models {saved})"
         )
 
 

@@ -257,10 +257,11 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
                 f"({type(e).__name__}: {e}); resume with the run's own, or start a new run from it with --weights"
             ) from e
         state = TrainState.from_checkpoint(checkpoint)
+        saved = checkpoint.get("config", {})
         if global_rank() == 0:  # what the resume does that its command may not say
-            for note in resume_notes(cfg, checkpoint.get("config", {}), state.epoch, state.world_size, world_size()):
+            for note in resume_notes(cfg, saved, state.epoch, state.world_size, world_size()):
                 print(f"note: {note}")
-        saved_batch = checkpoint.get("config", {}).get("batch_size", cfg.batch_size)
+        saved_batch = saved.get("batch_size", cfg.batch_size)
         stream = is_shard_source(cfg.data) and not cfg.dummy  # a shard stream resumes at epoch starts
         other_batches = stream or (saved_batch, state.world_size) != (cfg.batch_size, world_size())
         if state.batch and not state.trained and other_batches:
