@@ -1,26 +1,238 @@
-"""The model alone on each inference backend, on the same images: PyTorch's evaluation path (BatchNorm
-folded, channels_last), compiled, ONNX Runtime and torchvision's int8 model (the last two on a CPU):
-images/s, p50/p99 latency of one batch and peak memory, per batch size (benchmark.py's latency and
-int8 parts).
+"""The inference backends a model runs on, and how fast: PyTorch's evaluation form (BatchNorm folded,
+channels_last), compiled, ONNX Runtime and torchvision's int8 model (the last two on a CPU). An ONNX file
+describes itself (its eval preprocessing, class names and source weights in the ONNX metadata) and is
+checked against PyTorch on the same images (largest logit difference, top-5 agreement) before it is used
+or written. Timing runs every contender in turn; latency is given as percentiles, memory as the peak
+above what was in use before.
 
-    python benchmark.py --data DIR --parts latency --arch resnet50 --batch-sizes 1,8,32 --json results/latency.json
-    python benchmark.py --data DIR --parts int8 --arch resnet50     # int8 against fp32, timed in turn
+torch.onnx.export's exporter (torch.export, dynamo=True), opset 18, a dynamic batch dimension; the model is
+exported in its inference form and the file takes normalised float32 (B, 3, crop, crop) images and gives
+(B, classes) logits.
 """
 
 import copy
+import dataclasses
+import functools
+import hashlib
+import json
 import math
+import os
 import statistics
-import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from dataset import load_rgb
 from engine import Runtime
-from model import NO_QUANTIZATION, QUANTIZED_ARCHS, build_model, float_arch, is_quantized, prepare_for_eval
-from presets import normalize
-from utils import UserError, autocast, timed
+from model import Weights, build_model, is_quantized, prepare_for_eval
+from presets import EvalPreset
+from utils import UserError, atomic_write, autocast, barrier, is_main
+
+# ----------------------------------------------------------------------------- ONNX
+
+OPSET = 18  # the opset torch's ONNX exporter targets natively
+# float32 keeps ~7 significant digits, and the exporter reorders and fuses operations (BatchNorm folded,
+# other kernels), so the logits' rounding differences grow with their magnitude: a run whose loss blew up
+# has logits near 1e5 that differ by ~0.1 (~1e-6 of them) in a correct export. Each image's logits may
+# differ by ABS_TOL + REL_TOL x its largest |logit|: REL_TOL is ~1000 float32 roundings (a mistranslated
+# operation differs by far more), ABS_TOL is for the usual logits of order 1-10 (exports match to ~3e-6).
+ABS_TOL, REL_TOL = 1e-3, 1e-4
+
+
+def onnx_bytes(model: nn.Module, crop: int, metadata: dict, opset: int = OPSET) -> bytes:
+    """`model` (eval form, on the CPU) as a serialised ONNX model, with `metadata` (str -> JSON-able) in
+    its metadata_props. An architecture the exporter can't handle is a UserError."""
+    example = torch.randn(2, 3, crop, crop)
+    try:
+        with warnings.catch_warnings():  # the exporter warns about its own internals
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=opset,
+                verbose=False,
+                input_names=["images"],
+                output_names=["logits"],
+            )
+    except Exception as e:  # torch.export and the ONNX translation raise many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(
+            f"{metadata.get('arch')} cannot be exported to ONNX: {type(e).__name__}: {reason}"
+        ) from e
+    proto = program.model_proto
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=json.dumps(value))
+    if proto.ByteSize() >= 2**31:  # protobuf's limit for one message
+        raise UserError(f"{metadata.get('arch')} is over 2 GB as ONNX, beyond a single .onnx file's limit")
+    return proto.SerializeToString()
+
+
+def export_onnx(
+    model: nn.Module, path, crop: int, metadata: dict, opset: int = OPSET, images: torch.Tensor | None = None
+) -> dict | None:
+    """Write `model` (eval form, on the CPU) to `path` atomically, as onnx_bytes. With `images`, the
+    model is first checked by ONNX Runtime from memory (check_export) and written only if it passes, so
+    a file that fails is never at `path` (a previous file there stays as it was); returns the check."""
+    data = onnx_bytes(model, crop, metadata, opset)
+    check = None
+    if images is not None:
+        kept = " (the previous file is kept)" if Path(path).exists() else ""
+        action = (
+            f"{path} was not written{kept}; try another --opset, or report the model to PyTorch's exporter"
+        )
+        name = f"the ONNX export of {metadata.get('arch')}"
+        check = check_export(model, OnnxRuntimeModel(data), images, name, action)
+    atomic_write(path, lambda f: f.write(data), mode="wb")
+    return check
+
+
+def export_metadata(weights: Weights, preset: EvalPreset) -> dict:
+    """What an exported file says of itself (model.onnx_metadata reads it back): its architecture, the
+    weights it was made from, its preprocessing and its head's classes (a fine-tuned run's, or
+    ImageNet-1k's names with their wnids)."""
+    coder = weights.label_coder()
+    return {
+        "arch": weights.arch,
+        "source": str(weights.source) if weights.source is not None else "random",
+        "preprocessing": dataclasses.asdict(preset),  # resize, crop, interpolation, antialias, mean, std
+        "classes": coder.names,
+        "wnids": coder.wnids,
+        "input": "float32 (B, 3, crop, crop), normalised: (x / 255 - mean) / std",
+    }
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An exported file run by ONNX Runtime (CPU provider), callable like the PyTorch model: normalised
+    float32 (B, 3, H, W) -> (B, classes) logits. `source`: the file, or its bytes."""
+
+    def __init__(self, source, threads: int | None = None):
+        super().__init__()
+        try:
+            import onnxruntime as ort  # here: only the ONNX backend needs it
+        except ImportError as e:
+            raise UserError("ONNX Runtime is not installed: pip install onnxruntime") from e
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        model = source if isinstance(source, bytes) else str(source)
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+
+
+def compare(reference: nn.Module, exported: nn.Module, images: torch.Tensor) -> dict:
+    """Largest absolute logit difference; the largest relative to the image's largest |PyTorch logit|;
+    whether every image is within ABS_TOL + REL_TOL x that; the share of images whose top-5 (in order)
+    agree."""
+    with torch.inference_mode():
+        ours, theirs = reference(images).float(), exported(images)
+    k = min(5, ours.shape[1])  # a fine-tuned head may have fewer classes
+    same = (ours.topk(k).indices == theirs.topk(k).indices).all(1)
+    diff, scale = (ours - theirs).abs().amax(1), ours.abs().amax(1)  # (B,) each
+    return {
+        "max_abs_diff": diff.max().item(),
+        "max_rel_diff": (diff / scale.clamp_min(torch.finfo(torch.float32).tiny)).max().item(),
+        "within_tolerance": bool((diff <= ABS_TOL + REL_TOL * scale).all()),
+        "top5_agreement": 100 * same.float().mean().item(),
+    }
+
+
+def check_export(
+    model: nn.Module, exported: "OnnxRuntimeModel", images: torch.Tensor, name, action: str = "do not use it"
+) -> dict:
+    """compare(); an export whose top-5 differs from PyTorch's, or whose logits differ by more than
+    ABS_TOL + REL_TOL x the largest |logit|, is an error naming it (`name`) and saying `action`."""
+    check = compare(model, exported, images)
+    # the error's traceback holds this frame: with the session in it, a garbage collection in a process
+    # forked later (a DataLoader worker, a Pool) destroys the copied session, whose thread pool's locks hang
+    del exported
+    if check["top5_agreement"] < 100 or not check["within_tolerance"]:
+        raise UserError(
+            f"{name} differs from PyTorch (logits by up to {check['max_abs_diff']:.2g}, "
+            f"{check['max_rel_diff']:.2g} of the largest |logit|, allowed {ABS_TOL:g} + {REL_TOL:g} of it; "
+            f"top-5 agree on {check['top5_agreement']:.0f}% of {len(images)} images); {action}"
+        )
+    return check
+
+
+def exported_model(model: nn.Module, weights: Weights, preset: EvalPreset, folder: Path) -> OnnxRuntimeModel:
+    """ONNX Runtime running `model` (eval form, CPU), exported into `folder` under a name that holds the
+    weights and a hash of the metadata (so other preprocessing makes another file), reused while it
+    passes check_export on random input, exported again (once) when it does not. Rank 0 exports."""
+    metadata = export_metadata(weights, preset)
+    digest = hashlib.sha1(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:8]
+    random = weights.source is None  # random weights differ at every call: exported every time
+    path = folder / f"{'random' if random else Path(str(weights.source)).name}_{digest}.onnx"
+    images = torch.randn(2, 3, preset.crop, preset.crop)
+    for attempt in range(2):
+        if is_main() and (attempt or random or not path.is_file()):
+            export_onnx(model, path, preset.crop, metadata)
+        barrier()
+        exported = OnnxRuntimeModel(path)
+        try:
+            check_export(model, exported, images, path)
+            return exported
+        except UserError:
+            if attempt:
+                raise
+
+
+# ----------------------------------------------------------------------------- the backends
+
+
+def inference_backends(
+    model: nn.Module, weights: Weights, preset: EvalPreset, runtime: Runtime, compile: bool, folder
+):
+    """name -> (model, Runtime) of every backend for `model` (`weights` built): PyTorch's eval path,
+    compiled (with `compile`), and on a CPU ONNX Runtime (exported into `folder`) and torchvision's int8
+    model where it has one (random weights, calibrated and converted)."""
+    device = runtime.device
+    evaluated = prepare_for_eval(copy.deepcopy(model).to(device), runtime.channels_last)
+    backends = {"pytorch": (evaluated, runtime)}
+    if compile:
+        backends["compiled"] = (torch.compile(evaluated), runtime)
+    if device.type == "cpu":
+        cpu = Runtime.on_cpu(preset)
+        try:
+            exported = exported_model(
+                prepare_for_eval(model, channels_last=False), weights, preset, Path(folder)
+            )
+            backends["onnxruntime"] = (exported, cpu)
+        except UserError as e:  # an architecture the exporter can't handle: the other backends still run
+            print(f"note: no onnxruntime row: {e}")
+        if is_quantized(f"quantized_{weights.arch}"):
+            backends["int8"] = (build_model(f"quantized_{weights.arch}", quantize=True), cpu)
+    return backends
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+
+def timed(runs: dict, repeats: int, device) -> dict:
+    """runs: name -> (function, images one call processes). One untimed warm-up call of each, then
+    `repeats` rounds that time each once, in turn, so that drifts of the machine's speed (large on
+    shared VMs) hit all of them alike. name -> {img/s of the median call, seconds of every call}."""
+    sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else lambda: None
+    for run, _ in runs.values():
+        run()
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (run, _) in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            seconds[name].append(time.perf_counter() - start)
+    return {
+        name: {"img_per_s": runs[name][1] / statistics.median(s), "seconds": [round(x, 3) for x in s]}
+        for name, s in seconds.items()
+    }
 
 
 def forward_loop(model, x, batches: int, runtime: Runtime):
@@ -34,10 +246,19 @@ def forward_loop(model, x, batches: int, runtime: Runtime):
     return run
 
 
-def image_batch(samples, preset, size: int) -> torch.Tensor:
-    """(size, 3, crop, crop) normalised float32 from the first images (repeated when there are fewer)."""
-    images = [preset(load_rgb(s.path)) for s in samples[: min(size, len(samples))]]
-    return normalize(torch.stack([images[i % len(images)] for i in range(size)]), preset.mean, preset.std)
+def run_once(model, x, runtime: Runtime) -> None:
+    """One forward call, finished (synchronised on CUDA)."""
+    with torch.inference_mode(), autocast(runtime.device, runtime.amp_dtype):
+        model(x)
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-th percentile: the smallest value with at least q% of the values at or below it
+    (with 10 values, p99 is the slowest)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def process_mb(field: str) -> float:
@@ -64,98 +285,12 @@ def peak(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else process_mb("VmHWM")
 
 
-def benchmark_model(args):
-    """benchmark.py's --arch with its --weights (from --weights-dir or torchvision's cache; random without)."""
-    return build_model(args.arch, args.weights, weights_dir=args.weights_dir)
-
-
-def inference_backends(args, preset, device, folder) -> dict:
-    """name -> (model, Runtime): PyTorch's eval path, compiled (--compile), and on a CPU ONNX Runtime and
-    the int8 model where torchvision has one. Random weights unless --weights."""
-    from export import onnx_model
-
-    runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
-    weights = benchmark_model(args)  # one set of weights for the float backends
-    model = prepare_for_eval(copy.deepcopy(weights).to(device), runtime.channels_last)
-    backends = {"pytorch": (model, runtime)}
-    if args.compile:
-        backends["compiled"] = (torch.compile(model), runtime)
-    if device.type == "cpu":
-        cpu = Runtime.on_cpu(preset)
-        try:
-            exported = onnx_model(prepare_for_eval(weights, channels_last=False), args.arch, None, preset, Path(folder))
-            backends["onnxruntime"] = (exported, cpu)
-        except UserError as e:  # an architecture the exporter can't handle: the other backends still run
-            print(f"note: no onnxruntime row: {e}")
-        if is_quantized(f"quantized_{args.arch}"):
-            backends["int8"] = (build_model(f"quantized_{args.arch}", quantize=True), cpu)
-    return backends
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank q-th percentile: the smallest value with at least q% of the values at or below it
-    (with 10 values, p99 is the slowest)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def run_once(model, x, runtime: Runtime, device) -> None:
-    with torch.inference_mode(), autocast(device, runtime.amp_dtype):
-        model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_latency(args, samples, preset, device) -> list[dict]:
-    """Every backend at every --batch-sizes, one call at a time, backends in turn: images/s (median
-    call), p50 and p99 latency of a call, and the peak memory of one call above what was in use before
-    it (CUDA's allocated memory, or the process's resident set on a CPU)."""
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        backends = inference_backends(args, preset, device, folder)
-        for batch in args.batch_sizes:
-            x = image_batch(samples, preset, batch).to(device)
-            inputs = {name: x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
-                      for name, (_, rt) in backends.items()}  # fmt: skip
-            seconds, memory = {name: [] for name in backends}, {}
-            for name, (model, runtime) in backends.items():  # warm up, then one call alone for its memory
-                for call in range(2):
-                    if call == 1:
-                        reset_peak(device)
-                        start_mb = memory_now(device)
-                    run_once(model, inputs[name], runtime, device)
-                memory[name] = max(0.0, peak(device) - start_mb)
-            for _ in range(args.latency_runs):  # the backends in turn, so that drifts hit all alike
-                for name, (model, runtime) in backends.items():
-                    start = time.perf_counter()
-                    run_once(model, inputs[name], runtime, device)
-                    seconds[name].append(time.perf_counter() - start)
-            for name, s in seconds.items():
-                p99 = percentile(s, 99)
-                row = {"part": "latency", "variant": f"{name} {args.arch} batch {batch}", "backend": name}
-                row.update(batch=batch, img_per_s=batch / statistics.median(s), seconds=[round(t, 4) for t in s])
-                row.update(p50_ms=1000 * statistics.median(s), p99_ms=1000 * p99, peak_mb=round(memory[name], 1))
-                rows.append(row)
-    return rows
-
-
-def bench_int8(args, samples, preset) -> list[dict]:
-    """torchvision's int8 model of --arch against our fp32 evaluation path (BatchNorm folded,
-    channels_last), the model alone on the CPU, on the same images (preprocessed once), timed in turn."""
-    if not is_quantized(f"quantized_{args.arch}"):
-        archs = ", ".join(map(float_arch, QUANTIZED_ARCHS)) or NO_QUANTIZATION
-        raise UserError(f"torchvision has no int8 {args.arch}; --parts int8 takes {archs}")
-    cpu = Runtime.on_cpu(preset)
-    images = torch.stack([preset(load_rgb(s.path)) for s in samples[: args.batch_size]])  # (B, 3, H, W) uint8
-    x, batches = normalize(images, preset.mean, preset.std), math.ceil(len(samples) / args.batch_size)
-    fp32 = prepare_for_eval(benchmark_model(args), channels_last=True)
-    int8 = build_model(f"quantized_{args.arch}", quantize=True)  # random weights, calibrated and converted
-    runs = {
-        "fp32": (forward_loop(fp32, x.contiguous(memory_format=torch.channels_last), batches, cpu), batches),
-        "int8": (forward_loop(int8, x, batches, cpu), batches),
-    }
-    times = timed({k: (run, n * len(x)) for k, (run, n) in runs.items()}, args.repeats, cpu.device)
-    fp32_variant = f"fp32 {args.arch} batch {len(x)}, channels_last, BN folded"
-    int8_row = {"part": "int8", "variant": f"int8 {args.arch} batch {len(x)} ({torch.backends.quantized.engine})"}
-    int8_row.update(times["int8"], baseline=fp32_variant, ratio=times["int8"]["img_per_s"] / times["fp32"]["img_per_s"])
-    return [{"part": "int8", "variant": fp32_variant, **times["fp32"]}, int8_row]
+def busy_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes used, CPU seconds this one and its finished workers used), from
+    /proc/stat."""
+    if not Path("/proc/stat").exists():
+        return None
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    own = os.times()
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), own[0] + own[1] + own[2] + own[3]

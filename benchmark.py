@@ -2,25 +2,39 @@
 to plain PyTorch loops in the same run. Every number is the median of --repeats timed passes after one
 untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights: nothing is downloaded.
 
-    python benchmark.py --data /work/shared/data/imagenet-samples --json results/benchmark-cpu.json
-    python benchmark.py --data DIR --parts data --worker-counts 0,1,2        # decoding alone: PIL, tensor, batched
-    python benchmark.py --parts model --arch resnet50 --amp bf16 --compile    # model alone, synthetic input
-    python benchmark.py --data DIR --parts eval --decode gpu --amp bf16       # JPEGs decoded on the GPU
-    python benchmark.py --data DIR --parts approx --weights DEFAULT           # what --amp, --decode gpu change
-    python benchmark.py --data DIR --parts augment                            # each recipe's train loader, per core
-    python benchmark.py --data DIR --parts int8 --arch resnet50               # torchvision's int8 model vs fp32, CPU
-    python benchmark.py --data DIR --parts latency --batch-sizes 1,8,32       # each backend: img/s, p50/p99, memory
-    python benchmark.py --parts index --files 1281167                         # indexing ImageNet-1k train's shape
-    bash scripts/gpu_check.sh                                                  # the GPU table, <= 5 minutes
---parts: data, model (= forward,step), eval, train (the default: all four), augment, int8, latency, approx, index.
+    python benchmark.py --data /work/shared/data/imagenet-samples --output results/benchmark-cpu.json
+    python benchmark.py --data DIR --parts data --worker-counts 0,1,2   # decoding alone: PIL, tensor, batched
+    python benchmark.py --parts model --arch resnet50 --amp bf16 --compile   # model alone, synthetic input
+    python benchmark.py --data DIR --parts eval --decode gpu --amp bf16  # JPEGs decoded on the GPU
+    python benchmark.py --data DIR --parts approx --weights DEFAULT      # what --amp, --decode gpu change
+    python benchmark.py --data DIR --parts augment                       # each recipe's loader, per core
+    python benchmark.py --data DIR --parts int8 --arch resnet50          # torchvision's int8 model vs fp32
+    python benchmark.py --data DIR --parts latency --batch-sizes 1,8,32  # every backend: img/s, p99, memory
+    python benchmark.py --parts index --files 1281167                    # indexing ImageNet-1k train's shape
+    python benchmark.py --merge results/a.json results/b.json            # one report of earlier runs
+    bash scripts/gpu_check.sh                                             # the GPU table, <= 5 minutes
+--parts: data, model (= forward,step), eval, train (the default: all four), augment, int8, latency, approx,
+index.
+
+The index part generates a tree of --files zero-byte .JPEG files in 1000 wnid folders (ImageNet-1k train's
+shape; the index never opens a file), then times, in turn, our index without its cache and with it,
+torchvision's ImageFolder, and a bare two-level os.scandir walk; and measures the memory: bytes per image
+beside the path bytes, and what 4 loader workers add over one pass that reads every sample, for our index
+and for a Python list of Sample objects (what the index was before).
 """
 
 import argparse
+import copy
 import functools
 import json
 import math
+import os
+import shutil
+import statistics
 import sys
+import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import torch
@@ -29,34 +43,68 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from approximations import bench_approx
-from backends import bench_int8, bench_latency, benchmark_model, forward_loop
+from backends import (
+    busy_seconds,
+    forward_loop,
+    inference_backends,
+    memory_now,
+    peak,
+    percentile,
+    reset_peak,
+    run_once,
+    timed,
+)
+from coder import imagenet_wnids
 from config import TrainConfig, load_config
-from dataset import ImageDataset, TrainSampler, build_loader, default_workers, find_samples, split_folder
-from decode import GpuDecodeLoader, TensorImageDataset, eval_loader, resize_crop, use_gpu_decode
-from engine import Runtime, TrainState, evaluate, train_one_epoch
-from index_benchmark import bench_index
+from dataset import CACHE_ENV, Sample, find_samples, split_folder
+from engine import LoopSettings, Runtime, Training, TrainState, evaluate, train_one_epoch
+from loader import (
+    GpuDecodeLoader,
+    ImageDataset,
+    TensorImageDataset,
+    TrainSampler,
+    build_loader,
+    default_workers,
+    eval_loader,
+    load_rgb,
+    resize_crop,
+    use_gpu_decode,
+)
 from loss import build_loss
-from model import prepare_for_eval, resolve_weights
-from optimizer import build_optimizer
-from plots import plot_latency
-from presets import EvalPreset, train_preset, train_transform
-from report import benchmark_report, benchmark_summary, busy_seconds, machine_info, merge_benchmarks
+from model import (
+    NO_QUANTIZATION,
+    QUANTIZED_ARCHS,
+    build_model,
+    float_arch,
+    is_quantized,
+    prepare_for_eval,
+    resolve_weights,
+    weights_enum,
+)
+from presets import EvalPreset, normalize, train_preset, train_transform
+from report import markdown_table, plot_latency
 from utils import (
     ArgumentParser,
     UserError,
     add_runtime_args,
+    add_weights_args,
     amp_name,
     atomic_write_text,
     autocast,
     cli,
+    machine_info,
     positive_int,
     resolve_device,
-    timed,
+    switch,
 )
 
 PARTS = ("data", "forward", "step", "eval", "train", "augment", "int8", "latency", "approx", "index")
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
+
+
+def benchmark_model(args):
+    """--arch with its --weights (from --weights-dir or torchvision's cache; random without)."""
+    return build_model(args.arch, args.weights, weights_dir=args.weights_dir)
 
 
 def synthetic_batch(runtime: Runtime, batch: int, size: int) -> torch.Tensor:
@@ -77,7 +125,9 @@ def prepare(args, runtime: Runtime, train: bool):
 def settings(args, runtime: Runtime, train: bool) -> str:
     precision = "fp32" if runtime.amp_dtype is None else amp_name(runtime.amp_dtype)
     layout = "channels_last" if runtime.channels_last else "NCHW"
-    return f"{precision}, {layout}" + ("" if train else ", BN folded") + (", compiled" if args.compile else "")
+    return (
+        f"{precision}, {layout}" + ("" if train else ", BN folded") + (", compiled" if args.compile else "")
+    )
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -95,18 +145,21 @@ def bench_data(args, samples, preset, device) -> list[dict]:
     }
     for workers in args.worker_counts:
 
-        def count(dataset, workers=workers):
-            return sum(len(batch[1]) for batch in build_loader(dataset, args.batch_size, workers))
+        def count(images, workers=workers):
+            return sum(len(batch[1]) for batch in build_loader(images, args.batch_size, workers))
 
         def count_batched(workers=workers):
             return sum(
-                len(batch[1]) for batch in GpuDecodeLoader(samples, preset, args.batch_size, workers, batched_device)
+                len(batch[1])
+                for batch in GpuDecodeLoader(samples, preset, args.batch_size, workers, batched_device)
             )
 
         runs = {backend: (functools.partial(count, d), len(samples)) for backend, d in datasets.items()}
         runs[f"batched on {batched_device.type}"] = (count_batched, len(samples))
         times = timed(runs, args.repeats, device)
-        pil, *others = ({"part": "data", "variant": f"{name}, {workers} workers", **times[name]} for name in runs)
+        pil, *others = (
+            {"part": "data", "variant": f"{name}, {workers} workers", **times[name]} for name in runs
+        )
         for row in others:
             row.update(baseline=pil["variant"], ratio=row["img_per_s"] / pil["img_per_s"])
         rows += [pil, *others]
@@ -149,8 +202,9 @@ def short_pass_note(batches: int, workers: int) -> dict:
         return {}
     workers_named = f"{workers} loader worker{'s' * (workers > 1)}"
     return {
-        "note": f"{batches} batches a pass for {workers_named} times their first batches' wait more than their "
-        f"rate: for the rate, give at least {4 * workers} batches a pass (more images or a smaller batch)"
+        "note": f"{batches} batches a pass for {workers_named} times their first batches' wait more than "
+        f"their rate: for the rate, give at least {4 * workers} batches a pass (more images or a smaller "
+        "batch)"
     }
 
 
@@ -182,10 +236,12 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
     if args.baselines:
         plain_model, criterion = benchmark_model(args).to(device).eval(), nn.CrossEntropyLoss()
         folder = ImageFolder(str(split_folder(args.data)), transform=weights.transforms())
-        dataset = Subset(folder, range(len(samples)))
+        plain_set = Subset(folder, range(len(samples)))
 
         def plain():
-            loader = DataLoader(dataset, args.batch_size, num_workers=PLAIN_WORKERS, pin_memory=device.type == "cuda")
+            loader = DataLoader(
+                plain_set, args.batch_size, num_workers=PLAIN_WORKERS, pin_memory=device.type == "cuda"
+            )
             with torch.no_grad():
                 for x, y in loader:
                     criterion(plain_model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
@@ -200,9 +256,12 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
         "eval", times, variant, f"plain: ImageFolder + transforms(), {PLAIN_WORKERS} workers, fp32 NCHW"
     )
     rows[0].update(
-        model_only=times["model"], share_of_model_only=times["ours"]["img_per_s"] / times["model"]["img_per_s"]
+        model_only=times["model"],
+        share_of_model_only=times["ours"]["img_per_s"] / times["model"]["img_per_s"],
     )
-    rows[0].update(short_pass_note(batches, workers) if not gpu_decode else {})  # gpu decode: workers only read
+    rows[0].update(
+        short_pass_note(batches, workers) if not gpu_decode else {}
+    )  # gpu decode: workers only read
     return rows
 
 
@@ -213,30 +272,38 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     runtime = Runtime.create(device, args.amp, args.channels_last, True, preset)
     raw, model = prepare(args, runtime, True)
     cfg = TrainConfig(arch=args.arch, batch_size=batch, lr=0.01)
-    dataset = ImageDataset(samples[:images], train_preset("standard", 224), cfg.seed)
-    sampler, pin = TrainSampler(dataset, 1, 0, cfg.seed), device.type == "cuda"
-    loader = build_loader(dataset, batch, workers, sampler, pin, drop_last=True, persistent_workers=True)
-    optimizer, criterion = build_optimizer(cfg, raw, cfg.lr), build_loss("ce", 1000).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
+    images_set = ImageDataset(samples[:images], train_preset("standard", 224), cfg.seed)
+    sampler, pin = TrainSampler(images_set, 1, 0, cfg.seed), device.type == "cuda"
+    loader = build_loader(images_set, batch, workers, sampler, pin, drop_last=True, persistent_workers=True)
+    training, criterion = Training.build(cfg, raw, runtime), build_loss("ce", 1000).to(device)
+    training.wrapped = model
+    quiet = LoopSettings(log_interval=10**9)
 
     def ours():
-        train_one_epoch(model, criterion, optimizer, scaler, loader, runtime, TrainState(), log_interval=10**9)
+        train_one_epoch(training, criterion, loader, runtime, TrainState(), quiet)
 
     runs = {"ours": (ours, images)}
     if args.baselines:
         plain_model, criterion = benchmark_model(args).to(device).train(), nn.CrossEntropyLoss()
         plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
-        transform = T.Compose(
-            [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(preset.mean, preset.std)]
+        steps_v1 = [
+            T.RandomResizedCrop(224),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(preset.mean, preset.std),
+        ]
+        plain_set = Subset(
+            ImageFolder(str(split_folder(args.data)), transform=T.Compose(steps_v1)), range(images)
         )
-        plain_set = Subset(ImageFolder(str(split_folder(args.data)), transform=transform), range(images))
         plain_loader = DataLoader(
-            plain_set, batch, shuffle=True, num_workers=PLAIN_WORKERS, pin_memory=device.type == "cuda", drop_last=True
+            plain_set, batch, shuffle=True, num_workers=PLAIN_WORKERS, pin_memory=pin, drop_last=True
         )
 
         def plain():
             for x, y in plain_loader:
-                loss = criterion(plain_model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+                loss = criterion(
+                    plain_model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                )
                 plain_optimizer.zero_grad()
                 loss.backward()
                 plain_optimizer.step()
@@ -251,6 +318,11 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     return rows
 
 
+def augment_all(images: ImageDataset) -> list:
+    """Every image of the dataset as epoch 0 augments it (one loader worker's work)."""
+    return [images[(i, 0, 0)] for i in range(len(images))]
+
+
 def bench_augment(args, samples, device) -> list[dict]:
     """Decode + each config's train transform, in this process (what one loader worker does), timed in
     turn: img/s per worker, and the workers (cores) that feed one GPU training at --gpu-img-per-s. The V1
@@ -258,51 +330,434 @@ def bench_augment(args, samples, device) -> list[dict]:
     runs, names = {}, {}
     for path in sorted((Path(__file__).parent / "configs").glob("*.yaml")):
         cfg = load_config(TrainConfig, ["--config", str(path), "--dummy"])
-        dataset = ImageDataset(samples, train_transform(cfg), cfg.seed)
-        runs[path.name] = (functools.partial(lambda d: [d[(i, 0, 0)] for i in range(len(d))], dataset), len(samples))
-        names[path.name] = f"{path.name}: {cfg.train_crop_size} px, {cfg.auto_augment}, erase {cfg.random_erase}"
+        augmented = ImageDataset(samples, train_transform(cfg), cfg.seed)
+        runs[path.name] = (functools.partial(augment_all, augmented), len(samples))
+        names[path.name] = (
+            f"{path.name}: {cfg.train_crop_size} px, {cfg.auto_augment}, erase {cfg.random_erase}"
+        )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     times, rows = timed(runs, args.repeats, device), []
     torch.set_num_threads(threads)
     for name, t in times.items():
         ratio = t["img_per_s"] / times["torchvision_v1.yaml"]["img_per_s"]
-        rows.append({"part": "augment", "variant": names[name], **t, "baseline": "torchvision_v1.yaml", "ratio": ratio})
-        rows[-1].update(
+        row = {
+            "part": "augment",
+            "variant": names[name],
+            **t,
+            "baseline": "torchvision_v1.yaml",
+            "ratio": ratio,
+        }
+        row.update(
             workers_per_gpu=math.ceil(args.gpu_img_per_s / t["img_per_s"]), gpu_img_per_s=args.gpu_img_per_s
+        )
+        rows.append(row)
+    return rows
+
+
+def image_batch(samples, preset, size: int) -> torch.Tensor:
+    """(size, 3, crop, crop) normalised float32 from the first images (repeated when there are fewer)."""
+    images = [preset(load_rgb(s.path)) for s in samples[: min(size, len(samples))]]
+    return normalize(torch.stack([images[i % len(images)] for i in range(size)]), preset.mean, preset.std)
+
+
+def bench_latency(args, samples, preset, device) -> list[dict]:
+    """Every backend at every --batch-sizes, one call at a time, backends in turn: images/s (median
+    call), p50 and p99 latency of a call, and the peak memory of one call above what was in use before
+    it (CUDA's allocated memory, or the process's resident set on a CPU)."""
+    rows = []
+    runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
+    with tempfile.TemporaryDirectory() as folder:
+        # one set of weights for the float backends
+        random = resolve_weights(None, args.arch)  # the exported file's name and metadata
+        backends = inference_backends(benchmark_model(args), random, preset, runtime, args.compile, folder)
+        for batch in args.batch_sizes:
+            x = image_batch(samples, preset, batch).to(device)
+            inputs = {}
+            for name, (_, backend_runtime) in backends.items():
+                inputs[name] = (
+                    x.contiguous(memory_format=torch.channels_last) if backend_runtime.channels_last else x
+                )
+            seconds, memory = {name: [] for name in backends}, {}
+            for name, (
+                model,
+                backend_runtime,
+            ) in backends.items():  # warm up, then one call alone for its memory
+                run_once(model, inputs[name], backend_runtime)
+                reset_peak(device)
+                start_mb = memory_now(device)
+                run_once(model, inputs[name], backend_runtime)
+                memory[name] = max(0.0, peak(device) - start_mb)
+            for _ in range(args.latency_runs):  # the backends in turn, so that drifts hit all alike
+                for name, (model, backend_runtime) in backends.items():
+                    start = time.perf_counter()
+                    run_once(model, inputs[name], backend_runtime)
+                    seconds[name].append(time.perf_counter() - start)
+            rows += [latency_row(args.arch, name, batch, s, memory[name]) for name, s in seconds.items()]
+    return rows
+
+
+def latency_row(arch: str, backend: str, batch: int, seconds: list[float], peak_mb: float) -> dict:
+    median = statistics.median(seconds)
+    return {
+        "part": "latency",
+        "variant": f"{backend} {arch} batch {batch}",
+        "backend": backend,
+        "batch": batch,
+        "img_per_s": batch / median,
+        "seconds": [round(t, 4) for t in seconds],
+        "p50_ms": 1000 * median,
+        "p99_ms": 1000 * percentile(seconds, 99),
+        "peak_mb": round(peak_mb, 1),
+    }
+
+
+def bench_int8(args, samples, preset) -> list[dict]:
+    """torchvision's int8 model of --arch against our fp32 evaluation path (BatchNorm folded,
+    channels_last), the model alone on the CPU, on the same images (preprocessed once), timed in turn."""
+    if not is_quantized(f"quantized_{args.arch}"):
+        archs = ", ".join(map(float_arch, QUANTIZED_ARCHS)) or NO_QUANTIZATION
+        raise UserError(f"torchvision has no int8 {args.arch}; --parts int8 takes {archs}")
+    cpu = Runtime.on_cpu(preset)
+    images = torch.stack([preset(load_rgb(s.path)) for s in samples[: args.batch_size]])  # (B, 3, H, W) uint8
+    x, batches = normalize(images, preset.mean, preset.std), math.ceil(len(samples) / args.batch_size)
+    fp32 = prepare_for_eval(benchmark_model(args), channels_last=True)
+    int8 = build_model(f"quantized_{args.arch}", quantize=True)  # random weights, calibrated and converted
+    runs = {
+        "fp32": (forward_loop(fp32, x.contiguous(memory_format=torch.channels_last), batches, cpu), batches),
+        "int8": (forward_loop(int8, x, batches, cpu), batches),
+    }
+    times = timed({k: (run, n * len(x)) for k, (run, n) in runs.items()}, args.repeats, cpu.device)
+    fp32_variant = f"fp32 {args.arch} batch {len(x)}, channels_last, BN folded"
+    int8_row = {
+        "part": "int8",
+        "variant": f"int8 {args.arch} batch {len(x)} ({torch.backends.quantized.engine})",
+    }
+    ratio = times["int8"]["img_per_s"] / times["fp32"]["img_per_s"]
+    int8_row.update(times["int8"], baseline=fp32_variant, ratio=ratio)
+    return [{"part": "int8", "variant": fp32_variant, **times["fp32"]}, int8_row]
+
+
+def bench_approx(args, device, samples, preset, workers: int) -> list[dict]:
+    """What each speed option does to the results on these images, against the exact path (PIL
+    preprocessing equal to weights.transforms(), BatchNorm unfolded, fp32, NCHW): accuracy, its change,
+    the share of images whose top-1 class (and top-5 list) stays the same, and the largest relative change
+    of the top-1 probability. One pass each. Random weights predict nearly one class for every image, so
+    only the top-5 and probability columns mean something: --weights DEFAULT (torchvision's cache) gives
+    real accuracies."""
+    base = benchmark_model(args).to(device)
+    decode = "batched decode, CPU (--decode gpu's code with libjpeg)"
+    if use_gpu_decode("gpu", device, note_to=None):
+        decode = "--decode gpu"
+    variants = [
+        ("exact (weights.transforms(), BN unfolded, fp32)", {"exact": True}),
+        ("default: BN folded", {}),
+        ("--amp bf16", {"amp": "bf16"}),
+        *([("--amp fp16", {"amp": "fp16"})] if device.type == "cuda" else []),
+        (decode, {"decode": True}),
+        *([("--compile", {"compile": True})] if args.compile else []),
+    ]
+    rows, exact = [], None
+    for name, v in variants:
+        fast = not v.get("exact")  # BN folded and channels_last, as test_torchvision.py evaluates
+        model = prepare_for_eval(copy.deepcopy(base), channels_last=fast, fuse_bn=fast)
+        model = torch.compile(model) if v.get("compile") else model
+        loader = eval_loader(samples, preset, args.batch_size, workers, device, v.get("decode", False))
+        runtime = Runtime.create(device, v.get("amp", "none"), "true" if fast else "false", False, preset)
+        result = evaluate(model, loader, runtime, keep_predictions=True)
+        exact = exact or result
+        pairs = list(zip(result["predictions"], exact["predictions"]))
+        same_top1 = [(a, b) for a, b in pairs if a["top5"][0] == b["top5"][0]]
+        rows.append(
+            {
+                "part": "approx",
+                "variant": name,
+                "img_per_s": result["img_per_s"],
+                "seconds": [result["seconds"]],
+                "acc1": result["acc1"],
+                "acc1_delta": result["acc1"] - exact["acc1"],
+                "top1_agreement": 100 * len(same_top1) / len(pairs),
+                "top5_agreement": 100 * sum(a["top5"] == b["top5"] for a, b in pairs) / len(pairs),
+                "top1_prob_change": max(
+                    (abs(a["probs"][0] - b["probs"][0]) / b["probs"][0] for a, b in same_top1), default=0.0
+                ),
+            }
         )
     return rows
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+# ----------------------------------------------------------------------------- the index
+
+LOADER_WORKERS = 4
+
+
+def make_tree(root: Path, files: int, classes: int = 1000) -> None:
+    for c, wnid in enumerate(imagenet_wnids()[:classes]):
+        folder = root / wnid
+        folder.mkdir(parents=True)
+        for i in range(c, files, classes):
+            os.close(os.open(folder / f"{wnid}_{i}.JPEG", os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def bare_scandir(root: Path) -> int:
+    with os.scandir(root) as classes:
+        return sum(sum(1 for _ in os.scandir(c.path)) for c in classes if c.is_dir())
+
+
+def memory_kb() -> tuple[int, int]:
+    """(resident, private) kB of this process: private pages are the ones it does not share."""
+    fields = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":")
+        fields[name] = int(value.split()[0])
+    return fields["Rss"], fields["Private_Clean"] + fields["Private_Dirty"]
+
+
+class TouchEverySample(torch.utils.data.Dataset):
+    """Items are batches of indices; each item reads every sample's path and target (as a loader
+    worker does) and returns this process's pid and its memory before and now."""
+
+    def __init__(self, samples):
+        self.samples, self.start = samples, None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, indices):
+        self.start = self.start or memory_kb()
+        touched = sum(len(self.samples[i].path) + self.samples[i].target for i in indices)
+        return os.getpid(), self.start, memory_kb(), touched
+
+
+def worker_growth_mb(samples) -> tuple[float, float]:
+    """The largest (resident, private) MB that one of 4 loader workers gains over one pass in shuffled
+    order. Resident memory counts the pages a worker shares with the main process from the start (fork
+    maps them all); private memory grows by the pages it copies: the cost the compact index avoids."""
+    order = torch.randperm(
+        len(samples), generator=torch.Generator().manual_seed(0)
+    ).tolist()  # as training reads
+    batches = torch.utils.data.BatchSampler(order, 4096, drop_last=False)
+    loader = torch.utils.data.DataLoader(
+        TouchEverySample(samples), batch_size=None, sampler=batches, num_workers=LOADER_WORKERS
+    )
+    first, last = {}, {}
+    for pid, start, now, _ in loader:
+        first.setdefault(pid, start)
+        last[pid] = now
+    growth = [(last[p][0] - first[p][0], last[p][1] - first[p][1]) for p in last]
+    return max(g[0] for g in growth) / 1024, max(g[1] for g in growth) / 1024
+
+
+def bench_index(args) -> list[dict]:
+    files = args.files
+    tmp = Path(tempfile.mkdtemp(prefix="index_tree_"))
+    cache_setting = os.environ.get(CACHE_ENV)
+    try:
+        tree = tmp / "train"
+        started = time.perf_counter()
+        make_tree(tree, files)
+        print(f"generated {files} zero-byte files in 1000 folders in {time.perf_counter() - started:.1f} s")
+        past = time.time() - 60  # older than dataset.FRESH_SECONDS, so the walk may be cached
+        for folder in [tree, *(p for p in tree.iterdir())]:
+            os.utime(folder, (past, past))
+
+        def ours(cache: str):
+            def run():
+                os.environ[CACHE_ENV] = cache
+                return find_samples(tree, "train", imagenet_labels=False)
+
+            return run
+
+        cache = str(tmp / "cache")
+        ours(cache)()  # writes the cache
+        runs = {
+            "ours, no cache": (ours("off"), files),
+            "ours, cached": (ours(cache), files),
+            "torchvision ImageFolder": (lambda: ImageFolder(str(tree), loader=lambda p: p), files),
+            "bare os.scandir, 2 levels, unsorted": (lambda: bare_scandir(tree), files),
+        }
+        times = timed(runs, args.repeats, torch.device("cpu"))
+        rows = [{"part": "index", "variant": name, **t} for name, t in times.items()]
+        base = times["torchvision ImageFolder"]["img_per_s"]
+        for row in rows[:2]:
+            row.update(baseline="torchvision ImageFolder", ratio=row["img_per_s"] / base)
+
+        os.environ[CACHE_ENV] = cache
+        samples, _ = find_samples(tree, "train", imagenet_labels=False)
+        beside_paths = (samples.offsets.nbytes + samples.targets.nbytes) / files
+        tracemalloc.start()
+        objects = [Sample(s.path, s.target) for s in samples]
+        object_bytes = tracemalloc.get_traced_memory()[0] / files
+        tracemalloc.stop()
+        ours_rss, ours_private = worker_growth_mb(samples)
+        list_rss, list_private = worker_growth_mb(objects)
+        rows.append(
+            {
+                "part": "index_memory",
+                "files": files,
+                "workers": LOADER_WORKERS,
+                "path_bytes_per_image": samples.blob.nbytes / files,
+                "bytes_per_image_beside_paths": beside_paths,
+                "list_of_samples_bytes_per_image": object_bytes,
+                "worker_growth_mb": {"ours": [ours_rss, ours_private], "list": [list_rss, list_private]},
+            }
+        )
+        return rows
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cache_setting is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = cache_setting
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def benchmark_summary(rows: list[dict]) -> list[str]:
+    """Ratios against the plain loops, end-to-end eval as a share of the model alone, and the loader
+    cores a GPU needs for each recipe's train transform."""
+    compared = [r for r in rows if r["part"] in ("eval", "train") and "ratio" in r]
+    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in compared]
+    int8 = [r for r in rows if r["part"] == "int8" and "ratio" in r]
+    lines += [f"int8: {r['variant'].split(' (')[0]} / fp32 = {r['ratio']:.2f}x" for r in int8]
+    for r in (r for r in rows if "workers_per_gpu" in r):
+        lines.append(
+            f"augment: {r['variant'].split(':')[0]} needs {r['workers_per_gpu']} loader cores per GPU "
+            f"training at {r['gpu_img_per_s']} img/s ({r['img_per_s']:.0f} img/s per core here)"
+        )
+    for r in (r for r in rows if r["part"] == "latency"):
+        lines.append(
+            f"latency: {r['variant']}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+            f"{r['img_per_s']:.1f} img/s, memory +{r['peak_mb']:.0f} MB"
+        )
+    for r in (r for r in rows if r["part"] == "index_memory"):
+        ours, objects = r["worker_growth_mb"]["ours"], r["worker_growth_mb"]["list"]
+        lines.append(
+            f"index: {r['files']} files: {r['bytes_per_image_beside_paths']:.1f} bytes per image beside "
+            f"{r['path_bytes_per_image']:.1f} bytes of path (a list of Sample objects: "
+            f"{r['list_of_samples_bytes_per_image']:.0f} bytes per image)"
+        )
+        lines.append(
+            f"index: one pass of {r['workers']} loader workers: resident +{ours[0]:.1f} MB, private "
+            f"+{ours[1]:.1f} MB per worker (a list of Sample objects: +{objects[0]:.1f} MB, "
+            f"+{objects[1]:.1f} MB)"
+        )
+    lines += [f"{r['part']}: note: {r['note']}" for r in rows if "note" in r]
+    for ours in (r for r in rows if "share_of_model_only" in r):
+        lines.append(
+            f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "
+            f"({ours['model_only']['img_per_s']:.1f} img/s on synthetic batches, same settings, timed in "
+            "turn)"
+        )
+    return lines
+
+
+def benchmark_report(rows: list[dict], lines: list[str]) -> str:
+    """The speed table (with a run column when rows come from several JSON files), the approx table
+    and the summary lines."""
+    runs = ["run"] if any("run" in r for r in rows) else []
+    speed = [
+        {
+            "run": r.get("run"),
+            "part": r["part"],
+            "variant": r["variant"],
+            "img/s": f"{r['img_per_s']:.1f}",
+            "vs": r.get("baseline"),
+            "ratio": f"{r['ratio']:.2f}x" if "ratio" in r else None,
+        }
+        for r in rows
+        if r["part"] not in ("approx", "index_memory")
+    ]
+    approx = [
+        {
+            "run": r.get("run"),
+            "variant": r["variant"],
+            "acc1": f"{r['acc1']:.2f}",
+            "acc1 change": f"{r['acc1_delta']:+.2f}",
+            "same top-1": f"{r['top1_agreement']:.1f}%",
+            "same top-5, in order": f"{r['top5_agreement']:.1f}%",
+            "top-1 probability change, max": f"{100 * r['top1_prob_change']:.2g}%",
+        }
+        for r in rows
+        if r["part"] == "approx"
+    ]
+    tables = []
+    if speed:
+        tables.append(markdown_table(speed, [*runs, "part", "variant", "img/s", "vs", "ratio"]))
+    if approx:
+        tables.append(markdown_table(approx, [*runs, *list(approx[0])[1:]]))
+    return "\n".join(tables + lines)
+
+
+def merge_benchmarks(paths: list[str]) -> str:
+    """One report of several benchmark.py --output results (scripts/gpu_check.sh's table), the machine
+    named."""
+    rows, lines, machine_line = [], [], ""
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"cannot read benchmark result {path} ({e}); pass files written by --output"
+            ) from e
+        rows += [{"run": Path(path).stem, **r} for r in result["rows"]]
+        lines += [f"{Path(path).stem}: {line}" for line in result["summary"]]
+        m = result["machine"]
+        libraries = f"torch {m['torch']}, torchvision {m['torchvision']}"
+        machine_line = f"{m['gpu'] or m['cpu']}, {m['cores']} CPU cores, {libraries}"
+    return machine_line + "\n\n" + benchmark_report(rows, lines)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--arch", default="resnet18", help="any torchvision classifier (random weights)")
-    p.add_argument("--weights", help="DEFAULT or a weights name from torchvision's cache (default: random weights)")
-    p.add_argument("--weights-dir", help="folder holding torchvision's weights files (default: torchvision's cache)")
+    add_weights_args(p, None, "DEFAULT or a weights name from torchvision's cache (default: random weights)")
     p.add_argument("--train-batch-size", type=positive_int, default=32, help="train and step batch")
-    p.add_argument("--train-steps", type=positive_int, default=5, help="timed optimizer steps per pass (train, step)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model (never the plain loops')")
+    p.add_argument(
+        "--train-steps", type=positive_int, default=5, help="timed optimizer steps per pass (train, step)"
+    )
+    switch(p, "--compile", "torch.compile our model (never the plain loops')")
     p.add_argument("--data", help="ImageFolder of ImageNet wnid folders (its val/ or the folder itself)")
     p.add_argument("--limit", type=positive_int, help="only the first N images (sorted by path)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed passes; the median counts")
-    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads in this process (default: torch's)")
+    p.add_argument(
+        "--threads", type=positive_int, help="torch.set_num_threads in this process (default: torch's)"
+    )
     p.add_argument("--worker-counts", help="for --parts data, e.g. 0,1,2 (default: 0, 1 and our default)")
-    p.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="eval: decode JPEGs on the CPU or the GPU")
-    p.add_argument("--parts", default="data,model,eval,train", help=f"comma list of model and {', '.join(PARTS)}")
+    p.add_argument(
+        "--decode", default="cpu", choices=["cpu", "gpu"], help="eval: decode JPEGs on the CPU or the GPU"
+    )
+    p.add_argument(
+        "--parts", default="data,model,eval,train", help=f"comma list of model and {', '.join(PARTS)}"
+    )
     p.add_argument("--batch-sizes", default="1,8,32", help="latency: the batch sizes (default: 1,8,32)")
-    p.add_argument("--latency-runs", type=positive_int, default=20, help="latency: timed calls per backend and batch")
+    p.add_argument(
+        "--latency-runs", type=positive_int, default=20, help="latency: timed calls per backend and batch"
+    )
     p.add_argument("--files", type=positive_int, default=200_000, help="index: files in the generated tree")
     p.add_argument("--gpu-img-per-s", type=positive_int, default=3000, help="augment: the GPU speed to feed")
-    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True, help="also time the plain loops")
-    p.add_argument("--json", help="write the machine, the arguments and every row here")
-    p.add_argument("--merge", nargs="+", metavar="JSON", help="only print one report of earlier --json files")
+    switch(p, "--baselines", "also time the plain loops", default=True)
+    p.add_argument("--output", metavar="JSON", help="write the machine, the arguments and every row here")
+    p.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="only print one report of earlier --output files"
+    )
     add_runtime_args(p, batch_size=50)  # --batch-size: the eval and forward batch
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     try:
         args.batch_sizes = [positive_int(b) for b in args.batch_sizes.split(",")]
     except (argparse.ArgumentTypeError, ValueError) as e:  # positive_int: a number below 1, or not a number
         raise UserError(f"--batch-sizes {args.batch_sizes}: {e}; use e.g. 1,8,32") from e
-    args.parts = [q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))]
+    args.parts = [
+        q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))
+    ]
     if any(part not in PARTS for part in args.parts):
         raise UserError(f"unknown part in --parts {','.join(args.parts)}; use model or {', '.join(PARTS)}")
     if set(args.parts) - {"forward", "step", "index"} and not args.data and not args.merge:
@@ -322,9 +777,11 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True  # for ours and the plain loops alike, as train.py and test_torchvision.py
+    torch.backends.cudnn.benchmark = (
+        True  # for ours and the plain loops alike, as train.py and test_torchvision.py
+    )
     device = resolve_device(args.device)
-    weights = resolve_weights(args.arch, args.weights or "DEFAULT")  # for its eval transforms
+    weights = weights_enum(args.arch, args.weights or "DEFAULT")  # for its eval transforms
     preset = EvalPreset.from_weights(weights)
     workers = default_workers(device) if args.workers is None else args.workers
     samples = find_samples(args.data, "val")[0][: args.limit] if args.data else []
@@ -367,16 +824,18 @@ def main(argv=None) -> dict:
     lines = benchmark_summary(rows)
     if busy:  # other processes' CPU use during the run: how far to trust CPU numbers
         now, seconds = busy_seconds(), time.perf_counter() - start
-        info["other_busy_cores"] = others = round(max(0.0, (now[0] - busy[0]) - (now[1] - busy[1])) / seconds, 2)
+        others = round(max(0.0, (now[0] - busy[0]) - (now[1] - busy[1])) / seconds, 2)
+        info["other_busy_cores"] = others
         lines.append(f"other processes kept {others:.2f} of {info['cores']} cores busy during the run")
     print(benchmark_report(rows, lines))
     result = {"machine": info, "args": vars(args), "rows": rows, "summary": lines}
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    if args.output:
+        atomic_write_text(args.output, json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.output}")
         if "latency" in args.parts:
-            plot_latency([r for r in rows if r["part"] == "latency"], Path(args.json).with_suffix(".png"))
-            print(f"wrote {Path(args.json).with_suffix('.png')}: img/s and p50 latency against batch size")
+            figure = Path(args.output).with_suffix(".png")
+            plot_latency([r for r in rows if r["part"] == "latency"], figure)
+            print(f"wrote {figure}: img/s and p50 latency against batch size")
     return result
 
 

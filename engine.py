@@ -1,22 +1,29 @@
-"""The two loops every script shares: `evaluate` (test_torchvision.py, train.py, benchmark.py) and
-`train_one_epoch` (train.py, benchmark.py), with the settings they run under (`Runtime`) and the
-training progress that outlives a step (`TrainState`).
+"""Training and evaluation: the two loops every script shares, `evaluate` (test_torchvision.py, train.py,
+benchmark.py) and `train_one_epoch` (train.py, benchmark.py); what they run under (Runtime); what steps the
+weights (Training: the model with its optimizer, learning-rate schedule, gradient scaler and EMA, built
+from a TrainConfig as torchvision's references/classification/train.py builds them from its flags:
+--norm-weight-decay, --lr-warmup-method, --model-ema-decay, ...); the loop's settings (LoopSettings); and
+the training progress that outlives a step (TrainState).
 
     runtime = Runtime.create(device, amp="auto", channels_last="auto", training=False, preset=preset)
     result = evaluate(model, loader, runtime)            # {'n_images', 'acc1', 'acc5', 'loss', ...}
+    training = Training.build(cfg, model, runtime)       # optimizer, schedule (per epoch), scaler, EMA
+    stats = train_one_epoch(training, criterion, loader, runtime, TrainState(), LoopSettings.from_config(cfg))
 """
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from dataset import check_bad_images
 from presets import IMAGENET_MEAN, IMAGENET_STD, to_device
 from utils import (
+    OUT_OF_MEMORY,
     UserError,
     all_gather_objects,
     all_reduce_sum,
@@ -43,13 +50,8 @@ class Runtime:
     @classmethod
     def create(cls, device, amp: str, channels_last: str, training: bool, preset) -> "Runtime":
         """From the shared --amp and --channels-last options; mean and std from an EvalPreset."""
-        return cls(
-            device,
-            amp_dtype(amp, device, training),
-            use_channels_last(channels_last, device, training),
-            preset.mean,
-            preset.std,
-        )
+        dtype = amp_dtype(amp, device, training)
+        return cls(device, dtype, use_channels_last(channels_last, device, training), preset.mean, preset.std)
 
     @classmethod
     def on_cpu(cls, preset) -> "Runtime":
@@ -63,30 +65,15 @@ class Runtime:
         return images, targets.to(self.device, non_blocking=True)
 
 
-@dataclass
-class TrainState:
-    """Training progress that outlives a step, saved in every checkpoint."""
-
-    epoch: int = 0  # epochs finished
-    step: int = 0  # optimizer steps taken
-    batch: int = 0  # batches done in the current epoch (> 0 only in a mid-epoch checkpoint)
-    best_acc1: float = -1.0
-    history: list = field(default_factory=list)  # one row per finished epoch (metrics.csv)
-    bad_images: list = field(default_factory=list)  # unreadable files skipped so far
-    world_size: int = 1  # of the run that saved it: a mid-epoch position is in its batches
-    train_sums: torch.Tensor | None = None  # a mid-epoch checkpoint's sums of the epoch so far
-    train_seconds: float = 0.0  # a mid-epoch checkpoint's training time of the epoch so far
-    trained: bool = False  # a checkpoint saved after the epoch's last step, before its validation
-
-    CHECKPOINT_KEYS = tuple("epoch step batch best_acc1 history bad_images world_size train_seconds trained".split())
-
-    def checkpoint_fields(self) -> dict:
-        return {key: getattr(self, key) for key in self.CHECKPOINT_KEYS}
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
-        fields = {key: checkpoint[key] for key in cls.CHECKPOINT_KEYS if key in checkpoint}
-        return cls(**fields, train_sums=checkpoint.get("train_sums"))
+def check_bad_images(errors, samples, skip: bool) -> list[str]:
+    """Paths of the unreadable images of a batch; without skip, the first one stops the run."""
+    for index, error in errors:
+        if not skip:
+            raise UserError(
+                f"cannot read image {samples[index].path} ({error}); fix or remove it, "
+                "or pass --skip-bad-images to skip and list such files"
+            )
+    return [samples[index].path for index, _ in errors]
 
 
 def topk_correct(logits, targets, ks=(1, 5)) -> list:
@@ -94,6 +81,9 @@ def topk_correct(logits, targets, ks=(1, 5)) -> list:
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, k)
     hits = top == targets[:, None]
     return [hits[:, :k].sum() for k in ks]
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 
 @torch.inference_mode()
@@ -117,14 +107,15 @@ def evaluate(
     device = runtime.device
     mask_bias = None  # (C,): 0 for the kept classes, -inf for the others
     if class_mask is not None:
-        mask_bias = torch.zeros(len(class_mask), device=device).masked_fill(~class_mask.to(device), float("-inf"))
+        mask_bias = torch.zeros(len(class_mask), device=device).masked_fill(
+            ~class_mask.to(device), float("-inf")
+        )
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     predictions, bad = [], []
     samples = loader.dataset.samples
     start, batches = time.perf_counter(), 0
-    for images, targets, indices, errors in tqdm(
-        loader, desc=desc, unit="batch", leave=False, disable=not is_main() or None
-    ):
+    progress = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not is_main() or None)
+    for images, targets, indices, errors in progress:
         bad += check_bad_images(errors, samples, skip_bad_images)
         if len(targets) == 0:
             continue
@@ -134,7 +125,8 @@ def evaluate(
         logits = logits.float() if mask_bias is None else logits.float() + mask_bias
         loss = criterion(logits, targets) if criterion is not None else F.cross_entropy(logits, targets)
         top1, top5 = topk_correct(logits, targets)
-        sums += torch.stack([loss.double() * len(targets), top1, top5, torch.tensor(len(targets), device=device)])
+        count = torch.tensor(len(targets), device=device)
+        sums += torch.stack([loss.double() * len(targets), top1, top5, count])
         batches += 1
         if keep_predictions:
             probs, classes = logits.softmax(dim=1).topk(min(5, logits.shape[1]), dim=1)
@@ -160,9 +152,6 @@ def evaluate(
     return result
 
 
-OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)  # CUDA's, the host's
-
-
 def with_smaller_batches(run: Callable[[int], dict], batch_size: int, device) -> tuple[dict | None, int]:
     """(run(batch), batch) for the first batch that fits, halving it after an out-of-memory error (CUDA's
     or the host's) down to 1; (None, 1) when even 1 does not fit, so a sweep goes on with the next model.
@@ -172,7 +161,9 @@ def with_smaller_batches(run: Callable[[int], dict], batch_size: int, device) ->
             return run(batch_size), batch_size
         except OUT_OF_MEMORY as e:
             if world_size() > 1:
-                raise UserError(f"out of memory at batch {batch_size} ({type(e).__name__}); lower --batch-size") from e
+                raise UserError(
+                    f"out of memory at batch {batch_size} ({type(e).__name__}); lower --batch-size"
+                ) from e
             error = type(e).__name__
         if device.type == "cuda":  # outside the except block, whose traceback holds the batch's tensors
             torch.cuda.empty_cache()
@@ -202,34 +193,229 @@ def merge_predictions(shards, samples) -> list[dict]:
     return sorted(rows, key=lambda row: row["index"])
 
 
+# ----------------------------------------------------------------------------- what steps the weights
+
+# Layers whose parameters norm_weight_decay applies to (those of torchvision's set_weight_decay)
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+# Parameter names transformer_embedding_decay applies to, exactly the references' list: ViT's class
+# token, Swin's and MaxViT's relative position bias tables. ViT's position embedding is named
+# pos_embedding, so the references' "position_embedding" matches nothing and it keeps weight_decay.
+EMBEDDING_NAMES = ("class_token", "position_embedding", "relative_position_bias_table")
+
+
+def weight_decay_groups(model: nn.Module, cfg) -> list[dict]:
+    """The trainable parameters in groups of equal weight decay: a parameter named bias gets
+    bias_weight_decay, an embedding (EMBEDDING_NAMES) transformer_embedding_decay, one of a
+    normalisation layer norm_weight_decay, the rest weight_decay; a setting left at None falls
+    through to the next rule. Empty groups are dropped, the order of first appearance is kept."""
+    groups: dict[float, list] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            decay = None
+            if name == "bias":
+                decay = cfg.bias_weight_decay
+            if decay is None and name in EMBEDDING_NAMES:
+                decay = cfg.transformer_embedding_decay
+            if decay is None and isinstance(module, NORM_LAYERS):
+                decay = cfg.norm_weight_decay
+            groups.setdefault(cfg.weight_decay if decay is None else decay, []).append(param)
+    return [{"params": params, "weight_decay": decay} for decay, params in groups.items()]
+
+
+def build_optimizer(cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD, AdamW or RMSprop over weight_decay_groups. RMSprop takes torchvision's alpha 0.9 and eps
+    0.0316 = sqrt(1e-3): TensorFlow's RMSprop (that of the MobileNetV3 paper) adds its eps 1e-3 inside
+    the square root, torch's outside."""
+    groups = weight_decay_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, momentum=cfg.momentum, eps=0.0316, alpha=0.9)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def build_scheduler(cfg, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch, after an optional warmup of warmup_epochs (torchvision's recipes)."""
+    sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "step":
+        main = sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.lr_gamma)
+    elif cfg.scheduler == "multistep":
+        milestones = [m - cfg.warmup_epochs for m in cfg.milestones]
+        main = sched.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma)
+    elif cfg.scheduler == "exponential":
+        main = sched.ExponentialLR(optimizer, gamma=cfg.lr_gamma)
+    else:
+        main = sched.CosineAnnealingLR(
+            optimizer, T_max=max(1, cfg.epochs - cfg.warmup_epochs), eta_min=cfg.lr_min
+        )
+    if not cfg.warmup_epochs:
+        return main
+    if cfg.warmup_method == "linear":
+        warmup = sched.LinearLR(optimizer, start_factor=cfg.warmup_factor, total_iters=cfg.warmup_epochs)
+    else:
+        warmup = sched.ConstantLR(optimizer, factor=cfg.warmup_factor, total_iters=cfg.warmup_epochs)
+    return sched.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_epochs])
+
+
+def ema_decay_per_update(cfg, world_size: int) -> float:
+    """torchvision's adjustment of --model-ema-decay (from pycls): 1 - decay scales with the images per
+    EMA update over the epochs, so the averaging horizon stays about the same fraction of the run when
+    the batch, the world size, ema_steps or the epochs change."""
+    adjust = world_size * cfg.batch_size * cfg.ema_steps / cfg.epochs
+    return 1.0 - min(1.0, (1.0 - cfg.ema_decay) * adjust)
+
+
+def build_ema(cfg, model: nn.Module, world_size: int) -> torch.optim.swa_utils.AveragedModel | None:
+    """An AveragedModel of the weights and buffers (None when ema_decay is 0)."""
+    if not cfg.ema_decay:
+        return None
+    average = torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay_per_update(cfg, world_size))
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+
+
+@dataclass
+class Training:
+    """The model and everything that steps with it; with TrainState, what a checkpoint holds."""
+
+    model: nn.Module  # unwrapped and uncompiled: what checkpoints hold and the EMA averages
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: torch.optim.swa_utils.AveragedModel | None
+    device: torch.device
+    # what the loop calls: the model itself, or the model under DDP and/or torch.compile (same parameters)
+    wrapped: nn.Module
+
+    @classmethod
+    def build(cls, cfg, model: nn.Module, runtime: Runtime) -> "Training":
+        """From a TrainConfig (or anything with its fields), for a run of world_size() processes."""
+        global_batch = cfg.batch_size * world_size()
+        lr = cfg.lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.lr
+        optimizer = build_optimizer(cfg, model, lr)
+        scheduler = build_scheduler(cfg, optimizer)
+        scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+        ema = build_ema(cfg, model, world_size())
+        return cls(model, optimizer, scheduler, scaler, ema, runtime.device, wrapped=model)
+
+    def restored(self) -> dict:
+        """What a resume loads besides the model (the schedule is not: see load_state_dict)."""
+        return {"optimizer": self.optimizer, "scaler": self.scaler, "ema": self.ema}
+
+    def state_dict(self) -> dict:
+        states = {key: None if obj is None else obj.state_dict() for key, obj in self.restored().items()}
+        return {"model": self.model.state_dict(), "scheduler": self.scheduler.state_dict(), **states}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """All but the model, which is loaded (and checked against the architecture) before. The learning
+        rate schedule is this config's, stepped to the checkpoint's epoch, not the saved one: a run
+        resumed with more --epochs follows the longer schedule (a saved cosine would end at lr 0)."""
+        with warnings.catch_warnings():  # stepped before any optimizer step, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(checkpoint["epoch"]):
+                self.scheduler.step()
+        lrs = [(group["lr"], group["initial_lr"]) for group in self.optimizer.param_groups]
+        for key, obj in self.restored().items():
+            if obj is not None and checkpoint.get(key):  # {}: a scaler that was off
+                obj.load_state_dict(checkpoint[key])
+        for group, (lr, initial_lr) in zip(self.optimizer.param_groups, lrs):
+            group.update(lr=lr, initial_lr=initial_lr)
+
+    def rng_state(self) -> dict:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_rng_state(self, saved: list | dict) -> None:
+        """This rank's saved RNG state (a list has one per rank; a rank beyond it keeps its own seed)."""
+        saved = saved if isinstance(saved, list) else [saved]
+        if global_rank() >= len(saved):
+            return
+        rng = saved[global_rank()]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainState:
+    """Training progress that outlives a step, saved in every checkpoint."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    batch: int = 0  # batches done in the current epoch (> 0 only in a mid-epoch checkpoint)
+    best_acc1: float = -1.0
+    history: list = field(default_factory=list)  # one row per finished epoch (metrics.csv)
+    bad_images: list = field(default_factory=list)  # unreadable files skipped so far
+    world_size: int = 1  # of the run that saved it: a mid-epoch position is in its batches
+    train_sums: torch.Tensor | None = None  # a mid-epoch checkpoint's sums of the epoch so far
+    train_seconds: float = 0.0  # a mid-epoch checkpoint's training time of the epoch so far
+    trained: bool = False  # a checkpoint saved after the epoch's last step, before its validation
+
+    CHECKPOINT_KEYS = ("epoch", "step", "batch", "best_acc1", "history", "bad_images", "world_size")
+    CHECKPOINT_KEYS += ("train_seconds", "trained")
+
+    def checkpoint_fields(self) -> dict:
+        return {key: getattr(self, key) for key in self.CHECKPOINT_KEYS}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
+        fields = {key: checkpoint[key] for key in cls.CHECKPOINT_KEYS if key in checkpoint}
+        return cls(**fields, train_sums=checkpoint.get("train_sums"))
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How train_one_epoch runs, fixed for a run (LoopSettings.from_config)."""
+
+    epochs: int | None = None  # of the run, for the progress bar
+    ema_steps: int = 32  # optimizer steps between EMA updates
+    warmup_epochs: int = 0  # epochs in which the EMA copies the weights, as torchvision's references do
+    clip_grad_norm: float = 0.0  # > 0 clips the global gradient norm
+    log_interval: int = 20  # steps between progress updates (and the host syncs they need)
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: only after the epoch's last step)
+    skip_bad_images: bool = False  # skip unreadable images (and list them) instead of stopping
+
+    @classmethod
+    def from_config(cls, cfg) -> "LoopSettings":
+        return cls(
+            epochs=cfg.epochs,
+            ema_steps=cfg.ema_steps,
+            warmup_epochs=cfg.warmup_epochs,
+            clip_grad_norm=cfg.clip_grad_norm,
+            log_interval=cfg.log_interval,
+            checkpoint_every=cfg.save_every_steps,
+            skip_bad_images=cfg.skip_bad_images,
+        )
+
+
 def train_one_epoch(
-    model,
+    training: Training,
     criterion,
-    optimizer,
-    scaler,
     loader,
     runtime: Runtime,
     state: TrainState,
-    *,
-    ema=None,
-    ema_steps: int = 32,
-    warmup_epochs: int = 0,
+    settings: LoopSettings,
     mix: Callable | None = None,
-    clip_grad_norm: float = 0.0,
-    log_interval: int = 20,
-    checkpoint_every: int = 0,
     on_checkpoint: Callable[[torch.Tensor], None] | None = None,
-    skip_bad_images: bool = False,
-    epochs: int | None = None,
 ) -> dict:
     """One pass over this rank's shard of epoch `state.epoch`, advancing state.step and state.batch.
     Loss and accuracy stay on the device between log intervals, the loop's only host syncs. Every
-    `checkpoint_every` steps and after the last one, `on_checkpoint(sums)` saves a mid-epoch checkpoint
-    (sums: this rank's loss, top-1 and image counts so far). `ema` (an AveragedModel of `model`'s
-    unwrapped module) is updated every `ema_steps` steps; during the first `warmup_epochs` it copies the
-    weights, as torchvision's references do. `mix` (presets.MixUpCutMix) turns each normalised batch and
-    its labels into mixed images and soft targets; train top-1 then counts the largest target. A
-    WeightedSum criterion's terms are reported too."""
+    `settings.checkpoint_every` steps and after the last one, `on_checkpoint(sums)` saves a mid-epoch
+    checkpoint (sums: this rank's loss, top-1 and image counts so far). The EMA (of training.model) is
+    updated every `ema_steps` steps; during the first `warmup_epochs` it copies the weights. `mix`
+    (presets.MixUpCutMix) turns each normalised batch and its labels into mixed images and soft targets;
+    train top-1 then counts the largest target. A WeightedSum criterion's terms are reported too."""
+    model, optimizer, scaler, ema = training.wrapped, training.optimizer, training.scaler, training.ema
     model.train()
     device, epoch = runtime.device, state.epoch
     loader.sampler.set_epoch(epoch)
@@ -240,22 +426,23 @@ def train_one_epoch(
             sums[: len(state.train_sums)] += state.train_sums.to(device)
         state.train_sums = None
     first_bad_step = torch.tensor(-1, device=device)
-    start, seen, carried = time.perf_counter(), 0, state.train_seconds  # seen: images of this call
+    start, carried = time.perf_counter(), state.train_seconds
+    seen = 0  # images of this call
     bar = tqdm(
         loader,
-        desc=f"epoch {epoch + 1}/{epochs or '?'}",
+        desc=f"epoch {epoch + 1}/{settings.epochs or '?'}",
         unit="batch",
         disable=not is_main() or None,
         initial=state.batch,
         total=state.batch + len(loader),
     )
     for images, targets, _, errors in bar:
-        state.bad_images += check_bad_images(errors, loader.dataset.samples, skip_bad_images)
+        state.bad_images += check_bad_images(errors, loader.dataset.samples, settings.skip_bad_images)
         if len(targets) == 0:  # every image of the batch was unreadable and skipped
             if world_size() > 1:  # the other ranks wait in the gradient all-reduce: stop instead of hanging
                 raise UserError(
-                    f"a whole batch was unreadable on rank {global_rank()} ({', '.join(state.bad_images[-3:])}"
-                    "...); remove the unreadable files"
+                    f"a whole batch was unreadable on rank {global_rank()} "
+                    f"({', '.join(state.bad_images[-3:])}...); remove the unreadable files"
                 )
             state.batch += 1
             continue
@@ -268,17 +455,17 @@ def train_one_epoch(
         logits = getattr(logits, "logits", logits)  # googlenet and inception_v3 add aux outputs when training
         loss = criterion(logits, targets)
         scaler.scale(loss).backward()
-        if clip_grad_norm:
+        if settings.clip_grad_norm:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batch += 1
-        if ema is not None and state.step % ema_steps == 0:
+        if ema is not None and state.step % settings.ema_steps == 0:
             ema.update_parameters(model)  # DDP and compile wrap the same parameters
-            if epoch < warmup_epochs:
+            if epoch < settings.warmup_epochs:
                 ema.n_averaged.fill_(0)  # the next update copies again
         loss = loss.detach()
         first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), state.step, first_bad_step)
@@ -288,22 +475,24 @@ def train_one_epoch(
         top1 = topk_correct(logits.detach(), labels, (1,))[0]
         sums += torch.stack([loss.double() * len(targets), top1, count, *parts])
         last = state.batch == bar.total
-        # also after the epoch's last step, before validation: a validation that fails (an unreadable val
-        # image, a crash) then keeps the epoch's training, and the resume validates it
-        every = bool(checkpoint_every) and state.step % checkpoint_every == 0
+        # A checkpoint also after the epoch's last step, before validation: a validation that fails (an
+        # unreadable val image, a crash) then keeps the epoch's training, and the resume validates it.
+        every = bool(settings.checkpoint_every) and state.step % settings.checkpoint_every == 0
         save_now = on_checkpoint is not None and (every or last)
-        if state.step % log_interval == 0 or last or save_now:
-            if first_bad_step.item() >= 0:  # the only host syncs of the loop: at log and save points
+        if state.step % settings.log_interval == 0 or last or save_now:
+            # the only host syncs of the loop: at log and save points
+            if first_bad_step.item() >= 0:
                 raise UserError(
-                    f"loss became {loss.item()} at step {first_bad_step.item()} (epoch {epoch + 1}); the last good "
-                    "checkpoint is kept; lower --lr or enable --clip-grad-norm"
+                    f"loss became {loss.item()} at step {first_bad_step.item()} (epoch {epoch + 1}); the "
+                    "last good checkpoint is kept; lower --lr or enable --clip-grad-norm"
                 )
             loss_sum, _, n = all_reduce_sum(sums[:3].clone()).tolist()
             rate = seen * world_size() / (time.perf_counter() - start)
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
             if save_now:
-                state.trained, state.train_seconds = last, carried + time.perf_counter() - start
+                state.trained = last
+                state.train_seconds = carried + time.perf_counter() - start
                 on_checkpoint(sums)
     seconds = time.perf_counter() - start
     return epoch_stats(all_reduce_sum(sums).tolist(), terms, carried + seconds, seen * world_size() / seconds)

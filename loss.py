@@ -6,7 +6,7 @@ them built from the config's `losses` entry.
     criterion = build_loss({"focal": 1.0, "smooth_l1": 1.0}, num_classes=1000)  # this repo's original recipe
     loss = criterion(logits, target)  # logits (B, C) any float dtype, target (B,) int64 -> scalar
     loss = criterion(logits, soft)    # or (B, C) class probabilities, as MixUp/CutMix make them
-    criterion.parts                   # {'focal': tensor(..), 'smooth_l1': tensor(..)}: metrics.csv's train_loss_*
+    criterion.parts        # {'focal': tensor(..), 'smooth_l1': tensor(..)}: metrics.csv's train_loss_*
 
 Every loss works in float32 from log_softmax/softmax, so it stays finite and accurate under bf16/fp16
 autocast. Label smoothing follows F.cross_entropy: q = (1 - eps) * onehot + eps / C, and for a
@@ -65,7 +65,10 @@ class FocalLoss(nn.Module):
     the batch mean is a plain mean, not F.cross_entropy(weight=...)'s mean divided by the weights."""
 
     def __init__(
-        self, gamma: float = 2.0, alpha: Sequence[float] | torch.Tensor | None = None, label_smoothing: float = 0.0
+        self,
+        gamma: float = 2.0,
+        alpha: Sequence[float] | torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         if float(gamma) < 0:
@@ -74,7 +77,9 @@ class FocalLoss(nn.Module):
         self.label_smoothing = check_label_smoothing(label_smoothing)
         alpha = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
         if alpha is not None and (alpha.ndim != 1 or (alpha < 0).any()):
-            raise UserError(f"focal alpha must be a list of non-negative per-class weights, got {alpha.tolist()}")
+            raise UserError(
+                f"focal alpha must be a list of non-negative per-class weights, got {alpha.tolist()}"
+            )
         self.register_buffer("alpha", alpha)  # moves with criterion.to(device)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -146,7 +151,9 @@ def build_loss(spec: str | dict, num_classes: int, label_smoothing: float = 0.0)
         valid = ["weight", *inspect.signature(LOSSES[name]).parameters]
         for key in kwargs:
             if key not in valid:
-                raise UserError(f"unknown key '{key}' in losses.{name}{closest(key, valid)}; valid: {', '.join(valid)}")
+                raise UserError(
+                    f"unknown key '{key}' in losses.{name}{closest(key, valid)}; valid: {', '.join(valid)}"
+                )
         kwargs = {"label_smoothing": label_smoothing, **kwargs}
         weight = kwargs.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
@@ -157,7 +164,9 @@ def build_loss(spec: str | dict, num_classes: int, label_smoothing: float = 0.0)
             raise UserError(f"losses.{name}: {e}") from e
         alpha = getattr(losses[name], "alpha", None)
         if alpha is not None and len(alpha) != num_classes:
-            raise UserError(f"losses.{name} alpha must list one weight per class ({num_classes}), got {len(alpha)}")
+            raise UserError(
+                f"losses.{name} alpha must list one weight per class ({num_classes}), got {len(alpha)}"
+            )
         weights[name] = float(weight)
     if len(losses) == 1 and next(iter(weights.values())) == 1.0:
         return next(iter(losses.values()))

@@ -1,27 +1,33 @@
-"""Model factory, weights resolution and complexity counting for every torchvision classifier.
-In code:
-    from model import build_model, complexity
-    model = build_model("resnet50", "DEFAULT")     # weights from torchvision's cache ($TORCH_HOME/hub/checkpoints)
-    complexity("vit_b_16", "IMAGENET1K_V1")        # {'params': 86567656, 'gmacs': 17.564, ...}
+"""torchvision's classifiers and their weights: which architectures there are, what a --weights argument
+names (resolve_weights, the one reading every script uses), building a model with those weights (from
+torchvision's cache, a folder or a file, checked before use), a new head for fine-tuning, torchvision's
+int8 models, and the inference form of a model (BatchNorm folded, channels_last).
+
+    from model import build_model, resolve_weights
+    model = build_model("resnet50", "DEFAULT")   # from torchvision's cache ($TORCH_HOME/hub/checkpoints)
+    weights = resolve_weights("checkpoints/flowers/best.pt")   # its arch, classes and eval preprocessing
 """
 
 import contextlib
-import io
-import math
+import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.fx.experimental.optimization import fuse
 from torchvision import models
 from torchvision.models import WeightsEnum
 
+from coder import LabelCoder, imagenet_wnids
+from presets import EvalPreset
 from utils import UserError, closest, load_checkpoint
+
+DEFAULT_ARCH = "resnet50"  # where nothing names one: torchvision's weights names and .pth files
 
 
 def _quantized_archs() -> tuple[list[str], str]:
@@ -36,8 +42,10 @@ def _quantized_archs() -> tuple[list[str], str]:
         return [], f"torchvision's int8 weights are left out: this torch has no torch.ao.quantization ({e})"
 
 
-ARCHS = sorted(models.list_models(module=models))  # the float classifiers (80 in torchvision 0.29)
-QUANTIZED_ARCHS, NO_QUANTIZATION = _quantized_archs()  # quantized_resnet50, ... (12): evaluation only
+# the float classifiers (80 in torchvision 0.29)
+ARCHS = sorted(models.list_models(module=models))
+# quantized_resnet50, ... (12): evaluation only
+QUANTIZED_ARCHS, NO_QUANTIZATION = _quantized_archs()
 
 
 def is_quantized(arch: str) -> bool:
@@ -53,7 +61,9 @@ def float_arch(arch: str) -> str:
 def check_arch(arch: str, int8: bool = True) -> str:
     """A torchvision classifier name; int8 models (evaluation only) unless int8=False."""
     if is_quantized(arch) and not int8:
-        raise UserError(f"{arch} is an int8 model for evaluation; train its float architecture {float_arch(arch)}")
+        raise UserError(
+            f"{arch} is an int8 model for evaluation; train its float architecture {float_arch(arch)}"
+        )
     if arch not in ARCHS and not is_quantized(arch):
         raise UserError(f"unknown model '{arch}'{closest(arch, ARCHS)}; see torchvision.models.list_models()")
     return arch
@@ -64,43 +74,48 @@ def all_weights(arch: str) -> list[WeightsEnum]:
     return list(models.get_model_weights(check_arch(arch)))
 
 
+# ----------------------------------------------------------------------------- what --weights names
+
+
 def is_weights_file(weights) -> bool:
-    return isinstance(weights, (str, Path)) and (str(weights).endswith((".pth", ".pt")) or os.sep in str(weights))
+    """A .pth/.pt file or a path (not a weights name); export.py's .onnx files: is_onnx_file."""
+    if not isinstance(weights, (str, Path)) or is_onnx_file(weights):
+        return False
+    return str(weights).endswith((".pth", ".pt")) or os.sep in str(weights)
 
 
-def resolve_weights(arch: str, weights) -> WeightsEnum | None:
+def is_onnx_file(weights) -> bool:
+    return isinstance(weights, (str, Path)) and str(weights).endswith(".onnx")
+
+
+def weights_enum(arch: str, name) -> WeightsEnum | None:
     """None/'none' -> None; 'DEFAULT', 'IMAGENET1K_V2' or 'ResNet50_Weights.IMAGENET1K_V2' -> the enum."""
-    if isinstance(weights, WeightsEnum):
-        return weights
-    if weights is None or str(weights).lower() in ("", "none"):
+    if isinstance(name, WeightsEnum):
+        return name
+    if name is None or str(name).lower() in ("", "none"):
         return None
     enum = models.get_model_weights(check_arch(arch))
-    prefix, _, name = str(weights).rpartition(".")
-    if name.upper() == "DEFAULT":
+    prefix, _, member = str(name).rpartition(".")
+    if member.upper() == "DEFAULT":
         return enum.DEFAULT
-    names = [m for m in enum.__members__ if m != "DEFAULT"]  # DEFAULT is an alias of one of them
-    if (prefix and prefix != enum.__name__) or name not in names:
-        valid = ["DEFAULT", *names, *(f"{enum.__name__}.{m}" for m in names)]
+    members = [m for m in enum.__members__ if m != "DEFAULT"]  # DEFAULT is an alias of one of them
+    if (prefix and prefix != enum.__name__) or member not in members:
+        valid = ["DEFAULT", *members, *(f"{enum.__name__}.{m}" for m in members)]
         raise UserError(
-            f"unknown weights '{weights}' for {arch}{closest(weights, valid)}; valid: DEFAULT, {', '.join(names)}"
+            f"unknown weights '{name}' for {arch}{closest(name, valid)}; valid: DEFAULT, {', '.join(members)}"
         )
-    return enum[name]
+    return enum[member]
 
 
-def weights_enum_for(arch: str, weights, file_default: str | None = None) -> WeightsEnum | None:
-    """The torchvision weights enum that describes a --weights argument (its preprocessing, class
-    names, published accuracy): the named enum; for a file, the torchvision weights it is a download
-    of (matched by file name), else `file_default` (e.g. 'DEFAULT' for the arch's preprocessing)."""
-    if not is_weights_file(weights):
-        return resolve_weights(arch, weights)
-    name = Path(weights).name
-    match = next((w for w in models.get_model_weights(check_arch(arch)) if weights_file_name(w) == name), None)
-    return match or resolve_weights(arch, file_default)
+def weights_file_name(weights: WeightsEnum) -> str:
+    """The file name torchvision caches the weights under, e.g. 'resnet50-11ad3fa6.pth'."""
+    return os.path.basename(urlparse(weights.url).path)
 
 
-def arch_of_weights(weights, default: str = "resnet50") -> str:
-    """The architecture a train.py checkpoint records (its config's), else `default` (for --arch left out)."""
-    return (saved_arch(load_checkpoint(weights)) if is_weights_file(weights) else None) or default
+def downloaded_weights(arch: str, path) -> WeightsEnum | None:
+    """The torchvision weights a file is a download of, by its file name (None for any other file)."""
+    name = Path(path).name
+    return next((w for w in models.get_model_weights(arch) if weights_file_name(w) == name), None)
 
 
 def saved_arch(state) -> str | None:
@@ -108,18 +123,6 @@ def saved_arch(state) -> str | None:
     config = state.get("config") if isinstance(state, dict) else None
     arch = config.get("arch") if isinstance(config, dict) else None
     return arch if isinstance(arch, str) and arch else None
-
-
-def run_of_checkpoint(path, arch: str) -> dict | None:
-    """{'classes', 'config'} of a train.py checkpoint of `arch` (a model trained or fine-tuned here: its
-    head's class names and its eval preprocessing), None for any other weights file."""
-    state = load_checkpoint(path)
-    if not isinstance(state, dict):
-        return None
-    check_saved_arch(state, arch, path)
-    if isinstance(state.get("config"), dict) and isinstance(state.get("classes"), list):
-        return {"classes": state["classes"], "config": state["config"]}
-    return None
 
 
 def check_saved_arch(state: dict, arch: str, path) -> None:
@@ -132,9 +135,130 @@ def check_saved_arch(state: dict, arch: str, path) -> None:
         )
 
 
-def weights_file_name(weights: WeightsEnum) -> str:
-    """The file name torchvision caches the weights under, e.g. 'resnet50-11ad3fa6.pth'."""
-    return os.path.basename(urlparse(weights.url).path)
+# The metadata export.py writes into an .onnx file (backends.export_metadata)
+ONNX_KEYS = ("arch", "source", "preprocessing", "classes", "wnids")
+
+
+def onnx_metadata(path) -> dict:
+    """The metadata of an .onnx file: {'arch', 'source', 'preprocessing', 'classes', ...}."""
+    import onnx  # here: only .onnx files need it, and its import takes ~0.7 s
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {prop.key: _json_or_text(prop.value) for prop in proto.metadata_props}
+
+
+def _json_or_text(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:  # metadata another tool wrote
+        return value
+
+
+def onnx_file_metadata(path) -> dict:
+    """onnx_metadata of a file export.py wrote (one without its keys is refused)."""
+    if not Path(path).is_file():
+        raise UserError(f"ONNX file {path} does not exist")
+    meta = onnx_metadata(path)
+    missing = set(ONNX_KEYS) - set(meta)
+    if missing:
+        raise UserError(
+            f"{path} has no {', '.join(sorted(missing))} in its metadata; export it with export.py"
+        )
+    return meta
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What a --weights argument names, read once by resolve_weights.
+
+    source: what build_model loads (torchvision's weights, a file, or None: random initialisation).
+    enum: the torchvision weights that describe it (eval preprocessing, class names, published accuracy):
+        the named ones; for a file, the ones it is a download of (matched by file name), else the arch's
+        DEFAULT weights; for an .onnx file, the weights it was exported from.
+    run: a train.py checkpoint's {'classes', 'config'} (its head's class names, its eval preprocessing).
+    onnx: an .onnx file's metadata (export.py's: architecture, preprocessing, classes, source)."""
+
+    arch: str
+    source: WeightsEnum | str | None
+    enum: WeightsEnum | None
+    run: dict | None = None
+    onnx: dict | None = None
+
+    @property
+    def is_file(self) -> bool:
+        """A file of the user's, not torchvision's weights by name."""
+        return isinstance(self.source, str)
+
+    @property
+    def published(self) -> WeightsEnum | None:
+        """The torchvision weights whose published accuracy is this one's: named weights, or those an .onnx
+        file was exported from; None for a .pth file, which may hold anything under a download's name."""
+        return self.enum if self.onnx is not None or not self.is_file else None
+
+    def preset(self, resize=None, crop=None, interpolation=None) -> EvalPreset:
+        """The eval preprocessing: an .onnx file's own, a train.py run's validation preprocessing, else the
+        weights' (the defaults for random weights), with any setting overridden."""
+        if self.onnx is not None:
+            return EvalPreset(**self.onnx["preprocessing"])
+        if self.run is not None:
+            return EvalPreset.from_train_config(self.run["config"], resize, crop, interpolation)
+        return EvalPreset.from_weights(self.enum, resize, crop, interpolation)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The classes of a head trained here on other classes than ImageNet-1k's; None for ImageNet's."""
+        if self.onnx is not None:
+            return None if self.onnx["wnids"] is not None else list(self.onnx["classes"])
+        if self.run is not None and self.run["classes"] != imagenet_wnids():
+            return list(self.run["classes"])
+        return None
+
+    def label_coder(self) -> LabelCoder:
+        """The names (and, for ImageNet-1k, the wnids) of the head's classes."""
+        if self.onnx is not None:
+            return LabelCoder(self.onnx["classes"], self.onnx.get("wnids"))
+        classes = self.classes
+        return LabelCoder(classes) if classes is not None else LabelCoder.imagenet(self.enum)
+
+
+def resolve_weights(weights, arch: str | None = None) -> Weights:
+    """The one reading of a --weights argument, in every script:
+
+      None, 'none'                  random initialisation;
+      'DEFAULT', 'IMAGENET1K_V2', 'ResNet50_Weights.IMAGENET1K_V2' or the enum: torchvision's weights;
+      a .pth/.pt file (or a path)   a torchvision download (matched by file name), a train.py checkpoint
+                                    (its classes and config), or any other state dict of the architecture;
+      an .onnx file                 export.py's file, described by its metadata.
+
+    arch: the architecture; None takes the one a train.py checkpoint or an .onnx file names, else
+    DEFAULT_ARCH. A file that names another architecture than `arch` is an error."""
+    if is_onnx_file(weights):
+        return _onnx_weights(str(weights), arch)
+    if not is_weights_file(weights):
+        arch = check_arch(arch or DEFAULT_ARCH)
+        return Weights(arch, weights_enum(arch, weights), weights_enum(arch, weights))
+    path = str(weights)
+    state = load_checkpoint(path)
+    arch = check_arch(arch or saved_arch(state) or DEFAULT_ARCH)
+    check_saved_arch(state, arch, path)
+    downloaded = downloaded_weights(arch, path)
+    trained_here = isinstance(state.get("config"), dict) and isinstance(state.get("classes"), list)
+    run = {"classes": state["classes"], "config": state["config"]} if trained_here else None
+    return Weights(arch, path, downloaded or weights_enum(arch, "DEFAULT"), run)
+
+
+def _onnx_weights(path: str, arch: str | None) -> Weights:
+    meta = onnx_file_metadata(path)
+    if arch is not None and arch != meta["arch"]:
+        raise UserError(f"{path} is a {meta['arch']} model, not {arch}; leave the architecture out")
+    exported_from = meta["source"]
+    named = exported_from != "random" and not is_weights_file(exported_from)
+    return Weights(
+        meta["arch"], path, weights_enum(meta["arch"], exported_from) if named else None, onnx=meta
+    )
+
+
+# ----------------------------------------------------------------------------- building
 
 
 def load_weights_state(weights: WeightsEnum, weights_dir=None) -> dict:
@@ -144,7 +268,9 @@ def load_weights_state(weights: WeightsEnum, weights_dir=None) -> dict:
     folder = Path(weights_dir) if weights_dir else Path(torch.hub.get_dir()) / "checkpoints"
     if not (folder / name).is_file():
         if weights_dir:
-            raise UserError(f"weights file {name} for {weights} is not in {folder}; download {weights.url} into it")
+            raise UserError(
+                f"weights file {name} for {weights} is not in {folder}; download {weights.url} into it"
+            )
         try:
             folder.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(folder / name), hash_prefix=None, progress=True)
@@ -157,36 +283,51 @@ def load_weights_state(weights: WeightsEnum, weights_dir=None) -> dict:
     return load_checkpoint(folder / name, f"weights of {weights}")
 
 
-def build_model(arch: str, weights=None, num_classes: int | None = None, weights_dir=None, **kwargs) -> nn.Module:
+def build_model(
+    arch: str, weights=None, num_classes: int | None = None, weights_dir=None, **kwargs
+) -> nn.Module:
     """Any torchvision classifier, randomly initialised or with weights.
 
     weights: None, 'DEFAULT', an enum name, or a local file (a torchvision .pth or a train.py checkpoint).
     num_classes: a different number than the weights' replaces the classifier head (fine-tuning).
     kwargs go to torchvision's builder (e.g. dropout=0.2 where the architecture has dropout)."""
     check_arch(arch)
-    enum_weights = weights_enum_for(arch, weights)
-    if enum_weights is not None and is_weights_file(weights):  # a torchvision download, kept elsewhere
-        weights_dir = Path(weights).parent
-    if is_quantized(arch) and (enum_weights is not None or kwargs.get("quantize")):
-        return _build_int8(arch, enum_weights, weights_dir)
-    if enum_weights is not None:
-        state_dict = load_weights_state(enum_weights, weights_dir)
+    if is_weights_file(weights):
+        enum = downloaded_weights(arch, weights)
+        if enum is not None:  # a torchvision download, kept elsewhere
+            weights_dir = Path(weights).parent
+    else:
+        enum = weights_enum(arch, weights)
+    if is_quantized(arch) and (enum is not None or kwargs.get("quantize")):
+        return _build_int8(arch, enum, weights_dir)
+    if enum is not None:
+        state_dict = load_weights_state(enum, weights_dir)
+
+        def build():
+            return models.get_model(arch, weights=enum, **kwargs)
+
         # Build through torchvision's own builder, so its per-weights settings hold (ViT image size,
         # googlenet/inception transform_input and aux heads); it asks the enum for the state dict.
-        with mock.patch.object(type(enum_weights), "get_state_dict", lambda *args, **kwargs: state_dict):
-            model = load_checked(lambda: models.get_model(arch, weights=enum_weights, **kwargs), arch, enum_weights)
+        with mock.patch.object(type(enum), "get_state_dict", lambda *args, **kwargs: state_dict):
+            model = load_checked(build, arch, enum)
     elif is_weights_file(weights):
-        state = load_checkpoint(weights)
-        state_dict = state.get("model", state) if isinstance(state.get("model"), dict) else state
-        check_saved_arch(state, arch, weights)
-        head = list(state_dict.values())[-1] if state_dict else None  # torchvision heads end the state dict
-        saved_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 1 else 1000
-        model = models.get_model(arch, weights=None, num_classes=saved_classes, **kwargs)
-        load_checked(lambda: model.load_state_dict(state_dict), arch, weights)
+        model = _build_from_file(arch, weights, kwargs)
     else:
         return models.get_model(arch, weights=None, num_classes=num_classes or 1000, **kwargs)
     if num_classes is not None and num_classes != _num_outputs(model):
         replace_head(model, num_classes)
+    return model
+
+
+def _build_from_file(arch: str, path, kwargs: dict) -> nn.Module:
+    """A train.py checkpoint or a plain state dict, with as many classes as its head has."""
+    state = load_checkpoint(path)
+    state_dict = state.get("model", state) if isinstance(state.get("model"), dict) else state
+    check_saved_arch(state, arch, path)
+    head = list(state_dict.values())[-1] if state_dict else None  # torchvision heads end the state dict
+    saved_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 1 else 1000
+    model = models.get_model(arch, weights=None, num_classes=saved_classes, **kwargs)
+    load_checked(lambda: model.load_state_dict(state_dict), arch, path)
     return model
 
 
@@ -209,9 +350,10 @@ def _build_int8(arch: str, weights: WeightsEnum | None, weights_dir=None) -> nn.
 
 
 def load_checked(load, arch, source):
+    """load(), with load_state_dict's missing or unexpected keys and size mismatches as one line."""
     try:
         return load()
-    except RuntimeError as e:  # load_state_dict's missing/unexpected keys or size mismatch
+    except RuntimeError as e:
         detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:200]
         raise UserError(f"weights {source} do not fit {arch}: {detail}") from e
 
@@ -245,141 +387,9 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
         model.num_classes = num_classes
 
 
-@contextlib.contextmanager
-def _on_meta():
-    """Create parameters and buffers on the meta device: shapes only, no memory, init or download.
-    (torch.device('meta') as a context breaks RegNet, whose builder computes widths with tensors.)"""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def meta_parameter(self, name, param):
-        register_parameter(
-            self, name, param if param is None else nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        )
-
-    def meta_buffer(self, name, buffer, persistent=True):
-        register_buffer(self, name, buffer if buffer is None else buffer.to("meta"), persistent)
-
-    nn.Module.register_parameter, nn.Module.register_buffer = meta_parameter, meta_buffer
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
-
-
-def published(weights) -> dict:
-    """Resolution, interpolation and published accuracy from the weights' metadata."""
-    transform = weights.transforms()
-    metrics = weights.meta["_metrics"]["ImageNet-1K"]
-    # VGG16's IMAGENET1K_FEATURES (a feature extractor, no trained head) publishes NaN: reported as None
-    acc1, acc5 = (None if math.isnan(metrics[k]) else metrics[k] for k in ("acc@1", "acc@5"))
-    return {
-        "resize": transform.resize_size[0],
-        "crop": transform.crop_size[0],
-        "interpolation": transform.interpolation.value,
-        "acc1_published": acc1,
-        "acc5_published": acc5,
-        "err1_published": None if acc1 is None else round(100 - acc1, 3),
-        "err5_published": None if acc5 is None else round(100 - acc5, 3),
-        "file_mb": weights.meta.get("_file_size"),
-        "quantized_engine": weights.meta.get("backend"),  # int8 weights: fbgemm or qnnpack
-    }
-
-
-def published_deltas(weights, record: dict) -> dict:
-    """The published top-1/top-5 of `weights` and our difference to them (None where none is published)."""
-    pub = published(weights)
-    deltas = {"acc1_published": pub["acc1_published"], "acc5_published": pub["acc5_published"]}
-    for k in ("acc1", "acc5"):
-        deltas[f"{k}_delta"] = None if pub[f"{k}_published"] is None else record[k] - pub[f"{k}_published"]
-    return deltas
-
-
-def eval_resolution(weights: WeightsEnum | None) -> int:
-    return weights.transforms().crop_size[0] if weights is not None else 224
-
-
-def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None = None) -> nn.Module:
-    """The architecture as the weights' builder makes it, on the meta device."""
-    kwargs = {"num_classes": len(weights.meta["categories"] or range(1000))} if weights is not None else {}
-    arch = float_arch(arch)  # an int8 model counts as its float architecture (as its metadata does)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if arch.startswith("vit_") and weights is not None:
-        kwargs["image_size"] = weights.meta["min_size"][0]  # as torchvision's ViT builder does
-    if arch == "googlenet":  # torchvision's num_params for googlenet leaves out the aux heads...
-        kwargs.update(aux_logits=False, init_weights=False)
-    if arch == "inception_v3":  # ...and counts them for inception_v3
-        kwargs.update(aux_logits=True, init_weights=False)
-    with _on_meta():
-        return models.get_model(arch, weights=None, **kwargs).eval()
-
-
-def complexity(
-    arch: str, weights=None, thop: bool = False, size: int | None = None, num_classes: int | None = None
-) -> dict:
-    """Parameters and multiply-accumulates at the weights' own eval resolution, counted by
-    torch.utils.flop_counter on the meta device (attention included: math SDPA backend and
-    nn.MultiheadAttention's fused fast path off). GFLOPs = 2 x GMACs, torchvision's convention."""
-    weights = resolve_weights(arch, weights)
-    model, size = meta_model(arch, weights, num_classes), size or eval_resolution(weights)
-    x = torch.empty(1, 3, size, size, device="meta")
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-            model(x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    macs = counter.get_total_flops() / 2
-    result = {
-        "params": sum(p.numel() for p in model.parameters()),
-        "gmacs": macs / 1e9,
-        "gflops": 2 * macs / 1e9,
-        "resolution": size,
-    }
-    if thop:
-        result["thop_gmacs"] = thop_gmacs(model, x)
-    return result
-
-
-def thop_gmacs(model: nn.Module, x: torch.Tensor) -> float | None:
-    """thop's count, as a cross-check (it counts 0 for attention matmuls); None without thop."""
-    try:
-        import thop
-    except ImportError:
-        return None
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # thop prints per-module warnings
-        macs, _ = thop.profile(model, inputs=(x,), verbose=False)
-    return float(macs) / 1e9
-
-
-FAMILIES = (
-    "efficientnet_v2",
-    "efficientnet",
-    "mobilenet_v2",
-    "mobilenet_v3",
-    "shufflenet_v2",
-    "swin_v2",
-    "swin",
-    "regnet_x",
-    "regnet_y",
-    "wide_resnet",
-    "resnext",
-    "resnet",
-    "vit",
-    "convnext",
-    "densenet",
-    "vgg",
-    "mnasnet",
-    "squeezenet",
-    "maxvit",
-)
-
-
-def model_family(arch: str) -> str:
-    """'resnet50' -> 'resnet', 'efficientnet_v2_s' -> 'efficientnet_v2', every int8 model -> 'int8'
-    (for plots and grouping)."""
-    return "int8" if is_quantized(arch) else next((f for f in FAMILIES if arch.startswith(f)), arch)
+# What torch.fx raises for a model it cannot trace (data-dependent control flow: none of torchvision 0.29's
+# classifiers, but a model of another release or a user's own may have it)
+UNTRACEABLE = (torch.fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError)
 
 
 def prepare_for_eval(model: nn.Module, channels_last: bool = True, fuse_bn: bool = True) -> nn.Module:
@@ -391,8 +401,6 @@ def prepare_for_eval(model: nn.Module, channels_last: bool = True, fuse_bn: bool
     if type(model).__name__.startswith("Quantizable"):  # torchvision's int8 models: converted and fused
         return model
     if fuse_bn:
-        from torch.fx.experimental.optimization import fuse
-
-        with contextlib.suppress(Exception):  # data-dependent control flow (a few architectures): keep it unfused
+        with contextlib.suppress(*UNTRACEABLE):  # keeps the module's own forward, unfused
             model = fuse(model)
     return model.to(memory_format=torch.channels_last) if channels_last else model

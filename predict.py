@@ -15,16 +15,23 @@ checkpoint (checkpoints/RUN/best.pt) brings its run's architecture, preprocessin
 import json
 
 import torch
-from PIL import Image
 
-from coder import LabelCoder
-from dataset import imagenet_wnids, load_rgb
+from backends import OnnxRuntimeModel
 from engine import Runtime
-from model import arch_of_weights, build_model, is_quantized, prepare_for_eval
-from presets import EvalPreset, eval_source
-from utils import ArgumentParser, UserError, add_runtime_args, autocast, cli, positive_int, resolve_device
-
-DEFAULT_ARCH = "resnet50"  # for torchvision's weights names and files; a train.py checkpoint names its own
+from loader import IMAGE_ERRORS, load_rgb
+from model import DEFAULT_ARCH, build_model, is_quantized, prepare_for_eval, resolve_weights
+from presets import EvalPreset
+from utils import (
+    ArgumentParser,
+    UserError,
+    add_runtime_args,
+    add_weights_args,
+    autocast,
+    cli,
+    positive_int,
+    resolve_device,
+    switch,
+)
 
 
 def read_image(path: str, preset: EvalPreset) -> torch.Tensor:
@@ -33,7 +40,7 @@ def read_image(path: str, preset: EvalPreset) -> torch.Tensor:
         return preset(load_rgb(path))
     except FileNotFoundError as e:
         raise UserError(f"image file {path} does not exist") from e
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except IMAGE_ERRORS as e:
         raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
@@ -47,46 +54,39 @@ def format_predictions(path: str, predictions: list[dict]) -> str:
     return "\n".join([path, *lines])
 
 
-def onnx_predictor(path):
-    """(ONNX Runtime model, preset, LabelCoder, Runtime) of a file export.py wrote."""
-    from export import OnnxRuntimeModel, onnx_file_metadata
-
-    meta = onnx_file_metadata(path, imagenet=False)
-    preset = EvalPreset(**meta["preprocessing"])
-    return OnnxRuntimeModel(path), preset, LabelCoder(meta["classes"], meta.get("wnids")), Runtime.on_cpu(preset)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument(
+        "--arch", help=f"any torchvision classifier (default: a checkpoint's own, else {DEFAULT_ARCH})"
+    )
+    weights_help = "DEFAULT, an enum name, a .pth file, a train.py checkpoint or an export.py .onnx file"
+    add_weights_args(p, "DEFAULT", weights_help)
+    p.add_argument("--topk", type=positive_int, default=5)
+    switch(p, "--json", "print one JSON list instead of text")
+    add_runtime_args(p)
+    return p
 
 
 @cli
 def main(argv=None):
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument(
-        "--arch", help=f"any torchvision classifier (default: a train.py checkpoint's own, else {DEFAULT_ARCH})"
-    )
-    weights_help = "DEFAULT, an enum name, a .pth file, a train.py checkpoint or an export.py .onnx file"
-    p.add_argument("--weights", default="DEFAULT", help=weights_help)
-    p.add_argument("--weights-dir", help="folder holding torchvision's weights files (default: torchvision's cache)")
-    p.add_argument("--topk", type=positive_int, default=5)
-    p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
-    add_runtime_args(p)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
-    if str(args.weights).endswith(".onnx"):  # export.py's file: its own preprocessing and class names
-        model, preset, coder, runtime = onnx_predictor(args.weights)
-        images = [read_image(path, preset) for path in args.images]
+    weights = resolve_weights(args.weights, args.arch)  # a given --arch must match a checkpoint's
+    preset = weights.preset()
+    images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
+    if weights.onnx is not None:  # export.py's file: its own preprocessing and class names, on ONNX Runtime
+        model, runtime = OnnxRuntimeModel(weights.source), Runtime.on_cpu(preset)
     else:
-        if args.arch is None:  # given, it must match a checkpoint's (eval_source says so if not)
-            args.arch = arch_of_weights(args.weights, DEFAULT_ARCH)
-        weights, enum, run, preset = eval_source(args.arch, args.weights)
-        images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
-        if is_quantized(args.arch):
+        if is_quantized(weights.arch):
             runtime = Runtime.on_cpu(preset)
         else:
             runtime = Runtime.create(resolve_device(args.device), args.amp, args.channels_last, False, preset)
-        model = build_model(args.arch, weights, weights_dir=args.weights_dir).to(runtime.device)
-        model = prepare_for_eval(model, runtime.channels_last, fuse_bn=False)  # a few images: not worth a trace
-        imagenet = run is None or run["classes"] == imagenet_wnids()
-        coder = LabelCoder.imagenet(enum) if imagenet else LabelCoder(run["classes"])
+        model = build_model(weights.arch, weights.source, weights_dir=args.weights_dir).to(runtime.device)
+        model = prepare_for_eval(
+            model, runtime.channels_last, fuse_bn=False
+        )  # a few images: not worth a trace
+    coder = weights.label_coder()
 
     results = []
     with torch.inference_mode(), autocast(runtime.device, runtime.amp_dtype):

@@ -17,9 +17,10 @@ from torchvision.transforms import functional as F
 
 from utils import UserError
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, for every weights
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, for all weights
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 TrainPresetName = Literal["standard", "original"]
+AutoAugment = Literal["none", "ta_wide", "ra", "imagenet", "augmix"]
 
 
 def check_crop_fits(crop: int, resize: int, names: tuple[str, str] = ("crop", "resize")) -> None:
@@ -66,29 +67,20 @@ class EvalPreset:
     @classmethod
     def from_train_config(cls, config: dict, resize=None, crop=None, interpolation=None) -> "EvalPreset":
         """The validation preprocessing of a train.py run (its saved config), with any setting overridden."""
-        return cls(resize or config["val_resize_size"], crop or config["val_crop_size"],
-                   interpolation or config.get("interpolation", "bilinear"))  # fmt: skip
+        return cls(
+            resize or config["val_resize_size"],
+            crop or config["val_crop_size"],
+            interpolation or config.get("interpolation", "bilinear"),
+        )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = F.resize(
-            image, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=self.antialias
+            image,
+            [self.resize],
+            interpolation=InterpolationMode(self.interpolation),
+            antialias=self.antialias,
         )
         return F.pil_to_tensor(F.center_crop(image, [self.crop]))  # (3, crop, crop) uint8
-
-
-AutoAugment = Literal["none", "ta_wide", "ra", "imagenet", "augmix"]
-
-
-def eval_source(arch: str, weights) -> tuple:
-    """(weights to build, weights enum, train.py run or None, EvalPreset) of a --weights argument. A
-    train.py checkpoint brings its run's preprocessing (and class names); otherwise the enum gives them,
-    and a file takes those of its torchvision weights (matched by file name) or of the arch's DEFAULT."""
-    from model import is_weights_file, run_of_checkpoint, weights_enum_for
-
-    run = run_of_checkpoint(weights, arch) if is_weights_file(weights) else None
-    enum = weights_enum_for(arch, weights, file_default="DEFAULT")
-    preset = EvalPreset.from_train_config(run["config"]) if run else EvalPreset.from_weights(enum)
-    return (weights if is_weights_file(weights) else enum), enum, run, preset  # the enum: 'none' is random
 
 
 def train_preset(

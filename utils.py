@@ -1,20 +1,23 @@
-"""What every script shares: user-facing errors and the command line, devices and mixed precision,
-distributed helpers, and atomic file and checkpoint I/O. Nothing here knows about a
+"""What every script shares: user-facing errors and the command-line vocabulary, the machine, devices and
+mixed precision, distributed helpers, and atomic file and checkpoint I/O. Nothing here knows about a
 particular model or dataset."""
 
 import argparse
 import difflib
 import functools
 import os
-import statistics
+import platform
 import sys
 import tempfile
-import time
 import typing
 from pathlib import Path
 from typing import Literal
 
-# ----------------------------------------------------------------------------- errors and the command line
+import torch
+import torch.distributed as dist
+import torchvision
+
+# ----------------------------------------------------------------------------- errors
 
 
 class UserError(Exception):
@@ -33,7 +36,8 @@ def cli(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        for stream in (sys.stdout, sys.stderr):  # printing a file name that is not valid UTF-8 must not fail
+        # printing a file name that is not valid UTF-8 must not fail
+        for stream in (sys.stdout, sys.stderr):
             if hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="backslashreplace")
         try:
@@ -45,7 +49,11 @@ def cli(main):
             interrupt = interrupt_in(e)
             if interrupt is None:
                 raise
-            text = interrupt.args[0] if interrupt.args else "interrupted; finished results and checkpoints are kept"
+            text = (
+                interrupt.args[0]
+                if interrupt.args
+                else "interrupted; finished results and checkpoints are kept"
+            )
             print(f"error: {text}", file=sys.stderr)
             sys.exit(130)
 
@@ -62,26 +70,72 @@ def interrupt_in(error: BaseException | None) -> KeyboardInterrupt | None:
     return None
 
 
+# ----------------------------------------------------------------------------- the command line
+
+# Options renamed so that every script uses one word for one thing: the old spelling is answered with the new.
+RENAMED = {"--out": "--output", "--json": "--output", "--labels": "--val-labels"}
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "1", "0", "on", "off")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes end as one 'error: ...' line (through cli) instead of usage + exit."""
+    """argparse whose mistakes end as one 'error: ...' line (through cli) instead of usage + exit, and
+    which suggests the closest known option for an unknown one."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)  # keep the docstring's layout
-        super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is a typo, not --epochs
+        # RawDescription keeps the layout of the script's docstring; no abbreviations: --epoch is a typo
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
 
     def parse_args(self, args=None, namespace=None):
-        """As argparse's, but an unknown option suggests the closest known one (--model: --models)."""
+        args = sys.argv[1:] if args is None else [str(a) for a in args]
+        self._check_boolean_spellings(args)
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             flag = unknown[0].split("=")[0]
             if not flag.startswith("-"):
                 raise UserError(f"unexpected argument '{flag}' (see --help)")
-            known = [option for action in self._actions for option in action.option_strings]
+            known = self._known_options()
+            if RENAMED.get(flag) in known:
+                raise UserError(f"unknown option {flag} (did you mean {RENAMED[flag]}?) (see --help)")
             raise UserError(f"unknown option {flag}{closest(flag, known)} (see --help)")
         return parsed
+
+    def _known_options(self) -> list[str]:
+        """Every option string of this parser and of its subcommands."""
+        parsers, known = [self], []
+        while parsers:
+            parser = parsers.pop()
+            for action in parser._actions:
+                known += action.option_strings
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers += action.choices.values()
+        return known
+
+    def _check_boolean_spellings(self, args: list[str]) -> None:
+        """`--dummy true` and `--dummy=false`, the spelling before every boolean was --x/--no-x."""
+        switches = {
+            option: action
+            for action in self._actions
+            if isinstance(action, argparse.BooleanOptionalAction)
+            for option in action.option_strings
+        }
+        for i, arg in enumerate(args):
+            flag, _, value = arg.partition("=")
+            if flag not in switches:
+                continue
+            if not value and i + 1 < len(args) and args[i + 1].lower() in BOOLEAN_WORDS:
+                value = args[i + 1]
+            if value:
+                yes, no = switches[flag].option_strings
+                raise UserError(f"{flag} takes no value (did you mean {yes} or {no}?)")
+
+
+def switch(group, name: str, help: str, default: bool | None = False) -> None:
+    """A boolean option in the one style every script uses: --name / --no-name."""
+    group.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
 def positive_int(text: str) -> int:
@@ -107,10 +161,12 @@ Amp = Literal["auto", "none", "bf16", "fp16"]
 ChannelsLast = Literal["auto", "true", "false"]
 RUNTIME_HELP = {
     "device": "auto (the GPU when there is one) | cpu | cuda",
-    "amp": "autocast dtype: auto (bf16 when training on CUDA, otherwise off: evaluation stays exact) | none | bf16 "
-    "| fp16 (training: with a GradScaler)",
+    "amp": "autocast dtype: auto (bf16 when training on CUDA, otherwise off: evaluation stays exact) | none "
+    "| bf16 | fp16 (training: with a GradScaler)",
     "channels_last": "NHWC memory layout: auto (evaluation always, training on CUDA) | true | false",
-    "workers": "loader processes per process (default: dataset.default_workers)",
+    "workers": "loader processes per process (default: loader.default_workers)",
+    "weights_dir": "folder of downloaded torchvision .pth files (default: torchvision's cache)",
+    "compile": "torch.compile the model (minutes of compile, faster passes)",
 }
 
 
@@ -121,17 +177,52 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int | None = N
         flag = "--" + name.replace("_", "-")
         group.add_argument(flag, choices=typing.get_args(choices), default="auto", help=RUNTIME_HELP[name])
     if batch_size is not None:
-        group.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"(default: {batch_size})")
+        group.add_argument(
+            "--batch-size", type=positive_int, default=batch_size, help=f"(default: {batch_size})"
+        )
         group.add_argument("--workers", type=non_negative_int, default=None, help=RUNTIME_HELP["workers"])
 
 
-# ----------------------------------------------------------------------------- devices and mixed precision
+def add_weights_args(parser: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    """--weights (what model.resolve_weights takes) and --weights-dir."""
+    parser.add_argument("--weights", default=default, help=help)
+    parser.add_argument("--weights-dir", help=RUNTIME_HELP["weights_dir"])
 
 
-def resolve_device(name: Device = "auto"):
+# ----------------------------------------------------------------------------- devices and precision
+
+# CUDA's out-of-memory error and the host's: what a retry with a smaller batch catches
+OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+
+
+def machine_info(device=None) -> dict:
+    """The CPU, GPU, cores, threads and library versions of this process (run.json, benchmark results)."""
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    return {
+        "cpu": cpu,
+        "cores": available_cores(),
+        "gpu": torch.cuda.get_device_name(device) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": str(device) if device is not None else None,
+        # the thread settings of the environment
+        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))},
+    }
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity; all of them where the OS can't say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_device(name: Device = "auto") -> torch.device:
     """This process's device: under torchrun, the GPU of its local rank."""
-    import torch
-
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
     if name == "cpu" or not torch.cuda.is_available():
@@ -139,11 +230,9 @@ def resolve_device(name: Device = "auto"):
     return torch.device("cuda", local_rank())
 
 
-def amp_dtype(name: Amp, device, training: bool):
+def amp_dtype(name: Amp, device, training: bool) -> torch.dtype | None:
     """The autocast dtype of --amp; None = off. auto: bf16 for training on CUDA; evaluation stays fp32,
     so that its results equal the module's own arithmetic."""
-    import torch
-
     if name == "auto":
         name = "bf16" if training and device.type == "cuda" else "none"
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
@@ -164,8 +253,6 @@ def use_channels_last(name: ChannelsLast, device, training: bool) -> bool:
 
 def autocast(device, dtype):
     """torch.autocast in `dtype` (from amp_dtype); a no-op for None."""
-    import torch
-
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
@@ -189,17 +276,12 @@ def is_main() -> bool:
 
 
 def is_distributed() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
-def setup_distributed(device_name: Device):
+def setup_distributed(device_name: Device) -> torch.device:
     """The device of this process; under torchrun (any --nproc_per_node, 1 too, as torchvision's
     references do) also the process group: NCCL on GPUs, gloo on CPUs."""
-    import torch
-    import torch.distributed as dist
-
     device = resolve_device(device_name)
     if (world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not is_distributed():
         if device.type == "cuda":
@@ -212,25 +294,17 @@ def setup_distributed(device_name: Device):
 
 def process_group_name() -> str:
     """'nccl' or 'gloo' under torchrun, 'none' in a plain process (for run headers)."""
-    if not is_distributed():
-        return "none"
-    import torch.distributed as dist
-
-    return str(dist.get_backend())
+    return str(dist.get_backend()) if is_distributed() else "none"
 
 
 def cleanup_distributed() -> None:
     if is_distributed():
-        import torch.distributed as dist
-
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor):
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (no-op in one process)."""
     if is_distributed():
-        import torch.distributed as dist
-
         dist.all_reduce(tensor)
     return tensor
 
@@ -238,8 +312,6 @@ def all_reduce_sum(tensor):
 def barrier() -> None:
     """Wait until every rank gets here (nothing to wait for in one process)."""
     if is_distributed():
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -247,8 +319,6 @@ def all_gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] (just [obj] in one process)."""
     if not is_distributed():
         return [obj]
-    import torch.distributed as dist
-
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
@@ -258,18 +328,14 @@ def broadcast_object(obj):
     """Rank 0's `obj` on every rank (itself in one process)."""
     if not is_distributed():
         return obj
-    import torch.distributed as dist
-
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
 
 
-def broadcast_buffers(model) -> None:
+def broadcast_buffers(model: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank; DDP only syncs them before forwards."""
     if is_distributed():
-        import torch.distributed as dist
-
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
 
@@ -284,14 +350,17 @@ def atomic_write(path, write_fn, mode: str = "w") -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except (FileExistsError, NotADirectoryError) as e:  # e.g. --out names a file
-        raise UserError(f"cannot write {path}: {e.filename} is a file, not a folder; choose another folder") from e
+    except (FileExistsError, NotADirectoryError) as e:  # e.g. --output names a file
+        raise UserError(
+            f"cannot write {path}: {e.filename} is a file, not a folder; choose another folder"
+        ) from e
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+    # text: file names that are not valid UTF-8 (scraped datasets) are written back as their bytes
+    text = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"}
     try:
         os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; results are for colleagues to read too
-        # text: file names that are not valid UTF-8 (scraped datasets) are written back as their bytes
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape"})) as f:
+        with os.fdopen(fd, mode, **text) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -316,8 +385,6 @@ def atomic_write_text(path, text: str) -> None:
 
 def load_checkpoint(path, what: str = "checkpoint") -> dict:
     """torch.load with weights_only=True: a file whose pickle would run code is refused, not run."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist")
@@ -333,29 +400,4 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
 
 def save_checkpoint(state: dict, path) -> None:
     """Atomic torch.save: after a crash, kill -9 or a full disk the previous file is still whole."""
-    import torch
-
     atomic_write(path, lambda f: torch.save(state, f), mode="wb")
-
-
-def timed(runs: dict, repeats: int, device) -> dict:
-    """runs: name -> (function, images one call processes). One untimed warm-up call of each, then
-    `repeats` rounds that time each once, in turn, so that drifts of the machine's speed (large on
-    shared VMs) hit all of them alike. name -> {img/s of the median call, seconds of every call}."""
-    import torch
-
-    sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else lambda: None
-    for run, _ in runs.values():
-        run()
-    seconds = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, (run, _) in runs.items():
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            seconds[name].append(time.perf_counter() - start)
-    return {
-        name: {"img_per_s": runs[name][1] / statistics.median(s), "seconds": [round(x, 3) for x in s]}
-        for name, s in seconds.items()
-    }

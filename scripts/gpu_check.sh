@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataset import imagenet_wnids
+from coder import imagenet_wnids
 
 
 def make(i):
@@ -56,20 +56,20 @@ PY
 
 run() { python benchmark.py --arch resnet50 --data "$data" --batch-size 256 --train-batch-size 256 "$@"; }
 bf16=(--amp bf16 --channels-last true)
-run --parts forward "${bf16[@]}" --compile --json "$out/forward_compiled.json"
-run --parts forward,step "${bf16[@]}" --train-steps 10 --json "$out/model_bf16.json"
-run --parts forward,step --amp none --channels-last false --train-steps 5 --json "$out/model_fp32.json"
+run --parts forward "${bf16[@]}" --compile --output "$out/forward_compiled.json"
+run --parts forward,step "${bf16[@]}" --train-steps 10 --output "$out/model_bf16.json"
+run --parts forward,step --amp none --channels-last false --train-steps 5 --output "$out/model_fp32.json"
 run --parts data "${bf16[@]}" --decode gpu --limit 8000 --batch-size 128 --worker-counts "$workers" --repeats 1 \
-    --json "$out/loaders.json"   # 63 batches of 128
+    --output "$out/loaders.json"   # 63 batches of 128
 # 63 batches of 256 to evaluate, 60 steps of 256 to train: about 4 per worker (the plain loops' 2 workers
 # would take minutes here: benchmark.py without --no-baselines compares with them)
 run --parts eval,train "${bf16[@]}" --train-steps 60 --repeats 1 --workers "$workers" --no-baselines \
-    --json "$out/from_jpeg.json"
-run --parts eval "${bf16[@]}" --decode gpu --workers "$workers" --no-baselines --repeats 2 --json "$out/gpu_decode.json"
+    --output "$out/from_jpeg.json"
+run --parts eval "${bf16[@]}" --decode gpu --workers "$workers" --no-baselines --repeats 2 --output "$out/gpu_decode.json"
 step=$(python -c "import json, sys; print(round(next(r['img_per_s'] for r in json.load(open(sys.argv[1]))['rows'] \
     if r['part'] == 'step')))" "$out/model_bf16.json")
-run --parts augment --limit 200 --repeats 1 --gpu-img-per-s "$step" --json "$out/augment.json"
-run --parts approx --limit 300 --workers "$workers" --json "$out/approx.json"   # random weights: agreement, not accuracy
+run --parts augment --limit 200 --repeats 1 --gpu-img-per-s "$step" --output "$out/augment.json"
+run --parts approx --limit 300 --workers "$workers" --output "$out/approx.json"   # random weights: agreement, not accuracy
 
 names="forward_compiled model_bf16 model_fp32 loaders from_jpeg gpu_decode augment approx"
 python benchmark.py --merge $(for name in $names; do echo "$out/$name.json"; done)

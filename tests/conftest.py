@@ -48,7 +48,12 @@ def run_script(*args, env=None, timeout=600, cwd=ROOT) -> subprocess.CompletedPr
     """python SCRIPT ARGS... from the repo root; returns the finished process (text output)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

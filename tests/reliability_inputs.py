@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 from torchvision import models
 
+from coder import imagenet_wnids
 from conftest import make_image, run_script
-from dataset import imagenet_wnids
 
 WNIDS = imagenet_wnids()
 WEIGHTS = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
@@ -37,7 +37,9 @@ def huge_png(path, width, height):
     pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -72,7 +74,9 @@ def train_folder(root, bad_train=None, bad_val=None):
     for c, name in enumerate("ab"):
         for split, count in (("train", 4), ("val", 2)):
             for i in range(count):
-                make_image(root / split / name / f"{i}.png", (40, 40), fmt="PNG", seed=100 * c + 10 * i + len(split))
+                make_image(
+                    root / split / name / f"{i}.png", (40, 40), fmt="PNG", seed=100 * c + 10 * i + len(split)
+                )
     if bad_train:
         bad_train(root / "train" / "a" / "broken.png")
     if bad_val:
@@ -87,7 +91,9 @@ def eval_folder(root, *extra):
     return [maker(root / WNIDS[1] / name) for name, maker in extra]
 
 
-TINY_TRAIN = "--arch resnet18 --epochs 1 --batch-size 4 --train-crop-size 32 --val-resize-size 36 --val-crop-size 32"
+TINY_TRAIN = (
+    "--arch resnet18 --epochs 1 --batch-size 4 --train-crop-size 32 --val-resize-size 36 --val-crop-size 32"
+)
 
 
 def train(data, out, *extra, **kwargs):
@@ -97,7 +103,7 @@ def train(data, out, *extra, **kwargs):
 
 
 def evaluate(data, out, *extra, home):
-    options = ["--models", "mobilenet_v3_small", "--out", out, "--workers", "0", "--batch-size", "4"]
+    options = ["--models", "mobilenet_v3_small", "--output", out, "--workers", "0", "--batch-size", "4"]
     return run_script("test_torchvision.py", "--data", data, *options, *extra, env={"TORCH_HOME": str(home)})
 
 

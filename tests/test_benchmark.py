@@ -9,30 +9,48 @@ import torch
 from PIL import Image
 from torchvision import models
 
+from coder import imagenet_wnids
 from conftest import ROOT, assert_user_error, make_image, run_script, save_torchvision_checkpoint
-from dataset import imagenet_wnids
 
 
 def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
     wnids, weights = imagenet_wnids(), models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
-    model = save_torchvision_checkpoint(torch_home, "mobilenet_v3_small", weights)  # benchmark.py --weights DEFAULT
-    with torch.no_grad():  # logits of O(1), not the near-uniform ones of a fresh head: bf16 then moves probabilities
+    model = save_torchvision_checkpoint(
+        torch_home, "mobilenet_v3_small", weights
+    )  # benchmark.py --weights DEFAULT
+    with (
+        torch.no_grad()
+    ):  # logits of O(1), not the near-uniform ones of a fresh head: bf16 then moves probabilities
         model.classifier[-1].weight.mul_(100)
     torch.save(model.state_dict(), next((torch_home / "hub" / "checkpoints").glob("*.pth")))
     for i in range(8):  # a grayscale JPEG and a PNG named .JPEG take the fallbacks
         mode, fmt = ("L", "JPEG") if i == 3 else ("RGB", "PNG") if i == 6 else ("RGB", "JPEG")
         image = make_image(tmp_path / f"{i}.JPEG", (96 + 8 * i, 72), mode, fmt, seed=i)
-        with torch.no_grad():  # the independent exact run: torchvision's transforms and model, no code of ours
+        with (
+            torch.no_grad()
+        ):  # the independent exact run: torchvision's transforms and model, no code of ours
             top1 = model(weights.transforms()(Image.open(image).convert("RGB"))[None]).argmax().item()
         folder = tmp_path / "val" / wnids[top1 if i % 2 == 0 else (top1 + 1) % 1000]  # exact top-1: 4 of 8
         folder.mkdir(parents=True, exist_ok=True)
         image.rename(folder / image.name)
     out = tmp_path / "bench.json"
     # one model thread: quick, and gentle on a shared CPU; --decode gpu must fall back with a note here
-    options = "--arch mobilenet_v3_small --batch-size 4 --limit 8 --repeats 1 --train-batch-size 2 --train-steps 2"
+    options = (
+        "--arch mobilenet_v3_small --batch-size 4 --limit 8 --repeats 1 --train-batch-size 2 --train-steps 2"
+    )
     options += " --worker-counts 0 --workers 1 --threads 1 --decode gpu --parts data,model,eval,train,approx"
-    result = run_script("benchmark.py", "--data", tmp_path, *options.split(), "--weights", "DEFAULT", "--json", out,
-                        timeout=180, env={"TORCH_HOME": str(torch_home)})  # fmt: skip
+    result = run_script(
+        "benchmark.py",
+        "--data",
+        tmp_path,
+        *options.split(),
+        "--weights",
+        "DEFAULT",
+        "--output",
+        out,
+        timeout=180,
+        env={"TORCH_HOME": str(torch_home)},
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert {"cpu", "cores", "gpu", "torch", "torchvision", "threads"} <= set(report["machine"])
@@ -51,24 +69,39 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
         all(r["img_per_s"] > 0 and len(r["seconds"]) == 1 for r in rows)
         and rows[1]["baseline"] == rows[2]["baseline"] == rows[0]["variant"]
     )
-    assert all("ratio" in r for r in rows if r["part"] in ("eval", "train") and r["variant"].startswith("ours"))
+    assert all(
+        "ratio" in r for r in rows if r["part"] in ("eval", "train") and r["variant"].startswith("ours")
+    )
     assert "cpu decode" in rows[5]["variant"] and "note: --decode gpu is not possible here" in result.stdout
     assert "eval: ours / baseline = " in result.stdout and "train: ours / baseline = " in result.stdout
     assert "eval: note: 2 batches a pass for 1 loader worker times" in result.stdout  # 8 images, batch 4
     assert (
-        "train: note: 2 batches a pass for 1 loader worker" in result.stdout and "at least 4 batches" in rows[7]["note"]
+        "train: note: 2 batches a pass for 1 loader worker" in result.stdout
+        and "at least 4 batches" in rows[7]["note"]
     )
-    assert "% of the model alone" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
-    assert rows[5]["model_only"]["img_per_s"] > 0 and rows[5]["share_of_model_only"] > 0  # timed in turn with ours
+    assert (
+        "% of the model alone" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
+    )
+    assert (
+        rows[5]["model_only"]["img_per_s"] > 0 and rows[5]["share_of_model_only"] > 0
+    )  # timed in turn with ours
     # approx: its exact row is the independent exact run; folded BatchNorm changes no top-1 class; the
     # approximations are measured against the exact row, not against themselves
     assert [r["variant"].split(" ")[0] for r in approx] == ["exact", "default:", "--amp", "batched"]
     assert approx[0]["acc1"] == approx[1]["acc1"] == 50.0
-    assert any(r["top1_agreement"] < 100 or r["top1_prob_change"] > 0 for r in approx[2:])  # bf16 moves something
-    assert approx[0]["top1_agreement"] == 100 and approx[0]["acc1_delta"] == 0 and approx[1]["top1_agreement"] == 100
+    assert any(
+        r["top1_agreement"] < 100 or r["top1_prob_change"] > 0 for r in approx[2:]
+    )  # bf16 moves something
+    assert (
+        approx[0]["top1_agreement"] == 100
+        and approx[0]["acc1_delta"] == 0
+        and approx[1]["top1_agreement"] == 100
+    )
     assert all(0 <= r["top1_agreement"] <= 100 and r["part"] == "approx" for r in approx)
     assert approx[0]["top5_agreement"] == 100 and approx[0]["top1_prob_change"] == 0
-    assert approx[1]["top1_prob_change"] < 1e-3 and approx[2]["top1_prob_change"] < 0.2  # fold ~1e-6, bf16 ~1e-2
+    assert (
+        approx[1]["top1_prob_change"] < 1e-3 and approx[2]["top1_prob_change"] < 0.2
+    )  # fold ~1e-6, bf16 ~1e-2
     assert "| variant | acc1 | acc1 change | same top-1 | same top-5, in order |" in result.stdout
     merged = run_script("benchmark.py", "--merge", out, out)  # scripts/gpu_check.sh's table
     assert merged.returncode == 0, merged.stderr
@@ -83,7 +116,7 @@ def run_part(tmp_path, options: str):
     """benchmark.py on 4 generated JPEGs: (the finished process, the rows of its --json)."""
     for i in range(4):
         make_image(tmp_path / "val" / imagenet_wnids()[i] / f"{i}.JPEG", (120 + 10 * i, 90), seed=i)
-    args = [*options.split(), "--repeats", "1", "--json", tmp_path / "b.json"]
+    args = [*options.split(), "--repeats", "1", "--output", tmp_path / "b.json"]
     result = run_script("benchmark.py", "--data", tmp_path, *args, timeout=180)
     assert result.returncode == 0, result.stderr
     return result, json.loads((tmp_path / "b.json").read_text())["rows"]
@@ -101,17 +134,32 @@ def test_benchmark_times_every_recipe_train_transform(tmp_path):
 
 def test_benchmark_times_int8_against_fp32_on_the_same_images(tmp_path):
     result, (fp32, int8) = run_part(tmp_path, "--parts int8 --arch resnet18 --batch-size 2")
-    assert fp32["variant"] == "fp32 resnet18 batch 2, channels_last, BN folded" and int8["baseline"] == fp32["variant"]
     assert (
-        int8["variant"].startswith("int8 resnet18 batch 2 (") and int8["ratio"] == int8["img_per_s"] / fp32["img_per_s"]
+        fp32["variant"] == "fp32 resnet18 batch 2, channels_last, BN folded"
+        and int8["baseline"] == fp32["variant"]
+    )
+    assert (
+        int8["variant"].startswith("int8 resnet18 batch 2 (")
+        and int8["ratio"] == int8["img_per_s"] / fp32["img_per_s"]
     )
     assert "int8: int8 resnet18 batch 2 / fp32 = " in result.stdout
     no_int8 = run_script("benchmark.py", "--data", tmp_path, "--parts", "int8", "--arch", "vgg11")
     assert_user_error(no_int8, "no int8 vgg11", "resnet50")
     # weights looked for in --weights-dir (as in the other scripts), not downloaded
     empty = tmp_path / "weights"
-    missing = run_script("benchmark.py", "--data", tmp_path, "--parts", "int8", "--arch", "resnet18",
-                         "--weights", "DEFAULT", "--weights-dir", empty)  # fmt: skip
+    missing = run_script(
+        "benchmark.py",
+        "--data",
+        tmp_path,
+        "--parts",
+        "int8",
+        "--arch",
+        "resnet18",
+        "--weights",
+        "DEFAULT",
+        "--weights-dir",
+        empty,
+    )
     assert_user_error(missing, "resnet18-f37072fd.pth", str(empty))
 
 
@@ -124,11 +172,11 @@ def test_benchmark_latency_of_every_cpu_backend_per_batch_size(tmp_path):
     assert all(r["img_per_s"] == pytest.approx(r["batch"] / (r["p50_ms"] / 1000)) for r in rows)
     from backends import percentile
 
-    assert (percentile(list(range(1, 101)), 99), percentile(list(range(1, 11)), 99), percentile([3.0], 50)) == (
-        99,
-        10,
-        3,
-    )
+    assert (
+        percentile(list(range(1, 101)), 99),
+        percentile(list(range(1, 11)), 99),
+        percentile([3.0], 50),
+    ) == (99, 10, 3)
     assert "latency: onnxruntime resnet18 batch 3: p50" in result.stdout
     assert Image.open(tmp_path / "b.png").size == (1100, 400)
     bad = run_script("benchmark.py", "--data", tmp_path, "--parts", "latency", "--batch-sizes", "1,x")
@@ -151,7 +199,9 @@ def test_gpu_check_skips_cleanly_without_a_gpu():
 
 def test_index_part_times_our_index_against_imagefolder_and_measures_memory(tmp_path):
     out = tmp_path / "index.json"
-    result = run_script("benchmark.py", "--parts", "index", "--files", "3000", "--repeats", "1", "--json", out)
+    result = run_script(
+        "benchmark.py", "--parts", "index", "--files", "3000", "--repeats", "1", "--output", out
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     timings = {r["variant"]: r for r in rows if r["part"] == "index"}
@@ -173,10 +223,10 @@ def test_index_part_times_our_index_against_imagefolder_and_measures_memory(tmp_
 def test_the_index_parts_cached_timing_reads_the_cache(monkeypatch):
     import argparse
 
-    import index
-    import index_benchmark
+    import benchmark
+    import dataset
 
-    hits, read = [], index._read_cache
-    monkeypatch.setattr(index, "_read_cache", lambda *a: hits.append(read(*a)) or hits[-1])
-    index_benchmark.bench_index(argparse.Namespace(files=3000, repeats=1))
+    hits, read = [], dataset._read_cache
+    monkeypatch.setattr(dataset, "_read_cache", lambda *a: hits.append(read(*a)) or hits[-1])
+    benchmark.bench_index(argparse.Namespace(files=3000, repeats=1))
     assert sum(hit is not None for hit in hits) >= 2  # the warm-up and the timed call of "ours, cached"

@@ -10,7 +10,7 @@ from torchvision import models
 import predict
 from coder import LabelCoder
 from conftest import assert_user_error, make_image, run_script
-from dataset import load_rgb
+from loader import load_rgb
 from model import weights_file_name
 from presets import EvalPreset, normalize
 from utils import UserError
@@ -27,7 +27,13 @@ def test_imagenet_lookups(coder):
     assert len(coder) == 1000
     assert (coder.wnid(0), coder.name(0)) == ("n01440764", "tench")
     assert (coder.wnid(65), coder.name(65)) == ("n01751748", "sea snake")
-    assert coder.index("n01751748") == coder.index("sea snake") == coder.index("Sea Snake") == coder.index(65) == 65
+    assert (
+        coder.index("n01751748")
+        == coder.index("sea snake")
+        == coder.index("Sea Snake")
+        == coder.index(65)
+        == 65
+    )
     assert coder.index(torch.tensor(65)) == 65
     assert coder.name("n01440764") == "tench" and coder.wnid("tench") == "n01440764"
     assert LabelCoder.imagenet(models.ResNet50_Weights.DEFAULT).names == coder.names
@@ -104,7 +110,12 @@ def test_decode_is_sorted_softmax(coder):
         for p in row:
             assert p["prob"] == pytest.approx(row_probs[p["index"]].item())
             assert (p["wnid"], p["name"]) == (coder.wnid(p["index"]), coder.name(p["index"]))
-    assert decoded[1][0] == {"index": 65, "wnid": "n01751748", "name": "sea snake", "prob": pytest.approx(1.0)}
+    assert decoded[1][0] == {
+        "index": 65,
+        "wnid": "n01751748",
+        "name": "sea snake",
+        "prob": pytest.approx(1.0),
+    }
     assert len(coder.decode(logits, k=5000)[0]) == 1000
     with pytest.raises(UserError, match="1000 classes"):
         coder.decode(torch.randn(2, 10))
@@ -159,23 +170,35 @@ def test_predict_text_and_json(torch_home, mobilenet, tmp_path):
         assert set(result["predictions"][0]) == {"index", "wnid", "name", "prob"}
 
     text = run_script(
-        "predict.py", images[0], *"--arch mobilenet_v3_small --weights DEFAULT --topk 3 --device cpu".split(), env=env
+        "predict.py",
+        images[0],
+        *"--arch mobilenet_v3_small --weights DEFAULT --topk 3 --device cpu".split(),
+        env=env,
     )
     assert text.returncode == 0, text.stderr
     lines = text.stdout.rstrip("\n").splitlines()
     assert lines[0] == str(images[0]) and len(lines) == 4
     for rank, (line, p) in enumerate(zip(lines[1:], results[0]["predictions"]), 1):
-        assert line.startswith(f"  {rank}. ") and f"{p['prob']:.2%}" in line and p["name"] in line and p["wnid"] in line
+        assert (
+            line.startswith(f"  {rank}. ")
+            and f"{p['prob']:.2%}" in line
+            and p["name"] in line
+            and p["wnid"] in line
+        )
     assert len({re.search(r" n\d{8}$", line).start() for line in lines[1:]}) == 1  # wnids in one column
 
 
 def test_predict_bad_inputs_are_one_line_errors(torch_home, tmp_path, capsys):
     image, broken = make_image(tmp_path / "photo.jpg"), tmp_path / "broken.jpg"
     broken.write_text("not a picture")
-    assert_user_error(run_predict(capsys, image, tmp_path / "nope.jpg"), "image file", "nope.jpg", "does not exist")
+    assert_user_error(
+        run_predict(capsys, image, tmp_path / "nope.jpg"), "image file", "nope.jpg", "does not exist"
+    )
     assert_user_error(run_predict(capsys, image, broken), "cannot read image", str(broken))
     assert_user_error(run_predict(capsys, image, "--arch", "resnet5O"), "unknown model", "resnet50")
-    assert_user_error(run_predict(capsys, image, "--weights", "IMAGENET1K_V3"), "unknown weights", "IMAGENET1K_V2")
+    assert_user_error(
+        run_predict(capsys, image, "--weights", "IMAGENET1K_V3"), "unknown weights", "IMAGENET1K_V2"
+    )
     assert_user_error(run_predict(capsys, image, "--topk", "0"), "--topk")
     no_weights = run_predict(capsys, image, "--arch", "mobilenet_v3_small", "--weights-dir", tmp_path)
     assert_user_error(no_weights, "mobilenet_v3_small", "is not in", str(tmp_path))
@@ -186,7 +209,11 @@ def test_predict_takes_the_architecture_of_a_train_py_checkpoint(torch_home, tmp
     contradicts it is still an error naming both."""
     torch.manual_seed(0)
     config = {"arch": "resnet18", "val_resize_size": 72, "val_crop_size": 64}
-    state = {"model": models.resnet18(num_classes=2).state_dict(), "config": config, "classes": ["cat", "dog"]}
+    state = {
+        "model": models.resnet18(num_classes=2).state_dict(),
+        "config": config,
+        "classes": ["cat", "dog"],
+    }
     torch.save({**state, "optimizer": {}, "epoch": 1}, tmp_path / "best.pt")
     image = make_image(tmp_path / "photo.JPEG", (90, 80))
     result = run_predict(capsys, image, "--weights", tmp_path / "best.pt", "--json")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision import models
 
+from coder import imagenet_wnids
 from conftest import make_image, read_csv, run_script, save_torchvision_checkpoint
-from dataset import imagenet_wnids
 from test_train import TINY, make_colour_dataset
 
 pytestmark = pytest.mark.slow
@@ -33,8 +33,8 @@ def test_evaluation_counts_every_image_once_in_any_world_size(tmp_path, torch_ho
     env = {"TORCH_HOME": str(torch_home)}
     options = "--models resnet18 --resize 64 --crop 56 --batch-size 8 --workers 0".split()
     args = ["test_torchvision.py", "--data", tmp_path / "val", *options]
-    single = run_script(*args, "--out", tmp_path / "one", env=env)
-    double = run_script(*TORCHRUN, *args, "--out", tmp_path / "two", env=env)
+    single = run_script(*args, "--output", tmp_path / "one", env=env)
+    double = run_script(*TORCHRUN, *args, "--output", tmp_path / "two", env=env)
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     one, two = (json.loads((tmp_path / d / "eval.json").read_text())[0] for d in ("one", "two"))
     assert one["n_images"] == two["n_images"] == 101
@@ -42,7 +42,12 @@ def test_evaluation_counts_every_image_once_in_any_world_size(tmp_path, torch_ho
     rows = [read_csv(tmp_path / d / record["predictions"]) for d, record in (("one", one), ("two", two))]
     assert len(rows[0]) == len(rows[1]) == 101
     for a, b in zip(*rows):
-        assert (a["path"], a["target"], a["top1"], a["top5"]) == (b["path"], b["target"], b["top1"], b["top5"])
+        assert (a["path"], a["target"], a["top1"], a["top5"]) == (
+            b["path"],
+            b["target"],
+            b["top1"],
+            b["top5"],
+        )
         assert float(a["prob1"]) == pytest.approx(float(b["prob1"]), abs=1e-5)
 
 
@@ -55,9 +60,18 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     ~1e-7 relative per step, hence the 1e-4 tolerance on the per-epoch loss."""
     data = make_colour_dataset(tmp_path / "data")  # 48 train images: 6 steps of 8, no padding
     tiny = [a if a != "resnet18" else "squeezenet1_1" for a in TINY]
-    common = ["train.py", "--data", data, *tiny, *"--dropout 0 --epochs 2 --lr 0.001 --output".split(), tmp_path]
+    common = [
+        "train.py",
+        "--data",
+        data,
+        *tiny,
+        *"--dropout 0 --epochs 2 --lr 0.001 --output".split(),
+        tmp_path,
+    ]
     single = run_script(*common, "--batch-size", "8", "--run-name", "one")
-    double = run_script(*TORCHRUN, DIGEST, tmp_path / "digests", *common[1:], "--batch-size", "4", "--run-name", "two")
+    double = run_script(
+        *TORCHRUN, DIGEST, tmp_path / "digests", *common[1:], "--batch-size", "4", "--run-name", "two"
+    )
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     assert_ranks_identical(tmp_path / "digests")
     one, two = (read_csv(tmp_path / run / "metrics.csv") for run in ("one", "two"))
@@ -76,7 +90,14 @@ def test_torchrun_with_one_process_runs_ddp_and_trains_like_a_plain_process(tmp_
     """torchrun --nproc_per_node=1 starts the process group (gloo here, NCCL on a GPU: tests/test_gpu.py)
     and trains through DDP, as torchvision's references do; the all-reduce over one rank changes no bit."""
     data = make_colour_dataset(tmp_path / "data")
-    common = ["train.py", "--data", data, *TINY, *"--epochs 1 --batch-size 8 --lr 0.01 --output".split(), tmp_path]
+    common = [
+        "train.py",
+        "--data",
+        data,
+        *TINY,
+        *"--epochs 1 --batch-size 8 --lr 0.01 --output".split(),
+        tmp_path,
+    ]
     plain = run_script(*common, "--run-name", "plain")
     one = run_script(*TORCHRUN[:-1], "--nproc_per_node=1", *common, "--run-name", "one")
     assert plain.returncode == 0 and one.returncode == 0, plain.stderr + one.stderr

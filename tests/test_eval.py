@@ -14,13 +14,15 @@ from PIL import Image
 from torchvision import models
 from torchvision.datasets import ImageFolder
 
-import decode
+import loader
+from coder import imagenet_wnids
 from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
-from dataset import ImageDataset, Sample, build_loader, find_samples, imagenet_wnids, load_rgb, prepare_val, val_labels
-from decode import GpuDecodeLoader, decoded_ahead
-from engine import OUT_OF_MEMORY
+from dataset import Sample, find_samples, val_labels
+from loader import GpuDecodeLoader, ImageDataset, build_loader, decoded_ahead, load_rgb
 from model import ARCHS, QUANTIZED_ARCHS, all_weights
+from prepare_data import prepare_val
 from presets import EvalPreset, normalize
+from utils import OUT_OF_MEMORY, UserError
 
 WNIDS = imagenet_wnids()
 WEIGHTS = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
@@ -78,6 +80,31 @@ def test_custom_class_names_index_from_zero_when_not_imagenet(tmp_path):
     assert [s.target for s in samples] == [0, 1] and classes == ["cat", "dog"]
 
 
+def test_an_extracted_devkit_labels_the_flat_val_folder(tmp_path):
+    """ILSVRC2012_devkit_t12/: data/meta.mat maps the devkit's own class ids (not in wnid order) to
+    wnids, data/ILSVRC2012_validation_ground_truth.txt gives each val image's id; the folder, or the
+    ground-truth file inside it, labels the flat val folder."""
+    import numpy as np
+    import scipy.io
+
+    devkit = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    shuffled = np.random.default_rng(0).permutation(1000)  # devkit id i + 1 is wnid shuffled[i]
+    fields = [(name, "O") for name in ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children")]
+    leaves = [(i + 1, WNIDS[shuffled[i]], "words", "gloss", 0) for i in range(1000)]
+    synsets = np.array([*leaves, (1001, "n00001740", "entity", "a parent synset", 3)], dtype=fields)
+    scipy.io.savemat(devkit / "meta.mat", {"synsets": synsets})
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("5\n1\n1000\n")
+    for i in (1, 2, 3):
+        make_image(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", seed=i)
+    expected = [int(shuffled[4]), int(shuffled[0]), int(shuffled[999])]
+    for labels in (devkit.parent, devkit / "ILSVRC2012_validation_ground_truth.txt"):
+        assert [s.target for s in find_samples(tmp_path / "val", labels_file=labels)[0]] == expected
+    (devkit / "meta.mat").write_bytes(b"not a MAT file")
+    with pytest.raises(UserError, match="not a readable ImageNet devkit"):
+        val_labels(devkit.parent)
+
+
 def test_flat_val_folder_labels_from_package_and_files(tmp_path):
     for i in (1, 2, 3):
         make_image(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", seed=i)
@@ -88,13 +115,17 @@ def test_flat_val_folder_labels_from_package_and_files(tmp_path):
     kaggle = tmp_path / "LOC_val_solution.csv"
     kaggle.write_text(
         "ImageId,PredictionString\n"
-        + "".join(f"ILSVRC2012_val_{i:08d},{WNIDS[i * 10]} 1 2 3 4 {WNIDS[i * 10]} 5 6 7 8\n" for i in (1, 2, 3))
+        + "".join(
+            f"ILSVRC2012_val_{i:08d},{WNIDS[i * 10]} 1 2 3 4 {WNIDS[i * 10]} 5 6 7 8\n" for i in (1, 2, 3)
+        )
     )
     assert [s.target for s in find_samples(tmp_path / "val", labels_file=kaggle)[0]] == [10, 20, 30]
     prepare_val(tmp_path / "val", kaggle)
     prepare_val(tmp_path / "val", kaggle)  # idempotent
     link = tmp_path / "val" / WNIDS[10] / "ILSVRC2012_val_00000001.JPEG"
-    assert link.is_symlink() and link.resolve() == (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").resolve()
+    assert (
+        link.is_symlink() and link.resolve() == (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").resolve()
+    )
     assert [s.target for s in find_samples(tmp_path / "val")[0]] == [10, 20, 30]
 
 
@@ -107,13 +138,17 @@ def reference_predictions(model, folder, weights):
         for path, folder_target in dataset.samples:
             probs = model(weights.transforms()(Image.open(path).convert("RGB"))[None]).softmax(1)[0]
             top, target = probs.topk(5), index[dataset.classes[folder_target]]
-            rows.append((path, target, top.indices.tolist(), top.values.tolist(), -probs[target].log().item()))
+            rows.append(
+                (path, target, top.indices.tolist(), top.values.tolist(), -probs[target].log().item())
+            )
     return rows
 
 
 @pytest.mark.slow
 def test_evaluation_equals_reference_loop(tmp_path, torch_home):
-    weights = models.ResNet18_Weights.IMAGENET1K_V1  # a random resnet18's logits are O(1): top-5 order is stable
+    weights = (
+        models.ResNet18_Weights.IMAGENET1K_V1
+    )  # a random resnet18's logits are O(1): top-5 order is stable
     model = save_torchvision_checkpoint(torch_home, "resnet18", weights)
     # put each image in the folder of the class the model ranks 1st (8 images), 5th (4), 3rd (2) or
     # nowhere near (1) for it: top-1 8/15, top-5 14/15, and top-k with a k other than 5 scores otherwise
@@ -126,7 +161,15 @@ def test_evaluation_equals_reference_loop(tmp_path, torch_home):
         dest = val / WNIDS[top[rank] if rank is not None else (top[4] + 100) % 1000] / f"{i}.JPEG"
         dest.parent.mkdir(parents=True, exist_ok=True)
         path.rename(dest)
-    args = ["test_torchvision.py", "--data", tmp_path / "imagenet", "--models", "resnet18", "--out", tmp_path / "out"]
+    args = [
+        "test_torchvision.py",
+        "--data",
+        tmp_path / "imagenet",
+        "--models",
+        "resnet18",
+        "--output",
+        tmp_path / "out",
+    ]
     result = run_script(*args, "--batch-size", "4", "--workers", "1", env={"TORCH_HOME": str(torch_home)})
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
@@ -137,7 +180,9 @@ def test_evaluation_equals_reference_loop(tmp_path, torch_home):
     assert record["acc5"] == pytest.approx(100 * sum(r[1] in r[2] for r in reference) / n)
     assert (record["acc1"], record["acc5"]) == (pytest.approx(100 * 8 / 15), pytest.approx(100 * 14 / 15))
     assert record["loss"] == pytest.approx(sum(r[4] for r in reference) / n, rel=1e-4)  # mean cross-entropy
-    assert set("model weights n_images acc1 acc5 acc1_published acc5_published img_per_s".split()) <= set(record)
+    assert set("model weights n_images acc1 acc5 acc1_published acc5_published img_per_s".split()) <= set(
+        record
+    )
     rows = read_csv(tmp_path / "out" / record["predictions"])
     assert [r["path"] for r in rows] == [r[0] for r in reference]
     for ours, (_, target, top5, probs, _) in zip(rows, reference):
@@ -156,13 +201,24 @@ def test_unreadable_image_stops_or_is_skipped_and_listed(tmp_path, torch_home):
     for path in bad:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(good[: len(good) // 2])
-    args = ["test_torchvision.py", "--data", data, "--models", "mobilenet_v3_small", "--out", tmp_path / "out"]
+    args = [
+        "test_torchvision.py",
+        "--data",
+        data,
+        "--models",
+        "mobilenet_v3_small",
+        "--output",
+        tmp_path / "out",
+    ]
     args += ["--workers", "0", "--batch-size", "1"]
     assert_user_error(run_script(*args, env={"TORCH_HOME": str(torch_home)}), "cut.JPEG", "--skip-bad-images")
     # --decode gpu without a GPU: a note, then the exact CPU path (the row says so)
     skipped = run_script(*args, "--skip-bad-images", "--decode", "gpu", env={"TORCH_HOME": str(torch_home)})
     assert skipped.returncode == 0, skipped.stderr
-    assert "cut.JPEG" in skipped.stdout + skipped.stderr and "note: --decode gpu is not possible here" in skipped.stderr
+    assert (
+        "cut.JPEG" in skipped.stdout + skipped.stderr
+        and "note: --decode gpu is not possible here" in skipped.stderr
+    )
     record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
     assert record["n_images"] == 1 and record["bad_images"] == [str(path) for path in bad]  # from every batch
     assert record["decode"] == "cpu"
@@ -233,10 +289,12 @@ def test_a_batch_the_device_refuses_is_decoded_image_by_image(odd_images, monkey
     def refuse(*args, **kwargs):
         raise RuntimeError("Error while decoding JPEG images: unsupported")
 
-    monkeypatch.setattr(decode, "decode_jpeg", refuse)
+    monkeypatch.setattr(loader, "decode_jpeg", refuse)
     samples = [Sample(str(path), i) for i, path in enumerate(odd_images)]
     batches = list(GpuDecodeLoader(samples, EvalPreset(resize=64, crop=56), 4, 0, torch.device("cpu")))
-    assert sum(len(batch[1]) for batch in batches) == len(odd_images) and not any(batch[3] for batch in batches)
+    assert sum(len(batch[1]) for batch in batches) == len(odd_images) and not any(
+        batch[3] for batch in batches
+    )
 
 
 def test_decoding_ahead_frees_a_failed_pass_for_the_retry(tmp_path, odd_images, monkeypatch):
@@ -268,14 +326,16 @@ def test_decoding_ahead_frees_a_failed_pass_for_the_retry(tmp_path, odd_images, 
         calls.append(len(data))
         raise RuntimeError("Error while decoding JPEG images: CUDA error: out of memory")
 
-    monkeypatch.setattr(decode, "decode_jpeg", refuse)
+    monkeypatch.setattr(loader, "decode_jpeg", refuse)
     samples = [Sample(str(path), 0) for path in odd_images[:2]]
     with pytest.raises(OUT_OF_MEMORY, match="out of memory"):
         list(GpuDecodeLoader(samples, EvalPreset(resize=64, crop=56), 4, 0, torch.device("cpu")))
     assert calls == [2]  # the batch's call: not retried image by image as if the device refused an image
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "not_wnids", "unknown_model", "unknown_weights", "offline"])
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "not_wnids", "unknown_model", "unknown_weights", "offline"]
+)
 def test_clear_errors(tmp_path, torch_home, offline, case):
     data = tmp_path / "data"
     args = ["--models", "mobilenet_v3_small"]
@@ -288,7 +348,13 @@ def test_clear_errors(tmp_path, torch_home, offline, case):
     if case == "unknown_weights":
         args += ["--weights", "IMAGENET1K_V9"]
     result = run_script(
-        "test_torchvision.py", "--data", data, *args, "--out", tmp_path / "out", env={"TORCH_HOME": str(torch_home)}
+        "test_torchvision.py",
+        "--data",
+        data,
+        *args,
+        "--output",
+        tmp_path / "out",
+        env={"TORCH_HOME": str(torch_home)},
     )
     expected = {
         "missing": ["does not exist"],
@@ -304,8 +370,8 @@ def test_clear_errors(tmp_path, torch_home, offline, case):
 def test_image_listing_matches_pathlib_order_and_rules(tmp_path):
     """dataset's os.scandir walk finds what Path.rglob + is_file found, in the same (Path) order:
     nested folders, upper-case suffixes, symlinked files, no other files, no symlinked folders."""
-    from index import IMAGE_EXTENSIONS
-    from index import images_in as _images_in
+    from dataset import IMAGE_EXTENSIONS
+    from dataset import images_in as _images_in
 
     for name in ("a/x.JPEG", "a-b/y.jpg", "a/b/c/z.png", "top.PNG", "notes.txt", "jpg", ".hidden.jpeg"):
         (tmp_path / "cls" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -317,4 +383,8 @@ def test_image_listing_matches_pathlib_order_and_rules(tmp_path):
     folder = tmp_path / "cls"
     expected = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     assert _images_in(folder) == [str(p) for p in expected]
-    assert [p.split("/cls/")[1] for p in _images_in(folder)][:3] == [".hidden.jpeg", "a/b/c/z.png", "a/x.JPEG"]
+    assert [p.split("/cls/")[1] for p in _images_in(folder)][:3] == [
+        ".hidden.jpeg",
+        "a/b/c/z.png",
+        "a/x.JPEG",
+    ]

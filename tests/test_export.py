@@ -7,20 +7,33 @@ import pytest
 import torch
 from torchvision import models
 
+from backends import OnnxRuntimeModel
+from coder import imagenet_wnids
 from conftest import make_image, read_csv, run_script, save_torchvision_checkpoint
-from dataset import imagenet_wnids
-from export import OnnxRuntimeModel, main, onnx_metadata
+from export import main
+from model import onnx_metadata
 from presets import EvalPreset
 
 WEIGHTS = models.ResNet18_Weights.IMAGENET1K_V1
 
 
 def test_exported_resnet18_equals_pytorch_and_describes_itself(tmp_path, torch_home, capsys):
-    model = save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)  # random weights, torchvision's file name
+    model = save_torchvision_checkpoint(
+        torch_home, "resnet18", WEIGHTS
+    )  # random weights, torchvision's file name
     for i in range(4):
         make_image(tmp_path / "images" / imagenet_wnids()[i] / f"{i}.JPEG", (90 + 10 * i, 80), seed=i)
     out = tmp_path / "r18.onnx"
-    options = ["--arch", "resnet18", "--weights", "DEFAULT", "--out", str(out), "--images", str(tmp_path / "images")]
+    options = [
+        "--arch",
+        "resnet18",
+        "--weights",
+        "DEFAULT",
+        "--output",
+        str(out),
+        "--images",
+        str(tmp_path / "images"),
+    ]
     result = main(options)
     assert result["max_abs_diff"] <= 1e-4 and result["top5_agreement"] == 100.0
     assert "top-5 agree on 100%" in capsys.readouterr().out
@@ -43,7 +56,7 @@ def test_predict_runs_the_onnx_file_like_the_pytorch_weights(tmp_path, torch_hom
 
     save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
     out = tmp_path / "r18.onnx"
-    main(["--arch", "resnet18", "--weights", "DEFAULT", "--out", str(out), "--count", "2"])
+    main(["--arch", "resnet18", "--weights", "DEFAULT", "--output", str(out), "--count", "2"])
     image = make_image(tmp_path / "cat.jpg", (120, 100), seed=3)
     capsys.readouterr()
     predict.main([str(image), "--arch", "resnet18", "--json"])
@@ -58,10 +71,16 @@ def test_predict_runs_the_onnx_file_like_the_pytorch_weights(tmp_path, torch_hom
 def test_a_train_py_checkpoint_exports_with_its_classes_and_preprocessing(tmp_path):
     net = models.resnet18(num_classes=2)
     config = {"arch": "resnet18", "val_resize_size": 72, "val_crop_size": 64, "interpolation": "bicubic"}
-    state = {"model": net.state_dict(), "optimizer": {}, "epoch": 1, "config": config, "classes": ["cat", "dog"]}
+    state = {
+        "model": net.state_dict(),
+        "optimizer": {},
+        "epoch": 1,
+        "config": config,
+        "classes": ["cat", "dog"],
+    }
     torch.save(state, tmp_path / "best.pt")
     out = tmp_path / "pets.onnx"
-    result = main(["--weights", str(tmp_path / "best.pt"), "--out", str(out)])  # the checkpoint's own arch
+    result = main(["--weights", str(tmp_path / "best.pt"), "--output", str(out)])  # the checkpoint's own arch
     assert result["max_abs_diff"] <= 1e-4
     meta = onnx_metadata(out)
     assert meta["arch"] == "resnet18" and meta["classes"] == ["cat", "dog"] and meta["wnids"] is None
@@ -71,14 +90,17 @@ def test_a_train_py_checkpoint_exports_with_its_classes_and_preprocessing(tmp_pa
 
 
 def save_train_checkpoint(path, logit_scale: float = 1.0):
-    """A train.py checkpoint of a random resnet18 with 10 classes at crop 64, its head scaled by `logit_scale`."""
+    """A train.py checkpoint of a random resnet18 with 10 classes at crop 64, its head scaled by
+    `logit_scale`."""
     torch.manual_seed(0)
     net = models.resnet18(num_classes=10)
     with torch.no_grad():
         net.fc.weight.mul_(logit_scale), net.fc.bias.mul_(logit_scale)
     config = {"arch": "resnet18", "val_resize_size": 72, "val_crop_size": 64}
     classes = [f"class{i}" for i in range(10)]
-    torch.save({"model": net.state_dict(), "optimizer": {}, "epoch": 1, "config": config, "classes": classes}, path)
+    torch.save(
+        {"model": net.state_dict(), "optimizer": {}, "epoch": 1, "config": config, "classes": classes}, path
+    )
     return net.eval()
 
 
@@ -88,7 +110,9 @@ def test_large_logits_export_within_a_tolerance_relative_to_their_size(tmp_path)
     net = save_train_checkpoint(tmp_path / "best.pt", logit_scale=1e5)
     with torch.no_grad():
         assert net(torch.randn(2, 3, 64, 64)).abs().max() > 3e4
-    result = main(["--arch", "resnet18", "--weights", str(tmp_path / "best.pt"), "--out", str(tmp_path / "big.onnx")])
+    result = main(
+        ["--arch", "resnet18", "--weights", str(tmp_path / "best.pt"), "--output", str(tmp_path / "big.onnx")]
+    )
     assert result["top5_agreement"] == 100.0 and result["max_rel_diff"] <= 1e-5
     assert result["max_abs_diff"] > 1e-3  # the case an absolute tolerance refused
     assert OnnxRuntimeModel(tmp_path / "big.onnx")(torch.randn(1, 3, 64, 64)).shape == (1, 10)
@@ -100,9 +124,9 @@ def test_an_export_that_fails_the_check_is_never_written(tmp_path, monkeypatch, 
     import onnx
     from onnx import numpy_helper
 
-    import export
+    import backends
 
-    exported = export.onnx_bytes
+    exported = backends.onnx_bytes
 
     def corrupted(*args, **kwargs):
         proto = onnx.load_from_string(exported(*args, **kwargs))
@@ -111,12 +135,23 @@ def test_an_export_that_fails_the_check_is_never_written(tmp_path, monkeypatch, 
         return proto.SerializeToString()
 
     save_train_checkpoint(tmp_path / "best.pt")
-    monkeypatch.setattr(export, "onnx_bytes", corrupted)
+    monkeypatch.setattr(backends, "onnx_bytes", corrupted)
     previous = tmp_path / "old.onnx"
     previous.write_bytes(b"a previous export")
     for out in (tmp_path / "new.onnx", previous):
         with pytest.raises(SystemExit) as stop:
-            main(["--arch", "resnet18", "--weights", str(tmp_path / "best.pt"), "--out", str(out), "--count", "2"])
+            main(
+                [
+                    "--arch",
+                    "resnet18",
+                    "--weights",
+                    str(tmp_path / "best.pt"),
+                    "--output",
+                    str(out),
+                    "--count",
+                    "2",
+                ]
+            )
         assert stop.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: the ONNX export of resnet18 differs from PyTorch") and "\n" not in err
@@ -125,7 +160,7 @@ def test_an_export_that_fails_the_check_is_never_written(tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "old.onnx"]
     # no ONNX Runtime session left in the error's traceback: a process forked later (a Pool, a DataLoader
     # worker) that collects it as garbage hangs on the session's thread-pool locks
-    assert not [o for o in gc.get_objects() if isinstance(o, export.OnnxRuntimeModel)]
+    assert not [o for o in gc.get_objects() if isinstance(o, backends.OnnxRuntimeModel)]
 
 
 def test_an_export_failure_is_one_line_naming_the_model(tmp_path, torch_home, monkeypatch, capsys):
@@ -134,7 +169,18 @@ def test_an_export_failure_is_one_line_naming_the_model(tmp_path, torch_home, mo
 
     monkeypatch.setattr(torch.onnx, "export", unsupported)
     with pytest.raises(SystemExit) as stop:
-        main(["--arch", "squeezenet1_1", "--weights", "none", "--out", str(tmp_path / "s.onnx"), "--count", "1"])
+        main(
+            [
+                "--arch",
+                "squeezenet1_1",
+                "--weights",
+                "none",
+                "--output",
+                str(tmp_path / "s.onnx"),
+                "--count",
+                "1",
+            ]
+        )
     assert stop.value.code == 2 and not (tmp_path / "s.onnx").exists()
     err = capsys.readouterr().err
     assert err.strip() == (
@@ -142,7 +188,7 @@ def test_an_export_failure_is_one_line_naming_the_model(tmp_path, torch_home, mo
         "ONNX translation"
     )
     with pytest.raises(SystemExit):
-        main(["--arch", "resnet18", "--weights", "none", "--out", str(tmp_path)])  # a folder, not a file
+        main(["--arch", "resnet18", "--weights", "none", "--output", str(tmp_path)])  # a folder, not a file
     assert "is a folder" in capsys.readouterr().err
 
 
@@ -151,7 +197,7 @@ def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
     for i in range(12):
         make_image(tmp_path / "val" / imagenet_wnids()[i % 4] / f"{i}.JPEG", (70 + 5 * i, 64), seed=i)
     options = "--models resnet18 --resize 64 --crop 56 --batch-size 5 --workers 0".split()
-    args = ["test_torchvision.py", "--data", tmp_path / "val", *options, "--out", tmp_path / "out"]
+    args = ["test_torchvision.py", "--data", tmp_path / "val", *options, "--output", tmp_path / "out"]
     env = {"TORCH_HOME": str(torch_home)}
     for backend in ("pytorch", "onnxruntime"):
         result = run_script(*args, "--backend", backend, env=env)
@@ -163,7 +209,9 @@ def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
     ]
     top1 = [{p["path"]: p["top1"] for p in read_csv(tmp_path / "out" / r["predictions"])} for r in rows]
     assert top1[0] == top1[1] and len(top1[0]) == 12
-    [cached] = (tmp_path / "out" / "onnx").glob(f"{WEIGHTS}_*.onnx")  # named by the weights and a metadata hash
+    [cached] = (tmp_path / "out" / "onnx").glob(
+        f"{WEIGHTS}_*.onnx"
+    )  # named by the weights and a metadata hash
     again = run_script(*args, "--backend", "onnxruntime", env=env)
     assert "already in" in again.stdout + again.stderr
     written = cached.stat().st_mtime_ns
@@ -171,9 +219,19 @@ def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
     assert cached.stat().st_mtime_ns == written  # reused, not exported again
     # --weights FILE.onnx: export.py's file, its architecture and preprocessing from its metadata
     exported = tmp_path / "r18.onnx"
-    main(["--arch", "resnet18", "--weights", "DEFAULT", "--out", str(exported), "--count", "1"])
-    given = run_script("test_torchvision.py", "--data", tmp_path / "val", "--weights", exported,
-                       "--out", tmp_path / "given", "--workers", "0", env=env)  # fmt: skip
+    main(["--arch", "resnet18", "--weights", "DEFAULT", "--output", str(exported), "--count", "1"])
+    given = run_script(
+        "test_torchvision.py",
+        "--data",
+        tmp_path / "val",
+        "--weights",
+        exported,
+        "--output",
+        tmp_path / "given",
+        "--workers",
+        "0",
+        env=env,
+    )
     assert given.returncode == 0, given.stderr
     row = json.loads((tmp_path / "given" / "eval.json").read_text())[0]
     assert (row["model"], row["backend"], row["crop"], row["acc1_published"]) == (
@@ -207,15 +265,17 @@ def test_out_of_memory_retries_with_half_the_batch_and_records_it(tmp_path, torc
     build = test_torchvision.build_model
     options = "--models resnet18 --resize 64 --crop 56 --workers 0 --force".split()
     args = ["--data", str(tmp_path / "val"), *options]
-    test_torchvision.main([*args, "--batch-size", "2", "--out", str(tmp_path / "fits")])
+    test_torchvision.main([*args, "--batch-size", "2", "--output", str(tmp_path / "fits")])
     monkeypatch.setattr(test_torchvision, "build_model", lambda *a, **k: Greedy(build(*a, **k), fits=2))
-    test_torchvision.main([*args, "--batch-size", "8", "--out", str(tmp_path / "retried")])
+    test_torchvision.main([*args, "--batch-size", "8", "--output", str(tmp_path / "retried")])
     fits, retried = (json.loads((tmp_path / d / "eval.json").read_text())[0] for d in ("fits", "retried"))
     assert retried["batch_size"] == 2 and (retried["n_images"], retried["acc1"], retried["acc5"]) == (
-        fits["n_images"], fits["acc1"], fits["acc5"]
-    )  # fmt: skip
+        fits["n_images"],
+        fits["acc1"],
+        fits["acc5"],
+    )
     assert "trying again with batch 4" in capsys.readouterr().out
     monkeypatch.setattr(test_torchvision, "build_model", lambda *a, **k: Greedy(build(*a, **k), fits=0))
-    test_torchvision.main([*args, "--batch-size", "4", "--out", str(tmp_path / "never")])
+    test_torchvision.main([*args, "--batch-size", "4", "--output", str(tmp_path / "never")])
     assert "out of memory even at batch 1, skipped" in capsys.readouterr().out
     assert not (tmp_path / "never" / "eval.json").exists()

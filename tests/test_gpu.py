@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torchvision import models
 
+from coder import imagenet_wnids
 from conftest import read_csv, run_script
-from dataset import imagenet_wnids
 from model import weights_file_name
 from test_train import make_colour_dataset
 
@@ -55,7 +55,9 @@ def test_amp_training_learns_and_resumes(colours, tmp_path, amp):
     for a, b in zip(full, split):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
-    weights = [torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("straight", "split")]
+    weights = [
+        torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("straight", "split")
+    ]
     largest = max((weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0])
     print(
         f"\nGPU: --amp {amp}: train loss {full[0]['train_loss']:.4f} -> {full[1]['train_loss']:.4f}; "
@@ -73,7 +75,11 @@ def classified(tmp_path_factory):
     for n, cls in enumerate(CLASSES):
         colour = rng.integers(30, 226, 3)
         for i in range(20):
-            pixels = colour + rng.normal(0, 25, (120, 160, 3)) + 40 * np.sin(np.arange(160) / (2 + n))[None, :, None]
+            pixels = (
+                colour
+                + rng.normal(0, 25, (120, 160, 3))
+                + 40 * np.sin(np.arange(160) / (2 + n))[None, :, None]
+            )
             path = root / "val" / wnids[cls] / (f"{i:02d}.png" if i == 0 else f"{i:02d}.JPEG")
             path.parent.mkdir(parents=True, exist_ok=True)
             image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
@@ -103,7 +109,17 @@ def classified(tmp_path_factory):
 
 def evaluate_folder(classified, out, *options, launcher=()) -> tuple[dict, list[dict]]:
     val, home = classified
-    args = [*launcher, "test_torchvision.py", "--data", val, "--models", "resnet18", "--out", out, *options]
+    args = [
+        *launcher,
+        "test_torchvision.py",
+        "--data",
+        val,
+        "--models",
+        "resnet18",
+        "--output",
+        out,
+        *options,
+    ]
     result = run_script(*args, "--batch-size", "64", env={"TORCH_HOME": str(home)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     record = json.loads((out / "eval.json").read_text())[0]
@@ -123,7 +139,10 @@ def test_gpu_decode_agrees_with_the_exact_path(classified, tmp_path):
     assert exact["acc1"] >= 90, exact["acc1"]  # the model tells the classes apart: agreement means something
     agreement = top1_agreement(exact_rows, fast_rows)
     assert agreement >= 99
-    print(f"\nGPU: --decode gpu: top-1 {fast['acc1']:.1f} vs exact {exact['acc1']:.1f}, agreement {agreement:.1f}%")
+    print(
+        f"\nGPU: --decode gpu: top-1 {fast['acc1']:.1f} vs exact {exact['acc1']:.1f}, "
+        f"agreement {agreement:.1f}%"
+    )
 
 
 def test_torchrun_one_process_with_nccl_trains_and_evaluates(colours, classified, tmp_path):
@@ -135,15 +154,33 @@ def test_torchrun_one_process_with_nccl_trains_and_evaluates(colours, classified
     ranked, ranked_rows = evaluate_folder(classified, tmp_path / "torchrun", launcher=TORCHRUN_ONE)
     assert plain["n_images"] == ranked["n_images"] == 200
     assert top1_agreement(plain_rows, ranked_rows) == 100 and plain["acc1"] == ranked["acc1"]
-    print(f"\nGPU: torchrun + NCCL: trained 1 epoch; evaluation equal to one process (top-1 {ranked['acc1']:.1f})")
+    print(
+        "\nGPU: torchrun + NCCL: trained 1 epoch; evaluation equal to one process "
+        f"(top-1 {ranked['acc1']:.1f})"
+    )
 
 
 def test_compile_trains_and_evaluates(colours, classified, tmp_path):
-    args = ["train.py", "--data", colours, *TRAIN, "--amp", "bf16", "--epochs", "2", "--compile", "--output", tmp_path]
+    args = [
+        "train.py",
+        "--data",
+        colours,
+        *TRAIN,
+        "--amp",
+        "bf16",
+        "--epochs",
+        "2",
+        "--compile",
+        "--output",
+        tmp_path,
+    ]
     trained = run_script(*args, "--run-name", "compiled")
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
     rows = history(tmp_path / "compiled")
-    assert all(math.isfinite(row["train_loss"]) for row in rows) and rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert (
+        all(math.isfinite(row["train_loss"]) for row in rows)
+        and rows[1]["train_loss"] < rows[0]["train_loss"]
+    )
     eager, eager_rows = evaluate_folder(classified, tmp_path / "eager")
     compiled, compiled_rows = evaluate_folder(classified, tmp_path / "compiled_eval", "--compile")
     agreement = top1_agreement(eager_rows, compiled_rows)

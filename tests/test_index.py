@@ -1,4 +1,4 @@
-"""The image index (index.py): compact samples that behave like a list, the cache (reused, invalidated
+"""The image index (dataset.py): compact samples that behave like a list, the cache (reused, invalidated
 when a folder changes, skipped for folders changed seconds ago), one walker per node under torchrun."""
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import index
+import dataset
 from conftest import ROOT, run_script
 from dataset import find_samples
 
@@ -37,7 +37,7 @@ def listing(samples):
 
 def test_samples_hold_paths_compactly_and_behave_like_a_list():
     paths = ["a/0.jpg", "a/1.jpg", os.fsdecode(b"b/caf\xe9.jpg"), "b/\u00e9t\u00e9.JPEG"]  # not UTF-8; UTF-8
-    samples = index.Samples.from_paths("/data", paths, [0, 0, 1, 1])
+    samples = dataset.Samples.from_paths("/data", paths, [0, 0, 1, 1])
     expected = [(os.path.join("/data", p), t) for p, t in zip(paths, [0, 0, 1, 1])]
     assert len(samples) == 4 and listing(samples) == expected
     assert os.fsencode(samples[2].path) == b"/data/b/caf\xe9.jpg"  # the file's own bytes, back unchanged
@@ -59,8 +59,8 @@ def test_the_cache_is_reused_and_invalidated_when_a_class_folder_changes(tmp_pat
     assert len(first) == 12 and classes == ["a", "b", "c"]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
     walks = []
-    real_scan = index.scan
-    monkeypatch.setattr(index, "scan", lambda *a: walks.append(a) or real_scan(*a))
+    real_scan = dataset.scan
+    monkeypatch.setattr(dataset, "scan", lambda *a: walks.append(a) or real_scan(*a))
     assert listing(find_samples(tree, "train", imagenet_labels=False)[0]) == listing(first)
     assert walks == []  # read from the cache
 
@@ -98,12 +98,14 @@ def test_a_damaged_cache_entry_is_walked_again(tmp_path, monkeypatch):
 
 def test_old_cache_entries_are_evicted(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGENET_INDEX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(index, "KEEP_ENTRIES", 2)
+    monkeypatch.setattr(dataset, "KEEP_ENTRIES", 2)
     for i in range(4):
         find_samples(make_tree(tmp_path / f"t{i}"), "train", imagenet_labels=False)
         time.sleep(0.01)  # distinct modification times
     kept = {p.name for p in (tmp_path / "cache").glob("*.npz")}
-    assert kept == {index.cache_file(Path(os.path.abspath(tmp_path / f"t{i}"))).name for i in (2, 3)}  # the newest
+    assert kept == {
+        dataset.cache_file(Path(os.path.abspath(tmp_path / f"t{i}"))).name for i in (2, 3)
+    }  # the newest
 
 
 def test_nested_folders_are_ordered_as_paths(tmp_path, monkeypatch):
@@ -131,18 +133,21 @@ def test_one_process_per_node_walks_under_torchrun(tmp_path):
     script = tmp_path / "count_walks.py"
     script.write_text(
         f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-        "import os, index, utils\n"
+        "import os, dataset, utils\n"
         "from dataset import find_samples\n"
         "utils.setup_distributed('cpu')\n"
-        "walks, real = [], index.scan\n"
-        "index.scan = lambda *a: walks.append(a) or real(*a)\n"
+        "walks, real = [], dataset.scan\n"
+        "dataset.scan = lambda *a: walks.append(a) or real(*a)\n"
         f"samples, _ = find_samples({str(tree)!r}, 'train', imagenet_labels=False)\n"
         f"out = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'])\n"
         "open(out, 'w').write(f'{len(walks)} {len(samples)}')\n"
         "utils.cleanup_distributed()\n"
     )
     (tmp_path / "a_file").write_text("")
-    for cache, walks in ((tmp_path / "cache", ["3 15", "0 15"]), (tmp_path / "a_file" / "cache", ["3 15", "3 15"])):
+    for cache, walks in (
+        (tmp_path / "cache", ["3 15", "0 15"]),
+        (tmp_path / "a_file" / "cache", ["3 15", "3 15"]),
+    ):
         result = run_script(*TORCHRUN, script, env={"IMAGENET_INDEX_CACHE": str(cache)})
         assert result.returncode == 0, result.stderr[-3000:]
         assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == walks  # unwritable: rank 0 walks once

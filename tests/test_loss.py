@@ -31,7 +31,9 @@ def test_focal_hand_value():
     # target 0: p_t 1/4 -> (3/4)^2 * -ln(1/4) = 0.5625 * 1.386294 = 0.7797905; mean 0.3988853
     assert FocalLoss(gamma=2.0)(LOGITS, TARGET).item() == pytest.approx(0.3988853, abs=1e-6)
     # alpha [0.25, 1]: (1 * 0.0179801 + 0.25 * 0.7797905) / 2 = (0.0179801 + 0.1949476) / 2 = 0.1064639
-    assert FocalLoss(gamma=2.0, alpha=[0.25, 1.0])(LOGITS, TARGET).item() == pytest.approx(0.1064639, abs=1e-6)
+    assert FocalLoss(gamma=2.0, alpha=[0.25, 1.0])(LOGITS, TARGET).item() == pytest.approx(
+        0.1064639, abs=1e-6
+    )
 
 
 def test_focal_label_smoothing_hand_value():
@@ -45,7 +47,9 @@ def test_focal_label_smoothing_hand_value():
 def test_focal_gamma0_is_cross_entropy(eps):
     logits, target = random_batch()
     expected = F.cross_entropy(logits, target, label_smoothing=eps)
-    assert torch.allclose(FocalLoss(gamma=0.0, label_smoothing=eps)(logits, target), expected, atol=1e-6, rtol=0)
+    assert torch.allclose(
+        FocalLoss(gamma=0.0, label_smoothing=eps)(logits, target), expected, atol=1e-6, rtol=0
+    )
     assert torch.allclose(CrossEntropy(eps)(logits, target), expected, atol=1e-6, rtol=0)
 
 
@@ -59,12 +63,16 @@ def test_focal_alpha_is_a_per_sample_class_weight():
 def test_focal_down_weights_easy_examples():
     logits, target = random_batch()
     ce = F.cross_entropy(logits, target, reduction="none")
-    focal = torch.stack([FocalLoss(gamma=2.0)(logits[i : i + 1], target[i : i + 1]) for i in range(len(target))])
+    focal = torch.stack(
+        [FocalLoss(gamma=2.0)(logits[i : i + 1], target[i : i + 1]) for i in range(len(target))]
+    )
     assert (focal <= ce + 1e-7).all() and (focal > 0).all()
     # the weight is (1 - p_t)^gamma: an easy example (p_t = 0.9) keeps 1%, a hard one (p_t = 0.1) 81%
     easy, hard = torch.tensor([[math.log(9.0), 0.0]]), torch.tensor([[math.log(1 / 9), 0.0]])
     for logits_1, kept in ((easy, 0.01), (hard, 0.81)):
-        ratio = FocalLoss(gamma=2.0)(logits_1, torch.tensor([0])) / F.cross_entropy(logits_1, torch.tensor([0]))
+        ratio = FocalLoss(gamma=2.0)(logits_1, torch.tensor([0])) / F.cross_entropy(
+            logits_1, torch.tensor([0])
+        )
         assert ratio.item() == pytest.approx(kept, rel=1e-5)
 
 
@@ -79,7 +87,9 @@ def test_smooth_l1_hand_value():
 
 def test_smooth_l1_label_smoothing():
     # eps 0.2, C 2, target 1: q = [0.1, 0.9], p = [0.25, 0.75]: 2 * 0.5 * 0.15^2 = 0.0225
-    assert SmoothL1ProbLoss(label_smoothing=0.2)(LOGITS[:1], TARGET[:1]).item() == pytest.approx(0.0225, abs=1e-6)
+    assert SmoothL1ProbLoss(label_smoothing=0.2)(LOGITS[:1], TARGET[:1]).item() == pytest.approx(
+        0.0225, abs=1e-6
+    )
 
 
 CRITERIA = {
@@ -121,7 +131,9 @@ def test_build_loss_single_terms():
     assert isinstance(build_loss({"ce": 1.0}, 10), CrossEntropy)
     focal = build_loss({"focal": {"gamma": 1.5, "alpha": [1.0] * 10}}, 10)
     assert isinstance(focal, FocalLoss) and focal.gamma == 1.5 and focal.alpha.shape == (10,)
-    assert isinstance(build_loss({"smooth_l1": None}, 10), SmoothL1ProbLoss)  # yaml 'smooth_l1:' with no value
+    assert isinstance(
+        build_loss({"smooth_l1": None}, 10), SmoothL1ProbLoss
+    )  # yaml 'smooth_l1:' with no value
     scaled = build_loss({"ce": 0.5}, 10)
     assert isinstance(scaled, WeightedSum) and scaled.weights == {"ce": 0.5}
 

@@ -5,8 +5,8 @@ import torch
 from torchvision import models
 
 from conftest import assert_user_error, read_csv, run_script
-from model import ARCHS, QUANTIZED_ARCHS, all_weights, build_model, complexity, resolve_weights, weights_file_name
-from test_torchvision import complexity_records, select_weights
+from model import ARCHS, QUANTIZED_ARCHS, all_weights, build_model, weights_enum, weights_file_name
+from test_torchvision import complexity, complexity_records, select_weights
 from utils import UserError
 
 ALL_PAIRS = [(arch, w) for arch in ARCHS + QUANTIZED_ARCHS for w in all_weights(arch)]
@@ -15,7 +15,11 @@ ALL_PAIRS = [(arch, w) for arch in ARCHS + QUANTIZED_ARCHS for w in all_weights(
 def test_every_weights_matches_torchvision_metadata():
     """params == meta['num_params'] exactly and GMACs == meta['_ops'] at its 3 decimals, all 129 weights
     (115 float, 14 int8: counted as their float architecture, as their metadata is)."""
-    assert len(ARCHS) >= 80 and len(ALL_PAIRS) >= 129 and sum(a.startswith("quantized_") for a, _ in ALL_PAIRS) == 14
+    assert (
+        len(ARCHS) >= 80
+        and len(ALL_PAIRS) >= 129
+        and sum(a.startswith("quantized_") for a, _ in ALL_PAIRS) == 14
+    )
     records = complexity_records(ALL_PAIRS, thop=False)
     mismatches = [
         (r["weights"], r["params"], w.meta["num_params"], r["gmacs"], w.meta["_ops"])
@@ -33,14 +37,14 @@ def test_attention_is_counted_where_thop_is_blind():
 
 @pytest.mark.parametrize("name", ["DEFAULT", "IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V2"])
 def test_resolve_weights_names(name):
-    assert resolve_weights("resnet50", name) is models.ResNet50_Weights.IMAGENET1K_V2
+    assert weights_enum("resnet50", name) is models.ResNet50_Weights.IMAGENET1K_V2
 
 
 def test_unknown_names_suggest_the_closest():
     with pytest.raises(UserError, match="resnet50"):
         build_model("resnet5O")
     with pytest.raises(UserError, match="IMAGENET1K_V2"):
-        resolve_weights("resnet50", "IMAGENET1K_V3")
+        weights_enum("resnet50", "IMAGENET1K_V3")
 
 
 def test_num_classes_replaces_the_head():
@@ -72,7 +76,10 @@ def test_missing_weights_offline_names_file_and_url(torch_home, offline):
     with pytest.raises(UserError) as info:
         build_model("resnet18", "DEFAULT")
     message = str(info.value)
-    assert "resnet18-f37072fd.pth" in message and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert (
+        "resnet18-f37072fd.pth" in message
+        and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    )
     assert str(torch_home / "hub" / "checkpoints") in message
 
 
@@ -84,14 +91,18 @@ def test_select_weights_globs():
 
 
 def test_main_job_writes_tables_and_plot(tmp_path, torch_home, offline):
-    result = run_script("test_torchvision.py", "--models", "resnet18", "vit_b_16", "--out", tmp_path)  # offline
+    result = run_script(
+        "test_torchvision.py", "--models", "resnet18", "vit_b_16", "--output", tmp_path
+    )  # offline
     assert result.returncode == 0, result.stderr
     records = json.loads((tmp_path / "complexity.json").read_text())
     vit = next(r for r in records if r["weights"] == "ViT_B_16_Weights.IMAGENET1K_V1")
     assert vit["params"] == 86567656 and vit["gmacs"] == 17.564 and vit["acc1_published"] == 81.072
     assert {"model", "weights", "params", "gmacs", "gflops"} <= set(vit)
     assert (tmp_path / "complexity.md").read_text().count("\n") == 2 + 4  # resnet18 x1, vit_b_16 x3
-    assert [row["weights"] for row in read_csv(tmp_path / "complexity.csv")] == [r["weights"] for r in records]
+    assert [row["weights"] for row in read_csv(tmp_path / "complexity.csv")] == [
+        r["weights"] for r in records
+    ]
     assert (tmp_path / "acc_vs_gmacs.png").stat().st_size > 10000 and "<circle" in (
         tmp_path / "acc_vs_gmacs.html"
     ).read_text()
@@ -100,4 +111,6 @@ def test_main_job_writes_tables_and_plot(tmp_path, torch_home, offline):
 
 
 def test_main_job_unknown_model_is_one_clear_line(tmp_path):
-    assert_user_error(run_script("test_torchvision.py", "--models", "resnet5O", "--out", tmp_path), "resnet50")
+    assert_user_error(
+        run_script("test_torchvision.py", "--models", "resnet5O", "--output", tmp_path), "resnet50"
+    )

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision import models
 
+from coder import imagenet_wnids
 from config import TrainConfig, load_config, parse_config
 from conftest import make_image, save_torchvision_checkpoint
-from dataset import imagenet_wnids
 from test_train import TINY, make_colour_dataset
 from train import main as train_main
 from utils import UserError
@@ -51,7 +51,11 @@ def test_an_unreadable_val_image_keeps_the_epochs_training(tmp_path, capsys):
     note = capsys.readouterr().err
     assert f"continue with --output {tmp_path} --run-name broken --resume auto" in note, note
     saved = torch.load(tmp_path / "broken" / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["batch"], saved["trained"]) == (0, 3, True)  # 12 images, batch 4: all trained
+    assert (saved["epoch"], saved["batch"], saved["trained"]) == (
+        0,
+        3,
+        True,
+    )  # 12 images, batch 4: all trained
     (data / "val" / "red" / "broken.png").unlink()
     resume = note.split("continue with ")[1].split() + ["--batch-size", "2"]  # and a batch of another size
     resumed = train_main(*parse_config(TrainConfig, resume))
@@ -62,7 +66,9 @@ def test_an_unreadable_val_image_keeps_the_epochs_training(tmp_path, capsys):
     for key in ("train_loss", "train_acc1", "val_acc1", "val_acc5", "lr"):
         assert rows[0][key] == rows[1][key], key
     assert rows[0]["val_loss"] == pytest.approx(rows[1]["val_loss"], rel=1e-6)  # batches of 2, not 4
-    finished = [torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("broken", "straight")]
+    finished = [
+        torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("broken", "straight")
+    ]
     assert all(torch.equal(finished[0][k], finished[1][k]) for k in finished[0])
 
 
@@ -86,7 +92,7 @@ def test_interrupted_sweep_keeps_finished_rows(tmp_path, torch_home, monkeypatch
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(test_torchvision, "evaluate", evaluate_then_interrupt)
-    argv = ["--data", str(tmp_path / "val"), "--out", str(tmp_path / "out"), "--workers", "0"]
+    argv = ["--data", str(tmp_path / "val"), "--output", str(tmp_path / "out"), "--workers", "0"]
     argv += ["--models", "mobilenet_v3_small", "squeezenet1_1"]
     with pytest.raises(SystemExit) as exit_info:
         test_torchvision.main(argv)

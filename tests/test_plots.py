@@ -5,20 +5,30 @@ import math
 
 from torchvision import models
 
-from model import ARCHS, QUANTIZED_ARCHS, all_weights, model_family, resolve_weights
-from plots import family_styles, pareto_front, plot_acc_vs_gmacs, point_label
+from model import ARCHS, QUANTIZED_ARCHS, all_weights, weights_enum
+from report import family_styles, pareto_front, plot_acc_vs_gmacs, point_label
+from test_torchvision import model_family
 
 
 def metadata_records() -> list[dict]:
-    """The complexity table's columns for every weights, from torchvision's metadata (fast: no counting)."""
+    """The complexity table's columns for all weights, from torchvision's metadata (fast: no counting)."""
     records = []
     for arch in ARCHS + QUANTIZED_ARCHS:
         for w in all_weights(arch):
             metrics = w.meta["_metrics"]["ImageNet-1K"]
             acc1 = None if math.isnan(metrics["acc@1"]) else metrics["acc@1"]
-            records.append({"model": arch, "weights": str(w), "default": w is resolve_weights(arch, "DEFAULT"),
-                            "family": model_family(arch), "params": w.meta["num_params"], "gmacs": w.meta["_ops"],
-                            "acc1_published": acc1, "acc5_published": metrics["acc@5"]})  # fmt: skip
+            records.append(
+                {
+                    "model": arch,
+                    "weights": str(w),
+                    "default": w is weights_enum(arch, "DEFAULT"),
+                    "family": model_family(arch),
+                    "params": w.meta["num_params"],
+                    "gmacs": w.meta["_ops"],
+                    "acc1_published": acc1,
+                    "acc5_published": metrics["acc@5"],
+                }
+            )
     return records
 
 
@@ -48,4 +58,7 @@ def test_labels_never_overlap_and_name_the_front_and_the_defaults(tmp_path):
     assert (tmp_path / "acc_vs_gmacs.png").stat().st_size > 50_000
     page = (tmp_path / "acc_vs_gmacs.html").read_text()
     assert page.count("<circle") == len(rows) == 128  # 114 float (VGG16's features publish none) + 14 int8
-    assert "ResNet50_Weights.IMAGENET1K_V2" in page and str(models.ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1) in page
+    assert (
+        "ResNet50_Weights.IMAGENET1K_V2" in page
+        and str(models.ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1) in page
+    )

@@ -10,19 +10,20 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from config import TrainConfig, check_config, load_config
+from config import TrainConfig, check_config, load_config, recipe_arguments
 from conftest import ROOT, read_csv, run_script
-from dataset import TrainSampler
+from engine import build_optimizer, build_scheduler, ema_decay_per_update, weight_decay_groups
+from loader import TrainSampler
 from loss import build_loss
-from optimizer import build_optimizer, build_scheduler, ema_decay_per_update, weight_decay_groups
 from presets import MixUpCutMix, train_transform
-from recipes import recipe_arguments
 from utils import UserError
 
 
 def random_image(seed: int, size=(300, 240)) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=generator).numpy())
+    return Image.fromarray(
+        torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=generator).numpy()
+    )
 
 
 def v2_recipe():
@@ -62,7 +63,10 @@ def test_torchvision_v2_train_transform_equals_the_references_tensor_for_tensor(
     "options, policy",
     [
         ("--auto-augment ta_wide", lambda mode: v2.TrivialAugmentWide(interpolation=mode)),
-        ("--auto-augment ra --ra-magnitude 15", lambda mode: v2.RandAugment(magnitude=15, interpolation=mode)),
+        (
+            "--auto-augment ra --ra-magnitude 15",
+            lambda mode: v2.RandAugment(magnitude=15, interpolation=mode),
+        ),
         ("--auto-augment imagenet --interpolation bicubic", lambda mode: v2.AutoAugment(interpolation=mode)),
         ("--auto-augment augmix --augmix-severity 5", lambda mode: v2.AugMix(severity=5, interpolation=mode)),
     ],
@@ -72,7 +76,9 @@ def test_every_policy_is_torchvisions_with_its_settings_and_stays_uint8(options,
     cfg = load_config(TrainConfig, [*options.split(), "--train-crop-size", "64"])
     mode = InterpolationMode(cfg.interpolation)
     crop_flip = [v2.RandomResizedCrop(64, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
-    references = v2.Compose([*crop_flip, policy(mode), v2.PILToTensor()])  # the references' order and settings
+    references = v2.Compose(
+        [*crop_flip, policy(mode), v2.PILToTensor()]
+    )  # the references' order and settings
     for seed in range(6):
         torch.manual_seed(seed)
         expected = references(random_image(seed))
@@ -158,7 +164,9 @@ def test_weight_decay_groups_follow_the_references_set_weight_decay():
     from torchvision.models import swin_t
 
     model = swin_t()
-    options = "--weight-decay 0.05 --norm-weight-decay 0 --bias-weight-decay 0.01 --transformer-embedding-decay 0"
+    options = (
+        "--weight-decay 0.05 --norm-weight-decay 0 --bias-weight-decay 0.01 --transformer-embedding-decay 0"
+    )
     cfg = load_config(TrainConfig, options.split())
     groups = {group["weight_decay"]: group["params"] for group in weight_decay_groups(model, cfg)}
     ids = {decay: {id(p) for p in params} for decay, params in groups.items()}
@@ -175,7 +183,9 @@ def test_weight_decay_groups_follow_the_references_set_weight_decay():
 
 def test_rmsprop_exponential_cosine_min_and_constant_warmup():
     model = torch.nn.Linear(3, 2)
-    cfg = load_config(TrainConfig, "--optimizer rmsprop --lr 0.064 --momentum 0.9 --weight-decay 1e-5".split())
+    cfg = load_config(
+        TrainConfig, "--optimizer rmsprop --lr 0.064 --momentum 0.9 --weight-decay 1e-5".split()
+    )
     optimizer = build_optimizer(cfg, model, cfg.lr)
     assert isinstance(optimizer, torch.optim.RMSprop)
     assert optimizer.defaults["eps"] == 0.0316 and optimizer.defaults["alpha"] == 0.9
@@ -207,27 +217,34 @@ def test_ema_decay_is_adjusted_like_the_references():
 
 
 def test_ema_copies_the_weights_during_warmup_then_averages_with_the_adjusted_decay():
-    from dataset import SyntheticDataset, build_loader
-    from engine import Runtime, TrainState, train_one_epoch
-    from optimizer import build_ema
+    from engine import LoopSettings, Runtime, Training, TrainState, build_ema, train_one_epoch
+    from loader import SyntheticDataset, build_loader
     from presets import train_preset
 
-    cfg = load_config(TrainConfig, "--ema-decay 0.99 --ema-steps 1 --batch-size 2 --epochs 4 --lr 0.1".split())
+    cfg = load_config(
+        TrainConfig, "--ema-decay 0.99 --ema-steps 1 --batch-size 2 --epochs 4 --lr 0.1".split()
+    )
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 3))  # fmt: skip
+    layers = [
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    ]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(4, 3))
     ema = build_ema(cfg, model, world_size=1)
     dataset = SyntheticDataset(4, 3, train_preset("original", 16, 16), image_size=(20, 20))
     loader = build_loader(dataset, 2, 0, TrainSampler(dataset, 1, 0))
     optimizer, state = torch.optim.SGD(model.parameters(), lr=0.1), TrainState()
-    options = {"ema": ema, "ema_steps": 1, "warmup_epochs": 1, "log_interval": 100}
-    run = Runtime(torch.device("cpu"))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, scaler, loader, run, state, **options)
+    scaler, cpu = torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu")
+    training = Training(model, optimizer, None, scaler, ema, cpu, wrapped=model)
+    settings = LoopSettings(ema_steps=1, warmup_epochs=1, log_interval=100)
+    run = Runtime(cpu)
+    train_one_epoch(training, torch.nn.CrossEntropyLoss(), loader, run, state, settings)
     averaged = [p.detach().clone() for p in ema.module.parameters()]
     assert all(torch.equal(a, p) for a, p in zip(averaged, model.parameters()))  # warmup: a copy
     state.epoch = 1
-    train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, scaler, loader, run, state, **options)
+    train_one_epoch(training, torch.nn.CrossEntropyLoss(), loader, run, state, settings)
     assert not all(torch.equal(a, p) for a, p in zip(ema.module.parameters(), model.parameters()))
     before, decay = [p.detach().clone() for p in ema.module.parameters()], ema_decay_per_update(cfg, 1)
     with torch.no_grad():
@@ -256,8 +273,12 @@ def test_bad_recipe_options_are_named(options, needle):
         check_config(load_config(TrainConfig, ["--dummy", *options.split()]))
 
 
-SMALL = "--dummy --dummy-size 4 --batch-size 2 --epochs 1 --num-classes 5 --arch resnet18 --weights none".split()
-SMALL += "--train-crop-size 32 --train-resize-size 36 --val-resize-size 36 --val-crop-size 32 --workers 0".split()
+SMALL = (
+    "--dummy --dummy-size 4 --batch-size 2 --epochs 1 --num-classes 5 --arch resnet18 --weights none".split()
+)
+SMALL += (
+    "--train-crop-size 32 --train-resize-size 36 --val-resize-size 36 --val-crop-size 32 --workers 0".split()
+)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -271,12 +292,21 @@ def test_every_config_trains_two_steps_on_dummy_data(config, tmp_path):
 
 
 def test_recipe_picks_the_config_arch_and_published_eval_sizes_of_the_weights(capsys):
-    from recipes import expand_recipe
+    from config import expand_recipe
 
     argv = expand_recipe(["--recipe", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", "--data", "d", "--epochs", "3"])
     cfg = load_config(TrainConfig, argv)
-    assert (cfg.arch, cfg.optimizer, cfg.auto_augment, cfg.weight_decay) == ("convnext_tiny", "adamw", "ta_wide", 0.05)
-    assert (cfg.val_resize_size, cfg.val_crop_size, cfg.train_crop_size) == (236, 224, 176)  # 236: tuned after
+    assert (cfg.arch, cfg.optimizer, cfg.auto_augment, cfg.weight_decay) == (
+        "convnext_tiny",
+        "adamw",
+        "ta_wide",
+        0.05,
+    )
+    assert (cfg.val_resize_size, cfg.val_crop_size, cfg.train_crop_size) == (
+        236,
+        224,
+        176,
+    )  # 236: tuned after
     assert cfg.epochs == 3  # the user's options still win
     printed = capsys.readouterr().out
     assert "82.52 / 96.146" in printed
@@ -285,7 +315,9 @@ def test_recipe_picks_the_config_arch_and_published_eval_sizes_of_the_weights(ca
     assert (cfg.arch, cfg.lr, cfg.batch_size, cfg.warmup_factor) == ("regnet_y_400mf", 0.4, 128, 0.1)
     cfg = load_config(TrainConfig, expand_recipe(["--recipe", "resnet101"]))  # an architecture: its DEFAULT
     assert (cfg.train_crop_size, cfg.ra_sampler, cfg.mixup_alpha) == (224, False, 0.2)  # "#new-recipe"
-    assert load_config(TrainConfig, expand_recipe(["--recipe", "ResNet101_Weights.DEFAULT"])) == cfg  # the same
+    assert (
+        load_config(TrainConfig, expand_recipe(["--recipe", "ResNet101_Weights.DEFAULT"])) == cfg
+    )  # the same
     with pytest.raises(UserError, match="SWAG"):
         expand_recipe(["--recipe", "ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1"])
     with pytest.raises(UserError, match="did you mean ResNet50_Weights.IMAGENET1K_V2"):
@@ -293,7 +325,7 @@ def test_recipe_picks_the_config_arch_and_published_eval_sizes_of_the_weights(ca
 
 
 def test_every_torchvision_weights_has_a_recipe_entry_and_the_table_is_current():
-    from recipes import BY_RECIPE_LINK, DOC, classification_weights, recipe_for, recipes_table
+    from config import BY_RECIPE_LINK, RECIPES_DOC, classification_weights, recipe_for, recipes_table
 
     names = classification_weights()
     assert len(names) >= 115
@@ -311,7 +343,9 @@ def test_every_torchvision_weights_has_a_recipe_entry_and_the_table_is_current()
     assert "Instagram" in reasons["ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1"]
     assert "ported" in reasons["EfficientNet_B0_Weights.IMAGENET1K_V1"]
     assert "VGG16_Weights.IMAGENET1K_FEATURES" in reasons
-    assert DOC.read_text() == recipes_table(), "docs/recipes.md is stale: run python recipes.py"
+    assert RECIPES_DOC.read_text() == recipes_table(), (
+        "docs/recipes.md is stale: run python test_torchvision.py --recipes --output docs"
+    )
 
 
 @pytest.mark.slow
@@ -323,8 +357,17 @@ def test_a_shortened_torchvision_v2_run_learns(tmp_path):
 
     data = make_colour_dataset(tmp_path / "data", per_class=(48, 10))
     options = "--epochs 15 --warmup-epochs 2 --batch-size 16 --lr 0.05 --run-name v2".split()
-    result = run_script("train.py", "--config", ROOT / "configs" / "torchvision_v2.yaml", "--data", data, *TINY,
-                        *options, "--output", tmp_path)  # fmt: skip
+    result = run_script(
+        "train.py",
+        "--config",
+        ROOT / "configs" / "torchvision_v2.yaml",
+        "--data",
+        data,
+        *TINY,
+        *options,
+        "--output",
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     rows = read_csv(tmp_path / "v2" / "metrics.csv")
     assert len(rows) == 15 and float(rows[-1]["val_acc1"]) >= 90.0, [r["val_acc1"] for r in rows]
@@ -333,16 +376,19 @@ def test_a_shortened_torchvision_v2_run_learns(tmp_path):
 
 def test_preview_writes_the_mixed_images_and_their_soft_labels(tmp_path):
     import dataset
-    from plots import augmented_batch
+    import prepare_data
+    from prepare_data import augmented_batch
     from test_train import make_colour_dataset
 
     data = make_colour_dataset(tmp_path / "data", per_class=(3, 1), size=(60, 80))
-    cfg = load_config(TrainConfig, ["--config", str(ROOT / "configs" / "torchvision_v2.yaml"), "--data", str(data)])
+    cfg = load_config(
+        TrainConfig, ["--config", str(ROOT / "configs" / "torchvision_v2.yaml"), "--data", str(data)]
+    )
     samples, classes = dataset.find_samples(data, "train", imagenet_labels=False)
     images, targets = augmented_batch(cfg, samples, len(classes), count=6, seed=1)
     assert images.shape == (6, 3, 176, 176) and images.min() >= 0 and images.max() <= 1
     assert torch.allclose(targets.sum(1), torch.ones(6)) and (targets.max(1).values < 1).all()  # all mixed
     out = tmp_path / "preview.png"
-    dataset.main(["preview", "--config", str(ROOT / "configs" / "torchvision_v2.yaml"), "--data", str(data),
-                  "--out", str(out), "--count", "6"])  # fmt: skip
+    config = ROOT / "configs" / "torchvision_v2.yaml"
+    prepare_data.main(["preview", "--config", config, "--data", data, "--output", out, "--count", "6"])
     assert Image.open(out).size == (960, 560)  # 4 x 2 panels of plots.plot_preview

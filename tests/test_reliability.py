@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import assert_user_error, make_image
-from dataset import load_rgb
+from loader import load_rgb
 from reliability_inputs import (
     WNIDS,
     assert_no_run_dir,
@@ -43,7 +43,9 @@ def test_bad_data_folder(tmp_path, weights_home, case):
         for split in ("train", "val"):
             (data / split / "c").mkdir()
             (data / split / "c" / "notes.txt").write_text("no images here")
-    elif case == "no_split_folders":  # class folders straight in --data: train and val would be the same images
+    elif (
+        case == "no_split_folders"
+    ):  # class folders straight in --data: train and val would be the same images
         for name in "ab":
             make_image(data / name / "0.png", (40, 40), fmt="PNG")
     if case != "empty":
@@ -58,7 +60,9 @@ def test_bad_data_folder(tmp_path, weights_home, case):
     assert_no_run_dir(tmp_path / "out")
 
 
-@pytest.mark.parametrize("maker", [random_bytes, truncated_jpeg, bomb], ids=["random_bytes", "truncated", "bomb"])
+@pytest.mark.parametrize(
+    "maker", [random_bytes, truncated_jpeg, bomb], ids=["random_bytes", "truncated", "bomb"]
+)
 def test_unreadable_image_stops_evaluation(tmp_path, weights_home, maker):
     eval_folder(tmp_path / "data", ("broken.JPEG", maker))
     result = evaluate(tmp_path / "data", tmp_path / "out", home=weights_home)

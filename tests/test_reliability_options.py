@@ -18,13 +18,16 @@ from reliability_inputs import WEIGHTS, assert_no_run_dir, eval_folder, evaluate
 
 
 @pytest.mark.parametrize(
-    "script, case", [("train.py", "unknown_model"), ("predict.py", "unknown_weights"), ("predict.py", "offline")]
+    "script, case",
+    [("train.py", "unknown_model"), ("predict.py", "unknown_weights"), ("predict.py", "offline")],
 )
 def test_model_and_weights_errors(tmp_path, train_data, torch_home, offline, script, case):
     """(test_eval.py covers test_torchvision.py for the same cases.)"""
     arch = "resnt18" if case == "unknown_model" else "mobilenet_v3_small"
     weights = "IMAGENET1K_V9" if case == "unknown_weights" else "DEFAULT"
-    env = {"TORCH_HOME": str(torch_home)}  # an empty weights cache, and (the offline fixture) no way to download
+    env = {
+        "TORCH_HOME": str(torch_home)
+    }  # an empty weights cache, and (the offline fixture) no way to download
     if script == "train.py":
         result = train(train_data, tmp_path / "out", "--arch", arch, "--weights", weights, env=env)
     else:
@@ -63,7 +66,10 @@ def test_config_file_errors(tmp_path, train_data, case):
 
 
 COMMAND_LINE_ERRORS = {  # extra options: what the error line must say
-    "unknown_option": (["--lr-sheduler", "cosine"], ["--lr-sheduler", "--scheduler"]),  # suggested as it is typed
+    "unknown_option": (
+        ["--lr-sheduler", "cosine"],
+        ["--lr-sheduler", "--scheduler"],
+    ),  # suggested as it is typed
     "wrong_type": (["--epochs", "abc"], ["epochs", "'abc'", "int"]),
     "negative_lr": (["--lr", "-0.1"], ["lr", "positive", "-0.1"]),
     "zero_epochs": (["--epochs", "0"], ["epochs", "at least 1"]),
@@ -85,8 +91,8 @@ def test_command_line_errors(tmp_path, train_data, case):
 
 
 def run_with_checkpoint(route, path, tmp_path, data, home):
-    """The checkpoint at `path` used by train.py --resume, test_torchvision.py --weights or predict.py --weights
-    (the two latter as mobilenet_v3_small)."""
+    """The checkpoint at `path` used by train.py --resume, test_torchvision.py --weights or predict.py
+    --weights (the two latter as mobilenet_v3_small)."""
     if route == "train_resume":
         return train(data, tmp_path / "out", "--resume", path, "--arch", "mobilenet_v3_small")
     if route == "eval_weights":
@@ -109,7 +115,9 @@ def run_with_checkpoint(route, path, tmp_path, data, home):
         ("predict_weights", "resnet18-plain.pth", ["resnet18-plain.pth", "do not fit mobilenet_v3_small"]),
     ],
 )
-def test_checkpoint_of_another_architecture(tmp_path, train_data, weights_home, checkpoints, route, name, expected):
+def test_checkpoint_of_another_architecture(
+    tmp_path, train_data, weights_home, checkpoints, route, name, expected
+):
     result = run_with_checkpoint(route, checkpoints / name, tmp_path, train_data, weights_home)
     assert_user_error(result, *expected)
     assert_no_run_dir(tmp_path / "out")

@@ -1,4 +1,4 @@
-"""WebDataset tar shards (shards.py): `dataset.py make-shards` writes what the folder holds; evaluation
+"""WebDataset tar shards (loader.py): `prepare_data.py make-shards` writes what the folder holds; evaluation
 from shards equals the folder's image by image in 1 and 2 processes; training streams them and
 resumes exactly at epoch boundaries; clear errors."""
 
@@ -14,8 +14,9 @@ import pytest
 import torch
 from torchvision import models
 
+from coder import imagenet_wnids
 from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
-from dataset import find_samples, imagenet_wnids
+from dataset import find_samples
 from test_train import TINY, make_colour_dataset
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -28,13 +29,19 @@ def val_folder(tmp_path_factory):
     wnids = imagenet_wnids()
     for i in range(25):
         suffix = "png" if i == 7 else "JPEG"
-        make_image(root / "val" / wnids[(3, 58, 238, 381, 999)[i % 5]] / f"{i:02d}.{suffix}", (48 + i % 4 * 8, 40),
-                   fmt="PNG" if suffix == "png" else "JPEG", seed=i)  # fmt: skip
+        make_image(
+            root / "val" / wnids[(3, 58, 238, 381, 999)[i % 5]] / f"{i:02d}.{suffix}",
+            (48 + i % 4 * 8, 40),
+            fmt="PNG" if suffix == "png" else "JPEG",
+            seed=i,
+        )
     return root / "val"
 
 
 def test_make_shards_writes_every_image_with_its_labels(val_folder, tmp_path):
-    result = run_script("dataset.py", "make-shards", val_folder, tmp_path / "shards", "--shard-size", "10")
+    result = run_script(
+        "prepare_data.py", "make-shards", val_folder, tmp_path / "shards", "--shard-size", "10"
+    )
     assert result.returncode == 0, result.stderr
     names = sorted(os.listdir(tmp_path / "shards"))
     assert names == ["val-000000.tar", "val-000001.tar", "val-000002.tar", "val.index.npz"]
@@ -46,12 +53,16 @@ def test_make_shards_writes_every_image_with_its_labels(val_folder, tmp_path):
     assert members["00000000.cls"] == str(first.target).encode()
     assert members["00000000.class"] == os.path.basename(os.path.dirname(first.path)).encode()
     assert members["00000000.path"] == os.path.relpath(first.path, val_folder).encode()
-    shard_samples, classes = find_samples(tmp_path / "shards", shards_ok=True)  # the manifest, as --data reads it
+    shard_samples, classes = find_samples(
+        tmp_path / "shards", shards_ok=True
+    )  # the manifest, as --data reads it
     assert [(os.path.join(val_folder, s.path), s.target) for s in shard_samples] == [
         (s.path, s.target) for s in samples
     ]
     assert len(classes) == 1000
-    again = run_script("dataset.py", "make-shards", val_folder, tmp_path / "shards", "--shard-size", "10")
+    again = run_script(
+        "prepare_data.py", "make-shards", val_folder, tmp_path / "shards", "--shard-size", "10"
+    )
     assert_user_error(again, "already holds val shards")  # nothing is overwritten
 
 
@@ -59,13 +70,21 @@ def rows_by_relative_path(out, folder=None) -> list[tuple]:
     record = json.loads((out / "eval.json").read_text())[0]
     rows = read_csv(out / record["predictions"])
     return record, [
-        (os.path.relpath(r["path"], folder) if folder else r["path"], r["target"], r["top5"], r["prob1"]) for r in rows
+        (os.path.relpath(r["path"], folder) if folder else r["path"], r["target"], r["top5"], r["prob1"])
+        for r in rows
     ]
 
 
 @pytest.mark.slow
-def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(val_folder, tmp_path, torch_home):
-    assert run_script("dataset.py", "make-shards", val_folder, tmp_path / "s", "--shard-size", "4").returncode == 0
+def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(
+    val_folder, tmp_path, torch_home
+):
+    assert (
+        run_script(
+            "prepare_data.py", "make-shards", val_folder, tmp_path / "s", "--shard-size", "4"
+        ).returncode
+        == 0
+    )
     save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
     env = {"TORCH_HOME": str(torch_home)}
     options = "--models resnet18 --resize 64 --crop 56 --batch-size 4".split()
@@ -79,11 +98,18 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(val
         "folder": ["test_torchvision.py", "--data", val_folder, *options, "--workers", "0"],
         "pattern": ["test_torchvision.py", "--data", pattern, *options, "--workers", "2"],
         "two": [*TORCHRUN, "test_torchvision.py", "--data", tmp_path / "s", *options, "--workers", "2"],
-        "url": ["test_torchvision.py", "--data", url + "/val-{000000..000006}.tar", *options, "--workers", "1"],
+        "url": [
+            "test_torchvision.py",
+            "--data",
+            url + "/val-{000000..000006}.tar",
+            *options,
+            "--workers",
+            "1",
+        ],
     }
     try:
         for name, args in runs.items():
-            result = run_script(*args, "--out", tmp_path / name, env=env)
+            result = run_script(*args, "--output", tmp_path / name, env=env)
             assert result.returncode == 0, result.stderr[-3000:]
     finally:
         server.shutdown()
@@ -94,13 +120,18 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(val
         assert rows == expected, name
         assert record["dataset"] == folder["dataset"]  # the source folder's name, kept in the manifest
         assert (record["n_images"], record["acc1"], record["acc5"]) == (25, folder["acc1"], folder["acc5"])
-    limited = run_script(*runs["pattern"], "--limit", "9", "--out", tmp_path / "limit", env=env)
+    limited = run_script(*runs["pattern"], "--limit", "9", "--output", tmp_path / "limit", env=env)
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert rows_by_relative_path(tmp_path / "limit")[1] == expected[:9]
     # one shard for two processes: rank 1 has nothing to read; --limit under torchrun
-    assert run_script("dataset.py", "make-shards", val_folder, tmp_path / "one", "--shard-size", "100").returncode == 0
+    assert (
+        run_script(
+            "prepare_data.py", "make-shards", val_folder, tmp_path / "one", "--shard-size", "100"
+        ).returncode
+        == 0
+    )
     one = [*TORCHRUN, "test_torchvision.py", "--data", tmp_path / "one", *options, "--limit", "5"]
-    one = run_script(*one, "--workers", "2", "--out", tmp_path / "o", env=env)
+    one = run_script(*one, "--workers", "2", "--output", tmp_path / "o", env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     record, rows = rows_by_relative_path(tmp_path / "o")
     assert rows == expected[:5] and record["n_images"] == 5
@@ -109,7 +140,10 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(val
 @pytest.mark.slow
 def test_training_on_shards_resumes_exactly_at_epoch_boundaries(tmp_path):
     data = make_colour_dataset(tmp_path / "data")
-    assert run_script("dataset.py", "make-shards", data, tmp_path / "s", "--shard-size", "5").returncode == 0
+    assert (
+        run_script("prepare_data.py", "make-shards", data, tmp_path / "s", "--shard-size", "5").returncode
+        == 0
+    )
     args = ["train.py", "--data", tmp_path / "s", *TINY[:-2], "--workers", "2", "--batch-size", "4"]
     args += ["--lr", "0.01", "--shard-shuffle-buffer", "6", "--output", tmp_path / "runs"]
     straight = run_script(*args, "--epochs", "2", "--run-name", "straight")
@@ -120,7 +154,10 @@ def test_training_on_shards_resumes_exactly_at_epoch_boundaries(tmp_path):
     assert "48 train / 18 val images" in straight.stdout
     a, b = (read_csv(tmp_path / "runs" / r / "metrics.csv") for r in ("straight", "split"))
     assert [(r["train_loss"], r["val_loss"]) for r in a] == [(r["train_loss"], r["val_loss"]) for r in b]
-    weights = [torch.load(tmp_path / "runs" / r / "last.pt", weights_only=True)["model"] for r in ("straight", "split")]
+    weights = [
+        torch.load(tmp_path / "runs" / r / "last.pt", weights_only=True)["model"]
+        for r in ("straight", "split")
+    ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     two = run_script(*TORCHRUN, *args, "--epochs", "1", "--run-name", "two")  # ranks take equal batch counts
     assert two.returncode == 0 and "process group gloo" in two.stdout, two.stderr[-3000:]
@@ -134,13 +171,18 @@ def test_shard_errors_end_in_one_line(tmp_path):
     missing = run_script("test_torchvision.py", "--data", str(tmp_path / "val-{000000..000001}.tar"))
     assert_user_error(missing, "val.index.npz", "make-shards")
     data = make_colour_dataset(tmp_path / "data", per_class=(2, 1))
-    assert run_script("dataset.py", "make-shards", data, tmp_path / "s", "--shard-size", "100").returncode == 0
-    too_few = run_script("train.py", "--data", tmp_path / "s", *TINY, "--batch-size", "8", "--output", tmp_path)
+    assert (
+        run_script("prepare_data.py", "make-shards", data, tmp_path / "s", "--shard-size", "100").returncode
+        == 0
+    )
+    too_few = run_script(
+        "train.py", "--data", tmp_path / "s", *TINY, "--batch-size", "8", "--output", tmp_path
+    )
     assert_user_error(too_few, "no full batch")
     repeated = run_script("train.py", "--data", tmp_path / "s", *TINY, "--ra-sampler", "--output", tmp_path)
-    assert_user_error(repeated, "--ra-sampler false")
+    assert_user_error(repeated, "--no-ra-sampler")
     files_only = run_script(
-        "dataset.py", "preview", "--config", "configs/torchvision_v2.yaml", "--data", tmp_path / "s"
+        "prepare_data.py", "preview", "--config", "configs/torchvision_v2.yaml", "--data", tmp_path / "s"
     )
     assert_user_error(files_only, "is tar shards", "image folder")
     labels = run_script(
@@ -148,7 +190,9 @@ def test_shard_errors_end_in_one_line(tmp_path):
     )
     assert_user_error(labels, "--val-labels does not apply")
     (tmp_path / "s" / "val.index.npz").write_bytes(b"PK\x03\x04 cut short")  # a half-downloaded manifest
-    assert_user_error(run_script("test_torchvision.py", "--data", tmp_path / "s"), "cannot read the shard manifest")
+    assert_user_error(
+        run_script("test_torchvision.py", "--data", tmp_path / "s"), "cannot read the shard manifest"
+    )
 
 
 def test_make_shards_keeps_class_and_file_names_that_are_not_utf8(tmp_path):
@@ -157,7 +201,7 @@ def test_make_shards_keeps_class_and_file_names_that_are_not_utf8(tmp_path):
     for split in ("train", "val"):
         (data / split / "red").rename(data / split / odd)
         (data / split / odd / "0.png").rename(data / split / odd / os.fsdecode(b"\xff.png"))
-    result = run_script("dataset.py", "make-shards", data, tmp_path / "s", "--shard-size", "4")
+    result = run_script("prepare_data.py", "make-shards", data, tmp_path / "s", "--shard-size", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     shard_samples, classes = find_samples(tmp_path / "s", "val", imagenet_labels=False, shards_ok=True)
     folder_samples, folder_classes = find_samples(data, "val", imagenet_labels=False)
@@ -168,16 +212,27 @@ def test_make_shards_keeps_class_and_file_names_that_are_not_utf8(tmp_path):
 
 
 def test_damaged_or_mismatched_shards_end_in_one_line(val_folder, tmp_path, torch_home):
-    assert run_script("dataset.py", "make-shards", val_folder, tmp_path / "s", "--shard-size", "10").returncode == 0
+    assert (
+        run_script(
+            "prepare_data.py", "make-shards", val_folder, tmp_path / "s", "--shard-size", "10"
+        ).returncode
+        == 0
+    )
     save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
     args = ["test_torchvision.py", "--models", "resnet18", "--resize", "64", "--crop", "56", "--workers", "1"]
     env = {"TORCH_HOME": str(torch_home)}
     shard = tmp_path / "s" / "val-000002.tar"
     good = shard.read_bytes()
-    shard.write_bytes((tmp_path / "s" / "val-000001.tar").read_bytes())  # another shard's images under its name
-    assert_user_error(run_script(*args, "--data", tmp_path / "s", env=env), "val-000002.tar", "write the shards again")
+    shard.write_bytes(
+        (tmp_path / "s" / "val-000001.tar").read_bytes()
+    )  # another shard's images under its name
+    assert_user_error(
+        run_script(*args, "--data", tmp_path / "s", env=env), "val-000002.tar", "write the shards again"
+    )
     shard.write_bytes(good[: len(good) // 2])  # cut short
-    assert_user_error(run_script(*args, "--data", tmp_path / "s", env=env), "cannot read shard", "val-000002.tar")
+    assert_user_error(
+        run_script(*args, "--data", tmp_path / "s", env=env), "cannot read shard", "val-000002.tar"
+    )
     shard.unlink()
     assert_user_error(run_script(*args, "--data", tmp_path / "s", env=env), "val-000002.tar is missing")
     partial = run_script(*args, "--data", str(tmp_path / "s" / "val-{000000..000001}.tar"), env=env)
@@ -187,16 +242,17 @@ def test_damaged_or_mismatched_shards_end_in_one_line(val_folder, tmp_path, torc
 
 def test_make_shards_names_a_split_folder_by_its_name_and_refuses_to_write_inside_it(tmp_path):
     data = make_colour_dataset(tmp_path / "data", per_class=(2, 1))
-    assert run_script("dataset.py", "make-shards", data / "train", tmp_path / "s").returncode == 0
+    assert run_script("prepare_data.py", "make-shards", data / "train", tmp_path / "s").returncode == 0
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["train-000000.tar", "train.index.npz"]
-    inside = run_script("dataset.py", "make-shards", data, data / "shards")
+    inside = run_script("prepare_data.py", "make-shards", data, data / "shards")
     assert_user_error(inside, "is inside")
 
 
 def train_stream(tmp_path, buffer):
     """A training stream over 8 shards of 6 images (equal worker shares: nothing is read twice)."""
-    from shard_writer import make_shards
-    from shards import ShardTrainStream, read_manifest
+    from dataset import read_manifest
+    from loader import ShardTrainStream
+    from prepare_data import make_shards
 
     if not (tmp_path / "s").exists():
         make_shards(make_colour_dataset(tmp_path / "data", per_class=(16, 1)), tmp_path / "s", 6)
@@ -205,7 +261,7 @@ def train_stream(tmp_path, buffer):
 
 
 def test_the_training_stream_is_shuffled_by_epoch_and_by_worker(tmp_path, monkeypatch):
-    import shards
+    import loader
 
     stream = train_stream(tmp_path, buffer=1)  # a buffer of 1 yields the shards in their dealt order
     first = [index for _, _, index, _ in stream]
@@ -214,7 +270,7 @@ def test_the_training_stream_is_shuffled_by_epoch_and_by_worker(tmp_path, monkey
     assert [index for _, _, index, _ in stream] != first
     orders = []
     for worker in (0, 1):
-        monkeypatch.setattr(shards, "_worker", lambda w=worker: (w, 2))
+        monkeypatch.setattr(loader, "_worker", lambda w=worker: (w, 2))
         read = [index for _, _, index, _ in train_stream(tmp_path, buffer=1)]
         shuffled = [index for _, _, index, _ in train_stream(tmp_path, buffer=100)]
         assert sorted(read) == sorted(shuffled) and len(read) == 24
@@ -225,8 +281,8 @@ def test_the_training_stream_is_shuffled_by_epoch_and_by_worker(tmp_path, monkey
 def test_worker_quotas_share_the_remainder():
     import numpy as np
 
-    from index import Samples
-    from shards import Manifest, ShardTrainStream
+    from dataset import Manifest, Samples
+    from loader import ShardTrainStream
 
     samples = Samples.from_paths("", [f"{i}.jpg" for i in range(10)], [0] * 10)
     stream = ShardTrainStream(Manifest(["x.tar"], np.array([0, 10]), samples, ["a"], "x"), None, 0, 0, 1, 1)

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from torchvision import models
 
+from coder import imagenet_wnids
 from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
-from dataset import Sample, find_samples, imagenet_wnids, load_rgb
+from dataset import Sample, dataset_name, find_samples, real_accuracy, real_label_sets
+from loader import load_rgb
 from report import robustness_table, write_robustness
-from testsets import dataset_name, real_accuracy, real_label_sets
 from utils import UserError
 
 WNIDS = imagenet_wnids()
@@ -21,8 +22,16 @@ EVAL = "--models resnet18 --resize 64 --crop 56 --batch-size 4 --workers 0 --no-
 
 
 def evaluate(data, out, torch_home, *options):
-    result = run_script("test_torchvision.py", "--data", data, *EVAL.split(), *options, "--out", out,
-                        env={"TORCH_HOME": str(torch_home)})  # fmt: skip
+    result = run_script(
+        "test_torchvision.py",
+        "--data",
+        data,
+        *EVAL.split(),
+        *options,
+        "--output",
+        out,
+        env={"TORCH_HOME": str(torch_home)},
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -45,7 +54,10 @@ def test_imagenet_v2_folders_are_class_indices(tmp_path, torch_home):
     rows = json.loads((out / "eval.json").read_text())
     assert [r["dataset"] for r in rows] == ["imagenetv2-matched-frequency-format-val", "wnid"]  # both kept
     predictions = [
-        sorted((p["path"].split("/")[-1], p["target"], p["top1"], p["top5"]) for p in read_csv(out / r["predictions"]))
+        sorted(
+            (p["path"].split("/")[-1], p["target"], p["top1"], p["top5"])
+            for p in read_csv(out / r["predictions"])
+        )
         for r in rows
     ]
     assert predictions[0] == predictions[1] and rows[0]["acc5"] == rows[1]["acc5"]
@@ -87,8 +99,11 @@ def test_mask_classes_restricts_predictions_to_the_folders_classes(tmp_path, tor
     evaluate(data, tmp_path / "out", torch_home, "--mask-classes")
     plain, masked = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert (plain["dataset"], plain["masked"], masked["dataset"], masked["masked"]) == (
-        "imagenet-a", False, "imagenet-a", True
-    )  # fmt: skip
+        "imagenet-a",
+        False,
+        "imagenet-a",
+        True,
+    )
     for row, mask in ((plain, None), (masked, set(present))):
         reference = reference_top5(model, data, WEIGHTS, mask)
         assert row["acc1"] == pytest.approx(100 * sum(t == top[0] for t, top in reference) / 21)
@@ -101,7 +116,9 @@ def test_mask_classes_restricts_predictions_to_the_folders_classes(tmp_path, tor
     # --limit 3 keeps images of one class (sorted by path): the mask is still the set's 7 classes
     evaluate(data, tmp_path / "out", torch_home, "--mask-classes", "--limit", "3")
     limited = json.loads((tmp_path / "out" / "eval.json").read_text())[-1]
-    top5 = [[int(p[f"top{k}"]) for k in range(1, 6)] for p in read_csv(tmp_path / "out" / limited["predictions"])]
+    top5 = [
+        [int(p[f"top{k}"]) for k in range(1, 6)] for p in read_csv(tmp_path / "out" / limited["predictions"])
+    ]
     assert len(top5) == 3 and all(set(t) <= set(present) for t in top5)
 
 
@@ -126,8 +143,10 @@ def test_real_labels_score_the_val_images_next_to_their_original_labels(tmp_path
         make_image(data / WNIDS[target] / f"ILSVRC2012_val_{i + 1:08d}.JPEG", (60 + 5 * i, 60), seed=i)
     result = evaluate(data, tmp_path / "out", torch_home)
     row = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
-    top5 = {p["path"].split("/")[-1]: [int(p[f"top{k}"]) for k in range(1, 6)]
-            for p in read_csv(tmp_path / "out" / row["predictions"])}  # fmt: skip
+    top5 = {
+        p["path"].split("/")[-1]: [int(p[f"top{k}"]) for k in range(1, 6)]
+        for p in read_csv(tmp_path / "out" / row["predictions"])
+    }
     # ReaL labels made up from the predictions: right at top-1, right at top-5 only, wrong, and no label
     names = [f"ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(8)]
     real = [[top5[names[0]][0]], [top5[names[1]][3], 999], [], [top5[names[3]][0], 7], [], [998], [], [500]]
@@ -146,8 +165,17 @@ def test_real_labels_score_the_val_images_next_to_their_original_labels(tmp_path
     assert_user_error(bad, "not ReaL's format")
     other = tmp_path / "other"
     make_image(other / WNIDS[3] / "cat.JPEG")
-    bad = run_script("test_torchvision.py", "--data", other, *EVAL.split(), "--real-labels", tmp_path / "real.json",
-                     "--out", tmp_path / "o2", env={"TORCH_HOME": str(torch_home)})  # fmt: skip
+    bad = run_script(
+        "test_torchvision.py",
+        "--data",
+        other,
+        *EVAL.split(),
+        "--real-labels",
+        tmp_path / "real.json",
+        "--output",
+        tmp_path / "o2",
+        env={"TORCH_HOME": str(torch_home)},
+    )
     assert_user_error(bad, "cat.JPEG is not an ILSVRC2012_val")
 
 
@@ -174,15 +202,24 @@ def test_robustness_table_and_plot(tmp_path):
     rows = []
     for i, weights in enumerate(["A.V1", "B.V1", "C.V1"]):
         clean = 70.0 + 5 * i
-        rows.append({"weights": weights, "dataset": "imagenet", "masked": False, "acc1": clean,
-                     "real_acc1": clean + 6 if i else None})  # fmt: skip
+        rows.append(
+            {
+                "weights": weights,
+                "dataset": "imagenet",
+                "masked": False,
+                "acc1": clean,
+                "real_acc1": clean + 6 if i else None,
+            }
+        )
         rows.append({"weights": weights, "dataset": "imagenetv2-matched-frequency", "acc1": clean - 12})
         rows.append({"weights": weights, "dataset": "imagenet-a", "masked": True, "acc1": 2.0 + 4 * i})
     rows.append({"weights": "D.V1", "dataset": "imagenet-a", "acc1": 1.0})  # no clean row: left out
     table, sets = robustness_table(rows)
     assert sets == ["imagenet-a (masked)", "imagenetv2-matched-frequency", "real"]
     assert [r["weights"] for r in table] == ["A.V1", "B.V1", "C.V1"] and "real" not in table[0]
-    assert table[1]["imagenetv2-matched-frequency drop"] == 12.0 and table[2]["imagenet-a (masked) drop"] == 70.0
+    assert (
+        table[1]["imagenetv2-matched-frequency drop"] == 12.0 and table[2]["imagenet-a (masked) drop"] == 70.0
+    )
     assert table[2]["real drop"] == -6.0
     paths = write_robustness(rows, tmp_path)
     assert [p.name for p in paths] == ["robustness.md", "robustness.csv", "robustness.png"]
@@ -213,17 +250,28 @@ def test_int8_weights_evaluate_like_torchvisions_quantized_model(tmp_path, torch
     for i in range(10):
         make_image(data / WNIDS[(i * 97) % 1000] / f"{i}.JPEG", (80 + 4 * i, 64), seed=i)
     options = "--models quantized_shufflenet_v2_x0_5 --batch-size 4 --workers 0".split()
-    result = run_script("test_torchvision.py", "--data", data, *options, "--out", tmp_path / "out",
-                        env={"TORCH_HOME": str(torch_home)})  # fmt: skip
+    result = run_script(
+        "test_torchvision.py",
+        "--data",
+        data,
+        *options,
+        "--output",
+        tmp_path / "out",
+        env={"TORCH_HOME": str(torch_home)},
+    )
     assert result.returncode == 0, result.stderr
     row = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
     assert (row["weights"], row["quantized_engine"], row["n_images"]) == (str(weights), "fbgemm", 10)
-    ours = {p["path"].split("/")[-1]: [int(p[f"top{k}"]) for k in range(1, 6)]
-            for p in read_csv(tmp_path / "out" / row["predictions"])}  # fmt: skip
+    ours = {
+        p["path"].split("/")[-1]: [int(p[f"top{k}"]) for k in range(1, 6)]
+        for p in read_csv(tmp_path / "out" / row["predictions"])
+    }
     hits = 0
     for path in sorted(data.rglob("*.JPEG")):
         with torch.no_grad():
-            top5 = model(weights.transforms()(Image.open(path).convert("RGB"))[None]).topk(5).indices[0].tolist()
+            top5 = (
+                model(weights.transforms()(Image.open(path).convert("RGB"))[None]).topk(5).indices[0].tolist()
+            )
         assert ours[path.name] == top5, path.name
         hits += WNIDS.index(path.parent.name) in top5
     assert row["acc5"] == pytest.approx(100 * hits / 10)

