@@ -93,6 +93,7 @@ from utils import (
     autocast,
     cli,
     machine_info,
+    non_negative_int,
     positive_int,
     resolve_device,
     switch,
@@ -259,9 +260,8 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
         model_only=times["model"],
         share_of_model_only=times["ours"]["img_per_s"] / times["model"]["img_per_s"],
     )
-    rows[0].update(
-        short_pass_note(batches, workers) if not gpu_decode else {}
-    )  # gpu decode: workers only read
+    if not gpu_decode:  # decoding on the GPU, the loader workers only read files
+        rows[0].update(short_pass_note(batches, workers))
     return rows
 
 
@@ -368,21 +368,21 @@ def bench_latency(args, samples, preset, device) -> list[dict]:
     rows = []
     runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
     with tempfile.TemporaryDirectory() as folder:
-        # one set of weights for the float backends
-        random = resolve_weights(None, args.arch)  # the exported file's name and metadata
-        backends = inference_backends(benchmark_model(args), random, preset, runtime, args.compile, folder)
+        # the float backends all run --arch with --weights; the exported file is named and described as
+        # random weights, as it is exported again for every run
+        exported_as = resolve_weights(None, args.arch)
+        backends = inference_backends(
+            benchmark_model(args), exported_as, preset, runtime, args.compile, folder
+        )
         for batch in args.batch_sizes:
             x = image_batch(samples, preset, batch).to(device)
             inputs = {}
             for name, (_, backend_runtime) in backends.items():
-                inputs[name] = (
-                    x.contiguous(memory_format=torch.channels_last) if backend_runtime.channels_last else x
-                )
+                channels_last = backend_runtime.channels_last
+                inputs[name] = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             seconds, memory = {name: [] for name in backends}, {}
-            for name, (
-                model,
-                backend_runtime,
-            ) in backends.items():  # warm up, then one call alone for its memory
+            # each backend warmed up, then one call alone for its memory
+            for name, (model, backend_runtime) in backends.items():
                 run_once(model, inputs[name], backend_runtime)
                 reset_peak(device)
                 start_mb = memory_now(device)
@@ -533,9 +533,8 @@ def worker_growth_mb(samples) -> tuple[float, float]:
     """The largest (resident, private) MB that one of 4 loader workers gains over one pass in shuffled
     order. Resident memory counts the pages a worker shares with the main process from the start (fork
     maps them all); private memory grows by the pages it copies: the cost the compact index avoids."""
-    order = torch.randperm(
-        len(samples), generator=torch.Generator().manual_seed(0)
-    ).tolist()  # as training reads
+    # a shuffled order, as training reads
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
     batches = torch.utils.data.BatchSampler(order, 4096, drop_last=False)
     loader = torch.utils.data.DataLoader(
         TouchEverySample(samples), batch_size=None, sampler=batches, num_workers=LOADER_WORKERS
@@ -713,7 +712,7 @@ def merge_benchmarks(paths: list[str]) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__, renamed={"--json": "--output"})
     p.add_argument("--arch", default="resnet18", help="any torchvision classifier (random weights)")
     add_weights_args(p, None, "DEFAULT or a weights name from torchvision's cache (default: random weights)")
     p.add_argument("--train-batch-size", type=positive_int, default=32, help="train and step batch")
@@ -755,6 +754,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch_sizes = [positive_int(b) for b in args.batch_sizes.split(",")]
     except (argparse.ArgumentTypeError, ValueError) as e:  # positive_int: a number below 1, or not a number
         raise UserError(f"--batch-sizes {args.batch_sizes}: {e}; use e.g. 1,8,32") from e
+    try:
+        counts = args.worker_counts.split(",") if args.worker_counts else []
+        args.worker_counts = [non_negative_int(w) for w in counts]
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise UserError(f"--worker-counts {args.worker_counts}: {e}; use e.g. 0,1,2") from e
     args.parts = [
         q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))
     ]
@@ -785,8 +789,7 @@ def main(argv=None) -> dict:
     preset = EvalPreset.from_weights(weights)
     workers = default_workers(device) if args.workers is None else args.workers
     samples = find_samples(args.data, "val")[0][: args.limit] if args.data else []
-    counts = {int(w) for w in args.worker_counts.split(",")} if args.worker_counts else {0, 1, workers}
-    args.worker_counts = sorted(counts)
+    args.worker_counts = sorted(set(args.worker_counts or [0, 1, workers]))
     steps = min(args.train_steps, len(samples) // args.train_batch_size) if samples else args.train_steps
     if "train" in args.parts and steps < 1:
         raise UserError(

@@ -1,8 +1,8 @@
 """Training configuration: every option with its default and why (TrainConfig, whose fields carry their
 own --help text), where the values come from (defaults < a recipe or --config YAML < the command line,
 each value checked against its field's annotation: a Literal lists the choices), the checks of their
-bounds, what a resume keeps of its run's settings, and the recipe of every torchvision weights: the
-config (configs/*.yaml) and settings that re-train it, found through the recipe link all weights
+bounds, what a resume keeps of its run's settings, and the recipe of all torchvision weights: the
+config (configs/*.yaml) and settings that re-train them, found through the recipe link all weights
 carry (weights.meta["recipe"]), or the reason none can.
 
     cfg = load_config(TrainConfig, ["--config", "configs/torchvision_v1.yaml", "--lr", "0.05"])
@@ -11,7 +11,6 @@ carry (weights.meta["recipe"]), or the reason none can.
 
 import argparse
 import dataclasses
-import os
 import shlex
 import types
 import typing
@@ -25,7 +24,7 @@ from torchvision import models
 from loss import check_label_smoothing
 from model import check_arch
 from presets import AutoAugment, Interpolation, TrainPresetName, check_crop_fits
-from utils import RUNTIME_HELP, Amp, ArgumentParser, ChannelsLast, Device, UserError, closest
+from utils import RUNTIME_HELP, Amp, ArgumentParser, ChannelsLast, Device, UserError, closest, rank
 
 
 def option(default, help: str, group: str):
@@ -533,7 +532,7 @@ def expand_recipe(argv: list[str]) -> list[str]:
     if recipe.config is None:
         raise UserError(f"{weights} can't be re-trained from ImageNet-1k here: {recipe.note}")
     argv = recipe_arguments(arch, recipe) + rest
-    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun, before the process group exists
+    if rank() > 0:  # under torchrun, before the process group exists
         return argv
     metrics = weights.meta["_metrics"]["ImageNet-1K"]
     note = f"; {recipe.note}" if recipe.note else ""

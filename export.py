@@ -36,7 +36,7 @@ def validation_images(folder, preset: EvalPreset, count: int) -> torch.Tensor:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__, renamed={"--out": "--output"})
     p.add_argument(
         "--arch",
         help=f"any torchvision classifier (default: a train.py checkpoint's own, else {DEFAULT_ARCH})",

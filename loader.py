@@ -584,9 +584,8 @@ class GpuDecodeLoader:
         data = list(batch["jpeg_bytes"].split(sizes)) if sizes else []  # views: nothing is copied
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if data else []
-        except (
-            RuntimeError
-        ) as e:  # an image the device refuses (CMYK, say) fails the batch: the rest one by one
+        except RuntimeError as e:
+            # an image the device refuses (CMYK, say) fails the batch: the others are decoded one by one
             raise_if_out_of_memory(e)
             jpeg_indices = [index for image, _, index in batch["items"] if image is None]
             decoded = []

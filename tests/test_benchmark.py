@@ -15,20 +15,17 @@ from conftest import ROOT, assert_user_error, make_image, run_script, save_torch
 
 def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
     wnids, weights = imagenet_wnids(), models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
-    model = save_torchvision_checkpoint(
-        torch_home, "mobilenet_v3_small", weights
-    )  # benchmark.py --weights DEFAULT
-    with (
-        torch.no_grad()
-    ):  # logits of O(1), not the near-uniform ones of a fresh head: bf16 then moves probabilities
+    # benchmark.py --weights DEFAULT
+    model = save_torchvision_checkpoint(torch_home, "mobilenet_v3_small", weights)
+    # logits of O(1), not the near-uniform ones of a fresh head: bf16 then moves probabilities
+    with torch.no_grad():
         model.classifier[-1].weight.mul_(100)
     torch.save(model.state_dict(), next((torch_home / "hub" / "checkpoints").glob("*.pth")))
     for i in range(8):  # a grayscale JPEG and a PNG named .JPEG take the fallbacks
         mode, fmt = ("L", "JPEG") if i == 3 else ("RGB", "PNG") if i == 6 else ("RGB", "JPEG")
         image = make_image(tmp_path / f"{i}.JPEG", (96 + 8 * i, 72), mode, fmt, seed=i)
-        with (
-            torch.no_grad()
-        ):  # the independent exact run: torchvision's transforms and model, no code of ours
+        # the independent exact run: torchvision's transforms and model, no code of ours
+        with torch.no_grad():
             top1 = model(weights.transforms()(Image.open(image).convert("RGB"))[None]).argmax().item()
         folder = tmp_path / "val" / wnids[top1 if i % 2 == 0 else (top1 + 1) % 1000]  # exact top-1: 4 of 8
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,16 +79,14 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
     assert (
         "% of the model alone" in result.stdout and "| part | variant | img/s | vs | ratio |" in result.stdout
     )
-    assert (
-        rows[5]["model_only"]["img_per_s"] > 0 and rows[5]["share_of_model_only"] > 0
-    )  # timed in turn with ours
+    # timed in turn with ours
+    assert rows[5]["model_only"]["img_per_s"] > 0 and rows[5]["share_of_model_only"] > 0
     # approx: its exact row is the independent exact run; folded BatchNorm changes no top-1 class; the
     # approximations are measured against the exact row, not against themselves
     assert [r["variant"].split(" ")[0] for r in approx] == ["exact", "default:", "--amp", "batched"]
     assert approx[0]["acc1"] == approx[1]["acc1"] == 50.0
-    assert any(
-        r["top1_agreement"] < 100 or r["top1_prob_change"] > 0 for r in approx[2:]
-    )  # bf16 moves something
+    # bf16 moves something
+    assert any(r["top1_agreement"] < 100 or r["top1_prob_change"] > 0 for r in approx[2:])
     assert (
         approx[0]["top1_agreement"] == 100
         and approx[0]["acc1_delta"] == 0
@@ -99,9 +94,8 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
     )
     assert all(0 <= r["top1_agreement"] <= 100 and r["part"] == "approx" for r in approx)
     assert approx[0]["top5_agreement"] == 100 and approx[0]["top1_prob_change"] == 0
-    assert (
-        approx[1]["top1_prob_change"] < 1e-3 and approx[2]["top1_prob_change"] < 0.2
-    )  # fold ~1e-6, bf16 ~1e-2
+    # fold ~1e-6, bf16 ~1e-2
+    assert approx[1]["top1_prob_change"] < 1e-3 and approx[2]["top1_prob_change"] < 0.2
     assert "| variant | acc1 | acc1 change | same top-1 | same top-5, in order |" in result.stdout
     merged = run_script("benchmark.py", "--merge", out, out)  # scripts/gpu_check.sh's table
     assert merged.returncode == 0, merged.stderr
@@ -113,7 +107,7 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
 
 
 def run_part(tmp_path, options: str):
-    """benchmark.py on 4 generated JPEGs: (the finished process, the rows of its --json)."""
+    """benchmark.py on 4 generated JPEGs: (the finished process, the rows of its --output)."""
     for i in range(4):
         make_image(tmp_path / "val" / imagenet_wnids()[i] / f"{i}.JPEG", (120 + 10 * i, 90), seed=i)
     args = [*options.split(), "--repeats", "1", "--output", tmp_path / "b.json"]

@@ -21,7 +21,7 @@ def test_train_config_uses_the_shared_option_types():
     defaults = TrainConfig()
     for name, kind in SHARED.items():
         assert hints[name] is kind and getattr(defaults, name) == "auto"
-    assert defaults.workers is None  # dataset.default_workers, as in every script
+    assert defaults.workers is None  # loader.default_workers, as in every script
 
 
 @pytest.mark.parametrize("parse", [test_torchvision.parse_args, benchmark.parse_args])

@@ -146,9 +146,8 @@ def reference_predictions(model, folder, weights):
 
 @pytest.mark.slow
 def test_evaluation_equals_reference_loop(tmp_path, torch_home):
-    weights = (
-        models.ResNet18_Weights.IMAGENET1K_V1
-    )  # a random resnet18's logits are O(1): top-5 order is stable
+    # a random resnet18's logits are O(1): top-5 order is stable
+    weights = models.ResNet18_Weights.IMAGENET1K_V1
     model = save_torchvision_checkpoint(torch_home, "resnet18", weights)
     # put each image in the folder of the class the model ranks 1st (8 images), 5th (4), 3rd (2) or
     # nowhere near (1) for it: top-1 8/15, top-5 14/15, and top-k with a k other than 5 scores otherwise

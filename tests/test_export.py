@@ -18,9 +18,8 @@ WEIGHTS = models.ResNet18_Weights.IMAGENET1K_V1
 
 
 def test_exported_resnet18_equals_pytorch_and_describes_itself(tmp_path, torch_home, capsys):
-    model = save_torchvision_checkpoint(
-        torch_home, "resnet18", WEIGHTS
-    )  # random weights, torchvision's file name
+    # random weights, torchvision's file name
+    model = save_torchvision_checkpoint(torch_home, "resnet18", WEIGHTS)
     for i in range(4):
         make_image(tmp_path / "images" / imagenet_wnids()[i] / f"{i}.JPEG", (90 + 10 * i, 80), seed=i)
     out = tmp_path / "r18.onnx"
@@ -120,7 +119,7 @@ def test_large_logits_export_within_a_tolerance_relative_to_their_size(tmp_path)
 
 def test_an_export_that_fails_the_check_is_never_written(tmp_path, monkeypatch, capsys):
     """The exported model's head corrupted between export and check (as a mistranslation would): one
-    line, exit 2, no file at --out, no temporary file beside it, and a previous file there untouched."""
+    line, exit 2, no file at --output, no temporary file beside it, and a previous file there untouched."""
     import onnx
     from onnx import numpy_helper
 
@@ -209,9 +208,8 @@ def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
     ]
     top1 = [{p["path"]: p["top1"] for p in read_csv(tmp_path / "out" / r["predictions"])} for r in rows]
     assert top1[0] == top1[1] and len(top1[0]) == 12
-    [cached] = (tmp_path / "out" / "onnx").glob(
-        f"{WEIGHTS}_*.onnx"
-    )  # named by the weights and a metadata hash
+    # named by the weights and a metadata hash
+    [cached] = (tmp_path / "out" / "onnx").glob(f"{WEIGHTS}_*.onnx")
     again = run_script(*args, "--backend", "onnxruntime", env=env)
     assert "already in" in again.stdout + again.stderr
     written = cached.stat().st_mtime_ns

@@ -103,9 +103,8 @@ def test_old_cache_entries_are_evicted(tmp_path, monkeypatch):
         find_samples(make_tree(tmp_path / f"t{i}"), "train", imagenet_labels=False)
         time.sleep(0.01)  # distinct modification times
     kept = {p.name for p in (tmp_path / "cache").glob("*.npz")}
-    assert kept == {
-        dataset.cache_file(Path(os.path.abspath(tmp_path / f"t{i}"))).name for i in (2, 3)
-    }  # the newest
+    # the newest
+    assert kept == {dataset.cache_file(Path(os.path.abspath(tmp_path / f"t{i}"))).name for i in (2, 3)}
 
 
 def test_nested_folders_are_ordered_as_paths(tmp_path, monkeypatch):

@@ -131,9 +131,8 @@ def test_build_loss_single_terms():
     assert isinstance(build_loss({"ce": 1.0}, 10), CrossEntropy)
     focal = build_loss({"focal": {"gamma": 1.5, "alpha": [1.0] * 10}}, 10)
     assert isinstance(focal, FocalLoss) and focal.gamma == 1.5 and focal.alpha.shape == (10,)
-    assert isinstance(
-        build_loss({"smooth_l1": None}, 10), SmoothL1ProbLoss
-    )  # yaml 'smooth_l1:' with no value
+    # yaml 'smooth_l1:' with no value
+    assert isinstance(build_loss({"smooth_l1": None}, 10), SmoothL1ProbLoss)
     scaled = build_loss({"ce": 0.5}, 10)
     assert isinstance(scaled, WeightedSum) and scaled.weights == {"ce": 0.5}
 

@@ -91,9 +91,8 @@ def test_select_weights_globs():
 
 
 def test_main_job_writes_tables_and_plot(tmp_path, torch_home, offline):
-    result = run_script(
-        "test_torchvision.py", "--models", "resnet18", "vit_b_16", "--output", tmp_path
-    )  # offline
+    # offline
+    result = run_script("test_torchvision.py", "--models", "resnet18", "vit_b_16", "--output", tmp_path)
     assert result.returncode == 0, result.stderr
     records = json.loads((tmp_path / "complexity.json").read_text())
     vit = next(r for r in records if r["weights"] == "ViT_B_16_Weights.IMAGENET1K_V1")

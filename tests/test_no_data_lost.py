@@ -51,11 +51,8 @@ def test_an_unreadable_val_image_keeps_the_epochs_training(tmp_path, capsys):
     note = capsys.readouterr().err
     assert f"continue with --output {tmp_path} --run-name broken --resume auto" in note, note
     saved = torch.load(tmp_path / "broken" / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["batch"], saved["trained"]) == (
-        0,
-        3,
-        True,
-    )  # 12 images, batch 4: all trained
+    # 12 images, batch 4: all trained
+    assert (saved["epoch"], saved["batch"], saved["trained"]) == (0, 3, True)
     (data / "val" / "red" / "broken.png").unlink()
     resume = note.split("continue with ")[1].split() + ["--batch-size", "2"]  # and a batch of another size
     resumed = train_main(*parse_config(TrainConfig, resume))

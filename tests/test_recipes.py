@@ -76,9 +76,8 @@ def test_every_policy_is_torchvisions_with_its_settings_and_stays_uint8(options,
     cfg = load_config(TrainConfig, [*options.split(), "--train-crop-size", "64"])
     mode = InterpolationMode(cfg.interpolation)
     crop_flip = [v2.RandomResizedCrop(64, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
-    references = v2.Compose(
-        [*crop_flip, policy(mode), v2.PILToTensor()]
-    )  # the references' order and settings
+    # the references' order and settings
+    references = v2.Compose([*crop_flip, policy(mode), v2.PILToTensor()])
     for seed in range(6):
         torch.manual_seed(seed)
         expected = references(random_image(seed))
@@ -302,11 +301,8 @@ def test_recipe_picks_the_config_arch_and_published_eval_sizes_of_the_weights(ca
         "ta_wide",
         0.05,
     )
-    assert (cfg.val_resize_size, cfg.val_crop_size, cfg.train_crop_size) == (
-        236,
-        224,
-        176,
-    )  # 236: tuned after
+    # 236: tuned after
+    assert (cfg.val_resize_size, cfg.val_crop_size, cfg.train_crop_size) == (236, 224, 176)
     assert cfg.epochs == 3  # the user's options still win
     printed = capsys.readouterr().out
     assert "82.52 / 96.146" in printed
@@ -315,9 +311,8 @@ def test_recipe_picks_the_config_arch_and_published_eval_sizes_of_the_weights(ca
     assert (cfg.arch, cfg.lr, cfg.batch_size, cfg.warmup_factor) == ("regnet_y_400mf", 0.4, 128, 0.1)
     cfg = load_config(TrainConfig, expand_recipe(["--recipe", "resnet101"]))  # an architecture: its DEFAULT
     assert (cfg.train_crop_size, cfg.ra_sampler, cfg.mixup_alpha) == (224, False, 0.2)  # "#new-recipe"
-    assert (
-        load_config(TrainConfig, expand_recipe(["--recipe", "ResNet101_Weights.DEFAULT"])) == cfg
-    )  # the same
+    # the same
+    assert load_config(TrainConfig, expand_recipe(["--recipe", "ResNet101_Weights.DEFAULT"])) == cfg
     with pytest.raises(UserError, match="SWAG"):
         expand_recipe(["--recipe", "ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1"])
     with pytest.raises(UserError, match="did you mean ResNet50_Weights.IMAGENET1K_V2"):

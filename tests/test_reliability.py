@@ -43,9 +43,8 @@ def test_bad_data_folder(tmp_path, weights_home, case):
         for split in ("train", "val"):
             (data / split / "c").mkdir()
             (data / split / "c" / "notes.txt").write_text("no images here")
-    elif (
-        case == "no_split_folders"
-    ):  # class folders straight in --data: train and val would be the same images
+    # class folders straight in --data: train and val would be the same images
+    elif case == "no_split_folders":
         for name in "ab":
             make_image(data / name / "0.png", (40, 40), fmt="PNG")
     if case != "empty":
@@ -92,6 +91,7 @@ def test_evaluation_skips_counts_and_lists_bad_images(tmp_path, weights_home):
 @pytest.mark.slow
 def test_unusual_images_load_and_are_counted(tmp_path, weights_home):
     data = tmp_path / "data"
+    # loads; its pixels: see below
     unusual = eval_folder(
         data,
         ("gray.JPEG", lambda p: make_image(p, mode="L", seed=3)),
@@ -101,7 +101,7 @@ def test_unusual_images_load_and_are_counted(tmp_path, weights_home):
         ("rgba.png", lambda p: make_image(p, mode="RGBA", fmt="PNG", seed=6)),
         ("palette.png", lambda p: make_image(p, mode="P", fmt="PNG", seed=8)),
         ("16bit.png", lambda p: sixteen_bit_png(p)[0]),
-    )  # loads; its pixels: see below
+    )
     assert [Image.open(p).mode for p in unusual] == ["L", "CMYK", "RGB", "RGB", "RGBA", "P", "I;16"]
     assert Image.open(unusual[2]).format == "PNG" and Image.open(unusual[3]).getexif()[0x0112] == 6
     result = evaluate(data, tmp_path / "out", home=weights_home)  # no --skip-bad-images: any failure stops it

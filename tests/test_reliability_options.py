@@ -25,9 +25,8 @@ def test_model_and_weights_errors(tmp_path, train_data, torch_home, offline, scr
     """(test_eval.py covers test_torchvision.py for the same cases.)"""
     arch = "resnt18" if case == "unknown_model" else "mobilenet_v3_small"
     weights = "IMAGENET1K_V9" if case == "unknown_weights" else "DEFAULT"
-    env = {
-        "TORCH_HOME": str(torch_home)
-    }  # an empty weights cache, and (the offline fixture) no way to download
+    # an empty weights cache, and (the offline fixture) no way to download
+    env = {"TORCH_HOME": str(torch_home)}
     if script == "train.py":
         result = train(train_data, tmp_path / "out", "--arch", arch, "--weights", weights, env=env)
     else:
@@ -66,10 +65,8 @@ def test_config_file_errors(tmp_path, train_data, case):
 
 
 COMMAND_LINE_ERRORS = {  # extra options: what the error line must say
-    "unknown_option": (
-        ["--lr-sheduler", "cosine"],
-        ["--lr-sheduler", "--scheduler"],
-    ),  # suggested as it is typed
+    # suggested as it is typed
+    "unknown_option": (["--lr-sheduler", "cosine"], ["--lr-sheduler", "--scheduler"]),
     "wrong_type": (["--epochs", "abc"], ["epochs", "'abc'", "int"]),
     "negative_lr": (["--lr", "-0.1"], ["lr", "positive", "-0.1"]),
     "zero_epochs": (["--epochs", "0"], ["epochs", "at least 1"]),

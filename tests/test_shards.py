@@ -38,6 +38,13 @@ def val_folder(tmp_path_factory):
     return root / "val"
 
 
+def write_shards(src, dst, shard_size: int):
+    """prepare_data.py make-shards SRC DST --shard-size N, as a user runs it."""
+    result = run_script("prepare_data.py", "make-shards", src, dst, "--shard-size", str(shard_size))
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_make_shards_writes_every_image_with_its_labels(val_folder, tmp_path):
     result = run_script(
         "prepare_data.py", "make-shards", val_folder, tmp_path / "shards", "--shard-size", "10"
@@ -53,9 +60,8 @@ def test_make_shards_writes_every_image_with_its_labels(val_folder, tmp_path):
     assert members["00000000.cls"] == str(first.target).encode()
     assert members["00000000.class"] == os.path.basename(os.path.dirname(first.path)).encode()
     assert members["00000000.path"] == os.path.relpath(first.path, val_folder).encode()
-    shard_samples, classes = find_samples(
-        tmp_path / "shards", shards_ok=True
-    )  # the manifest, as --data reads it
+    # the manifest, as --data reads it
+    shard_samples, classes = find_samples(tmp_path / "shards", shards_ok=True)
     assert [(os.path.join(val_folder, s.path), s.target) for s in shard_samples] == [
         (s.path, s.target) for s in samples
     ]
@@ -79,12 +85,7 @@ def rows_by_relative_path(out, folder=None) -> list[tuple]:
 def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(
     val_folder, tmp_path, torch_home
 ):
-    assert (
-        run_script(
-            "prepare_data.py", "make-shards", val_folder, tmp_path / "s", "--shard-size", "4"
-        ).returncode
-        == 0
-    )
+    write_shards(val_folder, tmp_path / "s", 4)
     save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
     env = {"TORCH_HOME": str(torch_home)}
     options = "--models resnet18 --resize 64 --crop 56 --batch-size 4".split()
@@ -124,12 +125,7 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert rows_by_relative_path(tmp_path / "limit")[1] == expected[:9]
     # one shard for two processes: rank 1 has nothing to read; --limit under torchrun
-    assert (
-        run_script(
-            "prepare_data.py", "make-shards", val_folder, tmp_path / "one", "--shard-size", "100"
-        ).returncode
-        == 0
-    )
+    write_shards(val_folder, tmp_path / "one", 100)
     one = [*TORCHRUN, "test_torchvision.py", "--data", tmp_path / "one", *options, "--limit", "5"]
     one = run_script(*one, "--workers", "2", "--output", tmp_path / "o", env=env)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -140,10 +136,7 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(
 @pytest.mark.slow
 def test_training_on_shards_resumes_exactly_at_epoch_boundaries(tmp_path):
     data = make_colour_dataset(tmp_path / "data")
-    assert (
-        run_script("prepare_data.py", "make-shards", data, tmp_path / "s", "--shard-size", "5").returncode
-        == 0
-    )
+    write_shards(data, tmp_path / "s", 5)
     args = ["train.py", "--data", tmp_path / "s", *TINY[:-2], "--workers", "2", "--batch-size", "4"]
     args += ["--lr", "0.01", "--shard-shuffle-buffer", "6", "--output", tmp_path / "runs"]
     straight = run_script(*args, "--epochs", "2", "--run-name", "straight")
@@ -171,10 +164,7 @@ def test_shard_errors_end_in_one_line(tmp_path):
     missing = run_script("test_torchvision.py", "--data", str(tmp_path / "val-{000000..000001}.tar"))
     assert_user_error(missing, "val.index.npz", "make-shards")
     data = make_colour_dataset(tmp_path / "data", per_class=(2, 1))
-    assert (
-        run_script("prepare_data.py", "make-shards", data, tmp_path / "s", "--shard-size", "100").returncode
-        == 0
-    )
+    write_shards(data, tmp_path / "s", 100)
     too_few = run_script(
         "train.py", "--data", tmp_path / "s", *TINY, "--batch-size", "8", "--output", tmp_path
     )
@@ -212,20 +202,14 @@ def test_make_shards_keeps_class_and_file_names_that_are_not_utf8(tmp_path):
 
 
 def test_damaged_or_mismatched_shards_end_in_one_line(val_folder, tmp_path, torch_home):
-    assert (
-        run_script(
-            "prepare_data.py", "make-shards", val_folder, tmp_path / "s", "--shard-size", "10"
-        ).returncode
-        == 0
-    )
+    write_shards(val_folder, tmp_path / "s", 10)
     save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
     args = ["test_torchvision.py", "--models", "resnet18", "--resize", "64", "--crop", "56", "--workers", "1"]
     env = {"TORCH_HOME": str(torch_home)}
     shard = tmp_path / "s" / "val-000002.tar"
     good = shard.read_bytes()
-    shard.write_bytes(
-        (tmp_path / "s" / "val-000001.tar").read_bytes()
-    )  # another shard's images under its name
+    # another shard's images under its name
+    shard.write_bytes((tmp_path / "s" / "val-000001.tar").read_bytes())
     assert_user_error(
         run_script(*args, "--data", tmp_path / "s", env=env), "val-000002.tar", "write the shards again"
     )

@@ -1,4 +1,4 @@
-"""ImageNet's other test sets (testsets.py): ImageNetV2's numeric folders, the 200-class protocol of
+"""ImageNet's other test sets (dataset.py): ImageNetV2's numeric folders, the 200-class protocol of
 ImageNet-A/-R (--mask-classes), ReaL labels, the dataset column of eval rows and the robustness report."""
 
 import json

@@ -162,11 +162,8 @@ def test_resume_is_exact(colours, tmp_path):
     image = next((colours / "val" / "red").iterdir())
     predicted = run_script("predict.py", image, "--weights", tmp_path / "straight" / "ema.pt", "--json")
     assert predicted.returncode == 0, predicted.stderr
-    assert json.loads(predicted.stdout)[0]["predictions"][0]["name"] in (
-        "red",
-        "green",
-        "blue",
-    )  # its classes
+    # its classes
+    assert json.loads(predicted.stdout)[0]["predictions"][0]["name"] in ("red", "green", "blue")
 
 
 RECIPE = (
@@ -229,9 +226,8 @@ def test_a_run_extended_with_more_epochs_follows_the_longer_schedule(colours, tm
     longer = run_script("train.py", *short, "--epochs", "3")
     assert longer.returncode == 0, longer.stderr
     assert "continues with settings other than its run's: epochs 1 -> 3" in longer.stdout, longer.stdout
-    assert (
-        yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["epochs"] == 3
-    )  # --runs reads it
+    # --runs reads it
+    assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["epochs"] == 3
     done = run_script("train.py", *short)  # nothing left to train: said, not silent
     assert (
         done.returncode == 0
@@ -239,9 +235,8 @@ def test_a_run_extended_with_more_epochs_follows_the_longer_schedule(colours, tm
     )
     other = run_script("train.py", *short, "--epochs", "4", "--optimizer", "adamw")  # another optimizer state
     assert_user_error(other, "does not fit this command's optimizer settings", "--weights")
-    assert (
-        yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["optimizer"] == "sgd"
-    )  # untouched
+    # untouched
+    assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["optimizer"] == "sgd"
     assert "resnet18" in longer.stdout and "->" not in longer.stdout.split("epochs 1 -> 3")[1].split("\n")[0]
     straight, extended = state_of(tmp_path / "straight"), state_of(tmp_path / "extended")
     assert [row["lr"] for row in extended[1]] == [row["lr"] for row in straight[1]] and extended[1][1][
@@ -301,9 +296,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(colours, tmp_path)
     ]
     assert run_script(*args, "--epochs", "1", "--lr", "0.001").returncode == 0
     good = digest(tmp_path / "nan")["last.pt"]
-    result = run_script(
-        *args, "--epochs", "2", "--resume", "auto", "--lr", "1e30"
-    )  # a resume follows the new lr
+    # a resume follows the new lr
+    result = run_script(*args, "--epochs", "2", "--resume", "auto", "--lr", "1e30")
     assert_user_error(result, "loss became", "at step")
     assert digest(tmp_path / "nan")["last.pt"] == good
 

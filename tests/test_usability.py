@@ -37,9 +37,8 @@ def finetuned(tmp_path_factory):
     ]
     result = run_script("train.py", "--data", data, *options)
     assert result.returncode == 0, result.stderr
-    assert (
-        "top-1" in result.stdout and "%" in result.stdout.split("top-1", 1)[1].split("|")[0]
-    )  # 91.67%, not 91.67
+    # 91.67%, not 91.67
+    assert "top-1" in result.stdout and "%" in result.stdout.split("top-1", 1)[1].split("|")[0]
     return root / "colours", data
 
 
@@ -59,14 +58,14 @@ def test_a_trained_model_evaluates_on_its_own_classes_and_predicts_their_names(f
     result = run_script(*args, "--output", tmp_path / "out", "--workers", "0")
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "out" / "eval.json").read_text())[0]
-    assert (
-        record["n_images"] == 12 and record["crop"] == 32 and record["resize"] == 36
-    )  # the run's preprocessing
+    # the run's preprocessing
+    assert record["n_images"] == 12 and record["crop"] == 32 and record["resize"] == 36
     assert record["acc1"] == pytest.approx(float(best["val_acc1"]))  # reproduces the run's best epoch
     assert f"top-1 {record['acc1']:.3f}%" in result.stdout  # a percentage, not a fraction
+    # no --arch: the checkpoint's own (resnet18)
     predicted = run_script(
         "predict.py", data / "val" / "red" / "0.png", "--weights", run / "best.pt", "--topk", "3", "--json"
-    )  # no --arch: the checkpoint's own (resnet18)
+    )
     assert predicted.returncode == 0, predicted.stderr
     names = [p["name"] for p in json.loads(predicted.stdout)[0]["predictions"]]
     assert sorted(names) == ["blue", "green", "red"]
