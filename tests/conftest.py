@@ -57,6 +57,42 @@ def run_script(*args, env=None, timeout=600, cwd=ROOT) -> subprocess.CompletedPr
     )
 
 
+def run_main(script: str, *args, env=None) -> subprocess.CompletedProcess:
+    """SCRIPT's entry point called in this process, as `python SCRIPT ARGS...` runs it: the exit code,
+    stdout and stderr, as run_script gives them. For the runs of a test whose point is what they compute,
+    not the process around them (each such test keeps at least one run_script): starting a process
+    (importing torch and torchvision) costs seconds."""
+    import contextlib
+    import gc
+    import importlib
+    import io
+
+    import torch
+
+    import dataset
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    entry = getattr(module, "cli_main", None) or module.main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved_env = dict(os.environ)
+    os.environ.update({key: str(value) for key, value in (env or {}).items()})
+    torch.hub._hub_dir = None  # TORCH_HOME may be another
+    dataset._manifest_arrays.cache_clear()  # shards rewritten under the same name are read again
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.hub._hub_dir = None
+        # what the run left (an ONNX Runtime session, say) is destroyed here, not as garbage in a process
+        # a later test forks, where its thread pool's locks would hang
+        gc.collect()
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     """Non-zero exit, one 'error:' line naming the problem, and no traceback."""
     assert result.returncode != 0, result.stdout + result.stderr

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision import models
 
 from coder import imagenet_wnids
-from conftest import make_image, run_script
+from conftest import make_image, run_main
 
 WNIDS = imagenet_wnids()
 WEIGHTS = models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
@@ -97,14 +97,16 @@ TINY_TRAIN = (
 
 
 def train(data, out, *extra, **kwargs):
-    """train.py on tiny settings (a few seconds on 2 cores); later options override earlier ones."""
+    """train.py on tiny settings, run in this process (conftest.run_main: what a user sees of it, without
+    a process's start); later options override earlier ones."""
     options = [*TINY_TRAIN.split(), "--workers", "0", "--output", out, "--run-name", "x"]
-    return run_script("train.py", "--data", data, *options, *extra, **kwargs)
+    return run_main("train.py", "--data", data, *options, *extra, **kwargs)
 
 
 def evaluate(data, out, *extra, home):
+    """test_torchvision.py on `data` with (random) mobilenet_v3_small weights from `home`, in this process."""
     options = ["--models", "mobilenet_v3_small", "--output", out, "--workers", "0", "--batch-size", "4"]
-    return run_script("test_torchvision.py", "--data", data, *options, *extra, env={"TORCH_HOME": str(home)})
+    return run_main("test_torchvision.py", "--data", data, *options, *extra, env={"TORCH_HOME": str(home)})
 
 
 def assert_no_run_dir(out):

@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import models
 
 from coder import imagenet_wnids
-from conftest import ROOT, assert_user_error, make_image, run_script, save_torchvision_checkpoint
+from conftest import ROOT, assert_user_error, make_image, run_main, run_script, save_torchvision_checkpoint
 
 
 def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
@@ -103,7 +103,7 @@ def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
         "| run | part | variant | img/s | vs | ratio |" in merged.stdout
         and "bench: eval: ours / baseline" in merged.stdout
     )
-    assert_user_error(run_script("benchmark.py", "--merge", tmp_path / "missing.json"), "missing.json")
+    assert_user_error(run_main("benchmark.py", "--merge", tmp_path / "missing.json"), "missing.json")
 
 
 def run_part(tmp_path, options: str):
@@ -137,7 +137,7 @@ def test_benchmark_times_int8_against_fp32_on_the_same_images(tmp_path):
         and int8["ratio"] == int8["img_per_s"] / fp32["img_per_s"]
     )
     assert "int8: int8 resnet18 batch 2 / fp32 = " in result.stdout
-    no_int8 = run_script("benchmark.py", "--data", tmp_path, "--parts", "int8", "--arch", "vgg11")
+    no_int8 = run_main("benchmark.py", "--data", tmp_path, "--parts", "int8", "--arch", "vgg11")
     assert_user_error(no_int8, "no int8 vgg11", "resnet50")
     # weights looked for in --weights-dir (as in the other scripts), not downloaded
     empty = tmp_path / "weights"
@@ -173,13 +173,13 @@ def test_benchmark_latency_of_every_cpu_backend_per_batch_size(tmp_path):
     ) == (99, 10, 3)
     assert "latency: onnxruntime resnet18 batch 3: p50" in result.stdout
     assert Image.open(tmp_path / "b.png").size == (1100, 400)
-    bad = run_script("benchmark.py", "--data", tmp_path, "--parts", "latency", "--batch-sizes", "1,x")
+    bad = run_main("benchmark.py", "--data", tmp_path, "--parts", "latency", "--batch-sizes", "1,x")
     assert_user_error(bad, "--batch-sizes 1,x")
 
 
 def test_benchmark_needs_data_for_the_image_parts(tmp_path):
     assert_user_error(run_script("benchmark.py", "--parts", "eval"), "--data")
-    assert_user_error(run_script("benchmark.py", "--parts", "model,decode"), "unknown part")
+    assert_user_error(run_main("benchmark.py", "--parts", "model,decode"), "unknown part")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this is the real 5-minute check")

@@ -10,7 +10,7 @@ import torch
 from torchvision import models
 
 from coder import imagenet_wnids
-from conftest import make_image, read_csv, run_script, save_torchvision_checkpoint
+from conftest import make_image, read_csv, run_main, run_script, save_torchvision_checkpoint
 from test_train import TINY, make_colour_dataset
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def test_evaluation_counts_every_image_once_in_any_world_size(tmp_path, torch_ho
     env = {"TORCH_HOME": str(torch_home)}
     options = "--models resnet18 --resize 64 --crop 56 --batch-size 8 --workers 0".split()
     args = ["test_torchvision.py", "--data", tmp_path / "val", *options]
-    single = run_script(*args, "--output", tmp_path / "one", env=env)
+    single = run_main(*args, "--output", tmp_path / "one", env=env)  # in this process: the reference
     double = run_script(*TORCHRUN, *args, "--output", tmp_path / "two", env=env)
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     one, two = (json.loads((tmp_path / d / "eval.json").read_text())[0] for d in ("one", "two"))
@@ -68,7 +68,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
         *"--dropout 0 --epochs 2 --lr 0.001 --output".split(),
         tmp_path,
     ]
-    single = run_script(*common, "--batch-size", "8", "--run-name", "one")
+    single = run_main(*common, "--batch-size", "8", "--run-name", "one")  # in this process: the reference
     double = run_script(
         *TORCHRUN, DIGEST, tmp_path / "digests", *common[1:], "--batch-size", "4", "--run-name", "two"
     )
@@ -98,7 +98,7 @@ def test_torchrun_with_one_process_runs_ddp_and_trains_like_a_plain_process(tmp_
         *"--epochs 1 --batch-size 8 --lr 0.01 --output".split(),
         tmp_path,
     ]
-    plain = run_script(*common, "--run-name", "plain")
+    plain = run_main(*common, "--run-name", "plain")  # in this process: the reference
     one = run_script(*TORCHRUN[:-1], "--nproc_per_node=1", *common, "--run-name", "one")
     assert plain.returncode == 0 and one.returncode == 0, plain.stderr + one.stderr
     assert "process group none" in plain.stdout and "process group gloo" in one.stdout, one.stdout

@@ -9,7 +9,7 @@ from torchvision import models
 
 from backends import OnnxRuntimeModel
 from coder import imagenet_wnids
-from conftest import make_image, read_csv, run_script, save_torchvision_checkpoint
+from conftest import make_image, read_csv, run_main, run_script, save_torchvision_checkpoint
 from export import main
 from model import onnx_metadata
 from presets import EvalPreset
@@ -199,7 +199,7 @@ def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
     args = ["test_torchvision.py", "--data", tmp_path / "val", *options, "--output", tmp_path / "out"]
     env = {"TORCH_HOME": str(torch_home)}
     for backend in ("pytorch", "onnxruntime"):
-        result = run_script(*args, "--backend", backend, env=env)
+        result = run_main(*args, "--backend", backend, env=env)
         assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert [r["backend"] for r in rows] == ["pytorch", "onnxruntime"]  # the backend is part of the row's key
@@ -210,7 +210,7 @@ def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
     assert top1[0] == top1[1] and len(top1[0]) == 12
     # named by the weights and a metadata hash
     [cached] = (tmp_path / "out" / "onnx").glob(f"{WEIGHTS}_*.onnx")
-    again = run_script(*args, "--backend", "onnxruntime", env=env)
+    again = run_main(*args, "--backend", "onnxruntime", env=env)
     assert "already in" in again.stdout + again.stderr
     written = cached.stat().st_mtime_ns
     assert run_script(*args, "--backend", "onnxruntime", "--force", env=env).returncode == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchvision import models
 
-from conftest import assert_user_error, make_image, run_script
+from conftest import assert_user_error, make_image, run_main
 from reliability_inputs import WEIGHTS, assert_no_run_dir, eval_folder, evaluate, train
 
 # ----------------------------------------------------------------------------- models and weights
@@ -31,7 +31,7 @@ def test_model_and_weights_errors(tmp_path, train_data, torch_home, offline, scr
         result = train(train_data, tmp_path / "out", "--arch", arch, "--weights", weights, env=env)
     else:
         image = make_image(tmp_path / "cat.jpg")
-        result = run_script("predict.py", image, "--arch", arch, "--weights", weights, env=env)
+        result = run_main("predict.py", image, "--arch", arch, "--weights", weights, env=env)
     expected = {
         "unknown_model": ["'resnt18'", "resnet18"],
         "unknown_weights": ["IMAGENET1K_V9", "IMAGENET1K_V1"],
@@ -95,7 +95,7 @@ def run_with_checkpoint(route, path, tmp_path, data, home):
     if route == "eval_weights":
         eval_folder(tmp_path / "data")
         return evaluate(tmp_path / "data", tmp_path / "out", "--weights", path, home=home)
-    return run_script(
+    return run_main(
         "predict.py",
         make_image(tmp_path / "cat.jpg"),
         *"--arch mobilenet_v3_small --weights".split(),

@@ -15,7 +15,14 @@ import torch
 from torchvision import models
 
 from coder import imagenet_wnids
-from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
+from conftest import (
+    assert_user_error,
+    make_image,
+    read_csv,
+    run_main,
+    run_script,
+    save_torchvision_checkpoint,
+)
 from dataset import find_samples
 from test_train import TINY, make_colour_dataset
 
@@ -39,8 +46,9 @@ def val_folder(tmp_path_factory):
 
 
 def write_shards(src, dst, shard_size: int):
-    """prepare_data.py make-shards SRC DST --shard-size N, as a user runs it."""
-    result = run_script("prepare_data.py", "make-shards", src, dst, "--shard-size", str(shard_size))
+    """prepare_data.py make-shards SRC DST --shard-size N (in this process: the make-shards tests run it as
+    a process)."""
+    result = run_main("prepare_data.py", "make-shards", src, dst, "--shard-size", str(shard_size))
     assert result.returncode == 0, result.stderr
     return result
 
@@ -109,8 +117,9 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(
         ],
     }
     try:
-        for name, args in runs.items():
-            result = run_script(*args, "--output", tmp_path / name, env=env)
+        for name, args in runs.items():  # the two processes of torchrun, the others in this process
+            run = run_script if name == "two" else run_main
+            result = run(*args, "--output", tmp_path / name, env=env)
             assert result.returncode == 0, result.stderr[-3000:]
     finally:
         server.shutdown()
@@ -121,7 +130,7 @@ def test_shards_evaluate_to_the_folders_predictions_in_one_and_two_processes(
         assert rows == expected, name
         assert record["dataset"] == folder["dataset"]  # the source folder's name, kept in the manifest
         assert (record["n_images"], record["acc1"], record["acc5"]) == (25, folder["acc1"], folder["acc5"])
-    limited = run_script(*runs["pattern"], "--limit", "9", "--output", tmp_path / "limit", env=env)
+    limited = run_main(*runs["pattern"], "--limit", "9", "--output", tmp_path / "limit", env=env)
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert rows_by_relative_path(tmp_path / "limit")[1] == expected[:9]
     # one shard for two processes: rank 1 has nothing to read; --limit under torchrun
@@ -139,8 +148,9 @@ def test_training_on_shards_resumes_exactly_at_epoch_boundaries(tmp_path):
     write_shards(data, tmp_path / "s", 5)
     args = ["train.py", "--data", tmp_path / "s", *TINY[:-2], "--workers", "2", "--batch-size", "4"]
     args += ["--lr", "0.01", "--shard-shuffle-buffer", "6", "--output", tmp_path / "runs"]
-    straight = run_script(*args, "--epochs", "2", "--run-name", "straight")
-    first = run_script(*args, "--epochs", "1", "--run-name", "split")
+    # the uninterrupted run and the first half in this process, the resume as a user runs it
+    straight = run_main(*args, "--epochs", "2", "--run-name", "straight")
+    first = run_main(*args, "--epochs", "1", "--run-name", "split")
     resumed = run_script(*args, "--epochs", "2", "--run-name", "split", "--resume", "auto")
     for result in (straight, first, resumed):
         assert result.returncode == 0, result.stderr[-3000:]
@@ -156,7 +166,7 @@ def test_training_on_shards_resumes_exactly_at_epoch_boundaries(tmp_path):
     assert two.returncode == 0 and "process group gloo" in two.stdout, two.stderr[-3000:]
     assert "note: 10 shards over 2 processes x 2 loader workers" in two.stdout  # 10 is no multiple of 4
     val_pattern = str(tmp_path / "s" / "val-{000000..000003}.tar")  # names the folder; train.py takes train/
-    from_val = run_script("train.py", "--data", val_pattern, *args[3:], "--epochs", "1", "--run-name", "v")
+    from_val = run_main("train.py", "--data", val_pattern, *args[3:], "--epochs", "1", "--run-name", "v")
     assert from_val.returncode == 0 and "48 train / 18 val images" in from_val.stdout, from_val.stderr[-3000:]
 
 
@@ -165,23 +175,21 @@ def test_shard_errors_end_in_one_line(tmp_path):
     assert_user_error(missing, "val.index.npz", "make-shards")
     data = make_colour_dataset(tmp_path / "data", per_class=(2, 1))
     write_shards(data, tmp_path / "s", 100)
-    too_few = run_script(
-        "train.py", "--data", tmp_path / "s", *TINY, "--batch-size", "8", "--output", tmp_path
-    )
+    too_few = run_main("train.py", "--data", tmp_path / "s", *TINY, "--batch-size", "8", "--output", tmp_path)
     assert_user_error(too_few, "no full batch")
-    repeated = run_script("train.py", "--data", tmp_path / "s", *TINY, "--ra-sampler", "--output", tmp_path)
+    repeated = run_main("train.py", "--data", tmp_path / "s", *TINY, "--ra-sampler", "--output", tmp_path)
     assert_user_error(repeated, "--no-ra-sampler")
-    files_only = run_script(
+    files_only = run_main(
         "prepare_data.py", "preview", "--config", "configs/torchvision_v2.yaml", "--data", tmp_path / "s"
     )
     assert_user_error(files_only, "is tar shards", "image folder")
-    labels = run_script(
+    labels = run_main(
         "test_torchvision.py", "--data", tmp_path / "s", "--val-labels", "x.csv", "--models", "resnet18"
     )
     assert_user_error(labels, "--val-labels does not apply")
     (tmp_path / "s" / "val.index.npz").write_bytes(b"PK\x03\x04 cut short")  # a half-downloaded manifest
     assert_user_error(
-        run_script("test_torchvision.py", "--data", tmp_path / "s"), "cannot read the shard manifest"
+        run_main("test_torchvision.py", "--data", tmp_path / "s"), "cannot read the shard manifest"
     )
 
 
@@ -215,13 +223,13 @@ def test_damaged_or_mismatched_shards_end_in_one_line(val_folder, tmp_path, torc
     )
     shard.write_bytes(good[: len(good) // 2])  # cut short
     assert_user_error(
-        run_script(*args, "--data", tmp_path / "s", env=env), "cannot read shard", "val-000002.tar"
+        run_main(*args, "--data", tmp_path / "s", env=env), "cannot read shard", "val-000002.tar"
     )
     shard.unlink()
-    assert_user_error(run_script(*args, "--data", tmp_path / "s", env=env), "val-000002.tar is missing")
-    partial = run_script(*args, "--data", str(tmp_path / "s" / "val-{000000..000001}.tar"), env=env)
+    assert_user_error(run_main(*args, "--data", tmp_path / "s", env=env), "val-000002.tar is missing")
+    partial = run_main(*args, "--data", str(tmp_path / "s" / "val-{000000..000001}.tar"), env=env)
     assert_user_error(partial, "val-{000000..000002}.tar", "pass the folder")
-    assert_user_error(run_script(*args, "--data", str(tmp_path / "s" / "*.tar")), "globs are not expanded")
+    assert_user_error(run_main(*args, "--data", str(tmp_path / "s" / "*.tar")), "globs are not expanded")
 
 
 def test_make_shards_names_a_split_folder_by_its_name_and_refuses_to_write_inside_it(tmp_path):

@@ -9,7 +9,14 @@ from PIL import Image
 from torchvision import models
 
 from coder import imagenet_wnids
-from conftest import assert_user_error, make_image, read_csv, run_script, save_torchvision_checkpoint
+from conftest import (
+    assert_user_error,
+    make_image,
+    read_csv,
+    run_main,
+    run_script,
+    save_torchvision_checkpoint,
+)
 from dataset import Sample, dataset_name, find_samples, real_accuracy, real_label_sets
 from loader import load_rgb
 from report import robustness_table, write_robustness
@@ -22,7 +29,8 @@ EVAL = "--models resnet18 --resize 64 --crop 56 --batch-size 4 --workers 0 --no-
 
 
 def evaluate(data, out, torch_home, *options):
-    result = run_script(
+    """test_torchvision.py --data DATA in this process (the error cases below run as a process)."""
+    result = run_main(
         "test_torchvision.py",
         "--data",
         data,
@@ -165,7 +173,7 @@ def test_real_labels_score_the_val_images_next_to_their_original_labels(tmp_path
     assert_user_error(bad, "not ReaL's format")
     other = tmp_path / "other"
     make_image(other / WNIDS[3] / "cat.JPEG")
-    bad = run_script(
+    bad = run_main(
         "test_torchvision.py",
         "--data",
         other,
@@ -250,7 +258,7 @@ def test_int8_weights_evaluate_like_torchvisions_quantized_model(tmp_path, torch
     for i in range(10):
         make_image(data / WNIDS[(i * 97) % 1000] / f"{i}.JPEG", (80 + 4 * i, 64), seed=i)
     options = "--models quantized_shufflenet_v2_x0_5 --batch-size 4 --workers 0".split()
-    result = run_script(
+    result = run_main(
         "test_torchvision.py",
         "--data",
         data,

