@@ -82,7 +82,7 @@ from model import (
     weights_enum,
 )
 from presets import EvalPreset, normalize, train_preset, train_transform
-from report import markdown_table, plot_latency
+from report import benchmark_report, benchmark_summary, merge_benchmarks, plot_latency
 from utils import (
     ArgumentParser,
     UserError,
@@ -608,104 +608,6 @@ def bench_index(args) -> list[dict]:
             os.environ.pop(CACHE_ENV, None)
         else:
             os.environ[CACHE_ENV] = cache_setting
-
-
-# ----------------------------------------------------------------------------- the report
-
-
-def benchmark_summary(rows: list[dict]) -> list[str]:
-    """Ratios against the plain loops, end-to-end eval as a share of the model alone, and the loader
-    cores a GPU needs for each recipe's train transform."""
-    compared = [r for r in rows if r["part"] in ("eval", "train") and "ratio" in r]
-    lines = [f"{r['part']}: ours / baseline = {r['ratio']:.2f}x" for r in compared]
-    int8 = [r for r in rows if r["part"] == "int8" and "ratio" in r]
-    lines += [f"int8: {r['variant'].split(' (')[0]} / fp32 = {r['ratio']:.2f}x" for r in int8]
-    for r in (r for r in rows if "workers_per_gpu" in r):
-        lines.append(
-            f"augment: {r['variant'].split(':')[0]} needs {r['workers_per_gpu']} loader cores per GPU "
-            f"training at {r['gpu_img_per_s']} img/s ({r['img_per_s']:.0f} img/s per core here)"
-        )
-    for r in (r for r in rows if r["part"] == "latency"):
-        lines.append(
-            f"latency: {r['variant']}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-            f"{r['img_per_s']:.1f} img/s, memory +{r['peak_mb']:.0f} MB"
-        )
-    for r in (r for r in rows if r["part"] == "index_memory"):
-        ours, objects = r["worker_growth_mb"]["ours"], r["worker_growth_mb"]["list"]
-        lines.append(
-            f"index: {r['files']} files: {r['bytes_per_image_beside_paths']:.1f} bytes per image beside "
-            f"{r['path_bytes_per_image']:.1f} bytes of path (a list of Sample objects: "
-            f"{r['list_of_samples_bytes_per_image']:.0f} bytes per image)"
-        )
-        lines.append(
-            f"index: one pass of {r['workers']} loader workers: resident +{ours[0]:.1f} MB, private "
-            f"+{ours[1]:.1f} MB per worker (a list of Sample objects: +{objects[0]:.1f} MB, "
-            f"+{objects[1]:.1f} MB)"
-        )
-    lines += [f"{r['part']}: note: {r['note']}" for r in rows if "note" in r]
-    for ours in (r for r in rows if "share_of_model_only" in r):
-        lines.append(
-            f"eval: ours end-to-end = {100 * ours['share_of_model_only']:.0f}% of the model alone "
-            f"({ours['model_only']['img_per_s']:.1f} img/s on synthetic batches, same settings, timed in "
-            "turn)"
-        )
-    return lines
-
-
-def benchmark_report(rows: list[dict], lines: list[str]) -> str:
-    """The speed table (with a run column when rows come from several JSON files), the approx table
-    and the summary lines."""
-    runs = ["run"] if any("run" in r for r in rows) else []
-    speed = [
-        {
-            "run": r.get("run"),
-            "part": r["part"],
-            "variant": r["variant"],
-            "img/s": f"{r['img_per_s']:.1f}",
-            "vs": r.get("baseline"),
-            "ratio": f"{r['ratio']:.2f}x" if "ratio" in r else None,
-        }
-        for r in rows
-        if r["part"] not in ("approx", "index_memory")
-    ]
-    approx = [
-        {
-            "run": r.get("run"),
-            "variant": r["variant"],
-            "acc1": f"{r['acc1']:.2f}",
-            "acc1 change": f"{r['acc1_delta']:+.2f}",
-            "same top-1": f"{r['top1_agreement']:.1f}%",
-            "same top-5, in order": f"{r['top5_agreement']:.1f}%",
-            "top-1 probability change, max": f"{100 * r['top1_prob_change']:.2g}%",
-        }
-        for r in rows
-        if r["part"] == "approx"
-    ]
-    tables = []
-    if speed:
-        tables.append(markdown_table(speed, [*runs, "part", "variant", "img/s", "vs", "ratio"]))
-    if approx:
-        tables.append(markdown_table(approx, [*runs, *list(approx[0])[1:]]))
-    return "\n".join(tables + lines)
-
-
-def merge_benchmarks(paths: list[str]) -> str:
-    """One report of several benchmark.py --output results (scripts/gpu_check.sh's table), the machine
-    named."""
-    rows, lines, machine_line = [], [], ""
-    for path in paths:
-        try:
-            result = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"cannot read benchmark result {path} ({e}); pass files written by --output"
-            ) from e
-        rows += [{"run": Path(path).stem, **r} for r in result["rows"]]
-        lines += [f"{Path(path).stem}: {line}" for line in result["summary"]]
-        m = result["machine"]
-        libraries = f"torch {m['torch']}, torchvision {m['torchvision']}"
-        machine_line = f"{m['gpu'] or m['cpu']}, {m['cores']} CPU cores, {libraries}"
-    return machine_line + "\n\n" + benchmark_report(rows, lines)
 
 
 # ----------------------------------------------------------------------------- the command line
