@@ -162,8 +162,15 @@ def test_ctrl_c_during_training_says_how_to_continue(tmp_path):
         resume = ["--resume", "auto"] if last.exists() else []
         saved = last.stat().st_mtime_ns if last.exists() else 0
         command = [sys.executable, "train.py", "--data", data, *args, "--run-name", "ctrl-c", *resume]
+        # SIGINT as a terminal delivers it: a shell without job control starts its background commands
+        # with SIGINT ignored, and the ignoring is inherited (python then installs no Ctrl-C handler)
         process = subprocess.Popen(
-            list(map(str, command)), cwd=ROOT, stderr=subprocess.PIPE, text=True, stdout=subprocess.DEVNULL
+            list(map(str, command)),
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.time() + 60  # until this process has saved once: it is in the training loop
         while time.time() < deadline and (not last.exists() or last.stat().st_mtime_ns == saved):
