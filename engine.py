@@ -70,8 +70,9 @@ def check_bad_images(errors, samples, skip: bool) -> list[str]:
     for index, error in errors:
         if not skip:
             raise UserError(
-                f"cannot read image {samples[index].path} ({error}); fix or remove it, "
-                "or pass --skip-bad-images to skip and list such files"
+                f"cannot read image {samples[index].path} ({error}); fix or remove it, or pass "
+                "--skip-bad-images to skip and list such files; `python prepare_data.py check DIR` "
+                "lists every unreadable image of a dataset before a run"
             )
     return [samples[index].path for index, _ in errors]
 

@@ -1,5 +1,5 @@
 """Get data ready for the other scripts: sort a flat validation folder into class folders, write WebDataset
-tar shards, and preview what a training recipe feeds the model.
+tar shards, preview what a training recipe feeds the model, and find unreadable images before a long run.
 
 Turn a flat validation folder into class folders of symlinks (idempotent, copies nothing):
     python prepare_data.py prepare-val /data/imagenet/val [--val-labels LOC_val_solution.csv] [--output DIR]
@@ -9,23 +9,51 @@ Tar shards of every split of a folder (what they hold: dataset.py; how they are 
     python test_torchvision.py --data 'https://host/shards/val-{000000..000009}.tar' --models resnet50
 See what a training recipe feeds the model (augmentations, then MixUp/CutMix, with the soft labels):
     python prepare_data.py preview --config configs/torchvision_v2.yaml --data /data/imagenet --output p.png
+Decode every image of every split (all cores), list the unreadable ones and exit non-zero if any:
+    python prepare_data.py check /data/imagenet [--workers N] [--output unreadable.txt]
 """
 
+import contextlib
+import gc
 import itertools
 import json
+import multiprocessing
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from coder import LabelCoder, imagenet_wnids
 from config import TrainConfig, load_config
-from dataset import FLAT_VAL, SPLITS, WNID, Samples, find_samples, folder_set_name, val_labels
-from loader import ImageDataset
+from dataset import (
+    FLAT_VAL,
+    SPLITS,
+    WNID,
+    Samples,
+    find_samples,
+    folder_set_name,
+    is_shard_source,
+    split_folder,
+    val_labels,
+)
+from loader import ImageDataset, load_rgb
 from presets import IMAGENET_MEAN, IMAGENET_STD, MixUpCutMix, normalize, train_transform
 from report import plot_preview
-from utils import RUNTIME_HELP, ArgumentParser, UserError, atomic_write, cli, positive_int
+from utils import (
+    RUNTIME_HELP,
+    ArgumentParser,
+    UserError,
+    atomic_write,
+    atomic_write_text,
+    available_cores,
+    cli,
+    non_negative_int,
+    positive_int,
+)
 
 # ----------------------------------------------------------------------------- prepare-val
 
@@ -183,6 +211,76 @@ def write_preview(config, data, out, count: int = 16, seed: int = 0) -> None:
     print(f"wrote {out}: {len(images)} training images of {data} as {config} augments and mixes them")
 
 
+# ----------------------------------------------------------------------------- check
+
+
+def check_images(data, workers: int | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """(every image file of every split of `data`: train/ and val/ of a root, or `data` itself as one
+    split; (path, why) of each one that does not decode as a run decodes it), decoded by `workers`
+    processes (default: every usable core; 0 or 1: this process)."""
+    if is_shard_source(data):
+        raise UserError(f"{data} is tar shards, which check does not read; check the image folder instead")
+    splits = [s for s in SPLITS if (Path(data) / s).is_dir()] or ["val"]
+    paths = [path for split in splits for path in split_images(data, split)]
+    workers = available_cores() if workers is None else workers
+    bar = tqdm(total=len(paths), desc="decoding", unit="image", disable=None)
+    bad, parallel = [], workers > 1 and len(paths) > 1
+    if parallel:
+        gc.collect()  # no garbage for forked workers to collect: a native object in it may hang them (ORT's)
+    # fork: the workers need only loader.load_rgb, imported already (macOS can't fork torch: spawn there)
+    context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+    with context.Pool(min(workers, len(paths))) if parallel else contextlib.nullcontext() as pool:
+        # chunks: a message per 64 images at most, yet every worker busy to the end
+        chunk = max(1, min(64, len(paths) // (8 * max(workers, 1))))
+        results = pool.imap(decode_error, paths, chunksize=chunk) if parallel else map(decode_error, paths)
+        for path, why in zip(paths, results):
+            if why:
+                bad.append((path, why))
+            bar.update()
+    bar.close()
+    return paths, bad
+
+
+def split_images(data, split: str) -> list[str]:
+    """The image files a run reads from one split of `data` (a flat val folder's too: no labels needed)."""
+    try:
+        return [sample.path for sample in find_samples(data, split, imagenet_labels=False)[0]]
+    except UserError:
+        folder = split_folder(data, split)
+        flat = sorted(p for p in folder.iterdir() if p.is_file() and FLAT_VAL.match(p.name))
+        if not flat:
+            raise
+        return [str(p) for p in flat]
+
+
+def decode_error(path: str) -> str:
+    """'' when the image decodes fully as a run decodes it (loader.load_rgb), else why not, on one line."""
+    try:
+        load_rgb(path)
+    except Exception as e:  # noqa: BLE001 - whatever would stop a run on this file, named as the run names it
+        return f"{type(e).__name__}: {e}".replace("\n", " ")
+    return ""
+
+
+def check_dataset(data, workers: int | None = None, output=None) -> None:
+    """check_images, said: one line per unreadable image and a summary; --output lists their paths;
+    any unreadable image is a UserError (exit code 2)."""
+    start = time.perf_counter()
+    paths, bad = check_images(data, workers)
+    seconds = time.perf_counter() - start
+    for path, why in bad:
+        print(f"{path}: {why}")
+    if output:
+        atomic_write_text(output, "".join(f"{path}\n" for path, _ in bad))
+    listed = f" (their paths: {output})" if output and bad else ""
+    print(f"{len(paths)} images checked in {seconds:.1f} s, {len(bad)} unreadable{listed}")
+    if bad:
+        raise UserError(
+            f"{len(bad)} of the {len(paths)} images of {data} are unreadable (listed above); fix or remove "
+            "them, or pass --skip-bad-images to train.py and test_torchvision.py to skip and list them"
+        )
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
@@ -211,6 +309,17 @@ def build_parser() -> ArgumentParser:
     show.add_argument("--output", default="preview.png", help="the PNG to write (default: preview.png)")
     show.add_argument("--count", type=positive_int, default=16, help="images in the grid (default: 16)")
     show.add_argument("--seed", type=int, default=0)
+    check = sub.add_parser("check", help="decode every image of a folder (all cores), list the unreadable")
+    check.add_argument(
+        "data", metavar="DIR", help="a root with train/ and val/, or one split folder (any --data layout)"
+    )
+    check.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="decoding processes (default: every usable core; 0: in this process)",
+    )
+    check.add_argument("--output", help="also write the unreadable images' paths to this file, one a line")
     return p
 
 
@@ -221,6 +330,8 @@ def main(argv=None):
         return make_shards(args.src, args.dst, args.shard_size, args.split, args.val_labels)
     if args.command == "preview":
         return write_preview(args.config, args.data, args.output, args.count, args.seed)
+    if args.command == "check":
+        return check_dataset(args.data, args.workers, args.output)
     out = prepare_val(args.val_dir, args.val_labels, args.output)
     classes = sum(1 for d in out.iterdir() if d.is_dir())
     print(

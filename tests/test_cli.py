@@ -159,7 +159,7 @@ SHARED_OPTIONS = {
     "--amp": ["train.py", "test_torchvision.py", "benchmark.py", "predict.py"],
     "--channels-last": ["train.py", "test_torchvision.py", "benchmark.py", "predict.py"],
     "--batch-size": ["train.py", "test_torchvision.py", "benchmark.py"],
-    "--workers": ["train.py", "test_torchvision.py", "benchmark.py"],
+    "--workers": ["train.py", "test_torchvision.py", "benchmark.py", "prepare_data.py"],
     "--weights": ["train.py", "test_torchvision.py", "benchmark.py", "predict.py", "export.py"],
     "--weights-dir": ["train.py", "test_torchvision.py", "benchmark.py", "predict.py", "export.py"],
     "--data": ["train.py", "test_torchvision.py", "benchmark.py", "prepare_data.py"],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_user_error, make_image
+from conftest import assert_user_error, make_image, run_main
 from loader import load_rgb
 from reliability_inputs import (
     WNIDS,
@@ -66,7 +66,7 @@ def test_unreadable_image_stops_evaluation(tmp_path, weights_home, maker):
     eval_folder(tmp_path / "data", ("broken.JPEG", maker))
     result = evaluate(tmp_path / "data", tmp_path / "out", home=weights_home)
     needles = {"bomb": ["DecompressionBomb"], "truncated": ["truncated"]}.get(maker.__name__, [])
-    assert_user_error(result, "broken.JPEG", "--skip-bad-images", *needles)
+    assert_user_error(result, "broken.JPEG", "--skip-bad-images", "prepare_data.py check", *needles)
     assert not (tmp_path / "out" / "eval.json").exists()
 
 
@@ -154,7 +154,7 @@ def test_non_wnid_folders_with_a_1000_way_head(tmp_path, weights_home):
 def test_training_stops_on_a_bad_image(tmp_path):
     data = train_folder(tmp_path / "data", bad_train=random_bytes)
     result = train(data, tmp_path / "out")
-    assert_user_error(result, "broken.png", "--skip-bad-images")
+    assert_user_error(result, "broken.png", "--skip-bad-images", "prepare_data.py check")
 
 
 @pytest.mark.slow
@@ -177,3 +177,34 @@ def test_training_skips_counts_and_lists_bad_images(tmp_path, batch_size):
     for path in (data / "train" / "a" / "broken.png", data / "val" / "b" / "broken.png"):
         assert str(path) in output, output
     assert (tmp_path / "out" / "x" / "last.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- a dataset checked before a run
+
+
+def test_check_lists_every_unreadable_image_of_a_dataset(tmp_path):
+    """prepare_data.py check DIR decodes every image of train/ and val/ in worker processes, as a run
+    would: a truncated JPEG and a zero-byte file are listed with why, one line each, after them a summary,
+    and one error line; their paths go to --output. Without them it passes."""
+    data = train_folder(tmp_path / "data")  # 12 PNGs
+    for split in ("train", "val"):
+        make_image(data / split / "b" / "photo.jpg", (40, 30))
+    cut = truncated_jpeg(data / "train" / "a" / "cut.JPEG")
+    empty = data / "val" / "b" / "empty.jpg"
+    empty.write_bytes(b"")
+    listing = tmp_path / "unreadable.txt"
+    result = run_main("prepare_data.py", "check", data, "--workers", "2", "--output", listing)
+    assert_user_error(result, "2 of the 16 images", str(data), "--skip-bad-images")
+    *bad, summary = result.stdout.splitlines()
+    assert [line.split(": ")[0] for line in bad] == [str(cut), str(empty)], result.stdout
+    assert "truncated" in bad[0].lower() and "cannot identify image file" in bad[1]
+    assert summary.startswith("16 images checked in ")
+    assert summary.endswith(f", 2 unreadable (their paths: {listing})")
+    assert listing.read_text().splitlines() == [str(cut), str(empty)]
+
+    cut.unlink()
+    empty.unlink()
+    clean = run_main("prepare_data.py", "check", data, "--output", listing)
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.startswith("14 images checked in ") and clean.stdout.endswith(", 0 unreadable\n")
+    assert listing.read_text() == ""
