@@ -2,7 +2,7 @@
 to plain PyTorch loops in the same run. Every number is the median of --repeats timed passes after one
 untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights: nothing is downloaded.
 
-    python benchmark.py --data /work/shared/data/imagenet-samples --output results/benchmark-cpu.json
+    python benchmark.py --data /data/imagenet/val --output results/benchmark-cpu.json    # every part
     python benchmark.py --data DIR --parts data --worker-counts 0,1,2   # decoding alone: PIL, tensor, batched
     python benchmark.py --parts model --arch resnet50 --amp bf16 --compile   # model alone, synthetic input
     python benchmark.py --data DIR --parts eval --decode gpu --amp bf16  # JPEGs decoded on the GPU

@@ -24,6 +24,7 @@ from torchvision import models
 from loss import check_label_smoothing
 from model import check_arch
 from presets import AutoAugment, Interpolation, TrainPresetName, check_crop_fits
+from tracking import tracker_module
 from utils import RUNTIME_HELP, Amp, ArgumentParser, ChannelsLast, Device, UserError, closest, rank
 
 
@@ -59,6 +60,9 @@ class TrainConfig:
         False, "synthetic images instead of --data, for throughput runs (no checkpoints are written)", DATA
     )
     dummy_size: int = option(512, "images per epoch with --dummy", DATA)
+    limit: int | None = option(
+        None, "a quick check: train and validate on N images each, spread over the classes", DATA
+    )
 
     epochs: int = option(90, "epochs of the schedule", SCHEDULE)
     batch_size: int = option(32, "per process; the global batch is batch_size x world size", SCHEDULE)
@@ -156,6 +160,10 @@ class TrainConfig:
     skip_bad_images: bool = option(
         False, "skip unreadable images (listed at the end) instead of stopping", RUN
     )
+    tracker: Literal["none", "wandb", "mlflow"] = option(
+        "none", "also log the config, each epoch's metrics and the run's files to W&B or MLflow", RUN
+    )
+    tracker_project: str = option("imagenet-classification", "the W&B project or MLflow experiment", RUN)
 
 
 AT_LEAST_ONE = (
@@ -192,6 +200,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"augmix_severity must be in 1..10, got {cfg.augmix_severity}")
     if cfg.ra_magnitude > 30:
         raise UserError(f"ra_magnitude must be in 0..30, got {cfg.ra_magnitude}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"limit must be at least 1, got {cfg.limit}")
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {cfg.num_classes}")
     if cfg.workers is not None and cfg.workers < 0:
@@ -203,6 +213,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     check_arch(cfg.arch, int8=False)
     if not cfg.data and not cfg.dummy:
         raise UserError("no data: pass --data DIR (an ImageFolder root with train/ and val/) or --dummy")
+    tracker_module(cfg.tracker)  # its package is installed, before the run folder exists
     return cfg
 
 
@@ -248,6 +259,12 @@ def config_parser(cls, description: str = "") -> ArgumentParser:
     hints = typing.get_type_hints(cls)
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", metavar="YAML", help="a file of keys that differ from the defaults")
+    parser.add_argument(
+        "--recipe",
+        metavar="WEIGHTS",
+        help="the config and settings torchvision trained these weights with (e.g. "
+        "ResNet50_Weights.IMAGENET1K_V2; docs/recipes.md), in place of --config; other options override it",
+    )
     groups, defaults = {}, cls()
     for f in dataclasses.fields(cls):
         title = f.metadata.get("group", "options")
@@ -351,6 +368,13 @@ def resumed_config(cfg, saved: dict | None, given: frozenset | None) -> tuple:
         return cfg, []
     values = dataclasses.asdict(cfg)
     given = set(values) if given is None else set(given) | set(NOT_INHERITED)
+    if "optimizer" in given and saved.get("optimizer", values["optimizer"]) != values["optimizer"]:
+        # the saved optimizer state has another optimizer's fields (torch fails at its first step)
+        raise UserError(
+            f"the run was trained with --optimizer {saved['optimizer']}, whose state its checkpoint holds; "
+            f"resume with --optimizer {saved['optimizer']} (or leave it out), or start a new run from its "
+            "weights with --weights"
+        )
     changes = []
     for name in values.keys() & saved.keys():
         if name not in given:

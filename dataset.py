@@ -542,6 +542,13 @@ KNOWN_SETS = {
     "imagenet_r": "imagenet-r",
 }
 IMAGENET_NAMES = ("imagenet", "ilsvrc2012", "imagenet-1k", "imagenet1k", "imagenet_1k")
+# ImageNet-C (Hendrycks & Dietterich, 2019): CORRUPTION/SEVERITY/wnid/*.JPEG, 15 corruptions and 4 extra
+IMAGENET_C_CORRUPTIONS = (
+    "gaussian_noise shot_noise impulse_noise defocus_blur glass_blur motion_blur zoom_blur snow frost fog "
+    "brightness contrast elastic_transform pixelate jpeg_compression speckle_noise gaussian_blur spatter "
+    "saturate"
+).split()
+IMAGENET_C = "imagenet-c"
 
 
 def is_shifted_set(dataset: str) -> bool:
@@ -549,19 +556,32 @@ def is_shifted_set(dataset: str) -> bool:
     published ImageNet-val accuracies of the weights say nothing."""
     dataset = dataset.lower()  # --dataset ImageNet-A names it as given
     renamed = tuple(key for key, known in KNOWN_SETS.items() if known is None)
-    return dataset in KNOWN_SETS.values() or dataset.startswith(renamed)
+    return dataset in (*KNOWN_SETS.values(), IMAGENET_C) or dataset.startswith(renamed)
+
+
+def corruption(data) -> dict:
+    """An ImageNet-C folder's {'corruption': 'gaussian_noise', 'severity': 3} (its path: CORRUPTION/1..5),
+    else both None."""
+    folder = None if is_url(str(data)) or is_shard_source(data) else Path(data).absolute()
+    severities = ("1", "2", "3", "4", "5")
+    if folder is not None and folder.name in severities and folder.parent.name in IMAGENET_C_CORRUPTIONS:
+        return {"corruption": folder.parent.name, "severity": int(folder.name)}
+    return {"corruption": None, "severity": None}
 
 
 def dataset_name(data, explicit: str | None = None) -> str:
     """The `dataset` of an eval row: `explicit`; for tar shards, the name of the folder make-shards read;
     else a known set named by the folder or one of its two parents (imagenet-a, imagenet-r,
-    imagenet-sketch, the ImageNetV2 variants by their own names); else 'imagenet' for a folder (or the
+    imagenet-sketch, the ImageNetV2 variants by their own names); imagenet-c for one of its
+    CORRUPTION/SEVERITY folders (the row has both: corruption()); else 'imagenet' for a folder (or the
     parent of a split folder) named imagenet or ILSVRC2012; else the folder's name (with its parent's
-    for a split or numbered folder: 'gaussian_noise/3')."""
+    for a split or numbered folder: 'pets/2')."""
     if explicit:
         return explicit
     if is_shard_source(data):
         return read_manifest(data, "val", imagenet_labels=False).dataset
+    if corruption(data)["corruption"] is not None:
+        return IMAGENET_C
     return folder_set_name(Path(data))
 
 

@@ -18,7 +18,7 @@ import torch
 from backends import OPSET, export_metadata, export_onnx
 from dataset import find_samples
 from loader import load_rgb
-from model import DEFAULT_ARCH, build_model, is_onnx_file, prepare_for_eval, resolve_weights
+from model import ARCH_HELP, build_model, is_onnx_file, prepare_for_eval, resolve_weights
 from presets import EvalPreset, normalize
 from utils import ArgumentParser, UserError, add_weights_args, cli, positive_int
 
@@ -37,10 +37,7 @@ def validation_images(folder, preset: EvalPreset, count: int) -> torch.Tensor:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, renamed={"--out": "--output"})
-    p.add_argument(
-        "--arch",
-        help=f"any torchvision classifier (default: a train.py checkpoint's own, else {DEFAULT_ARCH})",
-    )
+    p.add_argument("--arch", help=ARCH_HELP)
     add_weights_args(p, "DEFAULT", "DEFAULT, an enum name, a .pth or a train.py checkpoint")
     p.add_argument("--output", help="the .onnx file to write (default: ARCH.onnx)")
     p.add_argument("--images", help="a folder of images to validate on (default: 8 random images)")

@@ -10,6 +10,7 @@ int8 models, and the inference form of a model (BatchNorm folded, channels_last)
 
 import contextlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -27,7 +28,11 @@ from coder import LabelCoder, imagenet_wnids
 from presets import EvalPreset
 from utils import UserError, closest, load_checkpoint
 
-DEFAULT_ARCH = "resnet50"  # where nothing names one: torchvision's weights names and .pth files
+DEFAULT_ARCH = "resnet50"  # for weights names without their enum class ('DEFAULT', 'IMAGENET1K_V2')
+ARCH_HELP = (
+    "any torchvision classifier (default: the one --weights names: a train.py checkpoint, a torchvision "
+    f"download, an .onnx file, an enum; else {DEFAULT_ARCH})"
+)
 
 
 def _quantized_archs() -> tuple[list[str], str]:
@@ -142,8 +147,8 @@ def check_saved_arch(state: dict, arch: str, path) -> None:
     saved = saved_arch(state)
     if saved and saved != arch:
         raise UserError(
-            f"checkpoint {path} is a {saved} model, not {arch}; use it as {saved} "
-            f"(train.py/predict.py --arch {saved}, test_torchvision.py --models {saved})"
+            f"checkpoint {path} is a {saved} model, not {arch}; leave the architecture out (the file names "
+            f"it) or name {saved}"
         )
 
 
@@ -242,9 +247,10 @@ def resolve_weights(weights, arch: str | None = None) -> Weights:
                                     (its classes and config), or any other state dict of the architecture;
       an .onnx file                 export.py's file, described by its metadata.
 
-    arch: the architecture; None takes the one the weights name (a train.py checkpoint, an .onnx file,
-    an enum or 'ResNet50_Weights.IMAGENET1K_V2'), else DEFAULT_ARCH. A file that names another
-    architecture than `arch` is an error."""
+    arch: the architecture; None takes the one the weights name (a train.py checkpoint's config, a
+    torchvision download's file name, an .onnx file's metadata, an enum or 'ResNet50_Weights.IMAGENET1K_V2');
+    a name without its enum class takes DEFAULT_ARCH, a file that names none is an error. A file that names
+    another architecture than `arch` is an error: one rule in every script."""
     if is_onnx_file(weights):
         return _onnx_weights(str(weights), arch)
     if not is_weights_file(weights):
@@ -253,7 +259,7 @@ def resolve_weights(weights, arch: str | None = None) -> Weights:
         return Weights(arch, enum, enum)
     path = str(weights)
     state = load_checkpoint(path)
-    arch = check_arch(arch or saved_arch(state) or DEFAULT_ARCH)
+    arch = check_arch(arch or saved_arch(state) or download_arch(path) or _unnamed_arch(path))
     check_saved_arch(state, arch, path)
     downloaded = downloaded_weights(arch, path)
     trained_here = isinstance(state.get("config"), dict) and isinstance(state.get("classes"), list)
@@ -261,10 +267,24 @@ def resolve_weights(weights, arch: str | None = None) -> Weights:
     return Weights(arch, path, downloaded or weights_enum(arch, "DEFAULT"), run)
 
 
+def download_arch(path) -> str | None:
+    """The architecture of a torchvision download, by its file name ('resnet50-11ad3fa6.pth')."""
+    return next((arch for arch in ARCHS + QUANTIZED_ARCHS if downloaded_weights(arch, path)), None)
+
+
+def _unnamed_arch(path) -> str:
+    raise UserError(
+        f"{path} does not name its architecture (no train.py config, not a torchvision download's file "
+        "name); name it: --arch ARCH (test_torchvision.py: --models ARCH)"
+    )
+
+
 def _onnx_weights(path: str, arch: str | None) -> Weights:
     meta = onnx_file_metadata(path)
     if arch is not None and arch != meta["arch"]:
-        raise UserError(f"{path} is a {meta['arch']} model, not {arch}; leave the architecture out")
+        raise UserError(
+            f"{path} is a {meta['arch']} model, not {arch}; leave the architecture out (the file names it)"
+        )
     exported_from = meta["source"]
     named = exported_from != "random" and not is_weights_file(exported_from)
     return Weights(
@@ -272,27 +292,144 @@ def _onnx_weights(path: str, arch: str | None) -> Weights:
     )
 
 
+# ----------------------------------------------------------------------------- input sizes
+
+# Builders made for one image size, taken as an argument: ViT's position embeddings (image_size) and
+# MaxViT's attention grids (input_size); pretrained weights fix it to the size they were trained at.
+SIZE_ARGUMENTS = {"vit_": "image_size", "maxvit_": "input_size"}
+PROBED_SIZES = range(16, 513, 16)  # where a size is refused, the sizes the message offers instead
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Create parameters and buffers on the meta device: shapes only, no memory, init or download.
+    (torch.device('meta') as a context breaks RegNet, whose builder computes widths with tensors.)"""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def meta_parameter(self, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def meta_buffer(self, name, buffer, persistent=True):
+        register_buffer(self, name, buffer if buffer is None else buffer.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = meta_parameter, meta_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def size_argument(arch: str, crop: int) -> dict:
+    """The builder argument that makes a randomly initialised ViT or MaxViT for `crop` px images ({} for
+    every other architecture, which takes any size above its minimum)."""
+    for prefix, name in SIZE_ARGUMENTS.items():
+        if float_arch(arch).startswith(prefix):
+            return {name: crop if name == "image_size" else (crop, crop)}
+    return {}
+
+
+def takes_one_size(arch: str) -> bool:
+    return bool(size_argument(arch, 224))
+
+
+def _fits(arch: str, size: int, train: bool, kwargs: dict) -> str | None:
+    """None when the architecture runs on (2, 3, size, size) images, else why not (shapes only: the meta
+    device computes no values)."""
+    try:
+        with on_meta(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # googlenet's and inception_v3's notes on their default init
+            model = models.get_model(float_arch(arch), weights=None, **kwargs).train(train)
+            model(torch.empty(2, 3, size, size, device="meta"))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    return None
+
+
+def check_input_size(arch: str, weights, size: int, option: str, train: bool = False, built=False) -> None:
+    """A UserError, before anything is written, when `arch` can't take `size` px images (--option size):
+    each architecture's minimum, ViT's patch multiples, MaxViT's grids, the one size pretrained ViT
+    and MaxViT weights were trained at; the message says which sizes work. built: the model is built
+    by default (for 224 px without weights), not for the size (as train.py builds a new one)."""
+    enum = weights if isinstance(weights, WeightsEnum) else None
+
+    def kwargs_at(px: int) -> dict:
+        # with weights, torchvision's builder sets the size argument to theirs
+        if enum is not None:
+            return size_argument(arch, enum.meta["min_size"][0])
+        return size_argument(arch, 224 if built else px)
+
+    why = _fits(arch, size, train, kwargs_at(size))
+    if why is None:
+        return
+    working = [px for px in PROBED_SIZES if _fits(arch, px, train, kwargs_at(px)) is None]
+    if working and working == [px for px in PROBED_SIZES if px >= working[0]]:
+        # a minimum size: found to the pixel between the probed sizes
+        low, high = working[0] - PROBED_SIZES.step, working[0]  # low fails (or is below the probes)
+        while high - low > 1:
+            middle = (low + high) // 2
+            fits = _fits(arch, middle, train, kwargs_at(middle)) is None
+            low, high = (low, middle) if fits else (middle, high)
+        takes = f"{high} px or more"
+    else:
+        takes = _describe_sizes(working)
+    raise UserError(
+        f"{arch}{f' with {enum}' if enum is not None else ''} can't take {size} px images ({option} {size}: "
+        f"{why}); it takes {takes}"
+    )
+
+
+def _describe_sizes(working: list[int]) -> str:
+    if not working:
+        return f"none from {PROBED_SIZES.start} to {PROBED_SIZES[-1]} px"
+    if len(working) == 1:
+        return f"{working[0]} px only"
+    step = math.gcd(*working)
+    if working == [px for px in PROBED_SIZES if px >= working[0] and px % step == 0]:
+        return f"multiples of {step} px"
+    return ", ".join(map(str, working[:6])) + " px" + (", ..." if len(working) > 6 else "")
+
+
 # ----------------------------------------------------------------------------- building
+
+
+def weights_path(weights: WeightsEnum, weights_dir=None) -> Path:
+    """Where the file of torchvision's weights is read from: `weights_dir`, else torchvision's cache."""
+    folder = Path(weights_dir) if weights_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / weights_file_name(weights)
+
+
+class MissingWeights(UserError):
+    """A torchvision weights file that is neither here nor downloadable: a sweep skips those weights.
+    url: where to download it from; folder: where to put it."""
+
+    def __init__(self, message: str, url: str, folder: Path):
+        super().__init__(message)
+        self.url, self.folder = url, folder
 
 
 def load_weights_state(weights: WeightsEnum, weights_dir=None) -> dict:
     """State dict of a torchvision weights enum, from `weights_dir` or torchvision's cache,
     downloading into the cache when online."""
-    name = weights_file_name(weights)
-    folder = Path(weights_dir) if weights_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    name, folder = weights_file_name(weights), weights_path(weights, weights_dir).parent
     if not (folder / name).is_file():
         if weights_dir:
-            raise UserError(
-                f"weights file {name} for {weights} is not in {folder}; download {weights.url} into it"
+            raise MissingWeights(
+                f"weights file {name} for {weights} is not in {folder}; download {weights.url} into it",
+                weights.url,
+                folder,
             )
         try:
             folder.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(folder / name), hash_prefix=None, progress=True)
         except Exception as e:
-            raise UserError(
+            raise MissingWeights(
                 f"weights file {name} for {weights} is not in {folder} and could not be downloaded "
                 f"({type(e).__name__}); download {weights.url} and put it there "
-                "(or pass --weights-dir DIR)"
+                "(or pass --weights-dir DIR)",
+                weights.url,
+                folder,
             ) from e
     return load_checkpoint(folder / name, f"weights of {weights}")
 
@@ -328,7 +465,7 @@ def build_model(
         model = _build_from_file(arch, weights, kwargs)
     else:
         return models.get_model(arch, weights=None, num_classes=num_classes or 1000, **kwargs)
-    if num_classes is not None and num_classes != _num_outputs(model):
+    if num_classes is not None and num_classes != num_outputs(model):
         replace_head(model, num_classes)
     return model
 
@@ -340,6 +477,9 @@ def _build_from_file(arch: str, path, kwargs: dict) -> nn.Module:
     check_saved_arch(state, arch, path)
     head = list(state_dict.values())[-1] if state_dict else None  # torchvision heads end the state dict
     saved_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 1 else 1000
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    if takes_one_size(arch) and "train_crop_size" in config:  # a ViT or MaxViT trained here at its size
+        kwargs = {**size_argument(arch, config["train_crop_size"]), **kwargs}
     model = models.get_model(arch, weights=None, num_classes=saved_classes, **kwargs)
     load_checked(lambda: model.load_state_dict(state_dict), arch, path)
     return model
@@ -356,6 +496,8 @@ def _build_int8(arch: str, weights: WeightsEnum | None, weights_dir=None) -> nn.
     with warnings.catch_warnings():  # torch deprecates torch.ao.quantization and its tensors; both still work
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        # googlenet's note on its default init: the int8 weights replace every initialised value
+        warnings.simplefilter("ignore", FutureWarning)
         model = models.get_model(arch, weights=None, quantize=True, backend=backend)
         if weights is not None:
             state_dict = load_weights_state(weights, weights_dir)
@@ -380,7 +522,7 @@ def _head(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
     return parent, attr, getattr(parent, attr)
 
 
-def _num_outputs(model: nn.Module) -> int:
+def num_outputs(model: nn.Module) -> int:
     head = _head(model)[2]
     return head.out_features if isinstance(head, nn.Linear) else head.out_channels
 

@@ -19,8 +19,8 @@ import torch
 from backends import OnnxRuntimeModel
 from engine import Runtime
 from loader import IMAGE_ERRORS, load_rgb
-from model import DEFAULT_ARCH, build_model, is_quantized, prepare_for_eval, resolve_weights
-from presets import EvalPreset
+from model import ARCH_HELP, build_model, check_input_size, is_quantized, prepare_for_eval, resolve_weights
+from presets import EvalPreset, add_preprocessing_args
 from utils import (
     ArgumentParser,
     UserError,
@@ -57,12 +57,11 @@ def format_predictions(path: str, predictions: list[dict]) -> str:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument(
-        "--arch", help=f"any torchvision classifier (default: a checkpoint's own, else {DEFAULT_ARCH})"
-    )
+    p.add_argument("--arch", help=ARCH_HELP)
     weights_help = "DEFAULT, an enum name, a .pth file, a train.py checkpoint or an export.py .onnx file"
     add_weights_args(p, "DEFAULT", weights_help)
     p.add_argument("--topk", type=positive_int, default=5)
+    add_preprocessing_args(p)
     switch(p, "--json", "print one JSON list instead of text")
     add_runtime_args(p)
     return p
@@ -73,7 +72,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
 
     weights = resolve_weights(args.weights, args.arch)  # a given --arch must match a checkpoint's
-    preset = weights.preset()
+    if weights.onnx is not None and (args.resize or args.crop or args.interpolation):
+        raise UserError(f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation")
+    preset = weights.preset(args.resize, args.crop, args.interpolation)
+    if args.crop and weights.run is None:  # its one size (ViT, MaxViT), or its minimum
+        check_input_size(weights.arch, weights.enum, preset.crop, "--crop", built=True)
     images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
     if weights.onnx is not None:  # export.py's file: its own preprocessing and class names, on ONNX Runtime
         model, runtime = OnnxRuntimeModel(weights.source), Runtime.on_cpu(preset)

@@ -7,6 +7,8 @@ preset, while the host moves 4x fewer bytes. (torchvision's references/classific
     batch = normalize(torch.stack([preset(load_rgb(p)) for p in paths]), preset.mean, preset.std)
 """
 
+import argparse
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,10 +17,24 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as F
 
-from utils import UserError
+from utils import UserError, positive_int
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, for all weights
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
+
+
+def add_preprocessing_args(parser: argparse.ArgumentParser) -> None:
+    """--resize, --crop and --interpolation: the eval preprocessing of the weights, overridden
+    (test_torchvision.py and predict.py)."""
+    parser.add_argument(
+        "--resize", type=positive_int, help="override the weights' resize size (shorter side)"
+    )
+    parser.add_argument("--crop", type=positive_int, help="override the weights' center crop size")
+    parser.add_argument(
+        "--interpolation", choices=typing.get_args(Interpolation), help="override the weights' interpolation"
+    )
+
+
 TrainPresetName = Literal["standard", "original"]
 AutoAugment = Literal["none", "ta_wide", "ra", "imagenet", "augmix"]
 

@@ -54,10 +54,11 @@ def write_records(records: list[dict], out_dir, stem: str, columns: list[str]) -
 
 
 def write_metrics(history: list[dict], run_dir, tensorboard=None) -> None:
-    """metrics.csv (one row per epoch, rewritten whole) and the last row as TensorBoard scalars."""
+    """metrics.csv (one row per epoch, rewritten whole) and the last row's numbers as TensorBoard scalars."""
     if tensorboard is not None and history:
         for key, value in history[-1].items():
-            tensorboard.add_scalar(key, value, history[-1]["epoch"])
+            if isinstance(value, (int, float)):  # not best_pt, which names the weights best.pt holds
+                tensorboard.add_scalar(key, value, history[-1]["epoch"])
         tensorboard.flush()
     if not history:
         return
@@ -117,14 +118,23 @@ def tensorboard_writer(run_dir: Path):
 def robustness_table(rows: list[dict], clean: str = "imagenet") -> tuple[list[dict], list[str]]:
     """(one row per weights enum evaluated on `clean` and another set: clean top-1, then each set's top-1 and
     its drop; the other sets' names). ReaL top-1 of a clean row counts as the set 'real'; a masked row
-    (--mask-classes) as '<set> (masked)'. Rows of a --limit run are left out; of rows with the same
+    (--mask-classes) as '<set> (masked)'; ImageNet-C's rows as one set, 'imagenet-c', the mean top-1 over
+    the corruptions and severities evaluated. Rows of a --limit run are left out; of rows with the same
     weights and set, the last one counts."""
     accuracy: dict[str, dict[str, float]] = {}
+    corrupted: dict[str, dict[tuple, float]] = {}  # weights -> (corruption, severity) -> top-1
     for r in (r for r in rows if not r.get("limit")):  # a --limit run is a smoke test, not a result
         label = r.get("dataset", "imagenet") + (" (masked)" if r.get("masked") else "")
+        if r.get("corruption"):
+            corrupted.setdefault(r["weights"], {})[(label, r["corruption"], r["severity"])] = r["acc1"]
+            continue
         accuracy.setdefault(r["weights"], {})[label] = r["acc1"]
         if label == clean and r.get("real_acc1") is not None:
             accuracy[r["weights"]]["real"] = r["real_acc1"]
+    for weights, found in corrupted.items():
+        for label in {key[0] for key in found}:
+            values = [acc1 for key, acc1 in found.items() if key[0] == label]
+            accuracy.setdefault(weights, {})[label] = sum(values) / len(values)
     compared = {weights: found for weights, found in accuracy.items() if clean in found and len(found) > 1}
     sets = sorted({label for found in compared.values() for label in found if label != clean})
     table = []

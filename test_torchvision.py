@@ -22,7 +22,6 @@ import json
 import math
 import multiprocessing
 import sys
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from backends import OnnxRuntimeModel, exported_model
 from config import recipes_table
 from dataset import (
     class_mask,
+    corruption,
     dataset_name,
     eval_samples,
     images_fingerprint,
@@ -55,18 +55,21 @@ from model import (
     ARCHS,
     NO_QUANTIZATION,
     QUANTIZED_ARCHS,
+    MissingWeights,
     Weights,
     all_weights,
     build_model,
+    check_input_size,
     float_arch,
     is_onnx_file,
     is_quantized,
     is_weights_file,
+    on_meta,
     prepare_for_eval,
     resolve_weights,
     weights_enum,
 )
-from presets import Interpolation
+from presets import add_preprocessing_args
 from report import markdown_table, plot_acc_vs_gmacs, write_predictions, write_records, write_robustness
 from utils import (
     RUNTIME_HELP,
@@ -127,11 +130,7 @@ def build_parser() -> ArgumentParser:
         default="imagenet",
         help="the set robustness.md compares the others with (default: imagenet)",
     )
-    e.add_argument("--resize", type=positive_int, help="override the weights' resize size (shorter side)")
-    e.add_argument("--crop", type=positive_int, help="override the weights' center crop size")
-    e.add_argument(
-        "--interpolation", choices=typing.get_args(Interpolation), help="override the weights' interpolation"
-    )
+    add_preprocessing_args(e)
     e.add_argument("--limit", type=positive_int, help="evaluate only the first N images (sorted by path)")
     switch(e, "--skip-bad-images", "skip unreadable images, count and list them")
     switch(e, "--force", "re-evaluate weights already in OUTPUT/eval.json")
@@ -202,27 +201,6 @@ def select_weights(patterns: list[str], choice: str, evaluating: bool = False) -
 # ----------------------------------------------------------------------------- complexity
 
 
-@contextlib.contextmanager
-def _on_meta():
-    """Create parameters and buffers on the meta device: shapes only, no memory, init or download.
-    (torch.device('meta') as a context breaks RegNet, whose builder computes widths with tensors.)"""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def meta_parameter(self, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(self, name, param)
-
-    def meta_buffer(self, name, buffer, persistent=True):
-        register_buffer(self, name, buffer if buffer is None else buffer.to("meta"), persistent)
-
-    nn.Module.register_parameter, nn.Module.register_buffer = meta_parameter, meta_buffer
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
-
-
 def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None = None) -> nn.Module:
     """The architecture as the weights' builder makes it, on the meta device."""
     kwargs = {"num_classes": len(weights.meta["categories"] or range(1000))} if weights is not None else {}
@@ -236,7 +214,7 @@ def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None =
         kwargs.update(aux_logits=False, init_weights=False)
     if arch == "inception_v3":
         kwargs.update(aux_logits=True, init_weights=False)
-    with _on_meta():
+    with on_meta():
         return models.get_model(arch, weights=None, **kwargs).eval()
 
 
@@ -410,9 +388,9 @@ def run_complexity(args) -> list[dict]:
 # ----------------------------------------------------------------------------- evaluation
 
 EVAL_COLUMNS = (
-    "model weights dataset masked n_images acc1 acc5 real_acc1 real_acc5 loss acc1_published acc1_delta "
-    "acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation amp decode backend "
-    "quantized_engine"
+    "model weights dataset corruption severity masked n_images acc1 acc5 real_acc1 real_acc5 loss "
+    "acc1_published acc1_delta acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation "
+    "amp decode backend quantized_engine"
 ).split()
 
 
@@ -425,6 +403,7 @@ class Sweep:
     samples: list  # the images evaluated (--limit applied)
     data_key: dict  # what names the data in a row: dataset, data, images fingerprint, masked, real labels
     mask: torch.Tensor | None  # --mask-classes: the classes the whole set holds
+    all_classes: bool  # all of ImageNet-1k's 1000 classes among the whole set's images
     real: list[set[int]] | None  # --real-labels: each image's ReaL labels
     device: torch.device
     workers: int
@@ -449,6 +428,7 @@ def plan_sweep(args, device) -> Sweep:
     real = real_label_sets(samples, load_real_labels(args.real_labels)) if args.real_labels else None
     data_key = {
         "dataset": dataset_name(args.data, args.dataset),
+        **corruption(args.data),
         "data": args.data if is_url(args.data) else str(Path(args.data).resolve()),
         "images": images_fingerprint(samples, args.data),
         "masked": args.mask_classes,
@@ -459,6 +439,7 @@ def plan_sweep(args, device) -> Sweep:
         samples=samples,
         data_key=data_key,
         mask=class_mask(all_samples, len(classes) if classes else 1000) if args.mask_classes else None,
+        all_classes=len({s.target for s in all_samples}) == 1000,
         real=real,
         device=device,
         workers=default_workers(device) if args.workers is None else args.workers,
@@ -472,26 +453,27 @@ def plan_sweep(args, device) -> Sweep:
 
 def selected_weights(args) -> tuple[list[Weights], str]:
     """The weights --models and --weights name, read by resolve_weights, and the backend that runs them
-    (--backend; ONNX Runtime for an .onnx file)."""
-    if is_onnx_file(args.weights):  # export.py's file: its architecture, preprocessing and source weights
-        onnx = resolve_weights(args.weights)
-        if onnx.classes is not None:
+    (--backend; ONNX Runtime for an .onnx file). A file names its architecture (a train.py checkpoint, a
+    torchvision download, an .onnx file): --models may leave it out; one that contradicts it is refused."""
+    if is_weights_file(args.weights) or is_onnx_file(args.weights):
+        if len(args.models) != 1 or (args.models != ["*"] and args.models[0] not in ARCHS):
             raise UserError(
-                f"{args.weights} is a model of its own classes; evaluate its train.py checkpoint instead"
+                f"--weights {args.weights} is one model: leave --models out, or name its one architecture"
             )
-        if args.resize or args.crop or args.interpolation:
-            raise UserError(
-                f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation"
-            )
-        if args.models not in (["*"], [onnx.arch]):
-            raise UserError(f"{args.weights} is a {onnx.arch} model; drop --models")
-        return [onnx], "onnxruntime"
-    if is_weights_file(args.weights):
-        if len(args.models) != 1 or args.models[0] not in ARCHS:
-            raise UserError("a weights file needs exactly one model name: --models ARCH --weights FILE")
-        return [resolve_weights(args.weights, args.models[0])], args.backend
-    pairs = select_weights(args.models, args.weights, evaluating=True)
-    return [resolve_weights(weights, arch) for arch, weights in pairs], args.backend
+        weights = resolve_weights(args.weights, None if args.models == ["*"] else args.models[0])
+    else:
+        pairs = select_weights(args.models, args.weights, evaluating=True)
+        return [resolve_weights(weights, arch) for arch, weights in pairs], args.backend
+    if weights.onnx is None:
+        return [weights], args.backend
+    # export.py's file: its architecture, preprocessing and source weights
+    if weights.classes is not None:
+        raise UserError(
+            f"{args.weights} is a model of its own classes; evaluate its train.py checkpoint instead"
+        )
+    if args.resize or args.crop or args.interpolation:
+        raise UserError(f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation")
+    return [weights], "onnxruntime"
 
 
 def read_eval_rows(out: Path) -> list[dict]:
@@ -553,6 +535,9 @@ def evaluate_weights(args, sweep: Sweep, weights: Weights) -> Evaluated | None:
     """Build and evaluate one set of weights, or None when it is skipped (already in eval.json with the
     same data and settings, unless --force; not exportable; out of memory even at batch 1)."""
     preset = weights.preset(args.resize, args.crop, args.interpolation)
+    # before the model is built: its one size (ViT, MaxViT), or its minimum (a run's: its own crop)
+    if args.crop and weights.run is None:
+        check_input_size(weights.arch, weights.enum, preset.crop, "--crop", built=True)
     runtime = eval_runtime(args, sweep, weights, preset)
     on_cpu = is_quantized(weights.arch) or sweep.backend == "onnxruntime"
     key = {
@@ -590,7 +575,7 @@ def evaluate_weights(args, sweep: Sweep, weights: Weights) -> Evaluated | None:
     if result is None:
         tqdm.write(f"{weights.source}: out of memory even at batch 1, skipped")
         return None
-    return Evaluated(key, eval_row(weights, key, result, batch_size, sweep.real), result)
+    return Evaluated(key, eval_row(weights, key, result, batch_size, sweep), result)
 
 
 def eval_batches(args, sweep: Sweep, preset, runtime: Runtime, gpu_decode: bool):
@@ -615,22 +600,37 @@ def same_row(row: dict, key: dict) -> bool:
     return all(row.get(k) == v for k, v in key.items())
 
 
-def eval_row(weights: Weights, key: dict, result: dict, batch_size: int, real) -> dict:
-    """The eval.json row of one evaluation: its key, the measurements, the published numbers on ImageNet
-    val."""
+def eval_row(weights: Weights, key: dict, result: dict, batch_size: int, sweep: Sweep) -> dict:
+    """The eval.json row of one evaluation: its key, the measurements, and where the row measures what the
+    weights publish, the published numbers."""
     measured = {k: v for k, v in result.items() if k not in ("predictions", "seconds")}
     record = {"model": weights.arch, **key, **measured}
     record["batch_size"] = batch_size  # below --batch-size after an out-of-memory retry
     record["quantized_engine"] = weights.enum.meta.get("backend") if weights.enum is not None else None
     settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
     record["predictions"] = f"predictions/{Path(str(weights.source)).name}_{settings_hash}.csv"
-    record.update(err1=100 - record["acc1"], err5=100 - record["acc5"])
-    if real is not None:
-        record.update(real_accuracy(result["predictions"], real))
-    # the published numbers are ImageNet val's: they say nothing on a masked or shifted set
-    if weights.published is not None and not (record["masked"] or is_shifted_set(record["dataset"])):
+    if len(weights.classes or range(1000)) <= 5 or (sweep.mask is not None and sweep.mask.sum() <= 5):
+        record["acc5"] = None  # every image's class is among the top 5 of 5 classes or fewer
+    record.update(err1=100 - record["acc1"], err5=None if record["acc5"] is None else 100 - record["acc5"])
+    if sweep.real is not None:
+        record.update(real_accuracy(result["predictions"], sweep.real))
+    if weights.published is not None and measures_published(weights, record, sweep):
         record.update(published_deltas(weights.published, record))
     return record
+
+
+def measures_published(weights: Weights, record: dict, sweep: Sweep) -> bool:
+    """The published numbers are for all of ImageNet val with the weights' own preprocessing: they say
+    nothing on a masked or shifted set, a class subset, a --limit run or another --resize/--crop."""
+    own = weights.preset()
+    own_preprocessing = (own.resize, own.crop, own.interpolation)
+    return (
+        not record["masked"]
+        and not is_shifted_set(record["dataset"])
+        and sweep.all_classes
+        and not record["limit"]
+        and (record["resize"], record["crop"], record["interpolation"]) == own_preprocessing
+    )
 
 
 def run_evaluation(args) -> list[dict]:
@@ -639,8 +639,17 @@ def run_evaluation(args) -> list[dict]:
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
     sweep = plan_sweep(args, device)
+    missing = []  # the weights of a sweep whose files are neither here nor downloadable
     for weights in tqdm(sweep.weights, desc="models", unit="model", disable=not is_main() or None):
-        evaluated = evaluate_weights(args, sweep, weights)
+        try:
+            evaluated = evaluate_weights(args, sweep, weights)
+        except MissingWeights as e:
+            if len(sweep.weights) == 1:
+                raise
+            missing.append(e)
+            if is_main():
+                tqdm.write(f"{weights.source}: skipped: its file is not in {e.folder} (nor downloadable)")
+            continue
         if evaluated is None:
             continue
         record, result = evaluated.row, evaluated.result
@@ -649,31 +658,49 @@ def run_evaluation(args) -> list[dict]:
             continue
         write_predictions(result["predictions"], sweep.out / record["predictions"])
         write_records(sweep.done, sweep.out, "eval", EVAL_COLUMNS)
+        top5 = "" if record["acc5"] is None else f"  top-5 {record['acc5']:.3f}%"
         tqdm.write(
-            f"{weights.source}: top-1 {record['acc1']:.3f}%  top-5 {record['acc5']:.3f}%  "
+            f"{weights.source}: top-1 {record['acc1']:.3f}%{top5}  "
             f"({record['n_images']} images, {record['img_per_s']:.1f} img/s)"
         )
+        if record["acc5"] is None:
+            tqdm.write("  (no top-5: with 5 classes or fewer every image's class is among the top 5)")
         if result["bad_images"]:
             bad = result["bad_images"]
             tqdm.write(f"skipped {len(bad)} unreadable images:\n  " + "\n  ".join(bad))
     if is_main():
         print(markdown_table(sweep.done, EVAL_COLUMNS), end="")
-        written = write_robustness(sweep.done, sweep.out, args.clean)
-        if not any(row["dataset"] == args.clean for row in sweep.done):
-            print(
-                f"note: no row on '{args.clean}' in {sweep.out / 'eval.json'}, so no robustness report; "
-                "see --clean"
-            )
-        elif written:
-            print(f"wrote {', '.join(map(str, written))}: each set's top-1 against {args.clean}'s")
+        report_robustness(sweep, args.clean)
+    if missing and is_main():
+        print(
+            f"skipped {len(missing)} of {len(sweep.weights)} weights: their files are not in "
+            f"{missing[0].folder}; download them there (or into --weights-dir DIR) and run the same command "
+            "again:\n  " + "\n  ".join(e.url for e in missing)
+        )
+    if missing and len(missing) == len(sweep.weights):
+        raise UserError(f"none of the {len(missing)} selected weights could be loaded; see the list above")
     return sweep.done
+
+
+def report_robustness(sweep: Sweep, clean: str) -> None:
+    """The robustness report, where rows on shifted sets can be compared with rows on `clean`."""
+    written = write_robustness(sweep.done, sweep.out, clean)
+    if written:
+        print(f"wrote {', '.join(map(str, written))}: each set's top-1 against {clean}'s")
+    elif any(is_shifted_set(row["dataset"]) for row in sweep.done) and not any(
+        row["dataset"] == clean for row in sweep.done
+    ):
+        print(
+            f"note: no row on '{clean}' in {sweep.out / 'eval.json'} to compare the shifted sets' rows "
+            "with, so no robustness report; see --clean"
+        )
 
 
 # ----------------------------------------------------------------------------- the runs and the recipes
 
 RUN_COLUMNS = (
-    "model run params gmacs resolution epochs finished acc1 acc5 err1 err5 ema_acc1 training_hours gpu "
-    "world_size"
+    "model run params gmacs resolution epochs finished best_pt acc1 acc5 err1 err5 ema_acc1 training_hours "
+    "gpu world_size"
 ).split()
 
 
@@ -697,11 +724,14 @@ def collect_runs(runs_dir, out) -> list[dict]:
         if config.get("dummy"):
             continue
         info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-        best = max(rows, key=lambda row: float(row["val_acc1"]))
+        best = max(rows, key=best_top1)
         size = config["val_crop_size"]
         num_classes = len(info.get("classes", [])) or config["num_classes"]
         count = complexity(config["arch"], size=size, num_classes=num_classes)
-        acc1, acc5 = float(best["val_acc1"]), float(best["val_acc5"])
+        # the weights best.pt holds: the EMA's where its top-1 was the higher (train.best_weights)
+        held = "ema" if best_top1(best) > float(best["val_acc1"]) else "model"
+        prefix = "ema" if held == "ema" else "val"
+        acc1, acc5 = float(best[f"{prefix}_acc1"]), float(best[f"{prefix}_acc5"])
         finished = "yes" if len(rows) >= config["epochs"] else f"{len(rows)}/{config['epochs']}"
         records.append(
             {
@@ -712,6 +742,7 @@ def collect_runs(runs_dir, out) -> list[dict]:
                 "resolution": f"{size} x {size}",
                 "epochs": len(rows),
                 "finished": finished,
+                "best_pt": f"{held}, epoch {best['epoch']}",
                 "acc1": acc1,
                 "acc5": acc5,
                 "err1": 100 - acc1,
@@ -727,6 +758,11 @@ def collect_runs(runs_dir, out) -> list[dict]:
     paths = write_records(records, out, "our_training", RUN_COLUMNS)
     print(paths[0].read_text(), end="")
     return records
+
+
+def best_top1(row: dict) -> float:
+    """An epoch's row of metrics.csv: the top-1 of the better of its model and its EMA."""
+    return max(float(row["val_acc1"]), float(row["ema_acc1"]) if row.get("ema_acc1") else -1.0)
 
 
 def write_recipes(out) -> Path:

@@ -12,12 +12,15 @@ Every key of TrainConfig (config.py) is also --key value; precedence: defaults <
 import dataclasses
 import os
 import shlex
+import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
 from config import (
@@ -42,9 +45,21 @@ from loader import (
     shard_train_loader,
 )
 from loss import build_loss
-from model import build_model, load_checked
+from model import (
+    build_model,
+    check_input_size,
+    is_weights_file,
+    load_checked,
+    num_outputs,
+    replace_head,
+    size_argument,
+    takes_one_size,
+    weights_enum,
+    weights_path,
+)
 from presets import EvalPreset, MixUpCutMix, train_transform
 from report import plot_curves, tensorboard_writer, write_metrics, write_run_config, write_run_files
+from tracking import open_tracker
 from utils import (
     UserError,
     all_gather_objects,
@@ -66,6 +81,33 @@ from utils import rank as global_rank
 # ----------------------------------------------------------------------------- building blocks
 
 
+def with_weights_named(cfg: TrainConfig) -> TrainConfig:
+    """--weights DEFAULT (or IMAGENET1K_V2) as the weights it names, 'ResNet50_Weights.IMAGENET1K_V2', which
+    the run's config.yaml then records; files and no weights as given."""
+    if cfg.weights is None or is_weights_file(cfg.weights):
+        return cfg
+    enum = weights_enum(cfg.arch, cfg.weights)
+    return dataclasses.replace(cfg, weights=None if enum is None else str(enum))
+
+
+def check_input_sizes(cfg: TrainConfig) -> None:
+    """Before anything is written: the architecture takes the run's train and val crops (ViT's and MaxViT's
+    one size, every architecture's minimum)."""
+    named = cfg.weights is not None and not is_weights_file(cfg.weights)
+    enum = weights_enum(cfg.arch, cfg.weights) if named else None
+    if takes_one_size(cfg.arch) and cfg.train_crop_size != cfg.val_crop_size:
+        if enum is not None:
+            size = f"{enum.meta['min_size'][0]} px for both, the size of {enum}"
+        else:
+            size = f"--val-crop-size {cfg.train_crop_size} too: a new {cfg.arch} is made for that size"
+        raise UserError(
+            f"{cfg.arch} is made for one image size, not --train-crop-size {cfg.train_crop_size} and "
+            f"--val-crop-size {cfg.val_crop_size}; use {size}"
+        )
+    check_input_size(cfg.arch, enum, cfg.train_crop_size, "--train-crop-size", train=True)
+    check_input_size(cfg.arch, enum, cfg.val_crop_size, "--val-crop-size")
+
+
 def build_data(cfg: TrainConfig, device) -> tuple:
     """(train loader, val loader, class names); labels index the train folder's classes from 0."""
     train_tf = train_transform(cfg)
@@ -80,6 +122,10 @@ def build_data(cfg: TrainConfig, device) -> tuple:
     else:
         train_samples, classes = find_samples(cfg.data, "train", False, need_split=True, shards_ok=True)
         val_samples, val_classes = find_samples(cfg.data, "val", False, need_split=True, shards_ok=True)
+        if cfg.limit and is_shard_source(cfg.data):
+            raise UserError("--limit picks images from folders; tar shards are streamed whole: drop it")
+        if cfg.limit:  # a quick check: a few images of every class, not the first class's
+            train_samples, val_samples = spread(train_samples, cfg.limit), spread(val_samples, cfg.limit)
         if val_classes != classes:
             raise UserError(
                 f"the val classes of {cfg.data} differ from its train classes "
@@ -104,13 +150,36 @@ def build_data(cfg: TrainConfig, device) -> tuple:
     return train_loader, val_loader, classes
 
 
+def spread(samples, count: int):
+    """`count` samples evenly spaced over the sorted list: every class's share, as far as count allows."""
+    if count >= len(samples):
+        return samples
+    return samples.take(np.linspace(0, len(samples) - 1, count).round().astype(np.int64))
+
+
 def build_network(cfg: TrainConfig, num_classes: int, runtime: Runtime) -> torch.nn.Module:
-    """The architecture (pretrained with --weights), on the device, in the runtime's memory layout."""
+    """The architecture (pretrained with --weights, then a new head where the classes differ), on the device,
+    in the runtime's memory layout; rank 0 says which weights it starts from."""
     options = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    if cfg.weights is None:  # a ViT or MaxViT is made for the run's image size
+        options.update(size_argument(cfg.arch, cfg.train_crop_size), num_classes=num_classes)
     try:
-        model = build_model(cfg.arch, cfg.weights, num_classes, weights_dir=cfg.weights_dir, **options)
+        model = build_model(cfg.arch, cfg.weights, weights_dir=cfg.weights_dir, **options)
     except TypeError as e:  # the builder has no such keyword
         raise UserError(f"{cfg.arch} has no dropout setting; remove --dropout") from e
+    pretrained_classes = num_outputs(model)
+    if pretrained_classes != num_classes:
+        replace_head(model, num_classes)
+    if global_rank() == 0 and cfg.weights is not None:
+        head = (
+            f"; its {pretrained_classes}-class head is replaced by a new, randomly initialised "
+            f"{num_classes}-class head (fine-tuning)"
+            if pretrained_classes != num_classes
+            else f" ({num_classes} classes, head kept)"
+        )
+        enum = None if is_weights_file(cfg.weights) else weights_enum(cfg.arch, cfg.weights)
+        where = cfg.weights if enum is None else f"{enum} from {weights_path(enum, cfg.weights_dir)}"
+        print(f"weights: {where}{head}")
     if cfg.sync_bn and world_size() > 1 and runtime.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernel); drop it on CPU")
     if cfg.sync_bn and world_size() > 1:  # one process: its statistics are already the batch's
@@ -147,11 +216,12 @@ def seed_and_kernels(cfg: TrainConfig) -> None:
 
 
 def save(
-    run_dir, training: Training, state: TrainState, cfg: TrainConfig, classes, partial_sums=None, best=False
+    run_dir, training: Training, state: TrainState, cfg: TrainConfig, classes, partial_sums=None, best=""
 ):
-    """last.pt (and best.pt) on rank 0: the unwrapped, uncompiled model and all that a resume needs.
-    partial_sums: a mid-epoch checkpoint's per-rank sums of the epoch so far (summed over ranks here).
-    --dummy runs measure speed and save nothing."""
+    """last.pt on rank 0: the unwrapped, uncompiled model and all that a resume needs; best.pt when this
+    epoch's top-1 is the best so far (best: 'model', that checkpoint; 'ema', the EMA's weights, whose top-1
+    was higher). partial_sums: a mid-epoch checkpoint's per-rank sums of the epoch so far (summed over ranks
+    here). --dummy runs measure speed and save nothing."""
     if cfg.dummy:
         return
     sums = None if partial_sums is None else all_reduce_sum(partial_sums.clone()).cpu()
@@ -167,11 +237,13 @@ def save(
         "rng": rngs,
     }
     save_checkpoint(checkpoint, run_dir / "last.pt")
-    if best:
-        save_checkpoint(checkpoint, run_dir / "best.pt")
+    if best == "model":
+        save_checkpoint({**checkpoint, "best_of": "model"}, run_dir / "best.pt")
     if training.ema is not None and partial_sums is None:  # the EMA weights, as --weights of every script
         ema = {"model": training.ema.module.state_dict(), "config": checkpoint["config"], "classes": classes}
         save_checkpoint(ema, run_dir / "ema.pt")
+        if best == "ema":
+            save_checkpoint({**ema, "epoch": state.epoch, "best_of": "ema"}, run_dir / "best.pt")
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -184,10 +256,28 @@ def resuming(cfg: TrainConfig) -> bool:
 
 def open_run(cfg: TrainConfig):
     """(run dir, checkpoint path to resume from or None). Rank 0 names the run (a timestamp) and checks
-    it; every rank uses its answer. Under torchrun --max-restarts a restarted job continues from last.pt."""
+    it; every rank uses its answer. Under torchrun --max-restarts a restarted job continues from last.pt.
+    A --dummy run without --run-name replaces the previous one's folder, dummy-ARCH (metrics only)."""
     resume = cfg.resume or ("auto" if resuming(cfg) else "")
-    named = choose_run_dir(cfg.output, cfg.run_name, cfg.arch, resume) if global_rank() == 0 else None
+    named = None
+    if global_rank() == 0 and cfg.dummy and not (cfg.run_name or resume):
+        named = replace_dummy_run(Path(cfg.output) / f"dummy-{cfg.arch}"), None
+    elif global_rank() == 0:
+        named = choose_run_dir(cfg.output, cfg.run_name, cfg.arch, resume)
     return broadcast_object(named)
+
+
+def replace_dummy_run(run_dir: Path) -> Path:
+    """The folder of a --dummy run, emptied of an earlier --dummy run's files (never of another run's)."""
+    if not run_dir.exists():
+        return run_dir
+    config = run_dir / "config.yaml"
+    earlier = yaml.safe_load(config.read_text()) if config.is_file() else None
+    if not (isinstance(earlier, dict) and earlier.get("dummy")) or any(run_dir.glob("*.pt")):
+        raise UserError(f"{run_dir} holds a run that is not a --dummy run; pass --run-name NAME or move it")
+    print(f"note: replacing the previous --dummy run's metrics in {run_dir}")
+    shutil.rmtree(run_dir)
+    return run_dir
 
 
 def choose_run_dir(output, run_name: str, arch: str, resume: str) -> tuple[Path, Path | None]:
@@ -297,6 +387,12 @@ def restore(
     return state
 
 
+def position(state: TrainState) -> str:
+    """Where a resumed run continues: 'epoch 3, batch 40 (step 240)' inside an epoch, else 'epoch 3'."""
+    inside = f", batch {state.batch + 1}" if state.batch else ""
+    return f"epoch {state.epoch + 1}{inside}, after {state.step} optimizer steps"
+
+
 def restart_interrupted_epoch(cfg: TrainConfig, state: TrainState, saved_batch: int, resume_from) -> None:
     """A mid-epoch position counts batches of the saved run's global batch, and a tar-shard stream can't
     start inside an epoch: where either differs, the interrupted epoch's data starts again."""
@@ -320,14 +416,17 @@ def restart_interrupted_epoch(cfg: TrainConfig, state: TrainState, saved_batch: 
 
 def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
     """given: the fields the user set (parse_config); on a resume the others come from the checkpoint."""
+    cfg = with_weights_named(cfg)
     if not resuming(cfg):  # a resume's settings are checked once its run's are known
         check_config(cfg)
+        check_input_sizes(cfg)
     device = setup_distributed(cfg.device)
     try:
         run_dir, resume_from = open_run(cfg)
         checkpoint = load_train_checkpoint(resume_from)
         cfg, changes = resumed_config(cfg, (checkpoint or {}).get("config"), given)
         check_config(cfg)
+        check_input_sizes(cfg)
         if changes and global_rank() == 0:
             print(f"note: {resume_from} continues with settings other than its run's: {'; '.join(changes)}")
         try:
@@ -375,7 +474,7 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
     settings, mix = LoopSettings.from_config(cfg), MixUpCutMix.from_config(cfg, num_classes)
     writer = tensorboard_writer(run_dir) if global_rank() == 0 else None
     if global_rank() == 0:
-        resumed = f", resumed from {resume_from} at epoch {state.epoch + 1}" if checkpoint is not None else ""
+        resumed = f", resumed from {resume_from} at {position(state)}" if checkpoint is not None else ""
         print(
             f"run dir {run_dir}: {cfg.arch}, {num_classes} classes, {len(train_loader.dataset)} train / "
             f"{len(val_loader.dataset)} val images, world size {world_size()}, process group "
@@ -385,24 +484,33 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
     def save_mid_epoch(sums):
         save(run_dir, training, state, cfg, classes, partial_sums=sums)
 
-    while state.epoch < cfg.epochs:
-        if state.trained:  # resumed from the checkpoint between the epoch's last step and its validation
-            train_stats = trained_epoch_stats(criterion, state)
-        else:
-            train_stats = train_one_epoch(
-                training, criterion, train_loader, runtime, state, settings, mix, on_checkpoint=save_mid_epoch
-            )
-        row, is_best = finish_epoch(cfg, training, train_stats, val_loader, runtime, criterion, state)
-        train_loader.sampler.skip = 0
-        save(run_dir, training, state, cfg, classes, best=is_best)
-        if global_rank() == 0:
-            write_metrics(state.history, run_dir, writer)
-            plot_curves(state.history, run_dir)  # every epoch: a run stopped early has its curves too
-            tqdm.write(
-                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f}% | "
-                f"val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}% top-5 {row['val_acc5']:.2f}% | "
-                f"{row['img_per_s']:.1f} img/s, {row['epoch_time_s']:.1f} s"
-            )
+    # W&B or MLflow on rank 0 (--tracker); leaving the block, also by an error, sends the run's files
+    tracker_name = cfg.tracker if global_rank() == 0 else "none"
+    with open_tracker(
+        tracker_name, run_dir, dataclasses.asdict(cfg), checkpoint is not None, cfg.tracker_project
+    ) as tracker:
+        while state.epoch < cfg.epochs:
+            if state.trained:  # resumed from the checkpoint between the epoch's last step and its validation
+                train_stats = trained_epoch_stats(criterion, state)
+            else:
+                train_stats = train_one_epoch(
+                    training,
+                    criterion,
+                    train_loader,
+                    runtime,
+                    state,
+                    settings,
+                    mix,
+                    on_checkpoint=save_mid_epoch,
+                )
+            row = finish_epoch(cfg, training, train_stats, val_loader, runtime, criterion, state)
+            train_loader.sampler.skip = 0
+            save(run_dir, training, state, cfg, classes, best=row["best_pt"])
+            if global_rank() == 0:
+                write_metrics(state.history, run_dir, writer)
+                tracker.log_epoch(row)
+                plot_curves(state.history, run_dir)  # every epoch: a run stopped early has its curves too
+                tqdm.write(epoch_line(row, num_classes))
 
     # report
     if global_rank() == 0 and state.history:
@@ -410,7 +518,10 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
             bad = sorted(set(state.bad_images))
             print(f"skipped {len(bad)} unreadable images:\n  " + "\n  ".join(bad))
         saved = "metrics" if cfg.dummy else "checkpoints and metrics"
-        print(f"done: best val top-1 {state.best_acc1:.3f}%; {saved} in {run_dir}")
+        best = max((r for r in state.history if r["best_pt"]), key=lambda r: r["epoch"], default=None)
+        held = f" (best.pt: the {'EMA' if best['best_pt'] == 'ema' else 'model'} of epoch {best['epoch']})"
+        held = held if best and not cfg.dummy else ""
+        print(f"done: best val top-1 {state.best_acc1:.3f}%{held}; {saved} in {run_dir}")
     return {
         "run_dir": str(run_dir),
         "history": state.history,
@@ -420,12 +531,25 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
     }
 
 
+def epoch_line(row: dict, num_classes: int) -> str:
+    """An epoch's line: train loss and top-1, val loss, top-1 (and the EMA's) and top-5 (with 5 classes or
+    fewer every image's class is among the top 5: left out), speed."""
+    top5 = f" top-5 {row['val_acc5']:.2f}%" if num_classes > 5 else ""
+    ema = f" (EMA {row['ema_acc1']:.2f}%)" if "ema_acc1" in row else ""
+    return (
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top-1 {row['train_acc1']:.2f}% | "
+        f"val loss {row['val_loss']:.4f} top-1 {row['val_acc1']:.2f}%{ema}{top5} | "
+        f"{row['img_per_s']:.1f} img/s, {row['epoch_time_s']:.1f} s"
+    )
+
+
 def finish_epoch(
     cfg: TrainConfig, training: Training, train_stats: dict, val_loader, runtime, criterion, state
 ):
     """After an epoch's steps: sync BatchNorm statistics, step the schedule, validate (and the EMA),
-    and record the epoch's row in state (epoch, history, best accuracy). Returns (row, whether it is the
-    best epoch so far)."""
+    and record the epoch's row in state (epoch, history, best accuracy). Returns the row; its best_pt says
+    which weights best.pt gets: 'model' or 'ema' when this epoch's top-1 (of the model, or of the EMA where
+    that is higher) is the best so far, else ''."""
     # rank 0's BatchNorm statistics: every rank evaluates and saves the same model
     broadcast_buffers(training.model)
     lr_used = training.optimizer.param_groups[0]["lr"]
@@ -446,14 +570,21 @@ def finish_epoch(
         ema_val = validate(training.ema.module, val_loader, runtime, criterion, cfg)
         row.update(ema_acc1=ema_val["acc1"], ema_acc5=ema_val["acc5"])
     row["epoch_time_s"] = row.pop("train_time_s") + val["seconds"]
+    row["best_pt"] = best_weights(row, state.best_acc1)
+    state.best_acc1 = max(state.best_acc1, row["val_acc1"], row.get("ema_acc1", -1.0))
     state.history.append(row)
     state.epoch += 1
     state.batch = 0
     state.trained = False
     state.train_seconds = 0.0
-    is_best = val["acc1"] > state.best_acc1
-    state.best_acc1 = max(state.best_acc1, val["acc1"])
-    return row, is_best
+    return row
+
+
+def best_weights(row: dict, best_acc1: float) -> str:
+    """What best.pt holds after this epoch's row: 'model' or 'ema' (the EMA's weights, where its top-1 is
+    higher; a tie keeps the model) when that top-1 beats the best so far, else '' (best.pt unchanged)."""
+    acc1, holder = max((row["val_acc1"], "model"), (row.get("ema_acc1", -1.0), "ema"))
+    return holder if acc1 > best_acc1 else ""
 
 
 def validate(model, val_loader, runtime: Runtime, criterion, cfg: TrainConfig) -> dict:

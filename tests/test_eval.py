@@ -186,9 +186,9 @@ def test_evaluation_equals_reference_loop(tmp_path, torch_home):
     assert record["acc5"] == pytest.approx(100 * sum(r[1] in r[2] for r in reference) / n)
     assert (record["acc1"], record["acc5"]) == (pytest.approx(100 * 8 / 15), pytest.approx(100 * 14 / 15))
     assert record["loss"] == pytest.approx(sum(r[4] for r in reference) / n, rel=1e-4)  # mean cross-entropy
-    assert set("model weights n_images acc1 acc5 acc1_published acc5_published img_per_s".split()) <= set(
-        record
-    )
+    assert set("model weights n_images acc1 acc5 img_per_s".split()) <= set(record)
+    # 15 images of 2 classes: ImageNet val's published numbers say nothing about them (test_new_user.py)
+    assert "acc1_published" not in record
     rows = read_csv(tmp_path / "out" / record["predictions"])
     assert [r["path"] for r in rows] == [r[0] for r in reference]
     for ours, (_, target, top5, probs, _) in zip(rows, reference):

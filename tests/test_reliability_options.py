@@ -108,7 +108,7 @@ def run_with_checkpoint(route, path, tmp_path, data, home):
     "route, name, expected",
     [
         ("train_resume", "resnet18-train.pt", ["resnet18", "mobilenet_v3_small"]),
-        ("eval_weights", "resnet18-train.pt", ["resnet18", "mobilenet_v3_small", "--models resnet18"]),
+        ("eval_weights", "resnet18-train.pt", ["resnet18", "mobilenet_v3_small", "architecture out"]),
         ("predict_weights", "resnet18-plain.pth", ["resnet18-plain.pth", "do not fit mobilenet_v3_small"]),
     ],
 )

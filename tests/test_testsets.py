@@ -199,7 +199,8 @@ def test_dataset_names(tmp_path):
     # not mistaken for a known set, nor for ImageNet
     assert dataset_name(tmp_path / "imagenet-real" / "val") == "imagenet-real"
     assert dataset_name(tmp_path / "imagenet_resized" / "val") == "imagenet_resized"
-    assert dataset_name(tmp_path / "imagenet-c" / "gaussian_noise" / "3") == "gaussian_noise/3"
+    assert dataset_name(tmp_path / "imagenet-c" / "gaussian_noise" / "3") == "imagenet-c"
+    assert dataset_name(tmp_path / "pets" / "3") == "pets/3"
     assert dataset_name(tmp_path / "imagenette2" / "val") == "imagenette2"
     link = tmp_path / "imagenet-a-link"
     link.symlink_to(tmp_path / "imagenet", target_is_directory=True)

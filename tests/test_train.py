@@ -235,7 +235,7 @@ def test_a_run_extended_with_more_epochs_follows_the_longer_schedule(colours, tm
         and "the run has done its 3 epochs: to train further, pass --epochs" in done.stdout
     )
     other = run_main("train.py", *short, "--epochs", "4", "--optimizer", "adamw")  # another optimizer state
-    assert_user_error(other, "does not fit this command's optimizer settings", "--weights")
+    assert_user_error(other, "trained with --optimizer sgd", "resume with --optimizer sgd", "--weights")
     # untouched
     assert yaml.safe_load((tmp_path / "extended" / "config.yaml").read_text())["optimizer"] == "sgd"
     assert "resnet18" in longer.stdout and "->" not in longer.stdout.split("epochs 1 -> 3")[1].split("\n")[0]

@@ -1,0 +1,339 @@
+"""What a new user hit, each as the command that showed it: architectures of one image size checked before
+a run starts, a resume with another optimizer, sweeps that go on past missing weights files, checkpoints
+that name their architecture in every script, fine-tuning that says what it loaded, rows that compare with
+the published numbers only where those apply, and the small ones."""
+
+import json
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from torchvision import models
+
+from conftest import (
+    assert_user_error,
+    make_image,
+    read_csv,
+    run_main,
+    run_script,
+    save_torchvision_checkpoint,
+)
+from dataset import corruption, dataset_name, is_shifted_set
+from engine import TrainState
+from model import build_model, check_input_size
+from report import robustness_table
+from test_train import TINY, make_colour_dataset
+from utils import UserError
+
+WNIDS = ("n01440764", "n01443537")  # tench, goldfish: an ImageNet class subset
+SMALL = "--epochs 1 --batch-size 8 --lr 0.01".split()
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return make_colour_dataset(tmp_path_factory.mktemp("colours") / "data", per_class=(8, 3))
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory, colours):
+    """A finished 2-epoch resnet18 run on three colour classes that keeps an EMA: best.pt, ema.pt."""
+    out = tmp_path_factory.mktemp("runs")
+    args = [*TINY, *SMALL, "--epochs", "2", "--ema-decay", "0.5", "--ema-steps", "1"]
+    result = run_main("train.py", "--data", colours, *args, "--output", out, "--run-name", "ema")
+    assert result.returncode == 0, result.stderr
+    return out / "ema"
+
+
+# ----------------------------------------------------------------------------- 1. input sizes
+
+
+def test_an_architecture_of_one_image_size_is_refused_before_the_run_starts(tmp_path, colours):
+    result = run_script(
+        "train.py", "--arch", "vit_b_16", "--train-crop-size", "32", "--data", colours, "--output", tmp_path
+    )
+    assert_user_error(result, "vit_b_16 is made for one image size", "--val-crop-size 32 too")
+    assert not any(tmp_path.iterdir())  # no run folder
+    with_weights = ["--weights", "DEFAULT", "--val-crop-size", "32"]
+    assert_user_error(
+        run_main(
+            "train.py", "--arch", "vit_b_16", "--train-crop-size", "32", *with_weights, "--data", colours
+        ),
+        "ViT_B_16_Weights.IMAGENET1K_V1 can't take 32 px",
+        "it takes 224 px only",
+    )
+
+
+@pytest.mark.parametrize(
+    "arch, size, expected",
+    [
+        ("inception_v3", 64, "it takes 299 px or more"),  # its aux head, in training
+        ("alexnet", 32, "it takes 63 px or more"),
+        ("vit_b_32", 48, "multiples of 32 px"),  # a new ViT is built for the size: its patches must tile it
+        ("maxvit_t", 160, "multiples of 224 px"),  # its 7 x 7 windows, at every stage
+    ],
+)
+def test_each_architecture_says_which_sizes_it_takes(arch, size, expected):
+    with pytest.raises(UserError, match=expected):
+        check_input_size(arch, None, size, "--train-crop-size", train=True)
+    check_input_size("swin_t", None, size, "--train-crop-size", train=True)  # Swin pads its windows
+
+
+def test_a_new_vit_trains_at_its_own_size_and_every_script_reads_it_back(tmp_path, colours):
+    size = ["--train-crop-size", "64", "--val-crop-size", "64", "--val-resize-size", "72"]
+    run = run_main(
+        "train.py",
+        "--arch",
+        "vit_b_32",
+        *size,
+        *SMALL,
+        "--workers",
+        "0",
+        "--data",
+        colours,
+        "--output",
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    best = next(tmp_path.glob("vit_b_32-*")) / "best.pt"
+    evaluated = run_main(
+        "test_torchvision.py", "--data", colours / "val", "--weights", best, "--output", tmp_path
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())[0]["crop"] == 64
+
+
+# ----------------------------------------------------------------------------- 2. resume
+
+
+def test_resuming_with_another_optimizer_is_refused_in_one_line(tmp_path, colours):
+    args = ["train.py", "--data", colours, *TINY, *SMALL, "--output", tmp_path, "--run-name", "r"]
+    assert run_main(*args, "--optimizer", "adamw", "--lr", "0.001").returncode == 0
+    saved = (tmp_path / "r" / "last.pt").stat().st_mtime_ns
+    for optimizer in ("sgd", "rmsprop"):
+        assert_user_error(
+            run_main(*args, "--epochs", "2", "--optimizer", optimizer, "--resume", "auto"),
+            "trained with --optimizer adamw",
+            "resume with --optimizer adamw",
+        )
+    assert (tmp_path / "r" / "last.pt").stat().st_mtime_ns == saved
+
+
+def test_a_resume_says_where_inside_the_epoch_it_continues():
+    from train import position
+
+    assert position(TrainState(epoch=1, step=7, batch=3)) == "epoch 2, batch 4, after 7 optimizer steps"
+    assert position(TrainState(epoch=2, step=8)) == "epoch 3, after 8 optimizer steps"
+
+
+# ----------------------------------------------------------------------------- 3. sweeps
+
+
+def imagenet_subset(root):
+    for i, wnid in enumerate(WNIDS):
+        make_image(root / wnid / f"{i}.JPEG", seed=i)
+    return root
+
+
+def test_a_sweep_skips_weights_whose_files_are_missing_and_lists_them(tmp_path, torch_home, offline):
+    save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
+    data = imagenet_subset(tmp_path / "val")
+    args = ["test_torchvision.py", "--data", data, "--workers", "0", "--output", tmp_path / "out"]
+    result = run_main(*args, "--models", "resnet1*", "--weights", "all")
+    assert result.returncode == 0, result.stderr
+    assert "ResNet101_Weights.IMAGENET1K_V1: skipped: its file is not in" in result.stdout + result.stderr
+    assert "skipped 4 of 5 weights" in result.stdout
+    assert "https://download.pytorch.org/models/resnet152-f82ba261.pth" in result.stdout
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert [r["weights"] for r in rows] == ["ResNet18_Weights.IMAGENET1K_V1"]
+    assert_user_error(run_main(*args, "--models", "resnet101", "--weights", "all"), "could be loaded")
+    assert_user_error(run_main(*args, "--models", "resnet101"), "resnet101-cd907fc2.pth", "is not in")
+
+
+# ----------------------------------------------------------------------------- 4. one rule for files
+
+
+@pytest.mark.slow
+def test_every_script_takes_a_checkpoint_without_its_architecture(tmp_path, ema_run, colours):
+    val = colours / "val"
+    for name in ("best.pt", "ema.pt"):
+        evaluated = run_main(
+            "test_torchvision.py", "--data", val, "--weights", ema_run / name, "--output", tmp_path / name
+        )
+        assert evaluated.returncode == 0, evaluated.stderr
+        row = json.loads((tmp_path / name / "eval.json").read_text())[0]
+        assert row["model"] == "resnet18" and row["acc5"] is None  # 3 classes: no top-5
+        assert "no top-5: with 5 classes or fewer" in evaluated.stdout
+        predicted = run_main("predict.py", val / "red" / "0.png", "--weights", ema_run / name, "--json")
+        assert predicted.returncode == 0, predicted.stderr
+    onnx = tmp_path / "colours.onnx"
+    exported = run_script("export.py", "--weights", ema_run / "best.pt", "--output", onnx)
+    assert exported.returncode == 0, exported.stderr
+    for script, image in (("test_torchvision.py", []), ("predict.py", [val / "red" / "0.png"])):
+        data = ["--data", val, "--output", tmp_path / "o"] if script == "test_torchvision.py" else []
+        arch = "--models" if script == "test_torchvision.py" else "--arch"
+        for weights in (ema_run / "best.pt", onnx):
+            assert_user_error(
+                run_main(script, *image, *data, "--weights", weights, arch, "resnet50"),
+                "resnet18 model, not resnet50",
+                "leave the architecture out",
+            )
+    torch.save(models.resnet18(num_classes=3).state_dict(), tmp_path / "plain.pth")
+    assert_user_error(
+        run_main("predict.py", val / "red" / "0.png", "--weights", tmp_path / "plain.pth"),
+        "does not name its architecture",
+        "--arch ARCH",
+    )
+
+
+# ----------------------------------------------------------------------------- 5. fine-tuning
+
+
+def test_fine_tuning_says_which_weights_it_loaded_and_that_the_head_is_new(tmp_path, torch_home, colours):
+    save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
+    args = [*TINY, *SMALL, "--weights", "DEFAULT", "--output", tmp_path, "--run-name", "ft"]
+    result = run_main("train.py", "--data", colours, *args)
+    assert result.returncode == 0, result.stderr
+    assert f"weights: ResNet18_Weights.IMAGENET1K_V1 from {torch_home}" in result.stdout
+    assert "its 1000-class head is replaced by a new, randomly initialised 3-class head" in result.stdout
+    config = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
+    assert config["weights"] == "ResNet18_Weights.IMAGENET1K_V1"  # what DEFAULT named on this torchvision
+
+
+# ----------------------------------------------------------------------------- 6. rows
+
+
+def test_published_numbers_only_on_all_of_imagenet_val_with_the_weights_own_preprocessing():
+    from model import resolve_weights
+    from test_torchvision import measures_published
+
+    weights = resolve_weights("IMAGENET1K_V1", "resnet18")
+    row = {"masked": False, "dataset": "imagenet", "limit": None, "resize": 256, "crop": 224}
+    row["interpolation"] = "bilinear"
+    full = SimpleNamespace(all_classes=True)
+    assert measures_published(weights, row, full)
+    assert not measures_published(weights, row, SimpleNamespace(all_classes=False))  # a class subset
+    for change in (
+        {"limit": 100},
+        {"crop": 192},
+        {"resize": 232},
+        {"masked": True},
+        {"dataset": "imagenet-a"},
+    ):
+        assert not measures_published(weights, {**row, **change}, full), change
+
+
+def test_a_subset_row_has_no_published_numbers_and_no_robustness_note(tmp_path, torch_home):
+    save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
+    data = imagenet_subset(tmp_path / "val")
+    result = run_main("test_torchvision.py", "--data", data, "--models", "resnet18", "--output", tmp_path)
+    assert result.returncode == 0, result.stderr
+    row = json.loads((tmp_path / "eval.json").read_text())[0]
+    assert "acc1_published" not in row and "acc1_delta" not in row and row["acc5"] is not None
+    assert "robustness" not in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- 7. small ones
+
+
+def test_train_help_lists_recipe_and_the_benchmark_example_is_a_users_path():
+    help_text = run_main("train.py", "--help").stdout
+    assert "--recipe WEIGHTS" in help_text and "docs/recipes.md" in help_text
+    assert "shared" not in run_main("benchmark.py", "--help").stdout
+
+
+def test_int8_googlenet_builds_without_torchvisions_init_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        build_model("quantized_googlenet", None, quantize=True)
+
+
+def test_dummy_runs_reuse_one_folder_and_never_another_runs(tmp_path):
+    args = [
+        "train.py",
+        "--dummy",
+        "--dummy-size",
+        "8",
+        "--num-classes",
+        "3",
+        *TINY,
+        *SMALL,
+        "--output",
+        tmp_path,
+    ]
+    assert run_main(*args).returncode == 0
+    again = run_main(*args)
+    assert again.returncode == 0 and "replacing the previous --dummy run" in again.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["dummy-resnet18"]
+    assert len(read_csv(tmp_path / "dummy-resnet18" / "metrics.csv")) == 1
+    (tmp_path / "dummy-resnet18" / "config.yaml").write_text("dummy: false\n")  # someone else's run
+    assert_user_error(run_main(*args), "not a --dummy run")
+
+
+# ----------------------------------------------------------------------------- 10. --crop, --limit
+
+
+def test_predict_takes_the_eval_sizes_and_refuses_one_the_model_cant_take(tmp_path):
+    image = make_image(tmp_path / "cat.jpg")
+    result = run_main(
+        "predict.py", image, "--weights", "none", "--arch", "resnet18", "--resize", "40", "--crop", "32"
+    )
+    assert result.returncode == 0, result.stderr
+    assert_user_error(
+        run_main("predict.py", image, "--weights", "none", "--arch", "vit_b_16", "--crop", "192"),
+        "vit_b_16 can't take 192 px",
+        "224 px only",
+    )
+
+
+def test_train_limit_is_a_quick_check_over_every_class(tmp_path, colours):
+    result = run_main("train.py", "--data", colours, *TINY, *SMALL, "--limit", "6", "--output", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "6 train / 6 val images" in result.stdout
+    from train import spread
+
+    samples = [SimpleNamespace(target=t) for t in (0,) * 8 + (1,) * 8 + (2,) * 8]
+    spread_samples = spread(ListSamples(samples), 6)
+    assert sorted({s.target for s in spread_samples}) == [0, 1, 2]
+
+
+class ListSamples(list):
+    def take(self, indices):
+        return [self[i] for i in indices]
+
+
+# ----------------------------------------------------------------------------- 11. ImageNet-C, best.pt
+
+
+def test_imagenet_c_folders_are_a_shifted_set_with_their_corruption_and_severity(tmp_path):
+    folder = tmp_path / "imagenet-c" / "gaussian_noise" / "3"
+    assert dataset_name(folder) == "imagenet-c" and is_shifted_set("imagenet-c")
+    assert corruption(folder) == {"corruption": "gaussian_noise", "severity": 3}
+    assert corruption(tmp_path / "pets" / "3") == {"corruption": None, "severity": None}
+    rows = [
+        {"weights": "W", "dataset": "imagenet", "acc1": 80.0},
+        {"weights": "W", "dataset": "imagenet-c", "corruption": "fog", "severity": 1, "acc1": 60.0},
+        {"weights": "W", "dataset": "imagenet-c", "corruption": "fog", "severity": 5, "acc1": 30.0},
+    ]
+    table, sets = robustness_table(rows)
+    assert sets == ["imagenet-c"] and table[0]["imagenet-c"] == 45.0 and table[0]["imagenet-c drop"] == 35.0
+
+
+def test_best_pt_holds_the_ema_when_its_top1_is_higher():
+    from train import best_weights
+
+    assert best_weights({"val_acc1": 70.0, "ema_acc1": 72.0}, best_acc1=71.0) == "ema"
+    assert best_weights({"val_acc1": 72.0, "ema_acc1": 72.0}, best_acc1=71.0) == "model"  # a tie
+    assert best_weights({"val_acc1": 70.0}, best_acc1=71.0) == ""
+
+
+@pytest.mark.slow
+def test_the_runs_table_says_which_weights_best_pt_holds(tmp_path, ema_run):
+    rows = read_csv(ema_run / "metrics.csv")
+    held = [row["best_pt"] for row in rows if row["best_pt"]][-1]
+    checkpoint = torch.load(ema_run / "best.pt", weights_only=True)
+    assert checkpoint["best_of"] == held
+    table = run_main("test_torchvision.py", "--runs", ema_run.parent, "--output", tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert json.loads((tmp_path / "our_training.json").read_text())[0]["best_pt"].startswith(held)
