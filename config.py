@@ -21,6 +21,7 @@ from typing import Literal
 import yaml
 from torchvision import models
 
+from dataset import is_shard_source
 from loss import check_label_smoothing
 from model import check_arch
 from presets import AutoAugment, Interpolation, TrainPresetName, check_crop_fits
@@ -202,6 +203,10 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"ra_magnitude must be in 0..30, got {cfg.ra_magnitude}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"limit must be at least 1, got {cfg.limit}")
+    if cfg.limit and (cfg.dummy or is_shard_source(cfg.data)):
+        raise UserError(
+            "--limit picks images from folders; --dummy has --dummy-size, and tar shards are streamed whole"
+        )
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {cfg.num_classes}")
     if cfg.workers is not None and cfg.workers < 0:

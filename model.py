@@ -222,6 +222,21 @@ class Weights:
         return EvalPreset.from_weights(self.enum, resize, crop, interpolation)
 
     @property
+    def built_for(self) -> int | None:
+        """The one image size a ViT or MaxViT of these weights is built for (torchvision's weights': theirs; a
+        train.py run's: its train crop; a plain state dict or none: the builder's 224); None for the other
+        architectures, which take any size above their minimum."""
+        if not takes_one_size(self.arch):
+            return None
+        if self.onnx is not None:
+            return self.onnx["preprocessing"]["crop"]
+        if self.run is not None and "train_crop_size" in self.run["config"]:
+            return self.run["config"]["train_crop_size"]
+        if self.is_file and downloaded_weights(self.arch, self.source) is None:  # a plain state dict
+            return 224
+        return self.enum.meta["min_size"][0] if self.enum is not None else 224
+
+    @property
     def classes(self) -> list[str] | None:
         """The classes of a head trained here on other classes than ImageNet-1k's; None for ImageNet's."""
         if self.onnx is not None:
@@ -343,28 +358,34 @@ def _fits(arch: str, size: int, train: bool, kwargs: dict) -> str | None:
             model = models.get_model(float_arch(arch), weights=None, **kwargs).train(train)
             model(torch.empty(2, 3, size, size, device="meta"))
     except (RuntimeError, AssertionError, ValueError) as e:
-        return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return why if len(why) <= 150 else why[:150].rsplit(" ", 1)[0] + " ..."
     return None
 
 
-def check_input_size(arch: str, weights, size: int, option: str, train: bool = False, built=False) -> None:
+def check_input_size(arch: str, size: int, option: str, built_for: int | None = None, train=False) -> None:
     """A UserError, before anything is written, when `arch` can't take `size` px images (--option size):
-    each architecture's minimum, ViT's patch multiples, MaxViT's grids, the one size pretrained ViT
-    and MaxViT weights were trained at; the message says which sizes work. built: the model is built
-    by default (for 224 px without weights), not for the size (as train.py builds a new one)."""
-    enum = weights if isinstance(weights, WeightsEnum) else None
+    each architecture's minimum, ViT's patch multiples, MaxViT's grids, the one size a ViT or MaxViT is
+    built for; the message says which sizes work. built_for: that one size (Weights.built_for); None: a
+    new model built for `size` (train.py without weights)."""
 
     def kwargs_at(px: int) -> dict:
-        # with weights, torchvision's builder sets the size argument to theirs
-        if enum is not None:
-            return size_argument(arch, enum.meta["min_size"][0])
-        return size_argument(arch, 224 if built else px)
+        return size_argument(arch, built_for or px)
 
     why = _fits(arch, size, train, kwargs_at(size))
     if why is None:
         return
-    working = [px for px in PROBED_SIZES if _fits(arch, px, train, kwargs_at(px)) is None]
-    if working and working == [px for px in PROBED_SIZES if px >= working[0]]:
+    if float_arch(arch).startswith("vit_") and built_for is None:  # a new ViT: its patches tile the image
+        with on_meta():
+            patch = models.get_model(float_arch(arch), weights=None).patch_size
+        working = []
+        takes = f"multiples of its patch size, {patch} px"
+    else:
+        working = [px for px in PROBED_SIZES if _fits(arch, px, train, kwargs_at(px)) is None]
+        takes = _describe_sizes(working)
+    if working and size > working[0] and working == [px for px in PROBED_SIZES if px >= working[0]]:
+        takes = f"multiples of {math.gcd(*working)} px from {working[0]}"  # above its minimum, refused
+    elif working and working == [px for px in PROBED_SIZES if px >= working[0]]:
         # a minimum size: found to the pixel between the probed sizes
         low, high = working[0] - PROBED_SIZES.step, working[0]  # low fails (or is below the probes)
         while high - low > 1:
@@ -372,12 +393,8 @@ def check_input_size(arch: str, weights, size: int, option: str, train: bool = F
             fits = _fits(arch, middle, train, kwargs_at(middle)) is None
             low, high = (low, middle) if fits else (middle, high)
         takes = f"{high} px or more"
-    else:
-        takes = _describe_sizes(working)
-    raise UserError(
-        f"{arch}{f' with {enum}' if enum is not None else ''} can't take {size} px images ({option} {size}: "
-        f"{why}); it takes {takes}"
-    )
+    built = f" (built for {built_for} px)" if built_for and takes_one_size(arch) else ""
+    raise UserError(f"{arch}{built} can't take {size} px images ({option} {size}: {why}); it takes {takes}")
 
 
 def _describe_sizes(working: list[int]) -> str:
@@ -435,12 +452,14 @@ def load_weights_state(weights: WeightsEnum, weights_dir=None) -> dict:
 
 
 def build_model(
-    arch: str, weights=None, num_classes: int | None = None, weights_dir=None, **kwargs
+    arch: str, weights=None, num_classes: int | None = None, weights_dir=None, load=True, **kwargs
 ) -> nn.Module:
     """Any torchvision classifier, randomly initialised or with weights.
 
     weights: None, 'DEFAULT', an enum name, or a local file (a torchvision .pth or a train.py checkpoint).
     num_classes: a different number than the weights' replaces the classifier head (fine-tuning).
+    load=False: torchvision's weights by name build the model they make, without reading their file (a
+    resumed run loads its own checkpoint over them).
     kwargs go to torchvision's builder (e.g. dropout=0.2 where the architecture has dropout)."""
     check_arch(arch)
     if is_weights_file(weights):
@@ -451,7 +470,14 @@ def build_model(
         enum = weights_enum(arch, weights)
     if is_quantized(arch) and (enum is not None or kwargs.get("quantize")):
         return _build_int8(arch, enum, weights_dir)
-    if enum is not None:
+    if enum is not None and not load and not is_weights_file(weights):
+        # the builder's per-weights settings without the weights' values
+        with (
+            mock.patch.object(type(enum), "get_state_dict", lambda *args, **kwargs: {}),
+            mock.patch.object(nn.Module, "load_state_dict", lambda *args, **kwargs: None),
+        ):
+            model = models.get_model(arch, weights=enum, **kwargs)
+    elif enum is not None:
         state_dict = load_weights_state(enum, weights_dir)
 
         def build():

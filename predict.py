@@ -75,8 +75,8 @@ def main(argv=None):
     if weights.onnx is not None and (args.resize or args.crop or args.interpolation):
         raise UserError(f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation")
     preset = weights.preset(args.resize, args.crop, args.interpolation)
-    if args.crop and weights.run is None:  # its one size (ViT, MaxViT), or its minimum
-        check_input_size(weights.arch, weights.enum, preset.crop, "--crop", built=True)
+    if args.crop:  # its one size (ViT, MaxViT), or its minimum
+        check_input_size(weights.arch, preset.crop, "--crop", weights.built_for)
     images = [read_image(path, preset) for path in args.images]  # every image checked before the model loads
     if weights.onnx is not None:  # export.py's file: its own preprocessing and class names, on ONNX Runtime
         model, runtime = OnnxRuntimeModel(weights.source), Runtime.on_cpu(preset)

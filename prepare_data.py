@@ -258,7 +258,8 @@ def decode_error(path: str) -> str:
     try:
         load_rgb(path)
     except Exception as e:  # noqa: BLE001 - whatever would stop a run on this file, named as the run names it
-        return f"{type(e).__name__}: {e}".replace("\n", " ")
+        empty = os.path.getsize(path) == 0 if os.path.exists(path) else False
+        return "an empty file (0 bytes)" if empty else f"{type(e).__name__}: {e}".replace("\n", " ")
     return ""
 
 

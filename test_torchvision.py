@@ -67,6 +67,7 @@ from model import (
     on_meta,
     prepare_for_eval,
     resolve_weights,
+    size_argument,
     weights_enum,
 )
 from presets import add_preprocessing_args
@@ -201,14 +202,17 @@ def select_weights(patterns: list[str], choice: str, evaluating: bool = False) -
 # ----------------------------------------------------------------------------- complexity
 
 
-def meta_model(arch: str, weights: WeightsEnum | None, num_classes: int | None = None) -> nn.Module:
-    """The architecture as the weights' builder makes it, on the meta device."""
+def meta_model(arch: str, weights: WeightsEnum | None, num_classes=None, size=None) -> nn.Module:
+    """The architecture as the weights' builder makes it, on the meta device; without weights, a ViT or
+    MaxViT is made for `size` (as train.py makes a new one)."""
     kwargs = {"num_classes": len(weights.meta["categories"] or range(1000))} if weights is not None else {}
     arch = float_arch(arch)  # an int8 model counts as its float architecture (as its metadata does)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if arch.startswith("vit_") and weights is not None:
-        kwargs["image_size"] = weights.meta["min_size"][0]  # as torchvision's ViT builder does
+    if weights is not None:  # as torchvision's ViT and MaxViT builders do
+        kwargs.update(size_argument(arch, weights.meta["min_size"][0]))
+    elif size is not None:
+        kwargs.update(size_argument(arch, size))
     # torchvision's num_params for googlenet leaves out its aux heads, and counts them for inception_v3
     if arch == "googlenet":
         kwargs.update(aux_logits=False, init_weights=False)
@@ -229,7 +233,7 @@ def complexity(
     torch.utils.flop_counter on the meta device (attention included: math SDPA backend and
     nn.MultiheadAttention's fused fast path off). GFLOPs = 2 x GMACs, torchvision's convention."""
     weights = weights_enum(arch, weights)
-    model, size = meta_model(arch, weights, num_classes), size or eval_resolution(weights)
+    model, size = meta_model(arch, weights, num_classes, size), size or eval_resolution(weights)
     x = torch.empty(1, 3, size, size, device="meta")
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -456,7 +460,7 @@ def selected_weights(args) -> tuple[list[Weights], str]:
     (--backend; ONNX Runtime for an .onnx file). A file names its architecture (a train.py checkpoint, a
     torchvision download, an .onnx file): --models may leave it out; one that contradicts it is refused."""
     if is_weights_file(args.weights) or is_onnx_file(args.weights):
-        if len(args.models) != 1 or (args.models != ["*"] and args.models[0] not in ARCHS):
+        if len(args.models) != 1 or (args.models != ["*"] and args.models[0] not in ARCHS + QUANTIZED_ARCHS):
             raise UserError(
                 f"--weights {args.weights} is one model: leave --models out, or name its one architecture"
             )
@@ -466,11 +470,7 @@ def selected_weights(args) -> tuple[list[Weights], str]:
         return [resolve_weights(weights, arch) for arch, weights in pairs], args.backend
     if weights.onnx is None:
         return [weights], args.backend
-    # export.py's file: its architecture, preprocessing and source weights
-    if weights.classes is not None:
-        raise UserError(
-            f"{args.weights} is a model of its own classes; evaluate its train.py checkpoint instead"
-        )
+    # export.py's file: its architecture, preprocessing, classes and source weights
     if args.resize or args.crop or args.interpolation:
         raise UserError(f"{args.weights} holds its preprocessing; drop --resize, --crop and --interpolation")
     return [weights], "onnxruntime"
@@ -535,9 +535,8 @@ def evaluate_weights(args, sweep: Sweep, weights: Weights) -> Evaluated | None:
     """Build and evaluate one set of weights, or None when it is skipped (already in eval.json with the
     same data and settings, unless --force; not exportable; out of memory even at batch 1)."""
     preset = weights.preset(args.resize, args.crop, args.interpolation)
-    # before the model is built: its one size (ViT, MaxViT), or its minimum (a run's: its own crop)
-    if args.crop and weights.run is None:
-        check_input_size(weights.arch, weights.enum, preset.crop, "--crop", built=True)
+    if args.crop and not fits_crop(weights, preset.crop, len(sweep.weights) > 1):
+        return None
     runtime = eval_runtime(args, sweep, weights, preset)
     on_cpu = is_quantized(weights.arch) or sweep.backend == "onnxruntime"
     key = {
@@ -576,6 +575,20 @@ def evaluate_weights(args, sweep: Sweep, weights: Weights) -> Evaluated | None:
         tqdm.write(f"{weights.source}: out of memory even at batch 1, skipped")
         return None
     return Evaluated(key, eval_row(weights, key, result, batch_size, sweep), result)
+
+
+def fits_crop(weights: Weights, crop: int, sweeping: bool) -> bool:
+    """Before the model is built: whether it takes --crop (a ViT's or MaxViT's one size, every architecture's
+    minimum). A sweep skips weights that don't, with a line; one weights is an error."""
+    try:
+        check_input_size(weights.arch, crop, "--crop", weights.built_for)
+    except UserError as e:
+        if not sweeping:
+            raise
+        if is_main():
+            tqdm.write(f"{weights.source}: skipped: {e}")
+        return False
+    return True
 
 
 def eval_batches(args, sweep: Sweep, preset, runtime: Runtime, gpu_decode: bool):
@@ -669,7 +682,8 @@ def run_evaluation(args) -> list[dict]:
             bad = result["bad_images"]
             tqdm.write(f"skipped {len(bad)} unreadable images:\n  " + "\n  ".join(bad))
     if is_main():
-        print(markdown_table(sweep.done, EVAL_COLUMNS), end="")
+        if sweep.done:
+            print(markdown_table(sweep.done, EVAL_COLUMNS), end="")
         report_robustness(sweep, args.clean)
     if missing and is_main():
         print(
@@ -721,15 +735,17 @@ def collect_runs(runs_dir, out) -> list[dict]:
         if not isinstance(config, dict) or not rows:
             print(f"note: {run} is left out: it has no config.yaml or no finished epoch in metrics.csv")
             continue
-        if config.get("dummy"):
+        if config.get("dummy") or config.get("limit"):  # throughput runs and quick checks are no results
             continue
         info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-        best = max(rows, key=best_top1)
+        # the epoch best.pt was last written at, and its weights (train.best_weights); a run from before
+        # best_pt existed: the model's best epoch
+        saved = [row for row in rows if row.get("best_pt")]
+        best = saved[-1] if saved else max(rows, key=lambda row: float(row["val_acc1"]))
+        held = best.get("best_pt") or "model"
         size = config["val_crop_size"]
         num_classes = len(info.get("classes", [])) or config["num_classes"]
         count = complexity(config["arch"], size=size, num_classes=num_classes)
-        # the weights best.pt holds: the EMA's where its top-1 was the higher (train.best_weights)
-        held = "ema" if best_top1(best) > float(best["val_acc1"]) else "model"
         prefix = "ema" if held == "ema" else "val"
         acc1, acc5 = float(best[f"{prefix}_acc1"]), float(best[f"{prefix}_acc5"])
         finished = "yes" if len(rows) >= config["epochs"] else f"{len(rows)}/{config['epochs']}"
@@ -758,11 +774,6 @@ def collect_runs(runs_dir, out) -> list[dict]:
     paths = write_records(records, out, "our_training", RUN_COLUMNS)
     print(paths[0].read_text(), end="")
     return records
-
-
-def best_top1(row: dict) -> float:
-    """An epoch's row of metrics.csv: the top-1 of the better of its model and its EMA."""
-    return max(float(row["val_acc1"]), float(row["ema_acc1"]) if row.get("ema_acc1") else -1.0)
 
 
 def write_recipes(out) -> Path:

@@ -147,8 +147,8 @@ class WandbTracker(Tracker):
             )
         except wandb.errors.Error as e:  # not logged in, no network: the run has not started
             raise UserError(
-                f"--tracker wandb could not start its run: {e}; `wandb login`, or WANDB_MODE=offline to keep "
-                "it in the run folder"
+                f"--tracker wandb could not start its run: {str(e).rstrip('. ')}; `wandb login`, or "
+                "WANDB_MODE=offline to keep it in the run folder"
             ) from e
 
     def _log(self, metrics: dict, step: int) -> None:

@@ -52,6 +52,7 @@ from model import (
     load_checked,
     num_outputs,
     replace_head,
+    resolve_weights,
     size_argument,
     takes_one_size,
     weights_enum,
@@ -92,20 +93,16 @@ def with_weights_named(cfg: TrainConfig) -> TrainConfig:
 
 def check_input_sizes(cfg: TrainConfig) -> None:
     """Before anything is written: the architecture takes the run's train and val crops (ViT's and MaxViT's
-    one size, every architecture's minimum)."""
-    named = cfg.weights is not None and not is_weights_file(cfg.weights)
-    enum = weights_enum(cfg.arch, cfg.weights) if named else None
-    if takes_one_size(cfg.arch) and cfg.train_crop_size != cfg.val_crop_size:
-        if enum is not None:
-            size = f"{enum.meta['min_size'][0]} px for both, the size of {enum}"
-        else:
-            size = f"--val-crop-size {cfg.train_crop_size} too: a new {cfg.arch} is made for that size"
+    one size: its weights', or the run's for a new one; every architecture's minimum)."""
+    built_for = None if cfg.weights is None else resolve_weights(cfg.weights, cfg.arch).built_for
+    if takes_one_size(cfg.arch) and built_for is None and cfg.train_crop_size != cfg.val_crop_size:
         raise UserError(
             f"{cfg.arch} is made for one image size, not --train-crop-size {cfg.train_crop_size} and "
-            f"--val-crop-size {cfg.val_crop_size}; use {size}"
+            f"--val-crop-size {cfg.val_crop_size}; use --val-crop-size {cfg.train_crop_size} too: a new "
+            f"{cfg.arch} is made for that size"
         )
-    check_input_size(cfg.arch, enum, cfg.train_crop_size, "--train-crop-size", train=True)
-    check_input_size(cfg.arch, enum, cfg.val_crop_size, "--val-crop-size")
+    check_input_size(cfg.arch, cfg.train_crop_size, "--train-crop-size", built_for, train=True)
+    check_input_size(cfg.arch, cfg.val_crop_size, "--val-crop-size", built_for)
 
 
 def build_data(cfg: TrainConfig, device) -> tuple:
@@ -122,8 +119,6 @@ def build_data(cfg: TrainConfig, device) -> tuple:
     else:
         train_samples, classes = find_samples(cfg.data, "train", False, need_split=True, shards_ok=True)
         val_samples, val_classes = find_samples(cfg.data, "val", False, need_split=True, shards_ok=True)
-        if cfg.limit and is_shard_source(cfg.data):
-            raise UserError("--limit picks images from folders; tar shards are streamed whole: drop it")
         if cfg.limit:  # a quick check: a few images of every class, not the first class's
             train_samples, val_samples = spread(train_samples, cfg.limit), spread(val_samples, cfg.limit)
         if val_classes != classes:
@@ -157,20 +152,21 @@ def spread(samples, count: int):
     return samples.take(np.linspace(0, len(samples) - 1, count).round().astype(np.int64))
 
 
-def build_network(cfg: TrainConfig, num_classes: int, runtime: Runtime) -> torch.nn.Module:
+def build_network(cfg: TrainConfig, num_classes: int, runtime: Runtime, resumed: bool) -> torch.nn.Module:
     """The architecture (pretrained with --weights, then a new head where the classes differ), on the device,
-    in the runtime's memory layout; rank 0 says which weights it starts from."""
+    in the runtime's memory layout; rank 0 says which weights a new run starts from."""
     options = {} if cfg.dropout is None else {"dropout": cfg.dropout}
     if cfg.weights is None:  # a ViT or MaxViT is made for the run's image size
         options.update(size_argument(cfg.arch, cfg.train_crop_size), num_classes=num_classes)
     try:
-        model = build_model(cfg.arch, cfg.weights, weights_dir=cfg.weights_dir, **options)
+        # a resume loads its checkpoint over the weights: their file is not read again
+        model = build_model(cfg.arch, cfg.weights, weights_dir=cfg.weights_dir, load=not resumed, **options)
     except TypeError as e:  # the builder has no such keyword
         raise UserError(f"{cfg.arch} has no dropout setting; remove --dropout") from e
     pretrained_classes = num_outputs(model)
     if pretrained_classes != num_classes:
         replace_head(model, num_classes)
-    if global_rank() == 0 and cfg.weights is not None:
+    if global_rank() == 0 and cfg.weights is not None and not resumed:
         head = (
             f"; its {pretrained_classes}-class head is replaced by a new, randomly initialised "
             f"{num_classes}-class head (fine-tuning)"
@@ -388,7 +384,8 @@ def restore(
 
 
 def position(state: TrainState) -> str:
-    """Where a resumed run continues: 'epoch 3, batch 40 (step 240)' inside an epoch, else 'epoch 3'."""
+    """Where a resumed run continues: 'epoch 3, batch 40, after 240 optimizer steps' inside an epoch, else
+    'epoch 3, after 234 optimizer steps'."""
     inside = f", batch {state.batch + 1}" if state.batch else ""
     return f"epoch {state.epoch + 1}{inside}, after {state.step} optimizer steps"
 
@@ -417,6 +414,9 @@ def restart_interrupted_epoch(cfg: TrainConfig, state: TrainState, saved_batch: 
 def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
     """given: the fields the user set (parse_config); on a resume the others come from the checkpoint."""
     cfg = with_weights_named(cfg)
+    if cfg.weights is not None and is_weights_file(cfg.weights) and "arch" not in (given or {"arch"}):
+        # a file names its architecture (a train.py checkpoint, a torchvision download): no --arch needed
+        cfg = dataclasses.replace(cfg, arch=resolve_weights(cfg.weights).arch)
     if not resuming(cfg):  # a resume's settings are checked once its run's are known
         check_config(cfg)
         check_input_sizes(cfg)
@@ -455,7 +455,7 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
             f"--num-classes {num_classes} is below the {len(classes)} class folders of {cfg.data}"
         )
     runtime = Runtime.create(device, cfg.amp, cfg.channels_last, True, val_loader.dataset.transform)
-    model = build_network(cfg, num_classes, runtime)
+    model = build_network(cfg, num_classes, runtime, resumed=checkpoint is not None)
     criterion = build_loss(cfg.loss, num_classes, cfg.label_smoothing).to(device)
 
     # restore: the weights first, as the optimizer and the EMA are made from the model
@@ -518,9 +518,12 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
             bad = sorted(set(state.bad_images))
             print(f"skipped {len(bad)} unreadable images:\n  " + "\n  ".join(bad))
         saved = "metrics" if cfg.dummy else "checkpoints and metrics"
-        best = max((r for r in state.history if r["best_pt"]), key=lambda r: r["epoch"], default=None)
-        held = f" (best.pt: the {'EMA' if best['best_pt'] == 'ema' else 'model'} of epoch {best['epoch']})"
-        held = held if best and not cfg.dummy else ""
+        # rows of a run resumed from before best_pt existed have none
+        best = max((r for r in state.history if r.get("best_pt")), key=lambda r: r["epoch"], default=None)
+        held = ""
+        if best is not None and not cfg.dummy:
+            holder = "EMA" if best["best_pt"] == "ema" else "model"
+            held = f" (best.pt: the {holder} of epoch {best['epoch']})"
         print(f"done: best val top-1 {state.best_acc1:.3f}%{held}; {saved} in {run_dir}")
     return {
         "run_dir": str(run_dir),
