@@ -129,6 +129,12 @@ class TrainConfig:
     ra_sampler: bool = option(
         False, "repeated augmentation: each image ra_reps times per epoch, on different ranks", AUGMENT
     )
+    drop_last: bool = option(
+        True,
+        "drop each epoch's last partial batch of an image folder: the references keep it (their recipes here "
+        "too), and a batch of a few images then updates BatchNorm's statistics just before validation",
+        AUGMENT,
+    )
     ra_reps: int = option(3, "copies of each image per epoch with ra_sampler", AUGMENT)
     shard_shuffle_buffer: int = option(2000, "tar shards: images each loader worker shuffles among", AUGMENT)
 
@@ -597,6 +603,11 @@ def recipes_table() -> str:
         "  of each epoch from 0. Its decay is adjusted to the global batch as theirs is.",
         "- `--amp auto` is bf16 on GPUs that have it; the references' `--amp` is fp16 with a GradScaler",
         "  (`--amp fp16` here), and a command without `--amp` trained in fp32 (`--amp none` here).",
+        "- train.py drops each epoch's last partial batch by default; the recipe configs keep it, as the",
+        "  references do (`drop_last: false`). It is the one difference `python fidelity.py` found when it",
+        "  trained train.py, a textbook loop and the reference script itself with the same settings over",
+        "  many seeds ([fidelity.md](fidelity.md)): a last batch of a few images updates BatchNorm's running",
+        "  statistics just before validation.",
         "",
         "| weights | top-1 | top-5 | train.py options | note |",
         "|---|---:|---:|---|---|",

@@ -137,7 +137,8 @@ def build_data(cfg: TrainConfig, device) -> tuple:
             ImageDataset(val_samples, val_tf),
         )
     sampler = TrainSampler(train_set, world, rank, cfg.seed, cfg.ra_reps if cfg.ra_sampler else 1)
-    drop_last = len(train_set) >= cfg.batch_size * world  # full batches, unless the set is smaller than one
+    # full batches (unless the set is smaller than one), or also the last partial one, as the references
+    drop_last = cfg.drop_last and len(train_set) >= cfg.batch_size * world
     train_loader = build_loader(
         train_set, cfg.batch_size, workers, sampler, pin, drop_last, persistent_workers=True
     )
@@ -414,7 +415,8 @@ def restart_interrupted_epoch(cfg: TrainConfig, state: TrainState, saved_batch: 
 def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
     """given: the fields the user set (parse_config); on a resume the others come from the checkpoint."""
     cfg = with_weights_named(cfg)
-    if cfg.weights is not None and is_weights_file(cfg.weights) and "arch" not in (given or {"arch"}):
+    arch_given = given is None or "arch" in given
+    if cfg.weights is not None and is_weights_file(cfg.weights) and not arch_given:
         # a file names its architecture (a train.py checkpoint, a torchvision download): no --arch needed
         cfg = dataclasses.replace(cfg, arch=resolve_weights(cfg.weights).arch)
     if not resuming(cfg):  # a resume's settings are checked once its run's are known

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 import fidelity
+import train
+from config import TrainConfig, load_config
 from conftest import assert_user_error, make_image, run_main
 from fidelity import SETTINGS, Setting, reference_command, variance_ratio_p
+from test_train import TINY, make_colour_dataset
 
 STAND_IN = """
 import argparse, torch
@@ -44,7 +47,9 @@ def test_every_trainer_runs_each_seed_once_and_the_table_compares_them(tiny, tmp
     result = run_main("fidelity.py", *args, "--reference", reference)
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "out" / "fidelity.json").read_text())
-    assert [(r["seed"], r["trainer"]) for r in rows] == [(s, t) for s in (0, 1) for t in fidelity.TRAINERS]
+    assert [(r["seed"], r["trainer"]) for r in rows] == [
+        (s, t) for s in (0, 1) for t in ("ours", "plain", "reference")
+    ]
     assert all(0 <= r["final_acc1"] <= 100 and len(r["acc1_per_epoch"]) == 1 for r in rows)
     table = (tmp_path / "out" / "fidelity.md").read_text()
     assert "| ours - plain | final_acc1 |" in table and "| ours - reference | best_acc1 |" in table
@@ -96,3 +101,17 @@ def test_a_reference_folder_that_is_not_one_is_one_line(tiny, tmp_path):
         run_main("fidelity.py", *args, "--trainers", "reference", "--reference", tmp_path),
         "is not torchvision's references/classification folder",
     )
+
+
+def test_the_recipes_train_on_each_epochs_last_partial_batch_as_the_references(tmp_path):
+    """The difference fidelity.py found: a last batch of a few images updates BatchNorm's statistics just
+    before validation. train.py drops it by default; the recipe configs keep it, as the references do."""
+
+    data = make_colour_dataset(tmp_path / "data", per_class=(8, 2))  # 24 train images
+    args = ["--data", str(data), *TINY, "--epochs", "1", "--batch-size", "10", "--lr", "0.01"]
+    kept = train.cli_main([*args, "--no-drop-last", "--output", str(tmp_path), "--run-name", "kept"])
+    dropped = train.cli_main([*args, "--output", str(tmp_path), "--run-name", "dropped"])
+    assert (kept["steps"], dropped["steps"]) == (3, 2)  # 10 + 10 + 4 images, or 10 + 10
+    for recipe in ("torchvision_v1", "torchvision_v2", "mobilenet_v3", "regnet", "vit", "swin", "convnext"):
+        config = load_config(TrainConfig, ["--config", str(fidelity.ROOT / "configs" / f"{recipe}.yaml")])
+        assert config.drop_last is False, recipe
