@@ -428,7 +428,8 @@ def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
         checkpoint = load_train_checkpoint(resume_from)
         cfg, changes = resumed_config(cfg, (checkpoint or {}).get("config"), given)
         check_config(cfg)
-        check_input_sizes(cfg)
+        if resuming(cfg):  # a new run's sizes were checked above; a resume's once its settings are known
+            check_input_sizes(cfg)
         if changes and global_rank() == 0:
             print(f"note: {resume_from} continues with settings other than its run's: {'; '.join(changes)}")
         try:
