@@ -11,10 +11,19 @@ untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights
     python benchmark.py --data DIR --parts int8 --arch resnet50          # torchvision's int8 model vs fp32
     python benchmark.py --data DIR --parts latency --batch-sizes 1,8,32  # every backend: img/s, p99, memory
     python benchmark.py --parts index --files 1281167                    # indexing ImageNet-1k train's shape
+    python benchmark.py --parts memory --recipes --fit-memory 24GB       # each recipe's step: memory, batch
+    python benchmark.py --parts memory --arch resnet50,vit_b_16 --config configs/torchvision_v2.yaml
     python benchmark.py --merge results/a.json results/b.json            # one report of earlier runs
     bash scripts/gpu_check.sh                                             # the GPU table, <= 5 minutes
 --parts: data, model (= forward,step), eval, train (the default: all four), augment, int8, latency, approx,
-index.
+index, memory.
+
+The memory part measures the peak memory of a training step (two steps of synthetic batches, with the
+config's optimizer, EMA, loss, MixUp/CutMix and train crop): CUDA's max allocated memory, or on a CPU the
+growth of the process's peak resident set. With --fit-memory it fits a line through the peaks and checks
+the largest batch within the budget with a step at that batch. CUDA's context and its allocator's cache
+take about 1 GB more than the allocated peak: leave that margin. With train.py --global-batch, a smaller
+--batch-size keeps the recipe (more accumulation steps).
 
 The index part generates a tree of --files zero-byte .JPEG files in 1000 wnid folders (ImageNet-1k train's
 shape; the index never opens a file), then times, in turn, our index without its cache and with it,
@@ -25,18 +34,24 @@ and for a Python list of Sample objects (what the index was before).
 
 import argparse
 import copy
+import dataclasses
 import functools
+import gc
 import json
 import math
+import multiprocessing as mp
 import os
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -61,6 +76,7 @@ from engine import LoopSettings, Runtime, Training, TrainState, evaluate, train_
 from loader import (
     GpuDecodeLoader,
     ImageDataset,
+    SyntheticDataset,
     TensorImageDataset,
     TrainSampler,
     build_loader,
@@ -79,11 +95,13 @@ from model import (
     is_quantized,
     prepare_for_eval,
     resolve_weights,
+    size_argument,
     weights_enum,
 )
-from presets import EvalPreset, normalize, train_preset, train_transform
+from presets import EvalPreset, MixUpCutMix, normalize, train_preset, train_transform
 from report import benchmark_report, benchmark_summary, merge_benchmarks, plot_latency
 from utils import (
+    OUT_OF_MEMORY,
     ArgumentParser,
     UserError,
     add_runtime_args,
@@ -99,7 +117,20 @@ from utils import (
     switch,
 )
 
-PARTS = ("data", "forward", "step", "eval", "train", "augment", "int8", "latency", "approx", "index")
+PARTS = (
+    "data",
+    "forward",
+    "step",
+    "eval",
+    "train",
+    "augment",
+    "int8",
+    "latency",
+    "approx",
+    "index",
+    "memory",
+)
+ROOT = Path(__file__).resolve().parent
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
 
 
@@ -318,6 +349,128 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     return rows
 
 
+ARCH_IN_HEADER = re.compile(r"--arch (\S+)")  # a config header's launch command names its architecture
+
+
+def memory_runs(args) -> list[tuple[str, str | None, list[int]]]:
+    """(arch, config file or None, batch sizes) for the memory part: each recipe config (those stating a
+    global_batch) with the architecture of its header's command, at its per-process batch and half of
+    it; else every --arch with --config's settings, at --batch-sizes or --train-batch-size and its half."""
+    if args.recipes:
+        runs = []
+        for path in sorted((ROOT / "configs").glob("*.yaml")):
+            cfg = load_config(TrainConfig, ["--config", str(path)])
+            if cfg.global_batch is not None:
+                arch = ARCH_IN_HEADER.search(path.read_text()).group(1)
+                runs.append(
+                    (
+                        arch,
+                        str(path),
+                        args.batch_sizes or sorted({max(1, cfg.batch_size // 2), cfg.batch_size}),
+                    )
+                )
+        return runs
+    batch = args.train_batch_size
+    sizes = args.batch_sizes or sorted({max(1, batch // 2), batch})
+    return [(arch, args.config, sizes) for arch in args.arch.split(",")]
+
+
+def train_step_memory(arch: str, config: str | None, batch: int, args, device) -> dict:
+    """Peak memory of two training steps of `arch` (the second at its steady state: the optimizer's state
+    exists) with the config's optimizer, EMA, loss, MixUp/CutMix and train crop, on synthetic batches:
+    CUDA's max allocated memory above what was allocated before the model was built; on a CPU, where
+    memory freed by one measurement stays with the process, the growth of the peak resident set of a new
+    process (spawned for each measurement). And the img/s of those steps."""
+    if device.type != "cuda" and mp.current_process().name == "MainProcess":
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as fresh:
+            return fresh.submit(train_step_memory, arch, config, batch, args, device).result()
+    cfg = load_config(
+        TrainConfig,
+        ["--arch", arch, "--batch-size", str(batch), "--workers", "0"]
+        + (["--config", config] if config else []),
+    )
+    crop = cfg.train_crop_size
+    preset = EvalPreset(crop, crop)
+    runtime = Runtime.create(device, args.amp, args.channels_last, True, preset)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    before = memory_now(device)
+    reset_peak(device)
+    model = build_model(arch, None, num_classes=1000, **size_argument(arch, crop)).to(device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    training = Training.build(cfg, model, runtime)
+    if args.compile:
+        training.wrapped = torch.compile(model)
+    images = SyntheticDataset(2 * batch, 1000, preset, image_size=(crop, crop))
+    loader = build_loader(images, batch, 0, TrainSampler(images, 1, 0), drop_last=True)
+    criterion = build_loss(cfg.loss, 1000, cfg.label_smoothing).to(device)
+    settings = dataclasses.replace(LoopSettings.from_config(cfg), log_interval=10**9)
+    start = time.perf_counter()
+    train_one_epoch(
+        training, criterion, loader, runtime, TrainState(), settings, MixUpCutMix.from_config(cfg, 1000)
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak_mb = max(0.0, peak(device) - before)
+    del training, model
+    name = Path(config).name if config else "defaults"
+    precision = "fp32" if runtime.amp_dtype is None else amp_name(runtime.amp_dtype)
+    return {
+        "part": "memory",
+        "variant": f"{arch} batch {batch}, {name}, {crop} px, {cfg.optimizer}, {precision}",
+        "arch": arch,
+        "config": name,
+        "settings": f"{crop} px, {cfg.optimizer}{', EMA' if cfg.ema_decay else ''}, {precision}",
+        "batch": batch,
+        "peak_mb": round(peak_mb, 1),
+        "img_per_s": 2 * batch / seconds,
+    }
+
+
+def largest_batch(rows: list[dict], budget_mb: float) -> int:
+    """The largest batch whose peak stays within the budget, from a line fitted through the rows' peaks
+    (memory grows linearly with the batch: weights, gradients and optimizer state, plus activations per
+    image); 0 when not even the fixed part fits."""
+    batches = [r["batch"] for r in rows]
+    peaks = [r["peak_mb"] for r in rows]
+    slope, fixed = np.polyfit(batches, peaks, 1)
+    if slope <= 0:
+        return 0
+    return max(0, int((budget_mb - fixed) // slope))
+
+
+def bench_memory(args, device) -> list[dict]:
+    """For each run of memory_runs: the peak of a training step at each batch size and, with --fit-memory,
+    the largest batch within it, checked by a step at that batch (where the device holds it)."""
+    rows = []
+    for arch, config, sizes in memory_runs(args):
+        measured = [train_step_memory(arch, config, batch, args, device) for batch in sizes]
+        rows += measured
+        if not args.fit_memory:
+            continue
+        fit = {
+            "part": "memory_fit",
+            "arch": arch,
+            "config": measured[0]["config"],
+            "budget_mb": args.fit_memory,
+            "from_batches": sizes,
+        }
+        batch, checked = largest_batch(measured, args.fit_memory), None
+        for attempt in range(4):  # a step at that batch; where it needs more than the budget, a smaller one
+            try:
+                checked = train_step_memory(arch, config, batch, args, device)["peak_mb"] if batch else None
+            except OUT_OF_MEMORY:
+                checked = None  # more than this device holds: the fit alone
+            if checked is None or checked <= args.fit_memory or attempt == 3:
+                break
+            batch = int(batch * 0.95 * args.fit_memory / checked)  # the line was optimistic there
+        rows.append({**fit, "batch": batch, "checked_peak_mb": checked})
+    return rows
+
+
 def augment_all(images: ImageDataset) -> list:
     """Every image of the dataset as epoch 0 augments it (one loader worker's work)."""
     return [images[(i, 0, 0)] for i in range(len(images))]
@@ -374,7 +527,7 @@ def bench_latency(args, samples, preset, device) -> list[dict]:
         backends = inference_backends(
             benchmark_model(args), exported_as, preset, runtime, args.compile, folder
         )
-        for batch in args.batch_sizes:
+        for batch in args.batch_sizes or [1, 8, 32]:
             x = image_batch(samples, preset, batch).to(device)
             inputs = {}
             for name, (_, backend_runtime) in backends.items():
@@ -615,7 +768,11 @@ def bench_index(args) -> list[dict]:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, renamed={"--json": "--output"})
-    p.add_argument("--arch", default="resnet18", help="any torchvision classifier (random weights)")
+    p.add_argument(
+        "--arch",
+        default="resnet18",
+        help="any torchvision classifier (random weights); memory: a comma list of them",
+    )
     add_weights_args(p, None, "DEFAULT or a weights name from torchvision's cache (default: random weights)")
     p.add_argument("--train-batch-size", type=positive_int, default=32, help="train and step batch")
     p.add_argument(
@@ -635,7 +792,23 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--parts", default="data,model,eval,train", help=f"comma list of model and {', '.join(PARTS)}"
     )
-    p.add_argument("--batch-sizes", default="1,8,32", help="latency: the batch sizes (default: 1,8,32)")
+    p.add_argument(
+        "--batch-sizes",
+        help="latency: the batch sizes (default: 1,8,32); memory: the batch sizes to measure (default: the "
+        "config's or --train-batch-size, and half of it)",
+    )
+    p.add_argument(
+        "--fit-memory",
+        metavar="SIZE",
+        help="memory: the largest batch whose training step stays within SIZE, e.g. 24GB (an RTX 3090/4090; "
+        "GB and GiB both count 2^30 bytes, MB 2^20)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        help="memory: the training settings of a train.py config (default: its defaults)",
+    )
+    switch(p, "--recipes", "memory: every recipe config, with its header's architecture and its batch")
     p.add_argument(
         "--latency-runs", type=positive_int, default=20, help="latency: timed calls per backend and batch"
     )
@@ -650,12 +823,29 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+MEMORY_UNITS = {"gib": 2**10, "gb": 2**10, "g": 2**10, "mib": 1, "mb": 1, "m": 1}
+
+
+def memory_size(text: str) -> float:
+    """'24GB' -> 24576.0 (MB, as CUDA's allocator counts: GB and GiB alike are 2^30 bytes)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]+)\s*", text)
+    unit = match and MEMORY_UNITS.get(match.group(2).lower())
+    if not unit:
+        raise UserError(f"--fit-memory {text}: give a size with its unit, e.g. 24GB or 8000MB")
+    return float(match.group(1)) * unit
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     try:
-        args.batch_sizes = [positive_int(b) for b in args.batch_sizes.split(",")]
+        args.batch_sizes = (
+            [positive_int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
+        )
     except (argparse.ArgumentTypeError, ValueError) as e:  # positive_int: a number below 1, or not a number
         raise UserError(f"--batch-sizes {args.batch_sizes}: {e}; use e.g. 1,8,32") from e
+    args.fit_memory = memory_size(args.fit_memory) if args.fit_memory else None
+    if args.fit_memory and args.batch_sizes and len(set(args.batch_sizes)) < 2:
+        raise UserError("--fit-memory fits a line through the peaks: give --batch-sizes two sizes or more")
     try:
         counts = args.worker_counts.split(",") if args.worker_counts else []
         args.worker_counts = [non_negative_int(w) for w in counts]
@@ -664,12 +854,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.parts = [
         q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))
     ]
+    if "," in args.arch and args.parts != ["memory"]:
+        raise UserError("a comma list in --arch is for --parts memory; the other parts time one architecture")
     if any(part not in PARTS for part in args.parts):
         raise UserError(f"unknown part in --parts {','.join(args.parts)}; use model or {', '.join(PARTS)}")
-    if set(args.parts) - {"forward", "step", "index"} and not args.data and not args.merge:
+    if set(args.parts) - {"forward", "step", "index", "memory"} and not args.data and not args.merge:
         raise UserError(
             "--parts data, eval, train, augment, int8, latency and approx read images: pass --data DIR "
-            "(or --parts model or index)"
+            "(or --parts model, index or memory)"
         )
     return args
 
@@ -687,7 +879,7 @@ def main(argv=None) -> dict:
         True  # for ours and the plain loops alike, as train.py and test_torchvision.py
     )
     device = resolve_device(args.device)
-    weights = weights_enum(args.arch, args.weights or "DEFAULT")  # for its eval transforms
+    weights = weights_enum(args.arch.split(",")[0], args.weights or "DEFAULT")  # for its eval transforms
     preset = EvalPreset.from_weights(weights)
     workers = default_workers(device) if args.workers is None else args.workers
     samples = find_samples(args.data, "val")[0][: args.limit] if args.data else []
@@ -726,6 +918,8 @@ def main(argv=None) -> dict:
         rows += bench_approx(args, device, samples, preset, workers)
     if "index" in args.parts:
         rows += bench_index(args)
+    if "memory" in args.parts:
+        rows += bench_memory(args, device)
     lines = benchmark_summary(rows)
     if busy:  # other processes' CPU use during the run: how far to trust CPU numbers
         now, seconds = busy_seconds(), time.perf_counter() - start

@@ -26,7 +26,17 @@ from loss import check_label_smoothing
 from model import check_arch
 from presets import AutoAugment, Interpolation, TrainPresetName, check_crop_fits
 from tracking import tracker_module
-from utils import RUNTIME_HELP, Amp, ArgumentParser, ChannelsLast, Device, UserError, closest, rank
+from utils import (
+    RUNTIME_HELP,
+    Amp,
+    ArgumentParser,
+    ChannelsLast,
+    Device,
+    UserError,
+    closest,
+    rank,
+    world_size,
+)
 
 
 def option(default, help: str, group: str):
@@ -66,7 +76,24 @@ class TrainConfig:
     )
 
     epochs: int = option(90, "epochs of the schedule", SCHEDULE)
-    batch_size: int = option(32, "per process; the global batch is batch_size x world size", SCHEDULE)
+    batch_size: int = option(
+        32,
+        "per process and forward pass; the global batch is batch_size x world size x accum_steps",
+        SCHEDULE,
+    )
+    global_batch: int | None = option(
+        None,
+        "images per optimizer step, as the recipe configs state it: accum_steps follows, global_batch / "
+        "(batch_size x world size); none: batch_size x world size x accum_steps",
+        SCHEDULE,
+    )
+    accum_steps: int | None = option(
+        None,
+        "gradient accumulation: one optimizer step every N batches, the mean over their images; "
+        "BatchNorm's statistics are those of each batch, as on N times the GPUs without sync_bn; none: "
+        "from global_batch, else 1",
+        SCHEDULE,
+    )
     lr: float = option(0.1, "for the global batch, unless lr_scaling = linear", SCHEDULE)
     lr_scaling: Literal["none", "linear"] = option(
         "none", "linear: lr x global_batch / 256 (Goyal et al.)", SCHEDULE
@@ -207,8 +234,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"augmix_severity must be in 1..10, got {cfg.augmix_severity}")
     if cfg.ra_magnitude > 30:
         raise UserError(f"ra_magnitude must be in 0..30, got {cfg.ra_magnitude}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise UserError(f"limit must be at least 1, got {cfg.limit}")
+    for key in ("limit", "global_batch", "accum_steps"):  # none, or a count
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.limit and (cfg.dummy or is_shard_source(cfg.data)):
         raise UserError(
             "--limit picks images from folders; --dummy has --dummy-size, and tar shards are streamed whole"
@@ -226,6 +254,44 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError("no data: pass --data DIR (an ImageFolder root with train/ and val/) or --dummy")
     tracker_module(cfg.tracker)  # its package is installed, before the run folder exists
     return cfg
+
+
+def with_accumulation(cfg: TrainConfig, world: int) -> TrainConfig:
+    """The config with both global_batch and accum_steps set for a run of `world` processes: the one
+    given derives the other (neither: no accumulation), both must agree; a global batch that
+    batch_size x world doesn't divide is refused, with the nearest --batch-size that fits."""
+    per_pass = cfg.batch_size * world
+    if cfg.global_batch is None:
+        steps = cfg.accum_steps or 1
+        return dataclasses.replace(cfg, accum_steps=steps, global_batch=per_pass * steps)
+    steps, rest = divmod(cfg.global_batch, per_pass)
+    processes = f"{world} process{'es' * (world > 1)}"
+    if rest or not steps:
+        if cfg.global_batch % world:
+            hint = f"launch a number of processes that divides {cfg.global_batch}"
+        else:
+            share = cfg.global_batch // world  # images per process and optimizer step
+            fits = max(b for b in range(1, min(cfg.batch_size, share) + 1) if share % b == 0)
+            hint = f"e.g. --batch-size {fits} ({share // fits} accumulation steps)"
+        raise UserError(
+            f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} x "
+            f"{processes} = {per_pass}: {hint}, or pass another --global-batch"
+        )
+    if cfg.accum_steps is not None and cfg.accum_steps != steps:
+        raise UserError(
+            f"--accum-steps {cfg.accum_steps} and --global-batch {cfg.global_batch} disagree: --batch-size "
+            f"{cfg.batch_size} x {processes} x {steps} accumulation steps make {cfg.global_batch}; give one"
+        )
+    return dataclasses.replace(cfg, accum_steps=steps)
+
+
+def describe_global_batch(cfg: TrainConfig, world: int) -> str:
+    """'global batch 1024 = 128 per step x 1 process x 8 accumulation steps' (cfg: with_accumulation's)."""
+    steps = cfg.accum_steps
+    return (
+        f"global batch {cfg.global_batch} = {cfg.batch_size} per step x {world} "
+        f"process{'es' * (world > 1)} x {steps} accumulation step{'s' * (steps > 1)}"
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -392,19 +458,27 @@ def resumed_config(cfg, saved: dict | None, given: frozenset | None) -> tuple:
             values[name] = saved[name]
         elif values[name] != saved[name] and name not in NOT_INHERITED:
             changes.append(f"{name} {saved[name]} -> {values[name]}")
+    # The global batch is what the run keeps: its accumulation steps follow from this command's batch and
+    # processes (with_accumulation), unless the command gives them, and then the global batch follows.
+    if "accum_steps" not in given:
+        values["accum_steps"] = None
+    elif "global_batch" not in given:
+        values["global_batch"] = None
     return type(cfg)(**values), sorted(changes)
 
 
 def resume_notes(cfg, saved: dict, epochs_done: int, saved_world: int, world: int) -> list[str]:
-    """What a resume does that its command may not say: another global batch at the same lr (e.g. a
-    torchrun run resumed with fewer processes), or nothing left to train."""
-    notes = []
-    before, now = saved.get("batch_size", cfg.batch_size) * saved_world, cfg.batch_size * world
+    """What a resume does that its command may not say: another global batch at the same lr (a run from
+    before global_batch was recorded resumed on fewer processes, or another --accum-steps), or nothing left
+    to train."""
+    cfg, notes = with_accumulation(cfg, world), []
+    before = saved.get("global_batch") or saved.get("batch_size", cfg.batch_size) * saved_world
+    now = cfg.global_batch
     if before != now:
         notes.append(
-            f"the global batch changes from {before} to {now} (--batch-size {cfg.batch_size} x {world} "
-            f"processes) at lr {cfg.lr:g}: launch the run's {saved_world} processes, or scale --lr "
-            f"({cfg.lr * now / before:g})"
+            f"the {describe_global_batch(cfg, world)} differs from the run's {before}, at lr "
+            f"{cfg.lr:g}: pass --global-batch {before} to keep the run's (accumulating gradients), or "
+            f"scale --lr ({cfg.lr * now / before:g})"
         )
     if epochs_done >= cfg.epochs:
         notes.append(
@@ -436,15 +510,17 @@ V1, V2 = "torchvision_v1.yaml", "torchvision_v2.yaml"
 BY_RECIPE_LINK = {
     f"{REFS}#resnet": Recipe(V1),
     f"{REFS}#alexnet-and-vgg": Recipe(V1, {"lr": 0.01}, "lr 0.01 without BatchNorm, 0.1 for the _bn models"),
-    f"{REFS}#resnext": Recipe(V1, {"epochs": 100, "batch_size": 16, "lr": 0.4}, "64 GPUs x 16"),
+    f"{REFS}#resnext": Recipe(
+        V1, {"epochs": 100, "batch_size": 16, "global_batch": 1024, "lr": 0.4}, "64 GPUs x 16"
+    ),
     f"{REFS}#mobilenetv2": Recipe("mobilenet_v2.yaml"),
     f"{REFS}#mobilenetv3-large--small": Recipe(
         "mobilenet_v3.yaml", note="the published weights average the last 3 improving checkpoints (by hand)"
     ),
     f"{REFS}#efficientnet-v2": Recipe("efficientnet_v2.yaml"),
     f"{REFS}#small-models": Recipe("regnet.yaml"),
-    f"{REFS}#medium-models": Recipe("regnet.yaml", {"batch_size": 64, "lr": 0.4}),
-    f"{REFS}#large-models": Recipe("regnet.yaml", {"batch_size": 32, "lr": 0.2}),
+    f"{REFS}#medium-models": Recipe("regnet.yaml", {"batch_size": 64, "global_batch": 512, "lr": 0.4}),
+    f"{REFS}#large-models": Recipe("regnet.yaml", {"batch_size": 32, "global_batch": 256, "lr": 0.2}),
     f"{REFS}#vit_b_16": Recipe("vit.yaml"),
     f"{REFS}#vit_l_32": Recipe("vit.yaml"),
     f"{REFS}#vit_b_32": Recipe("vit.yaml", {"batch_size": 256, "auto_augment": "imagenet"}, "16 GPUs x 256"),
@@ -573,9 +649,10 @@ def expand_recipe(argv: list[str]) -> list[str]:
     note = f"; {recipe.note}" if recipe.note else ""
     print(f"recipe of {weights} ({metrics['acc@1']} / {metrics['acc@5']}{note}):")
     print("  python train.py " + shlex.join(argv))
+    cfg = with_accumulation(load_config(TrainConfig, argv), world_size())
     print(
-        "  (--batch-size is per process: launch as many as the original run, "
-        f"configs/{recipe.config}'s header)"
+        f"  {describe_global_batch(cfg, world_size())}, the original run's: lower --batch-size for a smaller "
+        "GPU, launch more processes for fewer steps"
     )
     return argv
 
@@ -586,9 +663,12 @@ def recipes_table() -> str:
         "# Training recipes of torchvision's weights",
         "",
         "Generated by `python test_torchvision.py --recipes --output docs`. `python train.py --recipe",
-        "WEIGHTS --data DIR` runs the command of a row; the per-process batch is that of the original run,",
-        "so launch as many processes as it used (each config's header gives the launch command). Eval sizes",
-        "and interpolation are those the weights are published with.",
+        "WEIGHTS --data DIR` runs the command of a row. Each config states the original run's global batch",
+        "(`global_batch`) and per-process batch: on fewer processes train.py accumulates the gradients of",
+        "several batches into each optimizer step to keep the global batch (8 steps on one GPU for 8 GPUs),",
+        "and a smaller GPU takes a smaller `--batch-size` with more steps. BatchNorm's statistics are then",
+        "those of each batch, as on the original run's GPUs without SyncBatchNorm. Eval sizes and",
+        "interpolation are those the weights are published with.",
         "",
         "Where train.py differs from torchvision's references/classification/train.py for the same flags:",
         "",

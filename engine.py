@@ -11,6 +11,7 @@ the training progress that outlives a step (TrainState).
     stats = train_one_epoch(training, criterion, loader, runtime, TrainState(), LoopSettings.from_config(cfg))
 """
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -266,11 +267,16 @@ def build_scheduler(cfg, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     return sched.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_epochs])
 
 
+def global_batch(cfg, world_size: int) -> int:
+    """Images per optimizer step: batch_size x world size x accum_steps."""
+    return cfg.batch_size * world_size * (cfg.accum_steps or 1)
+
+
 def ema_decay_per_update(cfg, world_size: int) -> float:
     """torchvision's adjustment of --model-ema-decay (from pycls): 1 - decay scales with the images per
     EMA update over the epochs, so the averaging horizon stays about the same fraction of the run when
-    the batch, the world size, ema_steps or the epochs change."""
-    adjust = world_size * cfg.batch_size * cfg.ema_steps / cfg.epochs
+    the global batch (accumulation included), ema_steps (optimizer steps) or the epochs change."""
+    adjust = global_batch(cfg, world_size) * cfg.ema_steps / cfg.epochs
     return 1.0 - min(1.0, (1.0 - cfg.ema_decay) * adjust)
 
 
@@ -298,8 +304,8 @@ class Training:
     @classmethod
     def build(cls, cfg, model: nn.Module, runtime: Runtime) -> "Training":
         """From a TrainConfig (or anything with its fields), for a run of world_size() processes."""
-        global_batch = cfg.batch_size * world_size()
-        lr = cfg.lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.lr
+        images_per_step = global_batch(cfg, world_size())
+        lr = cfg.lr * images_per_step / 256 if cfg.lr_scaling == "linear" else cfg.lr
         optimizer = build_optimizer(cfg, model, lr)
         scheduler = build_scheduler(cfg, optimizer)
         scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
@@ -353,7 +359,9 @@ class TrainState:
 
     epoch: int = 0  # epochs finished
     step: int = 0  # optimizer steps taken
-    batch: int = 0  # batches done in the current epoch (> 0 only in a mid-epoch checkpoint)
+    # batches done in the current epoch (> 0 only in a mid-epoch checkpoint, which is saved after an
+    # optimizer step: a multiple of the accumulation steps)
+    batch: int = 0
     best_acc1: float = -1.0
     history: list = field(default_factory=list)  # one row per finished epoch (metrics.csv)
     bad_images: list = field(default_factory=list)  # unreadable files skipped so far
@@ -388,6 +396,8 @@ class LoopSettings:
     """How train_one_epoch runs, fixed for a run (LoopSettings.from_config)."""
 
     epochs: int | None = None  # of the run, for the progress bar
+    accum_steps: int = 1  # batches per optimizer step
+    batch_size: int = 0  # a full batch's images (with accum_steps > 1: the weight of each batch's loss)
     ema_steps: int = 32  # optimizer steps between EMA updates
     warmup_epochs: int = 0  # epochs in which the EMA copies the weights, as torchvision's references do
     clip_grad_norm: float = 0.0  # > 0 clips the global gradient norm
@@ -399,6 +409,8 @@ class LoopSettings:
     def from_config(cls, cfg) -> "LoopSettings":
         return cls(
             epochs=cfg.epochs,
+            accum_steps=cfg.accum_steps or 1,
+            batch_size=cfg.batch_size,
             ema_steps=cfg.ema_steps,
             warmup_epochs=cfg.warmup_epochs,
             clip_grad_norm=cfg.clip_grad_norm,
@@ -419,16 +431,20 @@ def train_one_epoch(
     on_checkpoint: Callable[[torch.Tensor], None] | None = None,
 ) -> dict:
     """One pass over this rank's shard of epoch `state.epoch`, advancing state.step and state.batch.
-    Loss and accuracy stay on the device between log intervals, the loop's only host syncs. Every
-    `settings.checkpoint_every` steps and after the last one, `on_checkpoint(sums)` saves a mid-epoch
-    checkpoint (sums: this rank's loss, top-1 and image counts so far). The EMA (of training.model) is
-    updated every `ema_steps` steps; during the first `warmup_epochs` it copies the weights. `mix`
-    (presets.MixUpCutMix) turns each normalised batch and its labels into mixed images and soft targets;
-    train top-1 then counts the largest target. A WeightedSum criterion's terms are reported too."""
+    The optimizer steps once every `settings.accum_steps` batches (and after the epoch's last one): each
+    batch's loss weighs its share of the step's images, so the update is the mean over them; under DDP
+    only a step's last batch all-reduces the gradients. Loss and accuracy stay on the device between log
+    intervals, the loop's only host syncs. Every `settings.checkpoint_every` optimizer steps and after the
+    last one, `on_checkpoint(sums)` saves a mid-epoch checkpoint (sums: this rank's loss, top-1 and image
+    counts so far). The EMA (of training.model) is updated every `ema_steps` optimizer steps; during the
+    first `warmup_epochs` it copies the weights. `mix` (presets.MixUpCutMix) turns each normalised batch
+    and its labels into mixed images and soft targets; train top-1 then counts the largest target. A
+    WeightedSum criterion's terms are reported too."""
     wrapped, optimizer, scaler, ema = training.wrapped, training.optimizer, training.scaler, training.ema
     wrapped.train()
-    device, epoch = runtime.device, state.epoch
-    loader.sampler.set_epoch(epoch)
+    device, epoch, accum = runtime.device, state.epoch, settings.accum_steps
+    ddp = ddp_module(wrapped)
+    epoch_sampler(loader).set_epoch(epoch)
     terms = loss_terms(criterion)
     sums = torch.zeros(3 + len(terms), dtype=torch.float64, device=device)  # loss, top-1, n, terms...
     if state.train_sums is not None:  # resumed mid-epoch: rank 0 carries the epoch's (global) sums so far
@@ -438,6 +454,7 @@ def train_one_epoch(
     first_bad_step = torch.tensor(-1, device=device)
     start, carried = time.perf_counter(), state.train_seconds
     seen = 0  # images of this call
+    planned, read = 0, 0  # images of this optimizer step so far: the loader's (unreadable ones too), read
     bar = tqdm(
         loader,
         desc=f"epoch {epoch + 1}/{settings.epochs or '?'}",
@@ -448,42 +465,54 @@ def train_one_epoch(
     )
     for images, targets, _, errors in bar:
         state.bad_images += check_bad_images(errors, loader.dataset.samples, settings.skip_bad_images)
-        if len(targets) == 0:  # every image of the batch was unreadable and skipped
-            if world_size() > 1:  # the other ranks wait in the gradient all-reduce: stop instead of hanging
-                raise UserError(
-                    f"a whole batch was unreadable on rank {global_rank()} "
-                    f"({', '.join(state.bad_images[-3:])}...); remove the unreadable files"
-                )
-            state.batch += 1
-            continue
-        seen += len(targets)
-        images, targets = runtime.inputs(images, targets)
-        if mix is not None:
-            images, targets = mix(images, targets, state.step, global_rank())  # (B, C) soft targets
-        with autocast(device, runtime.amp_dtype):
-            logits = wrapped(images)
-        logits = getattr(logits, "logits", logits)  # googlenet and inception_v3 add aux outputs when training
-        loss = criterion(logits, targets)
-        scaler.scale(loss).backward()
-        if settings.clip_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(wrapped.parameters(), settings.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
+        if len(targets) == 0 and world_size() > 1:  # the other ranks would wait in the all-reduce: stop
+            raise UserError(
+                f"a whole batch was unreadable on rank {global_rank()} "
+                f"({', '.join(state.bad_images[-3:])}...); remove the unreadable files"
+            )
+        micro = state.batch % accum  # this batch's place in its optimizer step
+        ends_step = micro == accum - 1 or state.batch + 1 == bar.total
+        planned += len(targets) + len(errors)
         state.batch += 1
-        if ema is not None and state.step % settings.ema_steps == 0:
-            ema.update_parameters(wrapped)  # DDP and compile wrap the same parameters
-            if epoch < settings.warmup_epochs:
-                ema.n_averaged.fill_(0)  # the next update copies again
-        loss = loss.detach()
-        first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), state.step, first_bad_step)
-        count = torch.tensor(len(targets), device=device)
-        parts = [criterion.parts[t].double() * len(targets) for t in terms]
-        labels = targets.argmax(1) if targets.ndim == 2 else targets
-        top1 = topk_correct(logits.detach(), labels, (1,))[0]
-        sums += torch.stack([loss.double() * len(targets), top1, count, *parts])
+        if len(targets):  # else every image of the batch was unreadable and skipped
+            seen, read = seen + len(targets), read + len(targets)
+            images, targets = runtime.inputs(images, targets)
+            if mix is not None:  # (B, C) soft targets, drawn as rank * accum + micro of accum_steps = 1
+                images, targets = mix(images, targets, state.step, global_rank() * accum + micro)
+            # only the step's last batch all-reduces: the others add to the gradients where they are
+            with contextlib.nullcontext() if ends_step or ddp is None else ddp.no_sync():
+                with autocast(device, runtime.amp_dtype):
+                    logits = wrapped(images)
+                logits = getattr(logits, "logits", logits)  # googlenet and inception_v3 add aux outputs
+                loss = criterion(logits, targets)
+                # a full step's batches weigh 1 / accum each; the loader's last, smaller batch less
+                share = 1.0 if accum == 1 else (len(targets) + len(errors)) / (settings.batch_size * accum)
+                scaler.scale(loss * share if accum > 1 else loss).backward()
+            loss = loss.detach()
+            bad = ~torch.isfinite(loss) & (first_bad_step < 0)
+            first_bad_step = torch.where(bad, state.step + 1, first_bad_step)
+            count = torch.tensor(len(targets), device=device)
+            parts = [criterion.parts[t].double() * len(targets) for t in terms]
+            labels = targets.argmax(1) if targets.ndim == 2 else targets
+            top1 = topk_correct(logits.detach(), labels, (1,))[0]
+            sums += torch.stack([loss.double() * len(targets), top1, count, *parts])
+        if not ends_step:
+            continue
+        if read:  # (a step of only unreadable images has no gradients: no step)
+            if accum > 1 and state.batch == bar.total:
+                mean_over_last_step(training.model, planned, settings.batch_size * accum)
+            if settings.clip_grad_norm:  # of the step's whole gradient
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(wrapped.parameters(), settings.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            if ema is not None and state.step % settings.ema_steps == 0:
+                ema.update_parameters(wrapped)  # DDP and compile wrap the same parameters
+                if epoch < settings.warmup_epochs:
+                    ema.n_averaged.fill_(0)  # the next update copies again
+        planned = read = 0
         last = state.batch == bar.total
         # A checkpoint also after the epoch's last step, before validation: a validation that fails (an
         # unreadable val image, a crash) then keeps the epoch's training, and the resume validates it.
@@ -499,13 +528,39 @@ def train_one_epoch(
             loss_sum, _, n = all_reduce_sum(sums[:3].clone()).tolist()
             rate = seen * world_size() / (time.perf_counter() - start)
             lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
             if save_now:
                 state.trained = last
                 state.train_seconds = carried + time.perf_counter() - start
                 on_checkpoint(sums)
     seconds = time.perf_counter() - start
     return epoch_stats(all_reduce_sum(sums).tolist(), terms, carried + seconds, seen * world_size() / seconds)
+
+
+def epoch_sampler(loader):
+    """The sampler a training loader's epochs are set on (set_epoch, skip): that of its batch sampler (the
+    DataLoader's own, or loader.StepBatchSampler), or a tar-shard loader's."""
+    return getattr(getattr(loader, "batch_sampler", None), "sampler", None) or loader.sampler
+
+
+def ddp_module(wrapped: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel module the loop calls (also under torch.compile), or None."""
+    inner = getattr(wrapped, "_orig_mod", wrapped)  # torch.compile's OptimizedModule keeps the module here
+    return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
+
+
+def mean_over_last_step(model: nn.Module, planned: int, full: int) -> None:
+    """An epoch's last optimizer step may hold fewer images than `full` (accum_steps x batch_size per
+    rank): its gradient, the sum of each batch's loss x images / full, becomes the mean over the images it
+    has (summed over the ranks, whose counts DistributedSampler keeps equal: one all-reduce an epoch)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return
+    count = torch.tensor([float(planned)], dtype=torch.float64, device=params[0].device)  # NCCL: on the GPU
+    factor = full * world_size() / all_reduce_sum(count).item()
+    if factor != 1.0:
+        for param in params:
+            param.grad.mul_(factor)
 
 
 def loss_terms(criterion) -> list[str]:

@@ -173,6 +173,41 @@ class EvalSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Batches of `batch_size` in optimizer steps of `accum_steps` batches, each batch what one of that many
+    ranks would take: full batches, and an epoch's last, smaller step split evenly among its batches, as
+    DistributedSampler splits an epoch among ranks (34 images: 9, 9, 8, 8, not 16, 16, 2, whose BatchNorm
+    statistics would be those of 2 images). drop_last drops that last step whole, as each of that many
+    ranks drops its last partial batch."""
+
+    def __init__(self, sampler, batch_size: int, accum_steps: int, drop_last: bool):
+        self.sampler, self.batch_size, self.accum_steps = sampler, batch_size, accum_steps
+        self.drop_last = drop_last
+
+    def _split(self, count: int) -> tuple[int, list[int]]:
+        """(images in full steps, the sizes of the last step's batches)."""
+        full = count // (self.batch_size * self.accum_steps) * self.batch_size * self.accum_steps
+        rest = count - full
+        if not rest or self.drop_last:
+            return full, []
+        parts = min(self.accum_steps, rest)
+        return full, [rest // parts + (i < rest % parts) for i in range(parts)]
+
+    def __iter__(self):
+        items = list(self.sampler)  # a resume's sampler starts after whole steps: the steps stay aligned
+        full, last = self._split(len(items))
+        for start in range(0, full, self.batch_size):
+            yield items[start : start + self.batch_size]
+        start = full
+        for size in last:
+            yield items[start : start + size]
+            start += size
+
+    def __len__(self) -> int:
+        full, last = self._split(len(self.sampler))
+        return full // self.batch_size + len(last)
+
+
 def collate(items):
     """Stack the readable images; keep (index, error) of the others."""
     good = [item for item in items if item[0] is not None]
@@ -190,20 +225,22 @@ def build_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
     persistent_workers: bool = False,
+    accum_steps: int = 1,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of (images, targets, indices, errors) batches (see collate); persistent_workers keeps
-    the loader processes between epochs (training). Each epoch's iterator draws its workers' base seed
-    from the loader's own generator, not torch's global RNG: a run resumed in the middle of an epoch then
-    finds the global RNG (dropout's) where the uninterrupted run had it. (Augmentations are seeded per
-    image by ImageDataset, whatever the worker seeds.)"""
+    the loader processes between epochs (training); accum_steps > 1 batches as StepBatchSampler does. Each
+    epoch's iterator draws its workers' base seed from the loader's own generator, not torch's global RNG:
+    a run resumed in the middle of an epoch then finds the global RNG (dropout's) where the uninterrupted
+    run had it. (Augmentations are seeded per image by ImageDataset, whatever the worker seeds.)"""
+    batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
+    if accum_steps > 1:
+        batching = {"batch_sampler": StepBatchSampler(sampler, batch_size, accum_steps, drop_last)}
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        drop_last=drop_last,
         generator=torch.Generator().manual_seed(0),
         persistent_workers=workers > 0 and persistent_workers,
         prefetch_factor=4 if workers > 0 else None,

@@ -201,6 +201,17 @@ def benchmark_summary(rows: list[dict]) -> list[str]:
             f"+{ours[1]:.1f} MB per worker (a list of Sample objects: +{objects[0]:.1f} MB, "
             f"+{objects[1]:.1f} MB)"
         )
+    for r in (r for r in rows if r["part"] == "memory_fit"):
+        checked = r["checked_peak_mb"]
+        check = "the fit alone: a step at it is more than this device holds"
+        if not r["batch"]:
+            check = "the weights and optimizer state alone need more"
+        elif checked is not None:
+            check = f"a step at it peaked at {checked:.0f} MB"
+        lines.append(
+            f"memory: {r['arch']} ({r['config']}): largest batch within {r['budget_mb']:.0f} MB: "
+            f"{r['batch']} (a line through batches {', '.join(map(str, r['from_batches']))}; {check})"
+        )
     lines += [f"{r['part']}: note: {r['note']}" for r in rows if "note" in r]
     for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(
@@ -225,7 +236,20 @@ def benchmark_report(rows: list[dict], lines: list[str]) -> str:
             "ratio": f"{r['ratio']:.2f}x" if "ratio" in r else None,
         }
         for r in rows
-        if r["part"] not in ("approx", "index_memory")
+        if r["part"] not in ("approx", "index_memory", "memory", "memory_fit")
+    ]
+    memory = [
+        {
+            "run": r.get("run"),
+            "arch": r["arch"],
+            "config": r["config"],
+            "settings": r["settings"],
+            "batch": r["batch"],
+            "peak MB": f"{r['peak_mb']:.0f}",
+            "step img/s": f"{r['img_per_s']:.1f}",
+        }
+        for r in rows
+        if r["part"] == "memory"
     ]
     approx = [
         {
@@ -245,6 +269,8 @@ def benchmark_report(rows: list[dict], lines: list[str]) -> str:
         tables.append(markdown_table(speed, [*runs, "part", "variant", "img/s", "vs", "ratio"]))
     if approx:
         tables.append(markdown_table(approx, [*runs, *list(approx[0])[1:]]))
+    if memory:
+        tables.append(markdown_table(memory, [*runs, *list(memory[0])[1:]]))
     return "\n".join(tables + lines)
 
 

@@ -27,13 +27,24 @@ from config import (
     TrainConfig,
     check_config,
     config_parser,
+    describe_global_batch,
     expand_recipe,
     parse_config,
     resume_notes,
     resumed_config,
+    with_accumulation,
 )
 from dataset import find_samples, is_shard_source
-from engine import LoopSettings, Runtime, Training, TrainState, evaluate, train_one_epoch, trained_epoch_stats
+from engine import (
+    LoopSettings,
+    Runtime,
+    Training,
+    TrainState,
+    epoch_sampler,
+    evaluate,
+    train_one_epoch,
+    trained_epoch_stats,
+)
 from loader import (
     EvalSampler,
     ImageDataset,
@@ -137,10 +148,17 @@ def build_data(cfg: TrainConfig, device) -> tuple:
             ImageDataset(val_samples, val_tf),
         )
     sampler = TrainSampler(train_set, world, rank, cfg.seed, cfg.ra_reps if cfg.ra_sampler else 1)
-    # full batches (unless the set is smaller than one), or also the last partial one, as the references
-    drop_last = cfg.drop_last and len(train_set) >= cfg.batch_size * world
+    # full steps (unless the set is smaller than one), or also the last partial one, as the references
+    drop_last = cfg.drop_last and len(train_set) >= cfg.global_batch
     train_loader = build_loader(
-        train_set, cfg.batch_size, workers, sampler, pin, drop_last, persistent_workers=True
+        train_set,
+        cfg.batch_size,
+        workers,
+        sampler,
+        pin,
+        drop_last,
+        persistent_workers=True,
+        accum_steps=cfg.accum_steps,
     )
     val_loader = build_loader(val_set, cfg.batch_size, workers, EvalSampler(len(val_set), world, rank), pin)
     return train_loader, val_loader, classes
@@ -376,9 +394,9 @@ def restore(
     if global_rank() == 0:  # what the resume does that its command may not say
         for note in resume_notes(cfg, saved, state.epoch, state.world_size, world_size()):
             print(f"note: {note}")
-    restart_interrupted_epoch(cfg, state, saved.get("batch_size", cfg.batch_size), resume_from)
+    restart_interrupted_epoch(cfg, state, saved, resume_from)
     state.world_size = world_size()
-    train_loader.sampler.skip = state.batch * cfg.batch_size  # a mid-epoch checkpoint continues there
+    epoch_sampler(train_loader).skip = state.batch * cfg.batch_size  # a mid-epoch checkpoint continues there
     training.load_rng_state(checkpoint["rng"])  # after everything that draws random numbers was built
     checkpoint.clear()  # main() holds it too: its tensors (GBs for large models) are no longer needed
     return state
@@ -391,18 +409,26 @@ def position(state: TrainState) -> str:
     return f"epoch {state.epoch + 1}{inside}, after {state.step} optimizer steps"
 
 
-def restart_interrupted_epoch(cfg: TrainConfig, state: TrainState, saved_batch: int, resume_from) -> None:
-    """A mid-epoch position counts batches of the saved run's global batch, and a tar-shard stream can't
-    start inside an epoch: where either differs, the interrupted epoch's data starts again."""
+def restart_interrupted_epoch(cfg: TrainConfig, state: TrainState, saved: dict, resume_from) -> None:
+    """A mid-epoch position is in batches of the saved run, after an optimizer step. With the same global
+    batch and processes, each rank's images so far are the same whatever its batch size: the position is
+    counted again in this run's batches. Another global batch or number of processes deals the epoch
+    otherwise, and a tar-shard stream can't start inside an epoch: there the epoch starts again."""
+    if not state.batch or state.trained:
+        return
+    saved_batch = saved.get("batch_size", cfg.batch_size)
+    saved_global = saved.get("global_batch") or saved_batch * state.world_size  # before it was recorded
+    images = state.batch * saved_batch  # this rank's, so far in the epoch
     stream = is_shard_source(cfg.data) and not cfg.dummy
-    other_batches = (saved_batch, state.world_size) != (cfg.batch_size, world_size())
-    if not state.batch or state.trained or not (stream or other_batches):
+    same = (saved_global, state.world_size) == (cfg.global_batch, world_size())
+    if same and not stream and images % cfg.batch_size == 0:
+        state.batch = images // cfg.batch_size
         return
     if global_rank() == 0:
         if stream:
             why = "a tar-shard stream resumes at epoch starts"
         else:
-            why = f"it ran with batch {saved_batch} x {state.world_size} processes, another global batch"
+            why = f"it ran with a global batch of {saved_global} on {state.world_size} processes"
         print(f"note: {resume_from} stopped inside epoch {state.epoch + 1}; {why}: its data starts again")
     state.batch = 0
     state.train_sums = None
@@ -422,6 +448,7 @@ def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
     if not resuming(cfg):  # a resume's settings are checked once its run's are known
         check_config(cfg)
         check_input_sizes(cfg)
+        cfg = with_accumulation(cfg, world_size())
     device = setup_distributed(cfg.device)
     try:
         run_dir, resume_from = open_run(cfg)
@@ -430,6 +457,7 @@ def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
         check_config(cfg)
         if resuming(cfg):  # a new run's sizes were checked above; a resume's once its settings are known
             check_input_sizes(cfg)
+            cfg = with_accumulation(cfg, world_size())
         if changes and global_rank() == 0:
             print(f"note: {resume_from} continues with settings other than its run's: {'; '.join(changes)}")
         try:
@@ -483,6 +511,7 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
             f"{len(val_loader.dataset)} val images, world size {world_size()}, process group "
             f"{process_group_name()}, device {device}{resumed}"
         )
+        print(describe_global_batch(cfg, world_size()))
 
     def save_mid_epoch(sums):
         save(run_dir, training, state, cfg, classes, partial_sums=sums)
@@ -507,7 +536,7 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
                     on_checkpoint=save_mid_epoch,
                 )
             row = finish_epoch(cfg, training, train_stats, val_loader, runtime, criterion, state)
-            train_loader.sampler.skip = 0
+            epoch_sampler(train_loader).skip = 0
             save(run_dir, training, state, cfg, classes, best=row["best_pt"])
             if global_rank() == 0:
                 write_metrics(state.history, run_dir, writer)

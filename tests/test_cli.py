@@ -83,17 +83,18 @@ def test_a_resume_takes_the_runs_settings_except_those_given():
 
 
 def test_a_resume_says_what_its_command_may_not():
-    """A torchrun run (2 x batch 8) resumed by one process halves the global batch at the same lr; a
-    finished run resumed without more epochs trains nothing."""
+    """A torchrun run (2 x batch 8) from before global_batch was recorded, resumed by one process, halves the
+    global batch at the same lr; a recorded global batch is kept by accumulating; a finished run resumed
+    without more epochs trains nothing."""
     saved = {"batch_size": 8, "lr": 0.1}
     cfg = TrainConfig(batch_size=8, lr=0.1, epochs=4)
     [note] = resume_notes(cfg, saved, 2, 2, 1)
-    assert (
-        "global batch changes from 16 to 8" in note
-        and "launch the run's 2 processes" in note
-        and "0.05" in note
-    )
+    assert "global batch 8 = 8 per step x 1 process x 1 accumulation step differs from the run's 16" in note
+    assert "--global-batch 16" in note and "0.05" in note
     assert resume_notes(cfg, saved, 2, 2, 2) == []
+    recorded = {**saved, "global_batch": 16, "accum_steps": 1}
+    resumed, _ = resumed_config(cfg, recorded, frozenset({"epochs"}))
+    assert resume_notes(resumed, recorded, 2, 2, 1) == []  # 8 x 1 process x 2 accumulation steps
     assert "done its 4 epochs" in resume_notes(cfg, saved, 4, 1, 1)[-1]
 
 

@@ -86,6 +86,42 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert last["epoch"] == 2 and not any(k.startswith("module.") for k in last["model"])
 
 
+def test_two_processes_accumulating_two_batches_step_as_one_batch_of_16(tmp_path):
+    """4 per batch x 2 processes x 2 accumulation steps (DDP all-reducing only each step's last batch) train
+    squeezenet1_1 without dropout as one process with batch 16 does: the weights within 1e-5."""
+    data = make_colour_dataset(tmp_path / "data")  # 48 train images: 3 steps of 16
+    tiny = [a if a != "resnet18" else "squeezenet1_1" for a in TINY]
+    common = [
+        "train.py",
+        "--data",
+        data,
+        *tiny,
+        *"--dropout 0 --epochs 2 --lr 0.01 --output".split(),
+        tmp_path,
+    ]
+    single = run_main(*common, "--batch-size", "16", "--run-name", "one")  # in this process: the reference
+    double = run_script(
+        *TORCHRUN,
+        DIGEST,
+        tmp_path / "digests",
+        *common[1:],
+        "--batch-size",
+        "4",
+        "--accum-steps",
+        "2",
+        "--run-name",
+        "two",
+    )
+    assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
+    assert "global batch 16 = 4 per step x 2 processes x 2 accumulation steps" in double.stdout
+    assert_ranks_identical(tmp_path / "digests")
+    one, two = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("one", "two"))
+    assert one["step"] == two["step"] == 6
+    for key, value in one["model"].items():
+        assert torch.allclose(value, two["model"][key], atol=1e-5, rtol=0), key
+    assert any(not torch.allclose(v, torch.zeros_like(v)) for v in one["model"].values())
+
+
 def test_torchrun_with_one_process_runs_ddp_and_trains_like_a_plain_process(tmp_path):
     """torchrun --nproc_per_node=1 starts the process group (gloo here, NCCL on a GPU: tests/test_gpu.py)
     and trains through DDP, as torchvision's references do; the all-reduce over one rank changes no bit."""

@@ -272,9 +272,8 @@ def test_bad_recipe_options_are_named(options, needle):
         check_config(load_config(TrainConfig, ["--dummy", *options.split()]))
 
 
-SMALL = (
-    "--dummy --dummy-size 4 --batch-size 2 --epochs 1 --num-classes 5 --arch resnet18 --weights none".split()
-)
+SMALL = "--dummy --dummy-size 4 --batch-size 2 --global-batch 2 --epochs 1 --num-classes 5".split()
+SMALL += "--arch resnet18 --weights none".split()
 SMALL += (
     "--train-crop-size 32 --train-resize-size 36 --val-resize-size 36 --val-crop-size 32 --workers 0".split()
 )
@@ -352,7 +351,8 @@ def test_a_shortened_torchvision_v2_run_learns(tmp_path):
     from test_train import TINY, make_colour_dataset
 
     data = make_colour_dataset(tmp_path / "data", per_class=(48, 10))
-    options = "--epochs 15 --warmup-epochs 2 --batch-size 16 --lr 0.01 --run-name v2".split()
+    options = "--epochs 15 --warmup-epochs 2 --batch-size 16 --global-batch 16 --lr 0.01".split()
+    options += ["--run-name", "v2"]
     result = run_script(
         "train.py",
         "--config",

@@ -174,11 +174,14 @@ RECIPE += " --label-smoothing 0.1 --ema-decay 0.99 --ema-steps 1 --norm-weight-d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["", RECIPE], ids=["v1", "v2-recipe"])
+@pytest.mark.parametrize(
+    "recipe", ["", RECIPE, RECIPE + " --accum-steps 2"], ids=["v1", "v2-recipe", "v2-recipe-accumulated"]
+)
 def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path, recipe):
     """kill -9 in the middle of an epoch (last.pt written every 2 steps), resume: the same final metrics
     and weights (dropout model, an lr milestone after epoch 1). v2-recipe: with the repeated-augmentation
-    sampler, TrivialAugmentWide, RandomErasing, MixUp/CutMix and the EMA, the resume is exact too."""
+    sampler, TrivialAugmentWide, RandomErasing, MixUp/CutMix and the EMA, the resume is exact too; and with
+    2 batches accumulated into each optimizer step (checkpoints after every second step: every 4 batches)."""
     options = "--batch-size 4 --lr 0.01 --epochs 2 --save-every-steps 2".split()
     options += "--scheduler multistep --milestones 1".split()
     options += recipe.split()
@@ -194,6 +197,8 @@ def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path, recipe):
     process.wait()
     partial = torch.load(last, weights_only=True)  # loadable whatever the moment of the kill
     assert partial["epoch"] < 2 and partial["batch"] > 0  # a mid-epoch checkpoint
+    if "--accum-steps" in recipe:  # saved after an optimizer step: 2 batches each
+        assert partial["batch"] % 2 == 0 and partial["step"] == 6 * partial["epoch"] + partial["batch"] // 2
     resumed = run_script(*args, "--run-name", "killed", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     straight, killed = state_of(tmp_path / "straight"), state_of(tmp_path / "killed")

@@ -94,7 +94,11 @@ def test_a_failed_start_does_not_block_the_same_run_name(tmp_path):
 
 def test_train_help_explains_every_option_and_typos_suggest_the_option():
     help_text = run_script("train.py", "--help", env={"COLUMNS": "250"}).stdout  # one line per option
-    assert "per process; the global batch is batch_size x world size" in help_text  # TrainConfig's help
+    # TrainConfig's help
+    assert (
+        "per process and forward pass; the global batch is batch_size x world size x accum_steps" in help_text
+    )
+    assert "--global-batch INT" in help_text and "--accum-steps INT" in help_text
     assert "--scheduler step|multistep|cosine" in help_text and "--dummy, --no-dummy" in help_text
     assert "--weights-dir" in help_text  # the option train.py's missing-weights error names
     assert_user_error(
