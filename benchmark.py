@@ -380,7 +380,7 @@ def train_step_memory(arch: str, config: str | None, batch: int, args, device) -
     exists) with the config's optimizer, EMA, loss, MixUp/CutMix and train crop, on synthetic batches:
     CUDA's max allocated memory above what was allocated before the model was built; on a CPU, where
     memory freed by one measurement stays with the process, the growth of the peak resident set of a new
-    process (spawned for each measurement). And the img/s of those steps."""
+    process (spawned for each measurement)."""
     if device.type != "cuda" and mp.current_process().name == "MainProcess":
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as fresh:
             return fresh.submit(train_step_memory, arch, config, batch, args, device).result()
@@ -407,13 +407,9 @@ def train_step_memory(arch: str, config: str | None, batch: int, args, device) -
     loader = build_loader(images, batch, 0, TrainSampler(images, 1, 0), drop_last=True)
     criterion = build_loss(cfg.loss, 1000, cfg.label_smoothing).to(device)
     settings = dataclasses.replace(LoopSettings.from_config(cfg), log_interval=10**9)
-    start = time.perf_counter()
     train_one_epoch(
         training, criterion, loader, runtime, TrainState(), settings, MixUpCutMix.from_config(cfg, 1000)
     )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
     peak_mb = max(0.0, peak(device) - before)
     del training, model
     name = Path(config).name if config else "defaults"
@@ -426,7 +422,6 @@ def train_step_memory(arch: str, config: str | None, batch: int, args, device) -
         "settings": f"{crop} px, {cfg.optimizer}{', EMA' if cfg.ema_decay else ''}, {precision}",
         "batch": batch,
         "peak_mb": round(peak_mb, 1),
-        "img_per_s": 2 * batch / seconds,
     }
 
 
@@ -442,9 +437,30 @@ def largest_batch(rows: list[dict], budget_mb: float) -> int:
     return max(0, int((budget_mb - fixed) // slope))
 
 
+def fit_batch(arch: str, config: str | None, measured: list[dict], args, device) -> dict:
+    """{'batch', 'checked_peak_mb'}: the largest batch a measured step keeps within --fit-memory, found by
+    steps at the batch a line through the two largest measured batches predicts (a secant search: up to 4
+    steps); without one that fits, the first prediction and None (0: not even the fixed part fits)."""
+    points = list(measured)
+    batch = largest_batch(points, args.fit_memory)
+    found = {"batch": batch, "checked_peak_mb": None}
+    for _ in range(4):
+        if not batch or any(p["batch"] == batch for p in points):
+            break
+        try:
+            peak_mb = train_step_memory(arch, config, batch, args, device)["peak_mb"]
+        except OUT_OF_MEMORY:  # more than this device holds
+            break
+        points.append({"batch": batch, "peak_mb": peak_mb})
+        if peak_mb <= args.fit_memory and (found["checked_peak_mb"] is None or batch > found["batch"]):
+            found = {"batch": batch, "checked_peak_mb": peak_mb}
+        batch = largest_batch(sorted(points, key=lambda p: p["batch"])[-2:], args.fit_memory)
+    return found
+
+
 def bench_memory(args, device) -> list[dict]:
     """For each run of memory_runs: the peak of a training step at each batch size and, with --fit-memory,
-    the largest batch within it, checked by a step at that batch (where the device holds it)."""
+    the largest batch within it (fit_batch)."""
     rows = []
     for arch, config, sizes in memory_runs(args):
         measured = [train_step_memory(arch, config, batch, args, device) for batch in sizes]
@@ -458,16 +474,7 @@ def bench_memory(args, device) -> list[dict]:
             "budget_mb": args.fit_memory,
             "from_batches": sizes,
         }
-        batch, checked = largest_batch(measured, args.fit_memory), None
-        for attempt in range(4):  # a step at that batch; where it needs more than the budget, a smaller one
-            try:
-                checked = train_step_memory(arch, config, batch, args, device)["peak_mb"] if batch else None
-            except OUT_OF_MEMORY:
-                checked = None  # more than this device holds: the fit alone
-            if checked is None or checked <= args.fit_memory or attempt == 3:
-                break
-            batch = int(batch * 0.95 * args.fit_memory / checked)  # the line was optimistic there
-        rows.append({**fit, "batch": batch, "checked_peak_mb": checked})
+        rows.append({**fit, **fit_batch(arch, config, measured, args, device)})
     return rows
 
 

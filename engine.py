@@ -444,6 +444,7 @@ def train_one_epoch(
     wrapped.train()
     device, epoch, accum = runtime.device, state.epoch, settings.accum_steps
     ddp = ddp_module(wrapped)
+    statistics = RunningStatistics(training.model) if accum > 1 else None
     epoch_sampler(loader).set_epoch(epoch)
     terms = loss_terms(criterion)
     sums = torch.zeros(3 + len(terms), dtype=torch.float64, device=device)  # loss, top-1, n, terms...
@@ -474,6 +475,8 @@ def train_one_epoch(
         ends_step = micro == accum - 1 or state.batch + 1 == bar.total
         planned += len(targets) + len(errors)
         state.batch += 1
+        if statistics is not None:
+            statistics.update(micro == 0)
         if len(targets):  # else every image of the batch was unreadable and skipped
             seen, read = seen + len(targets), read + len(targets)
             images, targets = runtime.inputs(images, targets)
@@ -533,8 +536,29 @@ def train_one_epoch(
                 state.trained = last
                 state.train_seconds = carried + time.perf_counter() - start
                 on_checkpoint(sums)
+    if statistics is not None:
+        statistics.update(True)
     seconds = time.perf_counter() - start
     return epoch_stats(all_reduce_sum(sums).tolist(), terms, carried + seconds, seen * world_size() / seconds)
+
+
+class RunningStatistics:
+    """BatchNorm's running statistics updated by the first batch of each optimizer step only, as DDP keeps
+    them on N GPUs (it broadcasts rank 0's before every forward: one batch's update per step); each batch is
+    still normalised by its own statistics. Updated by every batch, they would average over N times the
+    batches per step, which no run on N GPUs does."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [
+            (m, m.momentum)
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None
+        ]
+
+    def update(self, on: bool) -> None:
+        """on: this batch updates them (its layer's momentum); off: momentum 0 keeps them."""
+        for layer, momentum in self.layers:
+            layer.momentum = momentum if on else 0.0
 
 
 def epoch_sampler(loader):

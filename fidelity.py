@@ -8,6 +8,7 @@ and for train.py against each other trainer the difference of the means with its
     python fidelity.py --setting v1 --seeds 20 --reference ~/vision-0.21.0/references/classification
     python fidelity.py --setting v2 --seeds 10 --reference ~/vision-0.21.0/references/classification
     python fidelity.py --setting v1 --seeds 20 --trainers ours,plain          # without the reference
+    python fidelity.py --setting v1 --seeds 10 --trainers ours,ours_accum     # batch 64 against 16 x 4
     python fidelity.py --report --output docs                                 # docs/fidelity.md again
 
 Runs are resumable: OUTPUT/fidelity.json keeps every finished run, a re-run adds the missing seeds, and
@@ -44,8 +45,12 @@ from utils import ArgumentParser, UserError, atomic_write_text, cli, machine_inf
 
 ROOT = Path(__file__).resolve().parent
 # ours: train.py with the references' flags; ours_drop_last: with its own default of dropping each epoch's
-# last partial batch (the one difference fidelity.py found: docs/fidelity.md)
-TRAINERS = ("ours", "ours_drop_last", "plain", "reference")
+# last partial batch (the one difference fidelity.py found: docs/fidelity.md); ours_accum: as ours, with a
+# quarter of the batch and 4 batches accumulated into each optimizer step (the same global batch); ours_ddp:
+# as ours, on 4 torchrun processes of a quarter of the batch each (what ours_accum stands in for)
+TRAINERS = ("ours", "ours_drop_last", "ours_accum", "ours_ddp", "plain", "reference")
+OURS = ("ours", "ours_drop_last", "ours_accum", "ours_ddp")
+ACCUM = 4  # ours_accum's accumulation steps, ours_ddp's processes
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as every trainer here normalises
 
 
@@ -119,11 +124,16 @@ def write_digits(root: Path) -> Path:
 # ----------------------------------------------------------------------------- the three trainers
 
 
-def ours_command(setting: Setting, data: Path, seed: int, out: Path, drop_last: bool = False) -> list[str]:
-    """train.py's command line for the setting (drop_last: its default, not the references')."""
+def ours_command(setting: Setting, data: Path, seed: int, out: Path, variant: str = "ours") -> list[str]:
+    """train.py's command line for the setting, as one of OURS runs it."""
+    batch, accum = setting.batch_size, 1
+    if variant == "ours_accum":
+        batch, accum = setting.batch_size // ACCUM, ACCUM
+    if variant == "ours_ddp":
+        batch = setting.batch_size // ACCUM
     args = [
         *("--data", data, "--arch", "resnet18", "--seed", seed, "--output", out, "--run-name", "run"),
-        *("--epochs", setting.epochs, "--batch-size", setting.batch_size, "--lr", setting.lr),
+        *("--epochs", setting.epochs, "--batch-size", batch, "--accum-steps", accum, "--lr", setting.lr),
         *(
             "--momentum",
             0.9,
@@ -137,7 +147,7 @@ def ours_command(setting: Setting, data: Path, seed: int, out: Path, drop_last: 
         *("--random-erase", setting.random_erase, "--mixup-alpha", setting.mixup_alpha),
         *("--cutmix-alpha", setting.cutmix_alpha, "--workers", 0, "--device", "cpu", "--no-ra-sampler"),
         # the references train on each epoch's last partial batch too
-        "--drop-last" if drop_last else "--no-drop-last",
+        "--drop-last" if variant == "ours_drop_last" else "--no-drop-last",
     ]
     if setting.norm_weight_decay is not None:
         args += ["--norm-weight-decay", setting.norm_weight_decay]
@@ -154,12 +164,15 @@ def ours_command(setting: Setting, data: Path, seed: int, out: Path, drop_last: 
             "--warmup-factor",
             0.01,
         ]
+    if variant == "ours_ddp":
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ACCUM}"]
+        return [sys.executable, *torchrun, str(ROOT / "train.py"), *map(str, args)]
     return [sys.executable, str(ROOT / "train.py"), *map(str, args)]
 
 
-def run_ours(setting: Setting, data: Path, seed: int, work: Path, drop_last: bool = False) -> list[float]:
+def run_ours(setting: Setting, data: Path, seed: int, work: Path, variant: str = "ours") -> list[float]:
     """Val top-1 per epoch of a train.py run (its metrics.csv)."""
-    command = ours_command(setting, data, seed, work, drop_last)
+    command = ours_command(setting, data, seed, work, variant)
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         raise UserError(f"train.py failed: {finished.stderr.strip().splitlines()[-1:]}")
@@ -300,8 +313,8 @@ def run_all(args) -> list[dict]:
                 continue
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as work:
-                if trainer in ("ours", "ours_drop_last"):
-                    top1 = run_ours(setting, data, seed, Path(work), drop_last=trainer == "ours_drop_last")
+                if trainer in OURS:
+                    top1 = run_ours(setting, data, seed, Path(work), trainer)
                 elif trainer == "reference":
                     top1 = run_reference(setting, data, seed, Path(args.reference).expanduser())
                 else:
@@ -368,6 +381,8 @@ def summary(rows: list[dict], setting: str) -> tuple[list[dict], list[dict]]:
     ]
     differences = []
     pairs = [(ours, other) for ours in ("ours", "ours_drop_last") for other in ("plain", "reference")]
+    # the same global batch, accumulated or on 4 processes: BatchNorm's statistics of a quarter of it
+    pairs += [("ours_accum", "ours"), ("ours_accum", "ours_ddp"), ("ours_ddp", "ours")]
     for name, other in pairs:
         if len(by_trainer[name]["final_acc1"]) < 2 or len(by_trainer[other]["final_acc1"]) < 2:
             continue
@@ -406,6 +421,9 @@ def write_report(rows: list[dict], out: Path) -> Path:
         "`ours_drop_last` is train.py with its own default of dropping each epoch's last partial batch,",
         "which here holds 2 images in v2 (1,442 = 45 x 32 + 2) and 34 in v1 (22 x 64 + 34): that last",
         "batch of the references updates BatchNorm's running statistics just before each validation.",
+        f"`ours_accum` is `ours` with a quarter of the batch and `--accum-steps {ACCUM}`: the same global",
+        "batch, with BatchNorm's statistics of the smaller batches; `ours_ddp` is `ours` on 4 torchrun",
+        "processes of a quarter of the batch each, which accumulation stands in for.",
         "`plain` is a textbook loop (fidelity.run_plain); `reference` is torchvision's",
         "references/classification/train.py v0.21.0, unmodified. The interval is Welch's 95% interval of",
         "the difference of the means; the variance ratio's p-value is a permutation test of the",

@@ -210,7 +210,8 @@ def benchmark_summary(rows: list[dict]) -> list[str]:
             check = f"a step at it peaked at {checked:.0f} MB"
         lines.append(
             f"memory: {r['arch']} ({r['config']}): largest batch within {r['budget_mb']:.0f} MB: "
-            f"{r['batch']} (a line through batches {', '.join(map(str, r['from_batches']))}; {check})"
+            f"{r['batch']} (from batches {', '.join(map(str, r['from_batches']))} and steps at the line's "
+            f"predictions; {check})"
         )
     lines += [f"{r['part']}: note: {r['note']}" for r in rows if "note" in r]
     for ours in (r for r in rows if "share_of_model_only" in r):
@@ -246,7 +247,6 @@ def benchmark_report(rows: list[dict], lines: list[str]) -> str:
             "settings": r["settings"],
             "batch": r["batch"],
             "peak MB": f"{r['peak_mb']:.0f}",
-            "step img/s": f"{r['img_per_s']:.1f}",
         }
         for r in rows
         if r["part"] == "memory"

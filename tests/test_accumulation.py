@@ -213,3 +213,22 @@ def test_largest_batch_and_memory_sizes():
     assert benchmark.memory_size("8000MB") == 8000
     with pytest.raises(UserError, match="24GB"):
         benchmark.memory_size("24")
+
+
+def test_batchnorm_running_statistics_follow_each_steps_first_batch_only():
+    """As DDP keeps rank 0's: the other batches of a step are normalised by their own statistics but leave
+    the running ones as they were; the layers' momentum is theirs again after the epoch."""
+    from engine import RunningStatistics
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3, momentum=0.3)).train()
+    statistics = RunningStatistics(model)
+    first, other = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2) + 5
+    statistics.update(True)
+    model(first)
+    after_first = [layer.running_mean.clone() for layer in model]
+    statistics.update(False)
+    normalised = model(other)
+    assert all(torch.equal(layer.running_mean, mean) for layer, mean in zip(model, after_first))
+    assert normalised.mean().abs() < 1e-5  # by its own statistics
+    statistics.update(True)
+    assert [layer.momentum for layer in model] == [0.1, 0.3]
