@@ -473,7 +473,8 @@ def train_one_epoch(
             )
         micro = state.batch % accum  # this batch's place in its optimizer step
         ends_step = micro == accum - 1 or state.batch + 1 == bar.total
-        planned += len(targets) + len(errors)
+        loaded = len(targets) + len(errors)  # the loader's images, the unreadable ones too
+        planned += loaded
         state.batch += 1
         if statistics is not None:
             statistics.update(micro == 0)
@@ -489,8 +490,8 @@ def train_one_epoch(
                 logits = getattr(logits, "logits", logits)  # googlenet and inception_v3 add aux outputs
                 loss = criterion(logits, targets)
                 # a full step's batches weigh 1 / accum each; the loader's last, smaller batch less
-                share = 1.0 if accum == 1 else (len(targets) + len(errors)) / (settings.batch_size * accum)
-                scaler.scale(loss * share if accum > 1 else loss).backward()
+                weighed = loss if accum == 1 else loss * loaded / (settings.batch_size * accum)
+                scaler.scale(weighed).backward()
             loss = loss.detach()
             bad = ~torch.isfinite(loss) & (first_bad_step < 0)
             first_bad_step = torch.where(bad, state.step + 1, first_bad_step)

@@ -24,6 +24,34 @@ def assert_ranks_identical(digests) -> None:
     assert values[0] == values[1] and len(values[0].strip()) == 64, values
 
 
+def squeezenet_one_and_two_processes(tmp_path, lr: str, single_options: list, double_options: list):
+    """(the run in this process, the torchrun run of 2 processes, each rank writing its weights' digest):
+    squeezenet1_1 with dropout 0 (no BatchNorm, no dropout) for 2 epochs on the colour dataset's 48
+    train images, in tmp_path's runs one and two; both finished."""
+    data = make_colour_dataset(tmp_path / "data")
+    tiny = [a if a != "resnet18" else "squeezenet1_1" for a in TINY]
+    common = [
+        "train.py",
+        "--data",
+        data,
+        *tiny,
+        "--dropout",
+        "0",
+        "--epochs",
+        "2",
+        "--lr",
+        lr,
+        "--output",
+        tmp_path,
+    ]
+    single = run_main(*common, *single_options, "--run-name", "one")  # in this process: the reference
+    double = run_script(
+        *TORCHRUN, DIGEST, tmp_path / "digests", *common[1:], *double_options, "--run-name", "two"
+    )
+    assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
+    return single, double
+
+
 def test_evaluation_counts_every_image_once_in_any_world_size(tmp_path, torch_home):
     wnids = imagenet_wnids()
     for i in range(101):  # not divisible by the world size
@@ -58,21 +86,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     process on CPU, where SyncBatchNorm does not run) and no dropout (whose masks come from each
     process's RNG), so the runs differ only by float summation order in the gradient all-reduce:
     ~1e-7 relative per step, hence the 1e-4 tolerance on the per-epoch loss."""
-    data = make_colour_dataset(tmp_path / "data")  # 48 train images: 6 steps of 8, no padding
-    tiny = [a if a != "resnet18" else "squeezenet1_1" for a in TINY]
-    common = [
-        "train.py",
-        "--data",
-        data,
-        *tiny,
-        *"--dropout 0 --epochs 2 --lr 0.001 --output".split(),
-        tmp_path,
-    ]
-    single = run_main(*common, "--batch-size", "8", "--run-name", "one")  # in this process: the reference
-    double = run_script(
-        *TORCHRUN, DIGEST, tmp_path / "digests", *common[1:], "--batch-size", "4", "--run-name", "two"
+    # 48 train images: 6 steps of 8, no padding
+    single, double = squeezenet_one_and_two_processes(
+        tmp_path, "0.001", ["--batch-size", "8"], ["--batch-size", "4"]
     )
-    assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     assert_ranks_identical(tmp_path / "digests")
     one, two = (read_csv(tmp_path / run / "metrics.csv") for run in ("one", "two"))
     assert len(one) == len(two) == 2
@@ -89,30 +106,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 def test_two_processes_accumulating_two_batches_step_as_one_batch_of_16(tmp_path):
     """4 per batch x 2 processes x 2 accumulation steps (DDP all-reducing only each step's last batch) train
     squeezenet1_1 without dropout as one process with batch 16 does: the weights within 1e-5."""
-    data = make_colour_dataset(tmp_path / "data")  # 48 train images: 3 steps of 16
-    tiny = [a if a != "resnet18" else "squeezenet1_1" for a in TINY]
-    common = [
-        "train.py",
-        "--data",
-        data,
-        *tiny,
-        *"--dropout 0 --epochs 2 --lr 0.01 --output".split(),
-        tmp_path,
-    ]
-    single = run_main(*common, "--batch-size", "16", "--run-name", "one")  # in this process: the reference
-    double = run_script(
-        *TORCHRUN,
-        DIGEST,
-        tmp_path / "digests",
-        *common[1:],
-        "--batch-size",
-        "4",
-        "--accum-steps",
-        "2",
-        "--run-name",
-        "two",
+    # 48 train images: 3 steps of 16
+    single, double = squeezenet_one_and_two_processes(
+        tmp_path, "0.01", ["--batch-size", "16"], ["--batch-size", "4", "--accum-steps", "2"]
     )
-    assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     assert "global batch 16 = 4 per step x 2 processes x 2 accumulation steps" in double.stdout
     assert_ranks_identical(tmp_path / "digests")
     one, two = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("one", "two"))
