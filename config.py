@@ -24,7 +24,7 @@ from torchvision import models
 from dataset import is_shard_source
 from loss import check_label_smoothing
 from model import check_arch
-from presets import AutoAugment, Interpolation, TrainPresetName, check_crop_fits
+from presets import AutoAugment, Interpolation, TestTimeAugmentation, TrainPresetName, check_crop_fits
 from tracking import tracker_module
 from utils import (
     RUNTIME_HELP,
@@ -113,13 +113,21 @@ class TrainConfig:
     transformer_embedding_decay: float | None = option(
         None, "class token, position embeddings, relative position bias; none: weight_decay", SCHEDULE
     )
-    scheduler: Literal["step", "multistep", "cosine", "exponential"] = option(
-        "step", "the lr schedule, stepped once per epoch", SCHEDULE
+    scheduler: Literal["step", "multistep", "cosine", "exponential", "triangular"] = option(
+        "step",
+        "the lr schedule, stepped once per epoch; triangular: FFCV's, set at every optimizer step",
+        SCHEDULE,
     )
     step_size: int = option(30, "epochs between the step schedule's steps", SCHEDULE)
     milestones: list[int] = option([30, 60, 80], "epochs at which the multistep schedule steps", SCHEDULE)
     lr_gamma: float = option(0.1, "step, multistep and exponential (lr x gamma every epoch)", SCHEDULE)
     lr_min: float = option(0.0, "where cosine ends", SCHEDULE)
+    lr_peak_epoch: int = option(
+        2,
+        "triangular: lr rises linearly from lr x 1e-4 at epoch 0 to lr here, then falls to 0 at the last "
+        "epoch's end (FFCV's cyclic schedule: its own warmup)",
+        SCHEDULE,
+    )
     warmup_epochs: int = option(
         0, "warmup from lr x warmup_factor (torchvision's --lr-warmup-decay)", SCHEDULE
     )
@@ -138,8 +146,29 @@ class TrainConfig:
     )
     train_crop_size: int = option(224, "the training images' size", AUGMENT)
     train_resize_size: int = option(256, "used by the original preset", AUGMENT)
+    min_res: int | None = option(
+        None,
+        "progressive resizing (FFCV's): the train crop up to epoch start_ramp, in place of train_crop_size; "
+        "none: train_crop_size every epoch",
+        AUGMENT,
+    )
+    max_res: int | None = option(None, "progressive resizing: the train crop from epoch end_ramp on", AUGMENT)
+    start_ramp: int = option(0, "progressive resizing: the last epoch (from 0) at min_res", AUGMENT)
+    end_ramp: int = option(
+        0,
+        "progressive resizing: the first epoch at max_res; in between the crop grows linearly with the "
+        "epoch, rounded to the nearest multiple of res_multiple",
+        AUGMENT,
+    )
+    res_multiple: int = option(32, "progressive resizing: crops are multiples of it", AUGMENT)
     val_resize_size: int = option(256, "validation: the shorter side before the center crop", AUGMENT)
     val_crop_size: int = option(224, "validation: the center crop", AUGMENT)
+    val_tta: TestTimeAugmentation = option(
+        "none",
+        "flip: validate each image and its mirror, by the mean of their logits (FFCV's lr_tta adds them: the "
+        "same top-1 and top-5)",
+        AUGMENT,
+    )
     interpolation: Interpolation = option("bilinear", "of every resize, train and val", AUGMENT)
     auto_augment: AutoAugment = option(
         "none", "after crop and flip: TrivialAugmentWide | RandAugment | AutoAugment | AugMix", AUGMENT
@@ -202,12 +231,12 @@ class TrainConfig:
 
 AT_LEAST_ONE = (
     "epochs batch_size train_crop_size train_resize_size val_resize_size val_crop_size ema_steps "
-    "log_interval dummy_size step_size ra_reps augmix_severity shard_shuffle_buffer"
+    "log_interval dummy_size step_size ra_reps augmix_severity shard_shuffle_buffer res_multiple"
 ).split()
 NON_NEGATIVE = (
     "momentum weight_decay warmup_epochs clip_grad_norm ema_decay save_every_steps warmup_factor "
     "norm_weight_decay bias_weight_decay transformer_embedding_decay lr_min ra_magnitude mixup_alpha "
-    "cutmix_alpha"
+    "cutmix_alpha start_ramp end_ramp"
 ).split()
 
 
@@ -234,7 +263,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"augmix_severity must be in 1..10, got {cfg.augmix_severity}")
     if cfg.ra_magnitude > 30:
         raise UserError(f"ra_magnitude must be in 0..30, got {cfg.ra_magnitude}")
-    for key in ("limit", "global_batch", "accum_steps"):  # none, or a count
+    for key in ("limit", "global_batch", "accum_steps", "min_res", "max_res"):  # none, or a count
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.limit and (cfg.dummy or is_shard_source(cfg.data)):
@@ -245,6 +274,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"num_classes must be at least 1, got {cfg.num_classes}")
     if cfg.workers is not None and cfg.workers < 0:
         raise UserError(f"workers must be non-negative, got {cfg.workers}")
+    check_schedule(cfg)
+    check_resolution_ramp(cfg)
     check_label_smoothing(cfg.label_smoothing)
     check_crop_fits(cfg.val_crop_size, cfg.val_resize_size, ("val_crop_size", "val_resize_size"))
     if cfg.train_preset == "original":  # Resize + CenterCrop: a larger crop would pad black borders
@@ -254,6 +285,46 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError("no data: pass --data DIR (an ImageFolder root with train/ and val/) or --dummy")
     tracker_module(cfg.tracker)  # its package is installed, before the run folder exists
     return cfg
+
+
+def check_schedule(cfg: TrainConfig) -> None:
+    """The triangular schedule rises to its peak and falls to 0 within the run, and is its own warmup."""
+    if cfg.scheduler != "triangular":
+        return
+    if cfg.warmup_epochs:
+        raise UserError(
+            "the triangular schedule warms up by itself (up to --lr-peak-epoch); drop --warmup-epochs"
+        )
+    if not 1 <= cfg.lr_peak_epoch < cfg.epochs:
+        raise UserError(
+            f"lr_peak_epoch must be in 1..{cfg.epochs - 1} (below --epochs {cfg.epochs}), "
+            f"got {cfg.lr_peak_epoch}"
+        )
+
+
+def check_resolution_ramp(cfg: TrainConfig) -> None:
+    """Progressive resizing: both ends or neither, in order, multiples of res_multiple (FFCV's ramp then
+    never leaves them), and the original preset's fixed Resize + CenterCrop has no crop to grow."""
+    given = (cfg.min_res is not None) + (cfg.max_res is not None)
+    if given == 1:
+        raise UserError("progressive resizing needs both --min-res and --max-res (or neither)")
+    if not given:
+        return
+    if cfg.train_preset == "original":
+        raise UserError("progressive resizing grows RandomResizedCrop's output: use --train-preset standard")
+    for key in ("min_res", "max_res"):
+        size, multiple = getattr(cfg, key), cfg.res_multiple
+        if size % multiple:
+            raise UserError(
+                f"{key} {size} is not a multiple of res_multiple {multiple}; the ramp's crops are, so use "
+                f"e.g. {max(1, round(size / multiple)) * multiple}"
+            )
+    if cfg.min_res > cfg.max_res:
+        raise UserError(
+            f"min_res {cfg.min_res} is above max_res {cfg.max_res}; the crop grows from min to max"
+        )
+    if cfg.start_ramp > cfg.end_ramp:
+        raise UserError(f"start_ramp {cfg.start_ramp} is after end_ramp {cfg.end_ramp}")
 
 
 def with_accumulation(cfg: TrainConfig, world: int) -> TrainConfig:
@@ -595,7 +666,8 @@ def recipe_for(name: str):
     elif name.endswith(".DEFAULT") and name.removesuffix(".DEFAULT") in enums:
         name = str(models.get_weight(name))  # ResNet50_Weights.DEFAULT: the weights it stands for
     if name not in archs:
-        raise UserError(f"unknown weights '{name}'{closest(name, archs)}; see docs/recipes.md for every name")
+        known = [*archs, *FFCV_RECIPES]
+        raise UserError(f"unknown recipe '{name}'{closest(name, known)}; see docs/recipes.md for every name")
     weights = models.get_weight(name)
     link = weights.meta["recipe"]
     recipe = (
@@ -611,6 +683,75 @@ def recipe_for(name: str):
     }
     settings = {**recipe.settings, **BY_WEIGHTS.get(name, {}), **evaluation}
     return weights, archs[name], Recipe(recipe.config, settings, recipe.note)
+
+
+# FFCV's ResNet configurations (libffcv/ffcv-imagenet, rn50_configs/ and rn18_configs/): one config file per
+# architecture here; the length picks the epochs and the resolution ramp, whose epochs FFCV sets per length.
+FFCV_SOURCE = "https://github.com/libffcv/ffcv-imagenet"
+IMAGENET_TRAIN_IMAGES = 1_281_167
+# one H100, resnet50 training from JPEG files (RandomResizedCrop + flip on 15 loader cores, longer passes):
+# docs/performance.md#one-gpu-nvidia-h100; the loader, not the GPU, sets it, at 160-224 px alike
+H100_FROM_JPEG_IMG_PER_S = 1555
+
+
+@dataclass(frozen=True)
+class FfcvRecipe:
+    """One row of FFCV's published table, and the ramp of its config."""
+
+    config: str  # in configs/
+    epochs: int
+    start_ramp: int
+    end_ramp: int
+    top1: float  # published, with BlurPool
+    top5: float
+    minutes: float
+    gpus: str
+
+
+FFCV_RECIPES = {
+    f"ffcv-{arch}-{epochs}": FfcvRecipe(f"ffcv_{arch}.yaml", epochs, start, end, top1, top5, minutes, gpus)
+    for arch, gpus, rows in (
+        (
+            "rn50",
+            "8 x A100",
+            [
+                (16, 11, 13, 73.8, 90.8, 14.9),
+                (24, 17, 20, 75.6, 92.1, 21.7),
+                (32, 23, 27, 76.6, 92.7, 28.7),
+                (40, 29, 34, 77.2, 93.2, 35.6),
+                (56, 41, 48, 78.0, 93.7, 49.4),
+                (88, 65, 76, 78.4, 94.1, 77.2),
+            ],
+        ),
+        (
+            "rn18",
+            "1 x A100",
+            [
+                (16, 11, 13, 66.9, 86.8, 35.0),
+                (24, 17, 20, 68.8, 88.1, 51.6),
+                (32, 23, 27, 70.0, 88.9, 68.9),
+                (40, 29, 34, 70.6, 89.4, 85.5),
+                (56, 41, 48, 71.3, 89.9, 119.4),
+                (88, 65, 76, 72.4, 90.3, 187.3),
+            ],
+        ),
+    )
+    for epochs, start, end, top1, top5, minutes in rows
+}
+
+
+def ffcv_arguments(recipe: FfcvRecipe) -> list[str]:
+    """train.py options of an FFCV schedule: its config, length and ramp."""
+    return [
+        "--config",
+        f"configs/{recipe.config}",
+        "--epochs",
+        str(recipe.epochs),
+        "--start-ramp",
+        str(recipe.start_ramp),
+        "--end-ramp",
+        str(recipe.end_ramp),
+    ]
 
 
 def recipe_arguments(arch: str, recipe: Recipe) -> list[str]:
@@ -639,15 +780,24 @@ def expand_recipe(argv: list[str]) -> list[str]:
         raise UserError(
             "--recipe chooses the config; drop --config (other options still override the recipe)"
         )
-    weights, arch, recipe = recipe_for(name)
-    if recipe.config is None:
-        raise UserError(f"{weights} can't be re-trained from ImageNet-1k here: {recipe.note}")
-    argv = recipe_arguments(arch, recipe) + rest
+    if name in FFCV_RECIPES:
+        ffcv = FFCV_RECIPES[name]
+        argv = ffcv_arguments(ffcv) + rest
+        heading = (
+            f"FFCV's {ffcv.epochs}-epoch schedule ({ffcv.top1} / {ffcv.top5} published with BlurPool, "
+            f"{ffcv.minutes} min on {ffcv.gpus}; configs/{ffcv.config} says what differs)"
+        )
+    else:
+        weights, arch, recipe = recipe_for(name)
+        if recipe.config is None:
+            raise UserError(f"{weights} can't be re-trained from ImageNet-1k here: {recipe.note}")
+        argv = recipe_arguments(arch, recipe) + rest
+        metrics = weights.meta["_metrics"]["ImageNet-1K"]
+        note = f"; {recipe.note}" if recipe.note else ""
+        heading = f"recipe of {weights} ({metrics['acc@1']} / {metrics['acc@5']}{note})"
     if rank() > 0:  # under torchrun, before the process group exists
         return argv
-    metrics = weights.meta["_metrics"]["ImageNet-1K"]
-    note = f"; {recipe.note}" if recipe.note else ""
-    print(f"recipe of {weights} ({metrics['acc@1']} / {metrics['acc@5']}{note}):")
+    print(f"{heading}:")
     print("  python train.py " + shlex.join(argv))
     cfg = with_accumulation(load_config(TrainConfig, argv), world_size())
     print(
@@ -669,6 +819,12 @@ def recipes_table() -> str:
         "and a smaller GPU takes a smaller `--batch-size` with more steps. BatchNorm's statistics are then",
         "those of each batch, as on the original run's GPUs without SyncBatchNorm. Eval sizes and",
         "interpolation are those the weights are published with.",
+        "",
+        "![the v2 recipe's training images after TrivialAugmentWide, RandomErasing and CutMix]"
+        "(preview_torchvision_v2.png)",
+        "",
+        "(`python prepare_data.py preview --config configs/torchvision_v2.yaml --data DIR --output "
+        "docs/preview_torchvision_v2.png`.)",
         "",
         "Where train.py differs from torchvision's references/classification/train.py for the same flags:",
         "",
@@ -699,4 +855,35 @@ def recipes_table() -> str:
             "not reproducible" if recipe.config is None else f"`{shlex.join(recipe_arguments(arch, recipe))}`"
         )
         lines.append(f"| {name} | {metrics['acc@1']} | {metrics['acc@5']} | {options} | {recipe.note} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + time_to_accuracy_lines()) + "\n"
+
+
+def time_to_accuracy_lines() -> list[str]:
+    """docs/recipes.md's section on FFCV's schedules: published top-1 per epochs, the images they process
+    and what that costs on one GPU fed from JPEG files at the measured rate."""
+    lines = [
+        "## Fewer epochs: FFCV's ResNet schedules",
+        "",
+        f"FFCV's published ImageNet configurations ({FFCV_SOURCE}) reach V1's accuracy in a fraction of its",
+        "90 epochs: progressive resizing (160 to 192 px), validation at 256 px with flip test-time",
+        "augmentation, a triangular lr schedule set at every step, label smoothing, no weight decay on",
+        "BatchNorm, and BlurPool, which this repo leaves out (it changes torchvision's architecture). The",
+        "configs (`configs/ffcv_rn50.yaml`, `configs/ffcv_rn18.yaml`) say what else differs;",
+        "`python train.py --recipe NAME --data DIR` runs a row. Images processed: epochs x the 1,281,167",
+        f"training images. One-GPU hours: at {H100_FROM_JPEG_IMG_PER_S:,} img/s, resnet50 training from JPEG",
+        "files on one H100 with 15 loader cores ([performance.md](performance.md#one-gpu-nvidia-h100), an",
+        "older loader; the loader sets the rate, so resnet18 and 160-192 px crops are no faster there).",
+        "",
+        "| recipe | published top-1 / top-5 (BlurPool) | epochs | images processed | FFCV's GPU-hours (A100) "
+        "| one-GPU hours from JPEG | train.py options |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, recipe in FFCV_RECIPES.items():
+        images = recipe.epochs * IMAGENET_TRAIN_IMAGES
+        gpu_hours = recipe.minutes * int(recipe.gpus.split(" x ")[0]) / 60
+        hours = images / H100_FROM_JPEG_IMG_PER_S / 3600
+        lines.append(
+            f"| {name} | {recipe.top1} / {recipe.top5} | {recipe.epochs} | {images / 1e6:.1f} M | "
+            f"{gpu_hours:.1f} | {hours:.1f} | `{shlex.join(ffcv_arguments(recipe))}` |"
+        )
+    return lines

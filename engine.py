@@ -98,13 +98,16 @@ def evaluate(
     skip_bad_images=False,
     keep_predictions=False,
     class_mask=None,
+    tta="none",
     desc="eval",
 ) -> dict:
     """Top-1/top-5 and mean loss over every image of the loader's dataset, each counted once in any
     world size (each rank sees its own shard, sums are all-reduced). With keep_predictions, rank 0
     also gets the top-5 indices and probabilities of every image, ordered by dataset index.
     class_mask: a (C,) bool tensor; predictions, loss and probabilities are restricted to its classes
-    (ImageNet-A's and -R's protocol: the logits of the other classes become -inf)."""
+    (ImageNet-A's and -R's protocol: the logits of the other classes become -inf). tta "flip": each image
+    and its left-right mirror, by the mean of their logits (FFCV adds them: the same top-k; the mean keeps
+    the loss on the scale of one pass); the images counted (and per second) are the images, not passes."""
     model.eval()
     device = runtime.device
     mask_bias = None  # (C,): 0 for the kept classes, -inf for the others
@@ -123,8 +126,10 @@ def evaluate(
             continue
         images, targets = runtime.inputs(images, targets)
         with autocast(device, runtime.amp_dtype):
-            logits = model(images)
-        logits = logits.float() if mask_bias is None else logits.float() + mask_bias
+            logits = model(images).float()
+            if tta == "flip":
+                logits = (logits + model(torch.flip(images, [-1])).float()) / 2
+        logits = logits if mask_bias is None else logits + mask_bias
         loss = criterion(logits, targets) if criterion is not None else F.cross_entropy(logits, targets)
         top1, top5 = topk_correct(logits, targets)
         count = torch.tensor(len(targets), device=device)
@@ -244,9 +249,33 @@ def build_optimizer(cfg, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr)
 
 
+class TriangularLR(torch.optim.lr_scheduler.LambdaLR):
+    """FFCV's cyclic schedule (train_imagenet.py, get_cyclic_lr): lr x 1e-4 at epoch 0, linear up to lr at
+    `peak`, linear down to 0 at `epochs`. Stepped once per epoch like the others; inside an epoch the loop
+    sets each optimizer step's lr at its position (set_position), as FFCV interpolates between the lr of
+    the epoch and the next one's at every step."""
+
+    def __init__(self, optimizer, peak: int, epochs: int):
+        self.peak, self.epochs = peak, epochs
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, epoch: float) -> float:
+        """The share of the initial lr at (fractional) epoch `epoch`."""
+        if epoch <= self.peak:
+            return 1e-4 + (1 - 1e-4) * epoch / self.peak
+        return max(0.0, (self.epochs - epoch) / (self.epochs - self.peak))
+
+    def set_position(self, epoch: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.factor(epoch)
+
+
 def build_scheduler(cfg, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per epoch, after an optional warmup of warmup_epochs (torchvision's recipes)."""
+    """Stepped once per epoch, after an optional warmup of warmup_epochs (torchvision's recipes); the
+    triangular schedule is also set at every optimizer step (TriangularLR)."""
     sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "triangular":
+        return TriangularLR(optimizer, cfg.lr_peak_epoch, cfg.epochs)
     if cfg.scheduler == "step":
         main = sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.lr_gamma)
     elif cfg.scheduler == "multistep":
@@ -503,6 +532,8 @@ def train_one_epoch(
         if not ends_step:
             continue
         if read:  # (a step of only unreadable images has no gradients: no step)
+            if isinstance(training.scheduler, TriangularLR):  # at the step's first batch, as FFCV's steps
+                training.scheduler.set_position(epoch + (state.batch - micro - 1) / bar.total)
             if accum > 1 and state.batch == bar.total:
                 mean_over_last_step(training.model, planned, settings.batch_size * accum)
             if settings.clip_grad_norm:  # of the step's whole gradient

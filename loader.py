@@ -39,7 +39,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from dataset import IMAGE_EXTENSIONS, Manifest, Sample, read_manifest
-from presets import EvalPreset
+from presets import EvalPreset, transform_of_epoch
 from utils import OUT_OF_MEMORY, UserError, available_cores
 
 # what PIL raises for a file it can't read (truncated, corrupt, not an image, too large)
@@ -91,7 +91,8 @@ class ImageDataset(torch.utils.data.Dataset):
                 return self.transform(image), sample.target, index, ""
             # the first copy keeps the key it had before repeated augmentation existed
             key = (self.seed, epoch, index, copy) if copy else (self.seed, epoch, index)
-            return seeded_transform(self.transform, image, key), sample.target, index, ""
+            transform = transform_of_epoch(self.transform, epoch)
+            return seeded_transform(transform, image, key), sample.target, index, ""
         except IMAGE_ERRORS as e:
             return None, sample.target, index, f"{type(e).__name__}: {e}"
 
@@ -395,12 +396,8 @@ class ShardTrainStream(torch.utils.data.IterableDataset):
             if image is None:
                 yield None, target, index, error
             else:
-                yield (
-                    seeded_transform(self.transform, image, (self.seed, self.epoch, index)),
-                    target,
-                    index,
-                    "",
-                )
+                transform = transform_of_epoch(self.transform, self.epoch)
+                yield (seeded_transform(transform, image, (self.seed, self.epoch, index)), target, index, "")
 
 
 class _Epochs:

@@ -1,5 +1,6 @@
 """Transform presets: uint8 (3, H, W) tensors from PIL images, for evaluation (EvalPreset: the weights'
-own resize + center crop) and training (train_preset). `normalize` turns a batch into float on the
+own resize + center crop) and training (train_preset; with progressive resizing, ProgressiveResizing: a
+crop that grows with the epoch along FFCV's ResolutionRamp). `normalize` turns a batch into float on the
 device with exactly the operations (and so exactly the numbers) of torchvision's ImageClassification
 preset, while the host moves 4x fewer bytes. (torchvision's references/classification/presets.py)
 
@@ -8,6 +9,7 @@ preset, while the host moves 4x fewer bytes. (torchvision's references/classific
 """
 
 import argparse
+import functools
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +38,7 @@ def add_preprocessing_args(parser: argparse.ArgumentParser) -> None:
 
 
 TrainPresetName = Literal["standard", "original"]
+TestTimeAugmentation = Literal["none", "flip"]
 AutoAugment = Literal["none", "ta_wide", "ra", "imagenet", "augmix"]
 
 
@@ -137,18 +140,78 @@ def train_preset(
     return v2.Compose(steps)
 
 
+@dataclass(frozen=True)
+class ResolutionRamp:
+    """Progressive resizing as FFCV's ImageNet example computes it (train_imagenet.py, get_resolution):
+    epoch e (from 0) trains at min_res while e <= start_ramp, at max_res once e >= end_ramp, and in between
+    at the linear interpolation rounded to the nearest multiple of `multiple` (Python's round, like
+    np.round: a half goes to the even multiple). A function of the epoch alone, so a resume is exact."""
+
+    min_res: int
+    max_res: int
+    start_ramp: int
+    end_ramp: int
+    multiple: int = 32
+
+    def at(self, epoch: int) -> int:
+        if epoch <= self.start_ramp:
+            return self.min_res
+        if epoch >= self.end_ramp:
+            return self.max_res
+        share = (epoch - self.start_ramp) / (self.end_ramp - self.start_ramp)
+        return round((self.min_res + share * (self.max_res - self.min_res)) / self.multiple) * self.multiple
+
+
+def resolution_ramp(cfg) -> ResolutionRamp | None:
+    """A TrainConfig's ramp (config.check_resolution_ramp has checked it), None without --min-res."""
+    if cfg.min_res is None:
+        return None
+    return ResolutionRamp(cfg.min_res, cfg.max_res, cfg.start_ramp, cfg.end_ramp, cfg.res_multiple)
+
+
+def train_resolution(cfg, epoch: int) -> int:
+    """The train crop of epoch `epoch` (from 0): the ramp's, else train_crop_size."""
+    ramp = resolution_ramp(cfg)
+    return cfg.train_crop_size if ramp is None else ramp.at(epoch)
+
+
+class ProgressiveResizing:
+    """A train transform whose output size follows a ResolutionRamp: at(epoch) is that epoch's transform
+    (each size built once). The datasets call it with the epoch of each image's key, in the loader workers,
+    so persistent workers follow the ramp too; RandomResizedCrop draws the same box at any size."""
+
+    def __init__(self, build, ramp: ResolutionRamp):
+        self.build, self.ramp, self.built = build, ramp, {}
+
+    def at(self, epoch: int):
+        size = self.ramp.at(epoch)
+        if size not in self.built:
+            self.built[size] = self.build(crop=size)
+        return self.built[size]
+
+    def __call__(self, image):  # without an epoch (a recipe's preview, a benchmark): the first epoch's
+        return self.at(0)(image)
+
+
+def transform_of_epoch(transform, epoch: int):
+    """The transform of an image of epoch `epoch`: a ProgressiveResizing's of that epoch, else `transform`."""
+    return transform.at(epoch) if isinstance(transform, ProgressiveResizing) else transform
+
+
 def train_transform(cfg):
-    """The train preset of a TrainConfig (or anything with its fields)."""
-    return train_preset(
+    """The train preset of a TrainConfig (or anything with its fields), following its resolution ramp."""
+    build = functools.partial(  # a partial, not a lambda: loader workers may be spawned (pickled)
+        train_preset,
         cfg.train_preset,
-        cfg.train_crop_size,
-        cfg.train_resize_size,
-        cfg.interpolation,
+        resize=cfg.train_resize_size,
+        interpolation=cfg.interpolation,
         auto_augment=cfg.auto_augment,
         ra_magnitude=cfg.ra_magnitude,
         augmix_severity=cfg.augmix_severity,
         random_erase=cfg.random_erase,
     )
+    ramp = resolution_ramp(cfg)
+    return build(crop=cfg.train_crop_size) if ramp is None else ProgressiveResizing(build, ramp)
 
 
 class MixUpCutMix:

@@ -7,6 +7,7 @@ Accuracy on the ImageNet validation set (README: the --data layouts) and its oth
     python test_torchvision.py --data /data/imagenet/val --models resnet50 vit_b_16
     python test_torchvision.py --data /data/imagenet/val --real-labels real.json     # ReaL top-1/top-5 too
     python test_torchvision.py --data /data/imagenet-a --mask-classes                # its 200 classes only
+    python test_torchvision.py --data /data/imagenet/val --tta flip        # each image and its mirror
 The table of finished train.py runs, and the training command of all of torchvision's weights:
     python test_torchvision.py --runs checkpoints                # -> results/our_training.{md,csv,json}
     python test_torchvision.py --recipes --output docs           # -> docs/recipes.md
@@ -22,6 +23,7 @@ import json
 import math
 import multiprocessing
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +72,7 @@ from model import (
     size_argument,
     weights_enum,
 )
-from presets import add_preprocessing_args
+from presets import TestTimeAugmentation, add_preprocessing_args
 from report import markdown_table, plot_acc_vs_gmacs, write_predictions, write_records, write_robustness
 from utils import (
     RUNTIME_HELP,
@@ -142,6 +144,11 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help=decode_help)
     onnx_help = "onnxruntime: export each model to OUTPUT/onnx/ once, run it with ONNX Runtime"
     e.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch", help=onnx_help)
+    tta_help = (
+        "flip: each image and its left-right mirror, by the mean of their logits (FFCV's rule adds them: "
+        "the same top-1/top-5); a row of its own, without the published numbers, which are of one pass"
+    )
+    e.add_argument("--tta", choices=typing.get_args(TestTimeAugmentation), default="none", help=tta_help)
     switch(e, "--compile", "torch.compile each model (pays off on long sweeps)")
     switch(
         e,
@@ -394,7 +401,7 @@ def run_complexity(args) -> list[dict]:
 EVAL_COLUMNS = (
     "model weights dataset corruption severity masked n_images acc1 acc5 real_acc1 real_acc5 loss "
     "acc1_published acc1_delta acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation "
-    "amp decode backend quantized_engine"
+    "amp tta decode backend quantized_engine"
 ).split()
 
 
@@ -482,7 +489,7 @@ def read_eval_rows(out: Path) -> list[dict]:
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else []
     for row in done:
         defaults = {"dataset": dataset_name(row.get("data", "")), "masked": False, "real_labels": None}
-        for key, value in {**defaults, "backend": "pytorch"}.items():
+        for key, value in {**defaults, "backend": "pytorch", "tta": "none"}.items():
             row.setdefault(key, value)
     return done
 
@@ -547,6 +554,7 @@ def evaluate_weights(args, sweep: Sweep, weights: Weights) -> Evaluated | None:
         "crop": preset.crop,
         "interpolation": preset.interpolation,
         "amp": amp_name(runtime.amp_dtype),
+        "tta": args.tta,
         "decode": "cpu" if on_cpu else sweep.decode,
         "backend": sweep.backend,
     }
@@ -567,6 +575,7 @@ def evaluate_weights(args, sweep: Sweep, weights: Weights) -> Evaluated | None:
             skip_bad_images=args.skip_bad_images,
             keep_predictions=True,
             class_mask=sweep.mask,
+            tta=args.tta,
             desc=weights.arch,
         )
 
@@ -633,8 +642,9 @@ def eval_row(weights: Weights, key: dict, result: dict, batch_size: int, sweep: 
 
 
 def measures_published(weights: Weights, record: dict, sweep: Sweep) -> bool:
-    """The published numbers are for all of ImageNet val with the weights' own preprocessing: they say
-    nothing on a masked or shifted set, a class subset, a --limit run or another --resize/--crop."""
+    """The published numbers are for all of ImageNet val with the weights' own preprocessing, one pass per
+    image: they say nothing on a masked or shifted set, a class subset, a --limit run, another
+    --resize/--crop or --tta."""
     own = weights.preset()
     own_preprocessing = (own.resize, own.crop, own.interpolation)
     return (
@@ -642,6 +652,7 @@ def measures_published(weights: Weights, record: dict, sweep: Sweep) -> bool:
         and not is_shifted_set(record["dataset"])
         and sweep.all_classes
         and not record["limit"]
+        and record["tta"] == "none"
         and (record["resize"], record["crop"], record["interpolation"]) == own_preprocessing
     )
 

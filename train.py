@@ -69,7 +69,7 @@ from model import (
     weights_enum,
     weights_path,
 )
-from presets import EvalPreset, MixUpCutMix, train_transform
+from presets import EvalPreset, MixUpCutMix, resolution_ramp, train_resolution, train_transform
 from report import plot_curves, tensorboard_writer, write_metrics, write_run_config, write_run_files
 from tracking import open_tracker
 from utils import (
@@ -103,8 +103,12 @@ def with_weights_named(cfg: TrainConfig) -> TrainConfig:
 
 
 def check_input_sizes(cfg: TrainConfig) -> None:
-    """Before anything is written: the architecture takes the run's train and val crops (ViT's and MaxViT's
-    one size: its weights', or the run's for a new one; every architecture's minimum)."""
+    """Before anything is written: the architecture takes the run's train crops (train_crop_size, or the
+    ends of its resolution ramp) and val crop (ViT's and MaxViT's one size: its weights', or the run's for a
+    new one; every architecture's minimum)."""
+    ramp = resolution_ramp(cfg)
+    if ramp is not None and takes_one_size(cfg.arch):
+        raise UserError(f"{cfg.arch} takes one image size: progressive resizing needs another architecture")
     built_for = None if cfg.weights is None else resolve_weights(cfg.weights, cfg.arch).built_for
     if takes_one_size(cfg.arch) and built_for is None and cfg.train_crop_size != cfg.val_crop_size:
         raise UserError(
@@ -112,7 +116,11 @@ def check_input_sizes(cfg: TrainConfig) -> None:
             f"--val-crop-size {cfg.val_crop_size}; use --val-crop-size {cfg.train_crop_size} too: a new "
             f"{cfg.arch} is made for that size"
         )
-    check_input_size(cfg.arch, cfg.train_crop_size, "--train-crop-size", built_for, train=True)
+    train_sizes = [(cfg.train_crop_size, "--train-crop-size")]
+    if ramp is not None:
+        train_sizes = [(ramp.min_res, "--min-res"), (ramp.max_res, "--max-res")]
+    for size, flag in train_sizes:
+        check_input_size(cfg.arch, size, flag, built_for, train=True)
     check_input_size(cfg.arch, cfg.val_crop_size, "--val-crop-size", built_for)
 
 
@@ -596,6 +604,7 @@ def finish_epoch(
     row = {
         "epoch": state.epoch + 1,
         "lr": lr_used,
+        "train_res": train_resolution(cfg, state.epoch),
         **train_stats,
         "val_loss": val["loss"],
         "val_acc1": val["acc1"],
@@ -623,8 +632,10 @@ def best_weights(row: dict, best_acc1: float) -> str:
 
 
 def validate(model, val_loader, runtime: Runtime, criterion, cfg: TrainConfig) -> dict:
-    """engine.evaluate on the val images, with the training loss and the run's --skip-bad-images."""
-    return evaluate(model, val_loader, runtime, criterion=criterion, skip_bad_images=cfg.skip_bad_images)
+    """engine.evaluate on the val images with the training loss, the run's --skip-bad-images and --val-tta."""
+    return evaluate(
+        model, val_loader, runtime, criterion=criterion, skip_bad_images=cfg.skip_bad_images, tta=cfg.val_tta
+    )
 
 
 def build_parser():
