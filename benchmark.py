@@ -70,7 +70,7 @@ from backends import (
     timed,
 )
 from coder import imagenet_wnids
-from config import TrainConfig, load_config
+from config import TrainConfig, load_config, parse_config
 from dataset import CACHE_ENV, Sample, find_samples, split_folder
 from engine import LoopSettings, Runtime, Training, TrainState, evaluate, train_one_epoch
 from loader import (
@@ -354,14 +354,15 @@ ARCH_IN_HEADER = re.compile(r"--arch (\S+)")  # a config header's launch command
 
 def memory_runs(args) -> list[tuple[str, str | None, list[int]]]:
     """(arch, config file or None, batch sizes) for the memory part: each recipe config (those stating a
-    global_batch) with the architecture of its header's command, at its per-process batch and half of
-    it; else every --arch with --config's settings, at --batch-sizes or --train-batch-size and its half."""
+    global_batch) with its architecture (its own, or its header command's), at its per-process batch and
+    half of it; else every --arch with --config's settings, at --batch-sizes or --train-batch-size and its
+    half."""
     if args.recipes:
         runs = []
         for path in sorted((ROOT / "configs").glob("*.yaml")):
-            cfg = load_config(TrainConfig, ["--config", str(path)])
-            if cfg.global_batch is not None:
-                arch = ARCH_IN_HEADER.search(path.read_text()).group(1)
+            cfg, given = parse_config(TrainConfig, ["--config", str(path)])
+            if cfg.global_batch is not None:  # the config's own architecture, else its header's command's
+                arch = cfg.arch if "arch" in given else ARCH_IN_HEADER.search(path.read_text()).group(1)
                 runs.append(
                     (
                         arch,
@@ -389,7 +390,7 @@ def train_step_memory(arch: str, config: str | None, batch: int, args, device) -
         ["--arch", arch, "--batch-size", str(batch), "--workers", "0"]
         + (["--config", config] if config else []),
     )
-    crop = cfg.train_crop_size
+    crop = cfg.max_res or cfg.train_crop_size  # a resolution ramp's largest crop costs the most
     preset = EvalPreset(crop, crop)
     runtime = Runtime.create(device, args.amp, args.channels_last, True, preset)
     gc.collect()
