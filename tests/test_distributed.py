@@ -61,7 +61,7 @@ def test_evaluation_counts_every_image_once_in_any_world_size(tmp_path, torch_ho
         make_image(tmp_path / "val" / wnids[cls] / f"{i:03d}.JPEG", (48 + i % 5 * 8, 40), seed=i)
     save_torchvision_checkpoint(torch_home, "resnet18", models.ResNet18_Weights.IMAGENET1K_V1)
     env = {"TORCH_HOME": str(torch_home)}
-    options = f"--models resnet18 --resize 64 --crop 56 --batch-size 8 --workers 0 --tta flip".split()
+    options = "--models resnet18 --resize 64 --crop 56 --batch-size 8 --workers 0 --tta flip".split()
     args = ["test_torchvision.py", "--data", tmp_path / "val", *options]
     single = run_main(*args, "--output", tmp_path / "one", env=env)  # in this process: the reference
     double = run_script(*TORCHRUN, *args, "--output", tmp_path / "two", env=env)
