@@ -724,8 +724,8 @@ def report_robustness(sweep: Sweep, clean: str) -> None:
 # ----------------------------------------------------------------------------- the runs and the recipes
 
 RUN_COLUMNS = (
-    "model run params gmacs resolution epochs finished best_pt acc1 acc5 err1 err5 ema_acc1 training_hours "
-    "gpu world_size"
+    "model run params gmacs resolution tta epochs finished best_pt acc1 acc5 err1 err5 ema_acc1 "
+    "training_hours gpu world_size"
 ).split()
 
 
@@ -767,6 +767,7 @@ def collect_runs(runs_dir, out) -> list[dict]:
                 "params": count["params"],
                 "gmacs": round(count["gmacs"], 3),
                 "resolution": f"{size} x {size}",
+                "tta": config.get("val_tta", "none"),  # --val-tta flip: its top-1 is of two passes
                 "epochs": len(rows),
                 "finished": finished,
                 "best_pt": f"{held}, epoch {best['epoch']}",

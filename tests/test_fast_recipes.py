@@ -226,6 +226,11 @@ def test_a_shortened_ffcv_config_learns_with_its_ramp_and_resumes_inside_it(colo
     row = json.loads((tmp_path / "eval" / "eval.json").read_text())[0]
     best = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)
     assert row["tta"] == "flip" and row["acc1"] == pytest.approx(float(rows[best["epoch"] - 1]["val_acc1"]))
+    runs = run_main("test_torchvision.py", "--runs", tmp_path, "--output", tmp_path / "runs")
+    assert runs.returncode == 0, runs.stderr
+    assert [r["tta"] for r in json.loads((tmp_path / "runs" / "our_training.json").read_text())] == [
+        "flip"
+    ] * 2
 
 
 NUMBER = r"\s+([\d.]+) "  # a figure of a config header's table
