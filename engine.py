@@ -596,7 +596,9 @@ class RunningStatistics:
 def epoch_sampler(loader):
     """The sampler a training loader's epochs are set on (set_epoch, skip): that of its batch sampler (the
     DataLoader's own, or loader.StepBatchSampler), or a tar-shard loader's."""
-    return getattr(getattr(loader, "batch_sampler", None), "sampler", None) or loader.sampler
+    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    # `is None`, not `or`: a sampler resumed at its epoch's last item has len 0, which is falsy
+    return loader.sampler if inner is None else inner
 
 
 def ddp_module(wrapped: nn.Module) -> nn.parallel.DistributedDataParallel | None:

@@ -9,6 +9,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import benchmark
+import engine
+import loader
 import train
 from config import TrainConfig, resumed_config, with_accumulation
 from conftest import assert_user_error, read_csv, run_main
@@ -232,3 +234,14 @@ def test_batchnorm_running_statistics_follow_each_steps_first_batch_only():
     assert normalised.mean().abs() < 1e-5  # by its own statistics
     statistics.update(True)
     assert [layer.momentum for layer in model] == [0.1, 0.3]
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_a_sampler_resumed_at_its_epochs_end_is_still_the_one_epochs_are_set_on(accum_steps):
+    """A checkpoint written at an epoch's last step resumes with nothing left of that epoch: the sampler's
+    len is 0, and the sampler the loop sets epochs on must still be it (not the DataLoader's placeholder)."""
+    dataset = torch.utils.data.TensorDataset(torch.zeros(8))
+    sampler = loader.TrainSampler(dataset, num_replicas=1, rank=0)
+    sampler.skip = len(sampler)
+    train_loader = loader.build_loader(dataset, 2, 0, sampler=sampler, accum_steps=accum_steps)
+    assert len(sampler) == 0 and engine.epoch_sampler(train_loader) is sampler
