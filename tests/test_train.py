@@ -174,14 +174,13 @@ RECIPE += " --label-smoothing 0.1 --ema-decay 0.99 --ema-steps 1 --norm-weight-d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "recipe", ["", RECIPE, RECIPE + " --accum-steps 2"], ids=["v1", "v2-recipe", "v2-recipe-accumulated"]
-)
+@pytest.mark.parametrize("recipe", ["", RECIPE + " --accum-steps 2"], ids=["v1", "v2-recipe-accumulated"])
 def test_sigkill_mid_epoch_then_resume_matches(colours, tmp_path, recipe):
     """kill -9 in the middle of an epoch (last.pt written every 2 steps), resume: the same final metrics
-    and weights (dropout model, an lr milestone after epoch 1). v2-recipe: with the repeated-augmentation
-    sampler, TrivialAugmentWide, RandomErasing, MixUp/CutMix and the EMA, the resume is exact too; and with
-    2 batches accumulated into each optimizer step (checkpoints after every second step: every 4 batches)."""
+    and weights (dropout model, an lr milestone after epoch 1). v2-recipe-accumulated: with the repeated-
+    augmentation sampler, TrivialAugmentWide, RandomErasing, MixUp/CutMix and the EMA, and 2 batches
+    accumulated into each optimizer step (checkpoints after every second step: every 4 batches), the resume
+    is exact too (v1 covers the unaccumulated loop)."""
     options = "--batch-size 4 --lr 0.01 --epochs 2 --save-every-steps 2".split()
     options += "--scheduler multistep --milestones 1".split()
     options += recipe.split()
