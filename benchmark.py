@@ -54,9 +54,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
+from torchvision.transforms import v2
 
 from backends import (
     busy_seconds,
@@ -72,9 +74,12 @@ from backends import (
 from coder import imagenet_wnids
 from config import TrainConfig, load_config, parse_config
 from dataset import CACHE_ENV, Sample, find_samples, split_folder
+from decoding import pre_resized
 from engine import LoopSettings, Runtime, Training, TrainState, evaluate, train_one_epoch
 from loader import (
     GpuDecodeLoader,
+    GpuTrainDataset,
+    GpuTrainLoader,
     ImageDataset,
     SyntheticDataset,
     TensorImageDataset,
@@ -98,7 +103,15 @@ from model import (
     size_argument,
     weights_enum,
 )
-from presets import EvalPreset, MixUpCutMix, normalize, train_preset, train_transform
+from presets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalPreset,
+    MixUpCutMix,
+    normalize,
+    train_preset,
+    train_transform,
+)
 from report import benchmark_report, benchmark_summary, merge_benchmarks, plot_latency
 from utils import (
     OUT_OF_MEMORY,
@@ -109,6 +122,7 @@ from utils import (
     amp_name,
     atomic_write_text,
     autocast,
+    available_cores,
     cli,
     machine_info,
     non_negative_int,
@@ -167,8 +181,8 @@ def settings(args, runtime: Runtime, train: bool) -> str:
 
 def bench_data(args, samples, preset, device) -> list[dict]:
     """Decode + eval transform alone (what the model is fed), per worker count and backend: PIL (the
-    exact path), torchvision.io in the workers, and --decode gpu's batched loader (on the GPU where
-    --decode gpu is possible, else the same code with libjpeg on the CPU)."""
+    exact path), decoding.py's codec (torchcodec) in the workers, and --decode gpu's batched loader (on
+    the GPU where --decode gpu is possible, else the same code with libjpeg on the CPU)."""
     rows = []
     batched_device = device if use_gpu_decode(args.decode, device, note_to=None) else torch.device("cpu")
     datasets = {
@@ -303,9 +317,15 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     runtime = Runtime.create(device, args.amp, args.channels_last, True, preset)
     raw, model = prepare(args, runtime, True)
     cfg = TrainConfig(arch=args.arch, batch_size=batch, lr=0.01)
-    images_set = ImageDataset(samples[:images], train_preset("standard", 224), cfg.seed)
+    gpu_decode = use_gpu_decode(args.decode, device, note_to=sys.stdout)
+    dataset = GpuTrainDataset if gpu_decode else ImageDataset  # --decode gpu: train.py's GPU input path
+    images_set = dataset(samples[:images], train_preset("standard", 224), cfg.seed)
     sampler, pin = TrainSampler(images_set, 1, 0, cfg.seed), device.type == "cuda"
-    loader = build_loader(images_set, batch, workers, sampler, pin, drop_last=True, persistent_workers=True)
+    options = {"sampler": sampler, "drop_last": True, "persistent_workers": True}
+    if gpu_decode:
+        loader = GpuTrainLoader(images_set, batch, workers, device, "bilinear", **options)
+    else:
+        loader = build_loader(images_set, batch, workers, pin_memory=pin, **options)
     training, criterion = Training.build(cfg, raw, runtime), build_loss("ce", 1000).to(device)
     training.wrapped = model
     quiet = LoopSettings(log_interval=10**9)
@@ -341,11 +361,15 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
 
         runs["plain"] = (plain, images)
     times = timed(runs, args.repeats, device)  # ours and plain in turn
-    variant = f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, runtime, True)}"
+    variant = (
+        f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, runtime, True)}, "
+        f"{'gpu' if gpu_decode else 'cpu'} decode"
+    )
     rows = ours_and_plain(
         "train", times, variant, f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW"
     )
-    rows[0].update(short_pass_note(steps, workers))
+    if not gpu_decode:
+        rows[0].update(short_pass_note(steps, workers))
     return rows
 
 
@@ -514,6 +538,106 @@ def bench_augment(args, samples, device) -> list[dict]:
         )
         rows.append(row)
     return rows
+
+
+def references_train_set(samples) -> Dataset:
+    """torchvision's references' training input on these images: PIL's default_loader (ImageFolder's)
+    and their ClassificationPresetTrain for the V1 recipe (RandomResizedCrop 224 + flip, then to float,
+    normalised in the worker)."""
+    preset = v2.Compose(
+        [
+            v2.RandomResizedCrop(224, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+    class References(Dataset):
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, index):
+            return preset(default_loader(samples[index].path)), samples[index].target
+
+    return References()
+
+
+def pre_resized_copies(samples, folder: Path, max_size: int = 512, quality: int = 90) -> tuple[list, float]:
+    """The images as `make-shards --max-size 512 --quality 90` stores them, written to `folder`: (their
+    samples, their total bytes over the originals')."""
+    copies, before, after = [], 0, 0
+    for i, sample in enumerate(samples):
+        data = Path(sample.path).read_bytes()
+        stored = pre_resized(data, max_size, quality) or data
+        path = folder / f"{i}.JPEG"
+        path.write_bytes(stored)
+        copies.append(Sample(str(path), sample.target))
+        before, after = before + len(data), after + len(stored)
+    return copies, after / before
+
+
+def bench_loaders(args, samples, device) -> list[dict]:
+    """The V1 training input (RandomResizedCrop 224 + flip) on the same images by every path, per core
+    (one thread, in this process, as one loader worker), timed in turn: torchvision's references' loader
+    (the baseline), ours with PIL, with --reduced-decode, from pre-resized copies (make-shards --max-size
+    512 --quality 90), and --decode gpu's code (torchcodec decode, tensor crop; on the GPU where it
+    runs, else on this CPU). Each row says the cores that feed one GPU at --gpu-img-per-s."""
+    cfg = load_config(TrainConfig, ["--config", str(ROOT / "configs" / "torchvision_v1.yaml"), "--dummy"])
+    reduced = dataclasses.replace(cfg, reduced_decode=True)
+    on_gpu = use_gpu_decode("gpu", device, note_to=None)
+    gpu_device = device if on_gpu else torch.device("cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        copies, size_ratio = pre_resized_copies(samples, Path(folder))
+        datasets = {
+            "references: ImageFolder + their train preset (PIL)": references_train_set(samples),
+            "ours: PIL": ImageDataset(samples, train_transform(cfg), cfg.seed),
+            "ours: --reduced-decode": ImageDataset(samples, train_transform(reduced), cfg.seed),
+            f"ours: pre-resized (max 512 px, q90: {size_ratio:.2f}x the bytes)": ImageDataset(
+                copies, train_transform(cfg), cfg.seed
+            ),
+        }
+        keyed = {name: not name.startswith("references") for name in datasets}
+        runs = {
+            name: (functools.partial(augment_all if keyed[name] else every_item, dataset), len(samples))
+            for name, dataset in datasets.items()
+        }
+        gpu_set = GpuTrainDataset(samples, train_transform(cfg), cfg.seed)
+
+        def gpu_path():
+            sampler = TrainSampler(gpu_set, 1, 0, cfg.seed)
+            for _ in GpuTrainLoader(gpu_set, 32, 0, gpu_device, cfg.interpolation, sampler=sampler):
+                pass
+
+        runs[f"ours: --decode gpu's code, torchcodec on {gpu_device.type}"] = (gpu_path, len(samples))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a DataLoader worker
+        try:
+            times = timed(runs, args.repeats, device)
+        finally:
+            torch.set_num_threads(threads)
+    baseline = next(iter(times))
+    rows = []
+    for name, t in times.items():
+        rows.append(
+            {
+                "part": "loader",
+                "variant": name,
+                **t,
+                "baseline": baseline,
+                "ratio": t["img_per_s"] / times[baseline]["img_per_s"],
+                "cores_per_gpu": math.ceil(args.gpu_img_per_s / t["img_per_s"]),
+                "gpu_img_per_s": args.gpu_img_per_s,
+                # the whole machine's rate if every core ran this path (an extrapolation, not a measurement)
+                "machine_img_per_s": round(t["img_per_s"] * available_cores()),
+            }
+        )
+    return rows
+
+
+def every_item(dataset) -> list:
+    return [dataset[i] for i in range(len(dataset))]
 
 
 def image_batch(samples, preset, size: int) -> torch.Tensor:
@@ -917,7 +1041,7 @@ def main(argv=None) -> dict:
     if "train" in args.parts:
         rows += bench_train(args, device, samples, preset, workers, steps)
     if "augment" in args.parts:
-        rows += bench_augment(args, samples, device)
+        rows += bench_augment(args, samples, device) + bench_loaders(args, samples, device)
     if "int8" in args.parts:
         rows += bench_int8(args, samples, preset)
     if "latency" in args.parts:

@@ -198,6 +198,21 @@ class TrainConfig:
     channels_last: ChannelsLast = option("auto", RUNTIME_HELP["channels_last"], SPEED)
     compile: bool = option(False, RUNTIME_HELP["compile"], SPEED)
     workers: int | None = option(None, RUNTIME_HELP["workers"], SPEED)
+    decode: Literal["cpu", "gpu"] = option(
+        "cpu",
+        "gpu: the loader workers only read the files; JPEGs are decoded in batches on the GPU (nvJPEG) and "
+        "cropped, resized and flipped there, with the boxes the CPU path draws. The V1 augmentation only "
+        "(no auto_augment, random_erase: those recipes augment on the CPU); on a CPU device, a note and the "
+        "CPU path",
+        SPEED,
+    )
+    reduced_decode: bool = option(
+        False,
+        "decode a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling) when its random crop is shrunk "
+        "by at least that much: the same boxes, slightly smoother pixels, fewer cycles per image "
+        "(docs/performance.md)",
+        SPEED,
+    )
 
     ema_decay: float = option(
         0.0,
@@ -276,6 +291,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"workers must be non-negative, got {cfg.workers}")
     check_schedule(cfg)
     check_resolution_ramp(cfg)
+    check_decoding(cfg)
     check_label_smoothing(cfg.label_smoothing)
     check_crop_fits(cfg.val_crop_size, cfg.val_resize_size, ("val_crop_size", "val_resize_size"))
     if cfg.train_preset == "original":  # Resize + CenterCrop: a larger crop would pad black borders
@@ -285,6 +301,29 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError("no data: pass --data DIR (an ImageFolder root with train/ and val/) or --dummy")
     tracker_module(cfg.tracker)  # its package is installed, before the run folder exists
     return cfg
+
+
+def check_decoding(cfg: TrainConfig) -> None:
+    """--decode gpu runs the V1 augmentation on the device; --reduced-decode needs a random crop."""
+    if cfg.decode == "gpu":
+        policies = [
+            f"--{key.replace('_', '-')} {value}"
+            for key, value in (("auto_augment", cfg.auto_augment), ("random_erase", cfg.random_erase))
+            if value not in ("none", 0, 0.0)
+        ]
+        if cfg.train_preset != "standard" or policies:
+            what = policies or [f"--train-preset {cfg.train_preset}"]
+            raise UserError(
+                "--decode gpu crops, resizes and flips on the GPU (the V1 augmentation), not "
+                f"{', '.join(what)}; drop --decode gpu (these recipes augment on the CPU) or those options"
+            )
+        if cfg.reduced_decode:
+            raise UserError("--reduced-decode is a CPU decoder's option; drop it or --decode gpu")
+    if cfg.reduced_decode and cfg.train_preset != "standard":
+        raise UserError(
+            f"--reduced-decode shrinks the decode of a random crop; the {cfg.train_preset} preset has none: "
+            "drop --reduced-decode"
+        )
 
 
 def check_schedule(cfg: TrainConfig) -> None:

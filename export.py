@@ -17,7 +17,7 @@ import torch
 
 from backends import OPSET, export_metadata, export_onnx
 from dataset import find_samples
-from loader import load_rgb
+from decoding import load_rgb
 from model import ARCH_HELP, build_model, is_onnx_file, prepare_for_eval, resolve_weights
 from presets import EvalPreset, normalize
 from utils import ArgumentParser, UserError, add_weights_args, cli, positive_int

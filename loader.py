@@ -1,4 +1,4 @@
-"""How images become batches: reading an image (PIL, or torchvision.io's decoder), the datasets that
+"""How images become batches: reading an image (PIL, or decoding.py's JPEG codec), the datasets that
 apply a transform to dataset.py's samples (seeded per image), the samplers that deal them to the ranks,
 the loaders of image files and of tar shards, and `--decode gpu`, batched JPEG decoding on the GPU.
 
@@ -15,10 +15,11 @@ shards are read again when they run short). Augmentations are seeded per image, 
 is exact at epoch boundaries, with the same world size and --workers: an interrupted epoch starts again
 from its beginning.
 
-`--decode gpu` decodes with torchvision.io's decoder (nvjpeg) and resizes with tensor ops: pixels differ
-slightly from the PIL path of presets.EvalPreset (another IDCT and antialiasing kernel), so its results are
-an approximation (docs/performance.md). (torchvision 0.29 deprecates torchvision.io's decoders in favour
-of TorchCodec; they still work.)
+`--decode gpu` decodes with nvJPEG (decoding.py: torchcodec, else torchvision.io) and resizes with tensor
+ops: pixels differ slightly from the PIL path of presets.EvalPreset (another IDCT and antialiasing kernel),
+so its results are an approximation (docs/performance.md). For training (train.py --decode gpu), the
+workers read the bytes and draw each image's crop box and flip as the CPU path draws them; the GPU decodes,
+crops, resizes and flips (GpuTrainLoader).
 """
 
 import contextlib
@@ -29,42 +30,17 @@ import queue
 import random
 import sys
 import threading
-import warnings
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from dataset import IMAGE_EXTENSIONS, Manifest, Sample, read_manifest
-from presets import EvalPreset, transform_of_epoch
+from decoding import IMAGE_ERRORS, decode_jpeg, encode_jpeg, exif_rotated, load_rgb, read_bytes
+from presets import EvalPreset, ReducedDecode, crop_and_flip_plan, crop_resize_flip, transform_of_epoch
 from utils import OUT_OF_MEMORY, UserError, available_cores
-
-# what PIL raises for a file it can't read (truncated, corrupt, not an image, too large)
-IMAGE_ERRORS = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    Image.DecompressionBombError,
-    Image.DecompressionBombWarning,
-)
-
-
-def load_rgb(path) -> Image.Image:
-    """Any image PIL can read, as RGB: grayscale and CMYK JPEGs, a PNG named .JPEG. Truncated,
-    corrupt or decompression-bomb-sized files raise, with the file named. `path` may also be a file
-    object (an image from a tar shard)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with open(path, "rb") if isinstance(path, str | os.PathLike) else contextlib.nullcontext(path) as f:
-            image = Image.open(f)
-            image.load()
-            if image.mode.startswith("I;16"):  # 16-bit gray: 0..65535 -> 0..255 (convert would clip at 255)
-                image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-            return image if image.mode == "RGB" else image.convert("RGB")  # (converting RGB only copies)
-
 
 # ----------------------------------------------------------------------------- datasets
 
@@ -86,18 +62,24 @@ class ImageDataset(torch.utils.data.Dataset):
         index, epoch, copy = key if isinstance(key, tuple) else (key, None, 0)
         sample = self.samples[index]
         try:
-            image = self.load(index)
+            transform = transform_of_epoch(self.transform, epoch or 0)
+            # a ReducedDecode loads the image itself, at the size its crop box needs
+            image = (
+                functools.partial(self.load, index)
+                if isinstance(transform, ReducedDecode)
+                else self.load(index)
+            )
             if epoch is None:
-                return self.transform(image), sample.target, index, ""
+                return transform(image), sample.target, index, ""
             # the first copy keeps the key it had before repeated augmentation existed
             key = (self.seed, epoch, index, copy) if copy else (self.seed, epoch, index)
-            transform = transform_of_epoch(self.transform, epoch)
             return seeded_transform(transform, image, key), sample.target, index, ""
         except IMAGE_ERRORS as e:
             return None, sample.target, index, f"{type(e).__name__}: {e}"
 
-    def load(self, index: int):
-        return load_rgb(self.samples[index].path)
+    def load(self, index: int, draft=None):
+        """The image, or for a ReducedDecode transform the function that loads it at the size it asks."""
+        return load_rgb(self.samples[index].path, draft)
 
 
 def seeded_transform(transform, image, key: tuple):
@@ -115,7 +97,7 @@ class SyntheticDataset(ImageDataset):
         super().__init__([Sample(f"synthetic/{i}", i % num_classes) for i in range(size)], transform, seed)
         self.image_size = image_size
 
-    def load(self, index: int):
+    def load(self, index: int, draft=None):  # an image in memory: no reduced decode
         generator = torch.Generator().manual_seed(index)
         pixels = torch.randint(0, 256, (*self.image_size, 3), dtype=torch.uint8, generator=generator)
         return Image.fromarray(pixels.numpy())
@@ -227,6 +209,7 @@ def build_loader(
     drop_last: bool = False,
     persistent_workers: bool = False,
     accum_steps: int = 1,
+    collate_fn=collate,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of (images, targets, indices, errors) batches (see collate); persistent_workers keeps
     the loader processes between epochs (training); accum_steps > 1 batches as StepBatchSampler does. Each
@@ -240,7 +223,7 @@ def build_loader(
         dataset,
         **batching,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),
         persistent_workers=workers > 0 and persistent_workers,
@@ -391,13 +374,17 @@ class ShardTrainStream(torch.utils.data.IterableDataset):
             while len(buffer) < min(self.buffer, quota - taken):  # read no image more than the quota needs
                 buffer.append(next(stream))
             index, data = buffer.pop(rng.randrange(len(buffer)))
+            target, key = int(self.samples.targets[index]), (self.seed, self.epoch, index)
+            transform = transform_of_epoch(self.transform, self.epoch)
+            if isinstance(transform, ReducedDecode) and data is not None:  # it decodes the bytes itself
+                try:
+                    load = functools.partial(load_rgb, io.BytesIO(data))
+                    yield seeded_transform(transform, load, key), target, index, ""
+                except IMAGE_ERRORS as e:
+                    yield None, target, index, f"{type(e).__name__}: {e}"
+                continue
             image, error = _decode(data)
-            target = int(self.samples.targets[index])
-            if image is None:
-                yield None, target, index, error
-            else:
-                transform = transform_of_epoch(self.transform, self.epoch)
-                yield (seeded_transform(transform, image, (self.seed, self.epoch, index)), target, index, "")
+            yield (None if image is None else seeded_transform(transform, image, key)), target, index, error
 
 
 class _Epochs:
@@ -504,12 +491,13 @@ def is_jpeg(data: torch.Tensor | bytes) -> bool:
 
 
 def decode_rgb(path: str, data: torch.Tensor | None = None) -> torch.Tensor:
-    """(3, H, W) uint8 by torchvision.io's libjpeg; PIL for other formats and JPEGs it refuses.
+    """(3, H, W) uint8 by decoding.py's libjpeg; PIL for other formats, EXIF-rotated JPEGs (exif_rotated)
+    and JPEGs the codec refuses.
     `data`: the file's bytes, when the caller has read them already."""
-    data = read_file(path) if data is None else data
-    if is_jpeg(data):
+    data = read_bytes(path) if data is None else data
+    if is_jpeg(data) and not exif_rotated(data):
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
+            return decode_jpeg(data)
         except RuntimeError:
             pass
     return F.pil_to_tensor(load_rgb(path))
@@ -537,7 +525,7 @@ def resize_crop_batch(images: list[torch.Tensor], preset: EvalPreset) -> torch.T
 
 
 class TensorImageDataset(ImageDataset):
-    """Images decoded by torchvision.io (transform e.g. resize_crop), or, with raw_jpeg, JPEGs left as
+    """Images decoded by decoding.py's codec (transform e.g. resize_crop), or, with raw_jpeg, JPEGs left as
     file bytes for GpuDecodeLoader to decode in batches (other formats are decoded here)."""
 
     def __init__(self, samples, transform, raw_jpeg: bool = False):
@@ -547,10 +535,10 @@ class TensorImageDataset(ImageDataset):
     def load(self, index: int):
         path = self.samples[index].path
         if not self.raw_jpeg:
-            return decode_rgb(path, read_file(path))
+            return decode_rgb(path)
         with open(path, "rb") as f:
             data = f.read()
-        if is_jpeg(data):
+        if is_jpeg(data) and not exif_rotated(data):
             # bytes, which pack_jpegs joins into one tensor a batch: a tensor an image would cross from
             # the worker as a shared-memory file each, which cost more than the GPU's decode (H100)
             return data
@@ -604,7 +592,7 @@ class GpuDecodeLoader:
     def decode_one(self, index: int, data: torch.Tensor):
         """(image, '') on the device, else on the CPU (libjpeg, then PIL), else (None, why not)."""
         try:
-            return decode_jpeg([data], mode=ImageReadMode.RGB, device=self.device)[0], ""
+            return decode_jpeg([data], device=self.device)[0], ""
         except RuntimeError as e:
             raise_if_out_of_memory(e)
         try:
@@ -617,7 +605,7 @@ class GpuDecodeLoader:
         sizes, errors = batch["jpeg_sizes"], list(batch["errors"])
         data = list(batch["jpeg_bytes"].split(sizes)) if sizes else []  # views: nothing is copied
         try:
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if data else []
+            decoded = decode_jpeg(data, device=self.device) if data else []
         except RuntimeError as e:
             # an image the device refuses (CMYK, say) fails the batch: the others are decoded one by one
             raise_if_out_of_memory(e)
@@ -643,9 +631,103 @@ class GpuDecodeLoader:
         return decoded_ahead(lambda: map(self.decode_batch, batches), self.device)
 
 
+class GpuTrainDataset(ImageDataset):
+    """Training items for GpuTrainLoader, keyed as ImageDataset's: a JPEG's bytes with its
+    presets.crop_and_flip_plan (the box and flip the CPU path draws for that key: the same seeded draws)
+    and crop size; for another format or an EXIF-rotated JPEG, the CPU path's own output."""
+
+    def __getitem__(self, key):
+        index, epoch, copy = key
+        sample, transform = self.samples[index], transform_of_epoch(self.transform, epoch)
+        key = (self.seed, epoch, index, copy) if copy else (self.seed, epoch, index)
+        try:
+            with open(sample.path, "rb") as f:
+                data = f.read()
+            if not is_jpeg(data) or exif_rotated(data):
+                return seeded_transform(transform, load_rgb(io.BytesIO(data)), key), sample.target, index, ""
+            with Image.open(io.BytesIO(data)) as header:  # the size, from the header: nothing is decoded
+                width, height = header.size
+            plan = seeded_transform(lambda _: crop_and_flip_plan(transform, height, width), None, key)
+            return (data, plan, transform.transforms[0].size[0]), sample.target, index, ""
+        except IMAGE_ERRORS as e:
+            return None, sample.target, index, f"{type(e).__name__}: {e}"
+
+
+def pack_train_jpegs(items: list) -> dict:
+    """GpuTrainLoader's collate_fn (in the loader workers): pack_jpegs of the JPEG bytes, with each JPEG's
+    plan and crop size in the same order."""
+    jpegs = [item[0] for item in items if isinstance(item[0], tuple)]
+    packed = pack_jpegs([(image[0] if isinstance(image, tuple) else image, *rest) for image, *rest in items])
+    packed["plans"] = [(plan, size) for _, plan, size in jpegs]
+    return packed
+
+
+class GpuTrainLoader(GpuDecodeLoader):
+    """train.py --decode gpu: iterates like build_loader's training loader (the same samplers, so resume,
+    world sizes and accumulation behave as there), but the workers only read the files and draw each
+    image's box and flip; each batch's JPEGs are decoded in one batched call on `device` (nvJPEG), then
+    cropped, resized (torchvision's antialiased tensor kernel: within a few levels of PIL's, tests/
+    test_decoding.py) and flipped there, on a side stream, ahead of the model. Images the device refuses
+    are decoded on the CPU one by one (GpuDecodeLoader.decode_one) and cropped the same way."""
+
+    def __init__(
+        self, dataset: GpuTrainDataset, batch_size: int, workers: int, device, interpolation, **loader_options
+    ):
+        self.dataset, self.device, self.interpolation = dataset, device, interpolation
+        # the bytes cross as one shared-memory tensor, which the decoder copies itself: nothing to pin
+        self.loader = build_loader(
+            dataset, batch_size, workers, **loader_options, collate_fn=pack_train_jpegs
+        )
+
+    def __iter__(self):
+        if self.loader.num_workers == 0:
+            # the dataset draws the boxes from torch's global RNG, seeded per image: in a decode-ahead thread
+            # those draws would interleave with the training thread's (dropout, MixUp)
+            return map(self.decode_batch, iter(self.loader))
+        return super().__iter__()
+
+    @property
+    def batch_sampler(self):  # what engine.epoch_sampler sets epochs and resume skips on
+        return self.loader.batch_sampler
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    def decode_batch(self, batch: dict):
+        """(images (B, 3, S, S) uint8 on the device, targets, indices, errors), in the loader's order."""
+        sizes, errors = batch["jpeg_sizes"], list(batch["errors"])
+        data = list(batch["jpeg_bytes"].split(sizes)) if sizes else []
+        jpeg_indices = [index for image, _, index in batch["items"] if image is None]
+        try:
+            decoded = decode_jpeg(data, device=self.device) if data else []
+        except RuntimeError as e:
+            raise_if_out_of_memory(e)
+            decoded = []
+            for index, one in zip(jpeg_indices, data):
+                image, error = self.decode_one(index, one)
+                decoded.append(image)
+                errors += [(index, error)] if error else []
+        cropped = [
+            None if image is None else crop_resize_flip(image.to(self.device), plan, size, self.interpolation)
+            for image, (plan, size) in zip(decoded, batch["plans"])
+        ]
+        cropped = iter(cropped)
+        items = [(next(cropped) if image is None else image, t, i) for image, t, i in batch["items"]]
+        items = [item for item in items if item[0] is not None]
+        return (
+            torch.stack([image.to(self.device) for image, _, _ in items])
+            if items
+            else torch.empty(0, dtype=torch.uint8),
+            torch.tensor([target for _, target, _ in items], dtype=torch.long),
+            torch.tensor([index for _, _, index in items], dtype=torch.long),
+            errors,
+        )
+
+
 def raise_if_out_of_memory(error: RuntimeError) -> None:
     """Raise `error` as the out-of-memory error it may be (for the caller's retry with a smaller batch),
-    not as an image the device refuses: torch's own, or CUDA's that torchvision's GPU decoder re-raises
+    not as an image the device refuses: torch's own, or CUDA's that the GPU decoder re-raises
     as a plain RuntimeError."""
     if isinstance(error, OUT_OF_MEMORY):
         raise error
@@ -730,9 +812,7 @@ def gpu_decode_error(device) -> str:
     if device.type != "cuda":
         return f"decoding on the GPU needs a CUDA device, not {device.type}"
     try:
-        decode_jpeg(
-            [encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))], mode=ImageReadMode.RGB, device=device
-        )
+        decode_jpeg([encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))], device=device)
         return ""
     except (RuntimeError, TypeError) as e:
         return f"decode_jpeg on {device} failed: {str(e).splitlines()[0][:120]}"

@@ -17,8 +17,8 @@ import json
 import torch
 
 from backends import OnnxRuntimeModel
+from decoding import IMAGE_ERRORS, load_rgb
 from engine import Runtime
-from loader import IMAGE_ERRORS, load_rgb
 from model import ARCH_HELP, build_model, check_input_size, is_quantized, prepare_for_eval, resolve_weights
 from presets import EvalPreset, add_preprocessing_args
 from utils import (

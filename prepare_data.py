@@ -40,7 +40,8 @@ from dataset import (
     split_folder,
     val_labels,
 )
-from loader import ImageDataset, load_rgb
+from decoding import load_rgb, pre_resized
+from loader import ImageDataset
 from presets import IMAGENET_MEAN, IMAGENET_STD, MixUpCutMix, normalize, train_transform
 from report import plot_preview
 from utils import (
@@ -53,6 +54,7 @@ from utils import (
     cli,
     non_negative_int,
     positive_int,
+    switch,
 )
 
 # ----------------------------------------------------------------------------- prepare-val
@@ -79,9 +81,19 @@ def prepare_val(val_dir, labels_file=None, out_dir=None) -> Path:
 # ----------------------------------------------------------------------------- make-shards
 
 
-def make_shards(src, dst, shard_size: int, split: str | None = None, labels_file=None) -> list[Path]:
+def make_shards(
+    src,
+    dst,
+    shard_size: int,
+    split: str | None = None,
+    labels_file=None,
+    max_size: int = 0,
+    quality: int = 90,
+    resize_val: bool = False,
+) -> list[Path]:
     """Shards and a manifest for each split of `src` (train/ and val/ of a root, or `src` itself as
-    `split`: by default its own name when that is train or val, else val); the paths written."""
+    `split`: by default its own name when that is train or val, else val); the paths written.
+    max_size > 0 stores pre-resized images (pre_resized): a val split only with resize_val."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise UserError(f"{src} is not a folder; pass a root with train/ and val/, or one split's folder")
@@ -94,19 +106,32 @@ def make_shards(src, dst, shard_size: int, split: str | None = None, labels_file
     for name in splits:  # before writing anything: hours of shards must not end in this error
         if list(dst.glob(f"{name}-*.tar")) or (dst / f"{name}.index.npz").exists():
             raise UserError(f"{dst} already holds {name} shards; choose an empty folder or remove them")
+    if max_size and "val" in splits and not resize_val:
+        raise UserError(
+            f"--max-size {max_size} would re-encode the val images, which changes the published evaluation "
+            f"protocol (its rows could not be compared with the weights' published accuracy); make shards of "
+            f"{src / 'train'} alone, or pass --resize-val to shrink val too"
+        )
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality {quality} is not a JPEG quality; use 1 to 100 (e.g. 90)")
     written = []
     for name in splits:
-        written += write_split_shards(src, dst, name, shard_size, labels_file)
+        resized = max_size if name == "train" or resize_val else 0
+        written += write_split_shards(src, dst, name, shard_size, labels_file, resized, quality)
     return written
 
 
-def write_split_shards(src: Path, dst: Path, split: str, shard_size: int, labels_file) -> list[Path]:
+def write_split_shards(
+    src: Path, dst: Path, split: str, shard_size: int, labels_file, max_size: int = 0, quality: int = 90
+) -> list[Path]:
     """One split's shards, then its manifest (dataset.py describes both); the paths written."""
     samples, imagenet_targets, classes = split_labels(src, split, labels_file)
     root = src / split if (src / split).is_dir() else src
     relative = [os.path.relpath(s.path, root) for s in samples]
     labels = imagenet_targets if imagenet_targets is not None else samples.targets
-    items, shard_names, written = tar_samples(samples, relative, labels, classes), [], []
+    resized = [0]  # images re-encoded (max_size)
+    items = tar_samples(samples, relative, labels, classes, max_size, quality, resized)
+    shard_names, written = [], []
     for first in range(0, len(samples), shard_size):
         shard_names.append(f"{split}-{len(shard_names):06d}.tar")
         count = min(shard_size, len(samples) - first)
@@ -125,7 +150,10 @@ def write_split_shards(src: Path, dst: Path, split: str, shard_size: int, labels
         "classes": np.array(json.dumps(classes)),
         "shards": np.array(json.dumps(shard_names)),
         "starts": np.array([*range(0, len(samples), shard_size), len(samples)], dtype=np.int64),
-        "dataset": np.array(folder_set_name(root)),
+        # pre-resized images are another test set than the folder's: their rows never mix with its own
+        "dataset": np.array(folder_set_name(root) + (f"-max{max_size}q{quality}" if max_size else "")),
+        "max_size": np.array(max_size),
+        "quality": np.array(quality if max_size else 0),
     }
     atomic_write(dst / f"{split}.index.npz", lambda f: np.savez(f, **arrays), "wb")
     written.append(dst / f"{split}.index.npz")
@@ -133,6 +161,11 @@ def write_split_shards(src: Path, dst: Path, split: str, shard_size: int, labels
     print(
         f"{root}: {len(samples)} images in {len(shard_names)} shards {pattern} and the manifest {written[-1]}"
     )
+    if max_size:
+        print(
+            f"{resized[0]} of {len(samples)} images were longer than {max_size} px: shrunk to it and stored "
+            f"as JPEG quality {quality}; the others are stored as they were"
+        )
     return written
 
 
@@ -159,13 +192,18 @@ def write_tar(f, items) -> None:
             tar.write(item)
 
 
-def tar_samples(samples, relative: list[str], labels, classes):
-    """The tar sample of each image of a split, in order (bytes read as they are written)."""
+def tar_samples(samples, relative: list[str], labels, classes, max_size=0, quality=90, resized=None):
+    """The tar sample of each image of a split, in order (bytes read as they are written); with max_size,
+    pre_resized's images (counted in resized[0])."""
     for i, sample in enumerate(samples):
         suffix = Path(relative[i]).suffix.lower().lstrip(".")
+        data = Path(sample.path).read_bytes()
+        shrunk = pre_resized(data, max_size, quality) if max_size else None
+        if shrunk is not None:
+            data, suffix, resized[0] = shrunk, "jpg", resized[0] + 1
         yield {
             "__key__": f"{i:08d}",
-            {"jpeg": "jpg"}.get(suffix, suffix): Path(sample.path).read_bytes(),
+            {"jpeg": "jpg"}.get(suffix, suffix): data,
             "cls": str(int(labels[i])).encode(),
             "class": os.fsencode(classes[sample.target]),
             "path": os.fsencode(relative[i]),
@@ -300,6 +338,24 @@ def build_parser() -> ArgumentParser:
         "--split", help="one split folder's shard name (default: its name if train or val, else val)"
     )
     tar.add_argument("--val-labels", help=RUNTIME_HELP["val_labels"])
+    tar.add_argument(
+        "--max-size",
+        type=positive_int,
+        help="store images whose longer side exceeds this many pixels shrunk to it, as JPEG (FFCV's "
+        "max_resolution; e.g. 512): fewer pixels to decode per image. Train split only, unless --resize-val",
+    )
+    tar.add_argument(
+        "--quality",
+        type=positive_int,
+        default=90,
+        help="JPEG quality of the shrunk images (default: 90, FFCV's)",
+    )
+    switch(
+        tar,
+        "--resize-val",
+        "shrink the val images too: their rows then name another dataset (e.g. imagenet-max512q90), not the "
+        "published protocol",
+    )
     show = sub.add_parser(
         "preview", help="a PNG grid of augmented, mixed training images and their soft labels"
     )
@@ -328,7 +384,16 @@ def build_parser() -> ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "make-shards":
-        return make_shards(args.src, args.dst, args.shard_size, args.split, args.val_labels)
+        return make_shards(
+            args.src,
+            args.dst,
+            args.shard_size,
+            args.split,
+            args.val_labels,
+            max_size=args.max_size or 0,
+            quality=args.quality,
+            resize_val=args.resize_val,
+        )
     if args.command == "preview":
         return write_preview(args.config, args.data, args.output, args.count, args.seed)
     if args.command == "check":

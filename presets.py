@@ -140,6 +140,80 @@ def train_preset(
     return v2.Compose(steps)
 
 
+def crop_box(crop: v2.RandomResizedCrop, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width): the box `crop` draws for an image of this size, from torch's RNG,
+    with exactly the draws crop(image) makes (v2's make_params; _get_params before torchvision 0.21)."""
+    placeholder = torch.empty(1, 1, 1).expand(1, height, width)  # only its size is read
+    make = getattr(crop, "make_params", None) or crop._get_params
+    params = make([placeholder])
+    return params["top"], params["left"], params["height"], params["width"]
+
+
+def is_crop_and_flip(preset) -> bool:
+    """Whether a train preset is the V1 augmentation alone: RandomResizedCrop, flip, to tensor."""
+    steps = getattr(preset, "transforms", [])
+    kinds = (v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.PILToTensor)
+    return len(steps) == 3 and all(isinstance(step, kind) for step, kind in zip(steps, kinds))
+
+
+def crop_and_flip_plan(preset: v2.Compose, height: int, width: int) -> tuple[int, int, int, int, bool]:
+    """(top, left, height, width, flip) of a crop-and-flip preset (is_crop_and_flip) for an image of this
+    size: the draws preset(image) makes, in its order (v2's flip applies when torch.rand(1) < p)."""
+    crop, flip = preset.transforms[:2]
+    return (*crop_box(crop, height, width), bool(torch.rand(1) < flip.p))
+
+
+def crop_resize_flip(image: torch.Tensor, plan, size: int, interpolation: Interpolation) -> torch.Tensor:
+    """A crop_and_flip_plan applied to a (3, H, W) uint8 tensor on any device: the box resized to
+    size x size (antialiased, torchvision's tensor kernel), mirrored if the plan says so."""
+    top, left, height, width, flip = plan
+    box = image[:, top : top + height, left : left + width]
+    out = F.resize(box, [size, size], interpolation=InterpolationMode(interpolation), antialias=True)
+    return out.flip(-1) if flip else out
+
+
+class ReducedDecode:
+    """A 'standard' train preset (RandomResizedCrop first) that decodes a JPEG at 1/2, 1/4 or 1/8 of its
+    size (libjpeg's DCT scaling) when the crop box will be shrunk by at least that factor: the box is the
+    one the preset draws (the same RNG draws, in the same order: the rest of the preset draws as before),
+    scaled to the reduced image, and resized from there with PIL's box-resize (sub-pixel box). Pixels then
+    differ from the full decode by the DCT scaling's own smoothing. Called with load(draft) ->
+    PIL image (decoding.load_rgb's draft), so that the size is known before the decode."""
+
+    def __init__(self, preset: v2.Compose):
+        self.crop, self.rest = preset.transforms[0], v2.Compose(preset.transforms[1:])
+
+    def __call__(self, load):
+        drawn = {}
+
+        def draft(size):
+            width, height = size
+            drawn.update(size=size, box=crop_box(self.crop, height, width))
+            shrink = min(drawn["box"][2] / self.crop.size[0], drawn["box"][3] / self.crop.size[1])
+            factor = max((f for f in (8, 4, 2) if f <= shrink), default=1)
+            return (-(-width // factor), -(-height // factor)) if factor > 1 else None
+
+        image = load(draft)
+        if not drawn:  # not a file (a synthetic image): no draft was asked
+            draft(image.size)
+        top, left, height, width = drawn["box"]
+        if image.size == drawn["size"]:  # decoded at full size: the preset's own crop
+            out = F.resized_crop(
+                image, top, left, height, width, list(self.crop.size), self.crop.interpolation, antialias=True
+            )
+        else:
+            sx, sy = image.size[0] / drawn["size"][0], image.size[1] / drawn["size"][1]
+            box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+            resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+            out = image.resize(self.crop.size[::-1], resample[self.crop.interpolation.value], box=box)
+        return self.rest(out)
+
+
+def reduced_decode_preset(*args, **kwargs) -> ReducedDecode:
+    """train_preset(...) decoded at a reduced size where it can (ReducedDecode); 'standard' only."""
+    return ReducedDecode(train_preset(*args, **kwargs))
+
+
 @dataclass(frozen=True)
 class ResolutionRamp:
     """Progressive resizing as FFCV's ImageNet example computes it (train_imagenet.py, get_resolution):
@@ -201,7 +275,7 @@ def transform_of_epoch(transform, epoch: int):
 def train_transform(cfg):
     """The train preset of a TrainConfig (or anything with its fields), following its resolution ramp."""
     build = functools.partial(  # a partial, not a lambda: loader workers may be spawned (pickled)
-        train_preset,
+        reduced_decode_preset if getattr(cfg, "reduced_decode", False) else train_preset,
         cfg.train_preset,
         resize=cfg.train_resize_size,
         interpolation=cfg.interpolation,

@@ -47,6 +47,8 @@ from engine import (
 )
 from loader import (
     EvalSampler,
+    GpuTrainDataset,
+    GpuTrainLoader,
     ImageDataset,
     SyntheticDataset,
     TrainSampler,
@@ -54,6 +56,7 @@ from loader import (
     default_workers,
     shard_eval_loader,
     shard_train_loader,
+    use_gpu_decode,
 )
 from loss import build_loss
 from model import (
@@ -155,21 +158,34 @@ def build_data(cfg: TrainConfig, device) -> tuple:
             ImageDataset(train_samples, train_tf, cfg.seed),
             ImageDataset(val_samples, val_tf),
         )
+    on_gpu = gpu_decode(cfg, device, rank)
+    if on_gpu:  # the workers read bytes and draw the boxes; the GPU decodes and crops
+        train_set = GpuTrainDataset(train_set.samples, train_tf, cfg.seed)
     sampler = TrainSampler(train_set, world, rank, cfg.seed, cfg.ra_reps if cfg.ra_sampler else 1)
     # full steps (unless the set is smaller than one), or also the last partial one, as the references
     drop_last = cfg.drop_last and len(train_set) >= cfg.global_batch
-    train_loader = build_loader(
-        train_set,
-        cfg.batch_size,
-        workers,
-        sampler,
-        pin,
-        drop_last,
-        persistent_workers=True,
-        accum_steps=cfg.accum_steps,
-    )
+    options = {"sampler": sampler, "drop_last": drop_last, "persistent_workers": True}
+    options["accum_steps"] = cfg.accum_steps
+    if on_gpu:
+        interpolation = cfg.interpolation
+        train_loader = GpuTrainLoader(train_set, cfg.batch_size, workers, device, interpolation, **options)
+    else:
+        train_loader = build_loader(train_set, cfg.batch_size, workers, pin_memory=pin, **options)
     val_loader = build_loader(val_set, cfg.batch_size, workers, EvalSampler(len(val_set), world, rank), pin)
     return train_loader, val_loader, classes
+
+
+def gpu_decode(cfg: TrainConfig, device, rank: int) -> bool:
+    """Whether the training images are decoded on the GPU (--decode gpu, image folders on a CUDA device
+    whose nvJPEG works); otherwise rank 0 notes why the CPU decodes them."""
+    if cfg.decode != "gpu":
+        return False
+    note_to = sys.stdout if rank == 0 else None
+    if cfg.dummy or is_shard_source(cfg.data):
+        if note_to is not None:
+            print("note: --decode gpu reads image folders; these images are decoded on the CPU", file=note_to)
+        return False
+    return use_gpu_decode("gpu", device, note_to=note_to)
 
 
 def spread(samples, count: int):

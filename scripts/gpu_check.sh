@@ -2,7 +2,7 @@
 # GPU throughput check in under 5 minutes on one NVIDIA GPU, resnet50 on 16,000 generated 500x375 JPEGs:
 #   model alone (synthetic input): inference bf16 + channels_last, eager and compiled; a training step,
 #   bf16 + channels_last vs fp32 NCHW;
-#   the loaders alone: decoding + eval transform with PIL, torchvision.io, or batched on the GPU;
+#   the loaders alone: decoding + eval transform with PIL, torchcodec, or batched on the GPU;
 #   evaluation from JPEG files decoded on the CPU (loader workers) or on the GPU (nvjpeg);
 #   training from JPEG files with the standard augmentation and every core but one as loader workers
 #   (passes of at least 4 batches per worker: shorter ones time a worker's first batch, not its rate);
@@ -65,7 +65,8 @@ run --parts data "${bf16[@]}" --decode gpu --limit 8000 --batch-size 128 --worke
 # would take minutes here: benchmark.py without --no-baselines compares with them)
 run --parts eval,train "${bf16[@]}" --train-steps 60 --repeats 1 --workers "$workers" --no-baselines \
     --output "$out/from_jpeg.json"
-run --parts eval "${bf16[@]}" --decode gpu --workers "$workers" --no-baselines --repeats 2 --output "$out/gpu_decode.json"
+run --parts eval,train "${bf16[@]}" --decode gpu --train-steps 60 --repeats 2 --workers "$workers" --no-baselines \
+    --output "$out/gpu_decode.json"   # evaluation and training with the JPEGs decoded on the GPU
 step=$(python -c "import json, sys; print(round(next(r['img_per_s'] for r in json.load(open(sys.argv[1]))['rows'] \
     if r['part'] == 'step')))" "$out/model_bf16.json")
 run --parts augment --limit 200 --repeats 1 --gpu-img-per-s "$step" --output "$out/augment.json"

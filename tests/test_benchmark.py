@@ -118,6 +118,16 @@ def run_part(tmp_path, options: str):
 
 def test_benchmark_times_every_recipe_train_transform(tmp_path):
     result, rows = run_part(tmp_path, "--parts augment --gpu-img-per-s 1000")
+    loaders = [r for r in rows if r["part"] == "loader"]
+    rows = [r for r in rows if r["part"] != "loader"]
+    assert [r["variant"].split(" (")[0] for r in loaders] == [
+        "references: ImageFolder + their train preset",
+        "ours: PIL",
+        "ours: --reduced-decode",
+        "ours: pre-resized",
+        "ours: --decode gpu's code, torchcodec on cpu",
+    ]
+    assert loaders[0]["ratio"] == 1.0 and all(r["img_per_s"] > 0 and r["cores_per_gpu"] >= 1 for r in loaders)
     configs = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
     assert [r["variant"].split(":")[0] for r in rows] == configs and all(r["part"] == "augment" for r in rows)
     assert all(r["workers_per_gpu"] == -(-1000 // r["img_per_s"]) and r["img_per_s"] > 0 for r in rows)

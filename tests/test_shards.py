@@ -4,6 +4,7 @@ resumes exactly at epoch boundaries; clear errors."""
 
 import functools
 import http.server
+import io
 import json
 import os
 import tarfile
@@ -279,3 +280,49 @@ def test_worker_quotas_share_the_remainder():
     samples = Samples.from_paths("", [f"{i}.jpg" for i in range(10)], [0] * 10)
     stream = ShardTrainStream(Manifest(["x.tar"], np.array([0, 10]), samples, ["a"], "x"), None, 0, 0, 1, 1)
     assert [stream.quota(w, 4) for w in range(4)] == [3, 3, 2, 2]
+
+
+def test_pre_resized_shards_shrink_only_large_images_and_keep_val_unless_asked(tmp_path):
+    """make-shards --max-size 128 --quality 90: images longer than 128 px come back from the shards shrunk
+    to 128 (aspect kept) as JPEG, close to PIL's own resize of the original; smaller ones byte for byte;
+    the manifest records it. A val split is refused unless --resize-val, whose rows name another dataset."""
+    import numpy as np
+    from PIL import Image
+
+    from dataset import dataset_name
+    from loader import _images_of, load_rgb
+
+    root = tmp_path / "data"
+    big = make_image(root / "train" / "a" / "big.JPEG", (300, 200), seed=1)
+    small = make_image(root / "train" / "a" / "small.JPEG", (100, 60), seed=2)
+    make_image(root / "train" / "b" / "gray.JPEG", (90, 400), "L", seed=3)
+    make_image(root / "train" / "b" / "wide.png", (260, 100), fmt="PNG", seed=4)
+    result = run_main("prepare_data.py", "make-shards", root, tmp_path / "shards", "--max-size", "128")
+    assert result.returncode == 0, result.stderr
+    assert "3 of 4 images were longer than 128 px" in result.stdout
+    with np.load(tmp_path / "shards" / "train.index.npz") as manifest:
+        assert int(manifest["max_size"]) == 128 and int(manifest["quality"]) == 90
+    with tarfile.open(tmp_path / "shards" / "train-000000.tar") as tar:
+        names = sorted(m.name for m in tar.getmembers() if not m.name.endswith(("cls", "class", "path")))
+    assert names == ["00000000.jpg", "00000001.jpg", "00000002.jpg", "00000003.jpg"]  # the PNG became a JPEG
+    stored = dict(_images_of([(str(tmp_path / "shards" / "train-000000.tar"), 0, 4)]))
+    sizes = [Image.open(io.BytesIO(stored[i])).size for i in range(4)]
+    assert sizes == [(128, 85), (100, 60), (29, 128), (128, 49)]
+    assert stored[1] == small.read_bytes()
+    reference = load_rgb(big).resize((128, 85), Image.Resampling.LANCZOS)
+    difference = np.abs(np.asarray(load_rgb(io.BytesIO(stored[0])), float) - np.asarray(reference, float))
+    assert difference.mean() < 2  # JPEG quality 90 on top of the resize
+
+    make_image(root / "val" / "a" / "v.JPEG", (300, 200), seed=5)
+    refused = run_main("prepare_data.py", "make-shards", root, tmp_path / "both", "--max-size", "128")
+    assert_user_error(refused, "published evaluation protocol", "--resize-val")
+    assert not (tmp_path / "both").exists() or not list((tmp_path / "both").iterdir())
+    for quality in ("0", "101"):
+        options = ["--max-size", "9", "--quality", quality]
+        bad = run_main("prepare_data.py", "make-shards", root / "train", tmp_path / "q", *options)
+        assert_user_error(bad, "quality", quality)
+    asked = run_main(
+        "prepare_data.py", "make-shards", root, tmp_path / "both", "--max-size", "128", "--resize-val"
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert dataset_name(tmp_path / "both") == "data-max128q90"
