@@ -149,16 +149,10 @@ def crop_box(crop: v2.RandomResizedCrop, height: int, width: int) -> tuple[int, 
     return params["top"], params["left"], params["height"], params["width"]
 
 
-def is_crop_and_flip(preset) -> bool:
-    """Whether a train preset is the V1 augmentation alone: RandomResizedCrop, flip, to tensor."""
-    steps = getattr(preset, "transforms", [])
-    kinds = (v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.PILToTensor)
-    return len(steps) == 3 and all(isinstance(step, kind) for step, kind in zip(steps, kinds))
-
-
 def crop_and_flip_plan(preset: v2.Compose, height: int, width: int) -> tuple[int, int, int, int, bool]:
-    """(top, left, height, width, flip) of a crop-and-flip preset (is_crop_and_flip) for an image of this
-    size: the draws preset(image) makes, in its order (v2's flip applies when torch.rand(1) < p)."""
+    """(top, left, height, width, flip) of a RandomResizedCrop + flip preset (config.check_decoding) for an
+    image of this size: the draws preset(image) makes, in its order (v2's flip applies when
+    torch.rand(1) < p)."""
     crop, flip = preset.transforms[:2]
     return (*crop_box(crop, height, width), bool(torch.rand(1) < flip.p))
 

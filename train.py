@@ -134,6 +134,7 @@ def build_data(cfg: TrainConfig, device) -> tuple:
     world, rank = world_size(), global_rank()
     workers = default_workers(device) if cfg.workers is None else cfg.workers
     pin = device.type == "cuda"
+    on_gpu = gpu_decode(cfg, device, rank)
     if cfg.dummy:
         classes = [str(i) for i in range(cfg.num_classes or 1000)]
         train_set = SyntheticDataset(cfg.dummy_size, len(classes), train_tf, cfg.seed)
@@ -158,7 +159,6 @@ def build_data(cfg: TrainConfig, device) -> tuple:
             ImageDataset(train_samples, train_tf, cfg.seed),
             ImageDataset(val_samples, val_tf),
         )
-    on_gpu = gpu_decode(cfg, device, rank)
     if on_gpu:  # the workers read bytes and draw the boxes; the GPU decodes and crops
         train_set = GpuTrainDataset(train_set.samples, train_tf, cfg.seed)
     sampler = TrainSampler(train_set, world, rank, cfg.seed, cfg.ra_reps if cfg.ra_sampler else 1)
