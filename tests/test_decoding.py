@@ -225,3 +225,32 @@ def test_train_decode_gpu_without_a_gpu_notes_it_and_refuses_cpu_policies(tmp_pa
         assert_user_error(run_main(*args, "--decode", "gpu", *policy), "--decode gpu", policy[0])
     assert_user_error(run_main(*args, "--decode", "gpu", "--reduced-decode"), "--reduced-decode")
     assert_user_error(run_main(*args, "--train-preset", "original", "--reduced-decode"), "--reduced-decode")
+
+
+def test_reduced_decoding_from_tar_shards_equals_the_folders(train_images, tmp_path):
+    """The shard stream's --reduced-decode decodes the same bytes with the same seeded draws as the folder
+    path: image for image equal."""
+    import shutil
+
+    from conftest import run_main
+    from dataset import find_samples, read_manifest
+    from presets import train_transform
+
+    for i, path in enumerate(train_images):
+        (tmp_path / "train" / "abc"[i % 3]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tmp_path / "train" / "abc"[i % 3] / path.name)
+    written = run_main(
+        "prepare_data.py", "make-shards", tmp_path / "train", tmp_path / "s", "--split", "train"
+    )
+    assert written.returncode == 0, written.stderr
+    transform = train_transform(ramp_config("--reduced-decode"))
+    manifest = read_manifest(tmp_path / "s", "train", imagenet_labels=False, strict=True)
+    stream = loader.ShardTrainStream(manifest, transform, seed=3, rank=0, world=1, buffer=4)
+    samples = find_samples(tmp_path / "train", imagenet_labels=False)[0]
+    folder = loader.ImageDataset(samples, transform, seed=3)
+    for epoch in (0, 2):
+        stream.epoch = epoch
+        items = list(stream)
+        assert sorted(index for _, _, index, _ in items) == list(range(len(train_images)))
+        for image, _, index, error in items:
+            assert not error and torch.equal(image, folder[(index, epoch, 0)][0])
