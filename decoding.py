@@ -10,7 +10,9 @@ made once, at the first decode, and said in one note.
     image = decode_jpeg(read_bytes(path))                                  # on the CPU
 
 On 300 ImageNet JPEGs (9 of them grayscale), torchcodec's CPU decode equals torchvision.io's and
-PIL's pixel for pixel (all three use libjpeg-turbo with the same IDCT: tests/test_decoding.py).
+PIL's pixel for pixel: all three use libjpeg-turbo with the same IDCT (tests/test_decoding.py checks
+each kind of JPEG). One difference: torchcodec applies a JPEG's EXIF orientation and the others don't,
+so the tensor paths send EXIF-rotated JPEGs to PIL (exif_rotated).
 """
 
 import contextlib
