@@ -503,6 +503,16 @@ def bench_memory(args, device) -> list[dict]:
     return rows
 
 
+def timed_on_one_core(runs: dict, repeats: int, device) -> dict:
+    """timed(), with one intra-op thread, as in a DataLoader worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return timed(runs, repeats, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def augment_all(images: ImageDataset) -> list:
     """Every image of the dataset as epoch 0 augments it (one loader worker's work)."""
     return [images[(i, 0, 0)] for i in range(len(images))]
@@ -520,10 +530,7 @@ def bench_augment(args, samples, device) -> list[dict]:
         names[path.name] = (
             f"{path.name}: {cfg.train_crop_size} px, {cfg.auto_augment}, erase {cfg.random_erase}"
         )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    times, rows = timed(runs, args.repeats, device), []
-    torch.set_num_threads(threads)
+    times, rows = timed_on_one_core(runs, args.repeats, device), []
     for name, t in times.items():
         ratio = t["img_per_s"] / times["torchvision_v1.yaml"]["img_per_s"]
         row = {
@@ -590,19 +597,21 @@ def bench_loaders(args, samples, device) -> list[dict]:
     gpu_device = device if on_gpu else torch.device("cpu")
     with tempfile.TemporaryDirectory() as folder:
         copies, size_ratio = pre_resized_copies(samples, Path(folder))
-        datasets = {
-            "references: ImageFolder + their train preset (PIL)": references_train_set(samples),
+        references = references_train_set(samples)
+        runs = {
+            "references: ImageFolder + their train preset (PIL)": (
+                lambda: [references[i] for i in range(len(references))],
+                len(samples),
+            )
+        }
+        ours = {
             "ours: PIL": ImageDataset(samples, train_transform(cfg), cfg.seed),
             "ours: --reduced-decode": ImageDataset(samples, train_transform(reduced), cfg.seed),
             f"ours: pre-resized (max 512 px, q90: {size_ratio:.2f}x the bytes)": ImageDataset(
                 copies, train_transform(cfg), cfg.seed
             ),
         }
-        keyed = {name: not name.startswith("references") for name in datasets}
-        runs = {
-            name: (functools.partial(augment_all if keyed[name] else every_item, dataset), len(samples))
-            for name, dataset in datasets.items()
-        }
+        runs.update({name: (functools.partial(augment_all, d), len(samples)) for name, d in ours.items()})
         gpu_set = GpuTrainDataset(samples, train_transform(cfg), cfg.seed)
 
         def gpu_path():
@@ -611,12 +620,7 @@ def bench_loaders(args, samples, device) -> list[dict]:
                 pass
 
         runs[f"ours: --decode gpu's code, torchcodec on {gpu_device.type}"] = (gpu_path, len(samples))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as in a DataLoader worker
-        try:
-            times = timed(runs, args.repeats, device)
-        finally:
-            torch.set_num_threads(threads)
+        times = timed_on_one_core(runs, args.repeats, device)
     baseline = next(iter(times))
     rows = []
     for name, t in times.items():
@@ -634,10 +638,6 @@ def bench_loaders(args, samples, device) -> list[dict]:
             }
         )
     return rows
-
-
-def every_item(dataset) -> list:
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def image_batch(samples, preset, size: int) -> torch.Tensor:

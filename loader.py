@@ -71,8 +71,7 @@ class ImageDataset(torch.utils.data.Dataset):
             )
             if epoch is None:
                 return transform(image), sample.target, index, ""
-            # the first copy keeps the key it had before repeated augmentation existed
-            key = (self.seed, epoch, index, copy) if copy else (self.seed, epoch, index)
+            key = augmentation_key(self.seed, epoch, index, copy)
             return seeded_transform(transform, image, key), sample.target, index, ""
         except IMAGE_ERRORS as e:
             return None, sample.target, index, f"{type(e).__name__}: {e}"
@@ -80,6 +79,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def load(self, index: int, draft=None):
         """The image, or for a ReducedDecode transform the function that loads it at the size it asks."""
         return load_rgb(self.samples[index].path, draft)
+
+
+def augmentation_key(seed: int, epoch: int, index: int, copy: int = 0) -> tuple:
+    """What an image's augmentation is seeded by; the first copy keeps the key it had before repeated
+    augmentation existed."""
+    return (seed, epoch, index, copy) if copy else (seed, epoch, index)
 
 
 def seeded_transform(transform, image, key: tuple):
@@ -374,7 +379,7 @@ class ShardTrainStream(torch.utils.data.IterableDataset):
             while len(buffer) < min(self.buffer, quota - taken):  # read no image more than the quota needs
                 buffer.append(next(stream))
             index, data = buffer.pop(rng.randrange(len(buffer)))
-            target, key = int(self.samples.targets[index]), (self.seed, self.epoch, index)
+            target, key = int(self.samples.targets[index]), augmentation_key(self.seed, self.epoch, index)
             transform = transform_of_epoch(self.transform, self.epoch)
             if isinstance(transform, ReducedDecode) and data is not None:  # it decodes the bytes itself
                 try:
@@ -600,31 +605,41 @@ class GpuDecodeLoader:
         except (RuntimeError, *IMAGE_ERRORS) as e:
             return None, f"{type(e).__name__}: {e}"
 
-    def decode_batch(self, batch: dict):
-        """One packed batch as build_loader gives it: (images on the device, targets, indices, errors)."""
+    def decode_jpegs(self, batch: dict) -> tuple[list, list]:
+        """(the packed batch's JPEGs decoded on the device, None where nothing could; the batch's errors)."""
         sizes, errors = batch["jpeg_sizes"], list(batch["errors"])
         data = list(batch["jpeg_bytes"].split(sizes)) if sizes else []  # views: nothing is copied
         try:
-            decoded = decode_jpeg(data, device=self.device) if data else []
+            return (decode_jpeg(data, device=self.device) if data else []), errors
         except RuntimeError as e:
             # an image the device refuses (CMYK, say) fails the batch: the others are decoded one by one
             raise_if_out_of_memory(e)
-            jpeg_indices = [index for image, _, index in batch["items"] if image is None]
-            decoded = []
-            for index, one in zip(jpeg_indices, data):
-                image, error = self.decode_one(index, one)
-                decoded.append(image)
-                errors += [(index, error)] if error else []
-        decoded = iter(decoded)
-        items = [(next(decoded) if image is None else image, t, i) for image, t, i in batch["items"]]
+        jpeg_indices = [index for image, _, index in batch["items"] if image is None]
+        decoded = []
+        for index, one in zip(jpeg_indices, data):
+            image, error = self.decode_one(index, one)
+            decoded.append(image)
+            errors += [(index, error)] if error else []
+        return decoded, errors
+
+    def assemble(self, batch: dict, jpegs: list, errors: list, stack):
+        """(stack(images on the device), targets, indices, errors) in the batch's order: `jpegs` in place of
+        its JPEGs (None: unreadable, left out), the workers' own images elsewhere."""
+        jpegs = iter(jpegs)
+        items = [(next(jpegs) if image is None else image, t, i) for image, t, i in batch["items"]]
         items = [item for item in items if item[0] is not None]
         images = [image.to(self.device, non_blocking=True) for image, _, _ in items]
         return (
-            resize_crop_batch(images, self.preset) if images else torch.empty(0, dtype=torch.uint8),
+            stack(images) if images else torch.empty(0, dtype=torch.uint8),
             torch.tensor([target for _, target, _ in items], dtype=torch.long),
             torch.tensor([index for _, _, index in items], dtype=torch.long),
             errors,
         )
+
+    def decode_batch(self, batch: dict):
+        """One packed batch as build_loader gives it: (images on the device, targets, indices, errors)."""
+        decoded, errors = self.decode_jpegs(batch)
+        return self.assemble(batch, decoded, errors, lambda images: resize_crop_batch(images, self.preset))
 
     def __iter__(self):
         batches = iter(self.loader)  # here, not in the thread: workers are forked from the main thread
@@ -639,7 +654,7 @@ class GpuTrainDataset(ImageDataset):
     def __getitem__(self, key):
         index, epoch, copy = key
         sample, transform = self.samples[index], transform_of_epoch(self.transform, epoch)
-        key = (self.seed, epoch, index, copy) if copy else (self.seed, epoch, index)
+        key = augmentation_key(self.seed, epoch, index, copy)
         try:
             with open(sample.path, "rb") as f:
                 data = f.read()
@@ -696,33 +711,12 @@ class GpuTrainLoader(GpuDecodeLoader):
 
     def decode_batch(self, batch: dict):
         """(images (B, 3, S, S) uint8 on the device, targets, indices, errors), in the loader's order."""
-        sizes, errors = batch["jpeg_sizes"], list(batch["errors"])
-        data = list(batch["jpeg_bytes"].split(sizes)) if sizes else []
-        jpeg_indices = [index for image, _, index in batch["items"] if image is None]
-        try:
-            decoded = decode_jpeg(data, device=self.device) if data else []
-        except RuntimeError as e:
-            raise_if_out_of_memory(e)
-            decoded = []
-            for index, one in zip(jpeg_indices, data):
-                image, error = self.decode_one(index, one)
-                decoded.append(image)
-                errors += [(index, error)] if error else []
+        decoded, errors = self.decode_jpegs(batch)
         cropped = [
             None if image is None else crop_resize_flip(image.to(self.device), plan, size, self.interpolation)
             for image, (plan, size) in zip(decoded, batch["plans"])
         ]
-        cropped = iter(cropped)
-        items = [(next(cropped) if image is None else image, t, i) for image, t, i in batch["items"]]
-        items = [item for item in items if item[0] is not None]
-        return (
-            torch.stack([image.to(self.device) for image, _, _ in items])
-            if items
-            else torch.empty(0, dtype=torch.uint8),
-            torch.tensor([target for _, target, _ in items], dtype=torch.long),
-            torch.tensor([index for _, _, index in items], dtype=torch.long),
-            errors,
-        )
+        return self.assemble(batch, cropped, errors, torch.stack)
 
 
 def raise_if_out_of_memory(error: RuntimeError) -> None:
