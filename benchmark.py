@@ -143,6 +143,7 @@ PARTS = (
     "approx",
     "index",
     "memory",
+    "profile",
 )
 ROOT = Path(__file__).resolve().parent
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
@@ -310,35 +311,73 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
     return rows
 
 
-def bench_train(args, device, samples, preset, workers: int, steps: int) -> list[dict]:
-    """Ours: engine.train_one_epoch() with train_preset('standard') at 224. Plain: transforms v1 (ToTensor +
-    Normalize), SGD(0.01, momentum 0.9), cross-entropy, fp32 NCHW. Both train on the same images."""
+class WaitTimed:
+    """A training loader whose iterators add the time the caller waits for each batch to .waited."""
+
+    def __init__(self, loader):
+        self.loader, self.waited = loader, 0.0
+
+    def __getattr__(self, name):  # the samplers and dataset engine.train_one_epoch reads
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        start = time.perf_counter()
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - start
+            yield batch
+            start = time.perf_counter()
+
+
+def train_from_files(args, device, samples, preset, workers: int, steps: int):
+    """(one pass of engine.train_one_epoch over steps x --train-batch-size images, its loader (WaitTimed),
+    whether the JPEGs are decoded on the GPU): train_preset('standard') at --train-size, the loader
+    train.py builds (GpuTrainLoader with --decode gpu)."""
     batch, images = args.train_batch_size, steps * args.train_batch_size
     runtime = Runtime.create(device, args.amp, args.channels_last, True, preset)
     raw, model = prepare(args, runtime, True)
     cfg = TrainConfig(arch=args.arch, batch_size=batch, lr=0.01)
     gpu_decode = use_gpu_decode(args.decode, device, note_to=sys.stdout)
     dataset = GpuTrainDataset if gpu_decode else ImageDataset  # --decode gpu: train.py's GPU input path
-    images_set = dataset(samples[:images], train_preset("standard", 224), cfg.seed)
+    images_set = dataset(samples[:images], train_preset("standard", args.train_size), cfg.seed)
     sampler, pin = TrainSampler(images_set, 1, 0, cfg.seed), device.type == "cuda"
     options = {"sampler": sampler, "drop_last": True, "persistent_workers": True}
     if gpu_decode:
         loader = GpuTrainLoader(images_set, batch, workers, device, "bilinear", **options)
     else:
         loader = build_loader(images_set, batch, workers, pin_memory=pin, **options)
+    loader = WaitTimed(loader)
     training, criterion = Training.build(cfg, raw, runtime), build_loss("ce", 1000).to(device)
     training.wrapped = model
     quiet = LoopSettings(log_interval=10**9)
 
-    def ours():
+    def one_pass():
         train_one_epoch(training, criterion, loader, runtime, TrainState(), quiet)
 
+    return one_pass, loader, gpu_decode
+
+
+def bench_train(args, device, samples, preset, workers: int, steps: int) -> list[dict]:
+    """Ours: train_from_files. Plain: transforms v1 (ToTensor + Normalize), SGD(0.01, momentum 0.9),
+    cross-entropy, fp32 NCHW. Both train on the same images."""
+    batch, images = args.train_batch_size, steps * args.train_batch_size
+    ours, _, gpu_decode = train_from_files(args, device, samples, preset, workers, steps)
+    runtime = Runtime.create(device, args.amp, args.channels_last, True, preset)
+    pin = device.type == "cuda"
     runs = {"ours": (ours, images)}
     if args.baselines:
         plain_model, criterion = benchmark_model(args).to(device).train(), nn.CrossEntropyLoss()
         plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
         steps_v1 = [
-            T.RandomResizedCrop(224),
+            T.RandomResizedCrop(args.train_size),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(preset.mean, preset.std),
@@ -363,7 +402,7 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     times = timed(runs, args.repeats, device)  # ours and plain in turn
     variant = (
         f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, runtime, True)}, "
-        f"{'gpu' if gpu_decode else 'cpu'} decode"
+        f"{'gpu' if gpu_decode else 'cpu'} decode, {args.train_size} px"
     )
     rows = ours_and_plain(
         "train", times, variant, f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW"
@@ -371,6 +410,42 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
     if not gpu_decode:
         rows[0].update(short_pass_note(steps, workers))
     return rows
+
+
+def bench_profile(args, device, samples, preset, workers: int, steps: int) -> list[dict]:
+    """Where a from-JPEG training pass's time goes, by torch.profiler over one pass after a warm-up pass:
+    the main process's wait for the input (the loader's next batch: with --decode gpu the decoding
+    thread's too), its share of the wall time, the GPU's busy time (the sum of its kernels' times) and
+    the operators that took the most CPU time in the main process."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 (only this part profiles)
+
+    one_pass, loader, gpu_decode = train_from_files(args, device, samples, preset, workers, steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    one_pass()
+    loader.waited = 0.0
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        one_pass()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    wait = loader.waited
+    kernels = sum(getattr(e, "self_device_time_total", 0) for e in averages if e.device_type.name == "CUDA")
+    top = sorted((e for e in averages if "DataLoader" not in e.key), key=lambda e: -e.self_cpu_time_total)
+    images = steps * args.train_batch_size
+    return [
+        {
+            "part": "profile",
+            "variant": f"train from JPEG, {workers} workers, {torch.get_num_threads()} threads, "
+            f"{'gpu' if gpu_decode else 'cpu'} decode, {args.train_size} px",
+            "img_per_s": images / wall,
+            "seconds": [round(wall, 3)],
+            "loader_wait_share": round(wait / wall, 3),
+            "gpu_busy_share": round(kernels / 1e6 / wall, 3) if device.type == "cuda" else None,
+            "top_cpu_ops": [(e.key, round(e.self_cpu_time_total / 1e6, 3)) for e in top[:8]],
+        }
+    ]
 
 
 ARCH_IN_HEADER = re.compile(r"--arch (\S+)")  # a config header's launch command names its architecture
@@ -908,6 +983,9 @@ def build_parser() -> ArgumentParser:
     add_weights_args(p, None, "DEFAULT or a weights name from torchvision's cache (default: random weights)")
     p.add_argument("--train-batch-size", type=positive_int, default=32, help="train and step batch")
     p.add_argument(
+        "--train-size", type=positive_int, default=224, help="train and step: the crop size (default 224)"
+    )
+    p.add_argument(
         "--train-steps", type=positive_int, default=5, help="timed optimizer steps per pass (train, step)"
     )
     switch(p, "--compile", "torch.compile our model (never the plain loops')")
@@ -1035,7 +1113,7 @@ def main(argv=None) -> dict:
             train = part == "step"
             batches = math.ceil(len(samples) / args.batch_size) if not train and samples else args.train_steps
             runtime = Runtime.create(device, args.amp, args.channels_last, train, preset)
-            rows.append(bench_model(args, runtime, 224 if train else preset.crop, batches, train))
+            rows.append(bench_model(args, runtime, args.train_size if train else preset.crop, batches, train))
     if "eval" in args.parts:
         rows += bench_eval(args, device, samples, preset, weights, workers)
     if "train" in args.parts:
@@ -1052,6 +1130,8 @@ def main(argv=None) -> dict:
         rows += bench_index(args)
     if "memory" in args.parts:
         rows += bench_memory(args, device)
+    if "profile" in args.parts:
+        rows += bench_profile(args, device, samples, preset, workers, steps)
     lines = benchmark_summary(rows)
     if busy:  # other processes' CPU use during the run: how far to trust CPU numbers
         now, seconds = busy_seconds(), time.perf_counter() - start

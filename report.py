@@ -213,6 +213,15 @@ def benchmark_summary(rows: list[dict]) -> list[str]:
             f"{r['batch']} (from batches {', '.join(map(str, r['from_batches']))} and steps at the line's "
             f"predictions; {check})"
         )
+    for r in (r for r in rows if r["part"] == "profile"):
+        ops = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["top_cpu_ops"][:5])
+        gpu = r["gpu_busy_share"]
+        lines.append(
+            f"profile: {r['variant']}: {r['img_per_s']:.0f} img/s; the main process waited for the loader "
+            f"{100 * r['loader_wait_share']:.0f}% of the pass"
+            + ("" if gpu is None else f", the GPU ran kernels {100 * gpu:.0f}% of it")
+            + f"; most CPU time: {ops}"
+        )
     lines += [f"{r['part']}: note: {r['note']}" for r in rows if "note" in r]
     for ours in (r for r in rows if "share_of_model_only" in r):
         lines.append(
@@ -361,10 +370,21 @@ def point_label(record: dict) -> str:
 
 
 def plot_acc_vs_gmacs(records: list[dict], path: Path) -> list[tuple]:
-    """Published top-1 against GMACs (log x): a colour and marker per family, the Pareto front drawn,
-    its points and the DEFAULT weights labelled where a label fits without overlapping another label,
-    a point or the legend. Also writes the hover-labelled HTML beside it. Returns the labels drawn,
-    (text, box) pairs."""
+    """The complexity table's plot: published top-1 against GMACs (plot_acc_vs_cost)."""
+    return plot_acc_vs_cost(
+        records,
+        path,
+        cost="gmacs",
+        xlabel="GMACs at the weights' eval resolution (log scale)",
+        title="torchvision ImageNet-1K weights: accuracy vs compute",
+    )
+
+
+def plot_acc_vs_cost(records: list[dict], path: Path, cost: str, xlabel: str, title: str) -> list[tuple]:
+    """Published top-1 against record[cost] (log x, lower is better): a colour and marker per family,
+    the Pareto front drawn, its points and the DEFAULT weights labelled where a label fits without
+    overlapping another label, a point or the legend. Also writes the hover-labelled HTML beside it.
+    Returns the labels drawn, (text, box) pairs."""
     plt = _pyplot()
     rows = [r for r in records if r["acc1_published"] is not None]
     if not rows:  # e.g. only VGG16's feature weights, which publish no accuracy
@@ -373,32 +393,32 @@ def plot_acc_vs_gmacs(records: list[dict], path: Path) -> list[tuple]:
     fig, ax = plt.subplots(figsize=(18, 11))
     for family, (colour, marker) in styles.items():
         mine = [r for r in rows if r["family"] == family]
-        x, y = [r["gmacs"] for r in mine], [r["acc1_published"] for r in mine]
+        x, y = [r[cost] for r in mine], [r["acc1_published"] for r in mine]
         ax.scatter(x, y, s=22, color=colour, marker=marker, label=family, zorder=3)
-    front = pareto_front([(r["gmacs"], r["acc1_published"]) for r in rows])
-    x, y = [rows[i]["gmacs"] for i in front], [rows[i]["acc1_published"] for i in front]
+    front = pareto_front([(r[cost], r["acc1_published"]) for r in rows])
+    x, y = [rows[i][cost] for i in front], [rows[i]["acc1_published"] for i in front]
     ax.plot(
         x, y, color="black", alpha=0.35, linewidth=1, drawstyle="steps-post", label="Pareto front", zorder=2
     )
-    gmacs = [r["gmacs"] for r in rows]
+    costs = [r[cost] for r in rows]
+    html_name = Path(path).with_suffix(".html").name
     ax.set(
         xscale="log",
-        xlim=(min(gmacs) / 1.6, max(gmacs) * 1.6),
-        xlabel="GMACs at the weights' eval resolution (log scale)",
+        xlim=(min(costs) / 1.6, max(costs) * 1.6),
+        xlabel=xlabel,
         ylabel="published top-1 (%)",
-        title="torchvision ImageNet-1K weights: accuracy vs compute "
-        "(labelled: the Pareto front and DEFAULT weights; every point in acc_vs_gmacs.html)",
+        title=f"{title} (labelled: the Pareto front and DEFAULT weights; every point in {html_name})",
     )
     ax.grid(True, which="both", alpha=0.3)
     legend = ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
     by_accuracy = sorted(range(len(rows)), key=lambda i: -rows[i]["acc1_published"])
     wanted = front + [i for i in by_accuracy if rows[i].get("default") and i not in front]
-    points = [(rows[i]["gmacs"], rows[i]["acc1_published"], point_label(rows[i])) for i in wanted]
+    points = [(rows[i][cost], rows[i]["acc1_published"], point_label(rows[i])) for i in wanted]
     labels = place_labels(fig, ax, points, avoid=[legend.get_window_extent()])
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150), mode="wb")
     plt.close(fig)
-    write_acc_vs_gmacs_html(rows, styles, Path(path).with_suffix(".html"))
+    write_acc_vs_cost_html(rows, styles, Path(path).with_suffix(".html"), cost, xlabel, title, front)
     return labels
 
 
@@ -439,43 +459,67 @@ def _box(x0, y0, x1, y1):
     return Bbox([[x0, y0], [x1, y1]])
 
 
-def write_acc_vs_gmacs_html(rows: list[dict], styles: dict, path: Path, width=1100, height=700) -> None:
+def hover_text(row: dict, cost: str) -> str:
+    """A point's tooltip: model and weights, its cost, its size where known, published top-1/top-5."""
+    lines = [f"{row['model']} — {row['weights']}"]
+    if cost == "gmacs":
+        lines.append(f"{row['gmacs']:.3f} GMACs, {row['params']:,} params")
+    else:
+        lines.append(f"{row[cost]:.4g} {cost.replace('_', ' ')}")
+    if row.get("img_per_s") is not None:
+        lines.append(
+            f"{row['img_per_s']:,.1f} img/s, batch-1 latency p50 {row['latency_p50_ms']:.2f} ms, "
+            f"p99 {row['latency_p99_ms']:.2f} ms, peak {row['peak_mem_mb']:,.0f} MB"
+        )
+    acc5 = row.get("acc5_published")
+    lines.append(f"top-1 {row['acc1_published']:.3f}%" + (f", top-5 {acc5:.3f}%" if acc5 is not None else ""))
+    return "\n".join(lines)
+
+
+def write_acc_vs_cost_html(
+    rows: list[dict],
+    styles: dict,
+    path: Path,
+    cost: str,
+    xlabel: str,
+    title: str,
+    front=(),
+    width=1100,
+    height=700,
+) -> None:
     """A self-contained page (inline SVG, no script, no dependency): every point a circle whose tooltip
-    gives model, weights, GMACs, params and published top-1/top-5; the families listed beside."""
+    gives model, weights, its cost and published top-1/top-5 (hover_text), the Pareto front's points
+    ringed; the families listed beside."""
     pad, log = 60, math.log10
-    x_min, x_max = log(min(r["gmacs"] for r in rows) / 1.3), log(max(r["gmacs"] for r in rows) * 1.3)
+    x_min, x_max = log(min(r[cost] for r in rows) / 1.3), log(max(r[cost] for r in rows) * 1.3)
     y_min, y_max = min(r["acc1_published"] for r in rows) - 1, max(r["acc1_published"] for r in rows) + 1
 
-    def xy(r):
-        x = pad + (log(r["gmacs"]) - x_min) / (x_max - x_min) * (width - 2 * pad)
-        return x, height - pad - (r["acc1_published"] - y_min) / (y_max - y_min) * (height - 2 * pad)
+    def xy(value, acc):
+        x = pad + (log(value) - x_min) / (x_max - x_min) * (width - 2 * pad)
+        return x, height - pad - (acc - y_min) / (y_max - y_min) * (height - 2 * pad)
 
     def colour(family):
         return "#" + "".join(f"{round(255 * c):02x}" for c in styles[family][0][:3])
 
-    ticks = [t for t in (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000) if x_min <= log(t) <= x_max]
+    decades = range(math.floor(x_min) - 1, math.ceil(x_max) + 1)
+    ticks = [m * 10.0**d for d in decades for m in (1, 3) if x_min <= log(m * 10.0**d) <= x_max]
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">']
     for t in ticks:
-        x = xy({"gmacs": t, "acc1_published": y_min})[0]
+        x = xy(t, y_min)[0]
         svg.append(f'<line x1="{x:.1f}" y1="{pad}" x2="{x:.1f}" y2="{height - pad}" stroke="#ddd"/>')
         svg.append(f'<text x="{x:.1f}" y="{height - pad + 16}" text-anchor="middle">{t:g}</text>')
     for acc in range(math.ceil(y_min), math.floor(y_max) + 1, 2):
-        y = xy({"gmacs": 10**x_min, "acc1_published": acc})[1]
+        y = xy(10**x_min, acc)[1]
         svg.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{width - pad}" y2="{y:.1f}" stroke="#eee"/>')
         svg.append(f'<text x="{pad - 6}" y="{y + 4:.1f}" text-anchor="end">{acc}</text>')
-    for r in rows:
-        x, y = xy(r)
-        tip = "\n".join(
-            [
-                f"{r['model']} — {r['weights']}",
-                f"{r['gmacs']:.3f} GMACs, {r['params']:,} params",
-                f"top-1 {r['acc1_published']:.3f}%, top-5 {r['acc5_published']:.3f}%",
-            ]
-        )
+    on_front = set(front)
+    for i, r in enumerate(rows):
+        x, y = xy(r[cost], r["acc1_published"])
         radius = 5 if r.get("default") else 3.5
-        svg.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{radius}" fill="{colour(r["family"])}">')
-        svg.append(f"<title>{html.escape(tip)}</title></circle>")
-    svg.append(f'<text x="{width / 2}" y="{height - 18}" text-anchor="middle">GMACs (log scale)</text>')
+        ring = ' stroke="black" stroke-width="1.5"' if i in on_front else ""
+        svg.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{radius}" fill="{colour(r["family"])}"{ring}>')
+        svg.append(f"<title>{html.escape(hover_text(r, cost))}</title></circle>")
+    svg.append(f'<text x="{width / 2}" y="{height - 18}" text-anchor="middle">{html.escape(xlabel)}</text>')
     rotate = f"rotate(-90 16 {height / 2})"
     svg.append(
         f'<text x="16" y="{height / 2}" transform="{rotate}" text-anchor="middle">published top-1 (%)</text>'
@@ -486,9 +530,8 @@ def write_acc_vs_gmacs_html(rows: list[dict], styles: dict, path: Path, width=11
     )
     page = "".join(
         [
-            "<!doctype html><meta charset='utf-8'><title>torchvision weights: accuracy vs compute</title>",
-            "<h3>torchvision ImageNet-1K weights: published top-1 against GMACs ",
-            "(hover a point; large: DEFAULT)</h3>",
+            f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+            f"<h3>{html.escape(title)} (hover a point; large: DEFAULT; ringed: the Pareto front)</h3>",
             f"<div style='display:flex'>{''.join(svg)}<ul style='list-style:none'>{legend}</ul></div>\n",
         ]
     )

@@ -8,6 +8,9 @@ Accuracy on the ImageNet validation set (README: the --data layouts) and its oth
     python test_torchvision.py --data /data/imagenet/val --real-labels real.json     # ReaL top-1/top-5 too
     python test_torchvision.py --data /data/imagenet-a --mask-classes                # its 200 classes only
     python test_torchvision.py --data /data/imagenet/val --tta flip        # each image and its mirror
+The speed of every weights on this machine, the model alone (random values, nothing downloaded):
+    python test_torchvision.py --speed --amp bf16 --batch-size 256   # -> results/speed.{md,csv,json}
+    python test_torchvision.py --speed train --models 'resnet*' --device cpu   # a training step's too
 The table of finished train.py runs, and the training command of all of torchvision's weights:
     python test_torchvision.py --runs checkpoints                # -> results/our_training.{md,csv,json}
     python test_torchvision.py --recipes --output docs           # -> docs/recipes.md
@@ -74,12 +77,14 @@ from model import (
 )
 from presets import TestTimeAugmentation, add_preprocessing_args
 from report import markdown_table, plot_acc_vs_gmacs, write_predictions, write_records, write_robustness
+from speed import SpeedSettings, speed_sweep
 from utils import (
     RUNTIME_HELP,
     ArgumentParser,
     UserError,
     add_runtime_args,
     add_weights_args,
+    amp_dtype,
     amp_name,
     atomic_write_text,
     available_cores,
@@ -88,10 +93,13 @@ from utils import (
     closest,
     is_distributed,
     is_main,
+    positive_float,
     positive_int,
     rank,
+    resolve_device,
     setup_distributed,
     switch,
+    use_channels_last,
     world_size,
 )
 
@@ -117,6 +125,19 @@ def build_parser() -> ArgumentParser:
         "--runs", help="folder of train.py runs (e.g. checkpoints): tabulate them in OUTPUT/our_training.md"
     )
     switch(p, "--recipes", "write OUTPUT/recipes.md: the train.py command of all torchvision weights")
+    speed_help = (
+        "measure each weights' speed here (OUTPUT/speed.{md,csv,json}, acc_vs_speed.{png,html}): inference "
+        "img/s at --batch-size, batch-1 latency p50/p99, peak memory; 'train': a training step's too"
+    )
+    mode.add_argument(
+        "--speed", nargs="?", const="inference", choices=["inference", "train"], help=speed_help
+    )
+    p.add_argument(
+        "--speed-seconds",
+        type=positive_float,
+        default=1.0,
+        help="--speed: timed calls per measurement, in seconds (at least 5 calls; default 1)",
+    )
     e = p.add_argument_group("evaluation (with --data)")
     e.add_argument("--val-labels", help=RUNTIME_HELP["val_labels"])
     e.add_argument(
@@ -162,8 +183,8 @@ def build_parser() -> ArgumentParser:
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    if args.recipes and (args.data or args.runs):
-        raise UserError("--recipes is a mode of its own: drop --data and --runs (see --help)")
+    if args.recipes and (args.data or args.runs or args.speed):
+        raise UserError("--recipes is a mode of its own: drop --data, --runs and --speed (see --help)")
     if args.weights is None:
         args.weights = "default" if args.data else "all"
     return args
@@ -788,6 +809,35 @@ def collect_runs(runs_dir, out) -> list[dict]:
     return records
 
 
+def run_speed(args) -> list[dict]:
+    """--speed: speed.speed_sweep over the selected weights (all of them by default, int8 included)."""
+    if is_distributed():
+        raise UserError("--speed measures one process's device: run it without torchrun")
+    device = resolve_device(args.device)
+    settings = SpeedSettings(
+        device=device,
+        amp=amp_dtype(args.amp, device, training=False),
+        channels_last=use_channels_last(args.channels_last, device, training=False),
+        compile=args.compile,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        train=args.speed == "train",
+        seconds=args.speed_seconds,
+    )
+    selected = []
+    for arch, weights in select_weights(args.models, args.weights):
+        pub = published(weights)
+        described = {
+            "crop": pub["crop"],
+            "family": model_family(arch),
+            "default": weights == weights_enum(arch, "DEFAULT"),
+            "acc1_published": pub["acc1_published"],
+            "acc5_published": pub["acc5_published"],
+        }
+        selected.append((arch, weights, described))
+    return speed_sweep(selected, settings, Path(args.output), force=args.force)
+
+
 def write_recipes(out) -> Path:
     """OUTPUT/recipes.md (docs/recipes.md with --output docs): the training command of all of torchvision's
     weights."""
@@ -804,6 +854,8 @@ def main(argv=None):
         return collect_runs(args.runs, args.output)
     if args.recipes:
         return write_recipes(args.output)
+    if args.speed:
+        return run_speed(args)
     if args.data:
         try:
             return run_evaluation(args)

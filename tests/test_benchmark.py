@@ -3,6 +3,7 @@ checked), and scripts/gpu_check.sh skipping cleanly where there is no GPU."""
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -234,3 +235,71 @@ def test_the_index_parts_cached_timing_reads_the_cache(monkeypatch):
     monkeypatch.setattr(dataset, "_read_cache", lambda *a: hits.append(read(*a)) or hits[-1])
     benchmark.bench_index(argparse.Namespace(files=3000, repeats=1))
     assert sum(hit is not None for hit in hits) >= 2  # the warm-up and the timed call of "ours, cached"
+
+
+def test_profile_part_says_where_a_from_jpeg_training_pass_waits(tmp_path):
+    """--parts profile: one profiled pass of the from-JPEG training loop at --train-size; the share of the
+    pass spent waiting for the loader is a share, the busiest operators are named, and on a CPU there is
+    no GPU share. --train-size reaches the synthetic step and the training loader alike."""
+    for i in range(4):
+        make_image(tmp_path / "val" / imagenet_wnids()[i] / f"{i}.JPEG", (120 + 10 * i, 90), seed=i)
+    options = "--arch resnet18 --parts step,train,profile --train-size 48 --train-batch-size 2"
+    options += " --train-steps 2 --workers 1 --threads 1 --repeats 1 --no-baselines"
+    result = run_main("benchmark.py", "--data", tmp_path, *options.split(), "--output", tmp_path / "b.json")
+    assert result.returncode == 0, result.stderr
+    step, train, profile = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert (step["part"], train["part"], profile["part"]) == ("step", "train", "profile")
+    assert "48 px" in train["variant"] and "48 px" in profile["variant"]
+    assert 0 <= profile["loader_wait_share"] <= 1 and profile["gpu_busy_share"] is None
+    assert profile["top_cpu_ops"] and all(seconds >= 0 for _, seconds in profile["top_cpu_ops"])
+    assert any("convolution" in name for name, _ in profile["top_cpu_ops"])
+    assert "the main process waited for the loader" in result.stdout and "GPU ran" not in result.stdout
+
+
+def test_gpu_goals_tables_from_what_the_steps_left(tmp_path, capsys):
+    """scripts/gpu_goals.py on a folder as gpu_check.sh leaves it: a step cut at its limit and one not
+    run are said so; the goals are computed from the rows (from-JPEG training over the synthetic step,
+    bf16 over fp32) and a failed CUDA test is named and fails its goal."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_goals
+
+    MACHINE = {"gpu": "NVIDIA H200", "cpu": "Xeon", "cores": 16, "torch": "2.11", "torchvision": "0.26"}
+    (tmp_path / "steps.tsv").write_text("model_bf16\t0\t20\nfrom_jpeg\t124\t80\nzoo_speed\tnot run\t0\n")
+
+    def rows(name, *rows):
+        result = {"machine": MACHINE, "rows": list(rows), "summary": []}
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+
+    rows("model_bf16", {"part": "step", "variant": "resnet50 batch 256, bf16", "img_per_s": 4000.0})
+    rows("model_fp32", {"part": "step", "variant": "resnet50 batch 256, fp32", "img_per_s": 1600.0})
+    rows(
+        "from_jpeg",
+        {"part": "train", "variant": "ours: 15 workers", "img_per_s": 3800.0},
+        {"part": "train", "variant": "plain: ImageFolder", "img_per_s": 300.0},
+    )
+    rows("gpu_decode", {"part": "eval", "variant": "ours: gpu decode", "img_per_s": 4000.0})
+    (tmp_path / "gpu_tests.xml").write_text(
+        '<testsuites><testsuite><testcase name="test_a"/><testcase name="test_b"><failure message="x"/>'
+        '</testcase><testcase name="test_c"><skipped/></testcase></testsuite></testsuites>'
+    )
+    assert gpu_goals.goal_values(tmp_path) == {
+        "from_jpeg_train": 0.95,
+        "gpu_decode_train": None,
+        "gpu_decode_eval": 4000.0,
+        "amp_speedup": 2.5,
+        "tests": 1,
+    }
+    gpu_goals.main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "| from_jpeg | cut at its limit | 80 |" in printed and "| zoo_speed | not run | 0 |" in printed
+    assert "CUDA tests: 3 run, 1 skipped, failed: test_b" in printed
+    tables = [line for line in printed.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in tables]
+    goals = {row[0]: row[-1] for row in cells if len(row) == 4}
+    assert goals["training from JPEG, CPU decoding / synthetic step (resnet50, 224 px)"] == "met"
+    assert goals["training from JPEG, --decode gpu / synthetic step (resnet50, 224 px)"] == "not measured"
+    assert goals["evaluation with --decode gpu, img/s"] == "NOT met"
+    assert goals["training step bf16 + channels_last / fp32 NCHW"] == "met"
+    assert goals["python -m pytest -m gpu: tests failed or errored"] == "NOT met"
+    gpu_goals.main(["--step-rate", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == "4000"
