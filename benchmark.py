@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
@@ -417,8 +418,6 @@ def bench_profile(args, device, samples, preset, workers: int, steps: int) -> li
     the main process's wait for the input (the loader's next batch: with --decode gpu the decoding
     thread's too), its share of the wall time, the GPU's busy time (the sum of its kernels' times) and
     the operators that took the most CPU time in the main process."""
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 (only this part profiles)
-
     one_pass, loader, gpu_decode = train_from_files(args, device, samples, preset, workers, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     one_pass()

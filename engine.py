@@ -107,7 +107,14 @@ def evaluate(
     class_mask: a (C,) bool tensor; predictions, loss and probabilities are restricted to its classes
     (ImageNet-A's and -R's protocol: the logits of the other classes become -inf). tta "flip": each image
     and its left-right mirror, by the mean of their logits (FFCV adds them: the same top-k; the mean keeps
-    the loss on the scale of one pass); the images counted (and per second) are the images, not passes."""
+    the loss on the scale of one pass); the images counted (and per second) are the images, not passes.
+
+    Calibration: `nll` is the mean cross-entropy of the (masked) logits, the `loss` itself where no
+    criterion is given; `ece` (%) is the expected calibration error over CALIBRATION_BINS equal-width bins
+    of the top-1 probability (bin k holds [k/15, (k+1)/15), the last one 1 too): the sum over bins of
+    their share of the images times |their top-1 accuracy - their mean top-1 probability|.
+    `calibration` gives each bin's (images, sum of top-1 probabilities, top-1 hits), for the reliability
+    diagram (report.plot_reliability)."""
     model.eval()
     device = runtime.device
     mask_bias = None  # (C,): 0 for the kept classes, -inf for the others
@@ -115,7 +122,8 @@ def evaluate(
         mask_bias = torch.zeros(len(class_mask), device=device).masked_fill(
             ~class_mask.to(device), float("-inf")
         )
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images, nll
+    bins = torch.zeros(3, CALIBRATION_BINS, dtype=torch.float64, device=device)  # images, confidence, hits
     predictions, bad = [], []
     samples = loader.dataset.samples
     start, batches = time.perf_counter(), 0
@@ -130,24 +138,31 @@ def evaluate(
             if tta == "flip":
                 logits = (logits + model(torch.flip(images, [-1])).float()) / 2
         logits = logits if mask_bias is None else logits + mask_bias
-        loss = criterion(logits, targets) if criterion is not None else F.cross_entropy(logits, targets)
+        nll = F.cross_entropy(logits, targets)
+        loss = criterion(logits, targets) if criterion is not None else nll
         top1, top5 = topk_correct(logits, targets)
         count = torch.tensor(len(targets), device=device)
-        sums += torch.stack([loss.double() * len(targets), top1, top5, count])
+        sums += torch.stack([loss.double() * len(targets), top1, top5, count, nll.double() * len(targets)])
+        probabilities = logits.softmax(dim=1)
+        add_to_bins(bins, *probabilities.max(dim=1), targets)
         batches += 1
         if keep_predictions:
-            probs, classes = logits.softmax(dim=1).topk(min(5, logits.shape[1]), dim=1)
+            probs, classes = probabilities.topk(min(5, logits.shape[1]), dim=1)
             predictions.append((indices, targets.cpu(), classes.cpu(), probs.cpu()))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    loss_sum, top1, top5, n = all_reduce_sum(sums).tolist()
+    loss_sum, top1, top5, n, nll_sum = all_reduce_sum(sums).tolist()
+    bins = all_reduce_sum(bins)
     bad = sorted(path for shard in all_gather_objects(bad) for path in shard)
     result = {
         "n_images": int(n),
         "acc1": 100 * top1 / max(n, 1),
         "acc5": 100 * top5 / max(n, 1),
         "loss": loss_sum / max(n, 1),
+        "nll": nll_sum / max(n, 1),
+        "ece": 100 * (bins[2] - bins[1]).abs().sum().item() / max(n, 1),
+        "calibration": [[int(images), confidence, hits] for images, confidence, hits in bins.T.tolist()],
         "seconds": seconds,
         "img_per_s": n / seconds if seconds else 0.0,
         "ms_per_batch": 1000 * seconds / max(batches, 1),
@@ -157,6 +172,16 @@ def evaluate(
         columns = [torch.cat(parts) for parts in zip(*predictions)] if predictions else []
         result["predictions"] = merge_predictions(all_gather_objects(columns), samples)
     return result
+
+
+CALIBRATION_BINS = 15  # the usual count (Guo et al. 2017, "On Calibration of Modern Neural Networks")
+
+
+def add_to_bins(bins: torch.Tensor, confidence: torch.Tensor, predicted: torch.Tensor, targets) -> None:
+    """Adds each image's (1, top-1 probability, top-1 hit) to the calibration bin of its probability."""
+    index = (confidence.double() * CALIBRATION_BINS).long().clamp(max=CALIBRATION_BINS - 1)
+    hits = (predicted == targets).double()
+    bins.index_add_(1, index, torch.stack([torch.ones_like(hits), confidence.double(), hits]))
 
 
 def with_smaller_batches(run: Callable[[int], dict], batch_size: int, device) -> tuple[dict | None, int]:
@@ -198,6 +223,21 @@ def merge_predictions(shards, samples) -> list[dict]:
                 }
             )
     return sorted(rows, key=lambda row: row["index"])
+
+
+def per_class_accuracy(predictions: list[dict], names: list[str]) -> list[dict]:
+    """{class, n, top1, top5} (percent) of every class with images, in class order, from each image's
+    target and top-5 (merge_predictions' rows: every image once, whatever the world size)."""
+    counts: dict[int, list[int]] = {}
+    for row in predictions:
+        n_hits = counts.setdefault(row["target"], [0, 0, 0])
+        n_hits[0] += 1
+        n_hits[1] += row["top5"][0] == row["target"]
+        n_hits[2] += row["target"] in row["top5"]
+    return [
+        {"class": names[target], "n": n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+        for target, (n, top1, top5) in sorted(counts.items())
+    ]
 
 
 # ----------------------------------------------------------------------------- what steps the weights

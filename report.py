@@ -37,18 +37,23 @@ def markdown_table(records: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_records(records: list[dict], out_dir, stem: str, columns: list[str]) -> list[Path]:
-    """FOLDER/stem.md (the given columns), FOLDER/stem.csv and FOLDER/stem.json (every key), each
-    atomically."""
-    out_dir = Path(out_dir)
+def write_csv(records: list[dict], path) -> None:
+    """PATH: every key of the records as a column, atomically."""
     keys = list(dict.fromkeys(k for r in records for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_records(records: list[dict], out_dir, stem: str, columns: list[str]) -> list[Path]:
+    """FOLDER/stem.md (the given columns), FOLDER/stem.csv and FOLDER/stem.json (every key), each
+    atomically."""
+    out_dir = Path(out_dir)
     paths = [out_dir / f"{stem}.md", out_dir / f"{stem}.csv", out_dir / f"{stem}.json"]
     atomic_write_text(paths[0], markdown_table(records, columns))
-    atomic_write_text(paths[1], buffer.getvalue())
+    write_csv(records, paths[1])
     atomic_write_text(paths[2], json.dumps(records, indent=1) + "\n")
     return paths
 
@@ -582,6 +587,38 @@ def plot_robustness(table: list[dict], sets: list[str], clean: str, path) -> Non
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+
+
+def plot_reliability(row: dict, path) -> None:
+    """An eval row's reliability diagram: each calibration bin's top-1 accuracy against its mean top-1
+    probability (bars; the diagonal is perfect calibration), its share of the images below, the ECE in
+    the title."""
+    plt = _pyplot()
+    bins = row["calibration"]  # per bin: images, sum of top-1 probabilities, top-1 hits
+    width = 1 / len(bins)
+    lefts = [k * width for k in range(len(bins))]
+    accuracy = [hits / n if n else 0.0 for n, _, hits in bins]
+    confidence = [total / n if n else left + width / 2 for (n, total, _), left in zip(bins, lefts)]
+    share = [n / max(1, sum(b[0] for b in bins)) for n, _, _ in bins]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 7), height_ratios=(3, 1), sharex=True)
+    top.bar(lefts, accuracy, width=width, align="edge", edgecolor="black", alpha=0.8, label="top-1 accuracy")
+    filled = [(c, a) for (n, _, _), c, a in zip(bins, confidence, accuracy) if n]
+    top.plot(*zip(*filled), "o", color="black", markersize=3, label="at the bin's mean probability")
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    top.set(ylabel="top-1 accuracy", xlim=(0, 1), ylim=(0, 1))
+    top.set_title(
+        f"{row['model']} ({Path(str(row['weights'])).name}) on {row['dataset']}: ECE {row['ece']:.2f}%, "
+        f"NLL {row['nll']:.3f}",
+        fontsize=9,
+    )
+    top.legend(fontsize=8, loc="upper left")
+    bottom.bar(lefts, share, width=width, align="edge", edgecolor="black", alpha=0.6)
+    bottom.set(xlabel="top-1 probability", ylabel="share of images")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)

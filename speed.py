@@ -26,6 +26,7 @@ import gc
 import json
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,15 +38,15 @@ from backends import exported_model, memory_now, peak, percentile, reset_peak, r
 from engine import Runtime
 from model import build_model, is_quantized, prepare_for_eval, resolve_weights
 from presets import EvalPreset
-from report import plot_acc_vs_cost, write_records
-from utils import OUT_OF_MEMORY, UserError, amp_name, autocast, machine_info
+from report import markdown_table, plot_acc_vs_cost, write_csv
+from utils import OUT_OF_MEMORY, UserError, amp_name, atomic_write_text, autocast, machine_info
 
 MIN_CALLS = 5
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 KEY = "machine device threads torch backend amp channels_last compile batch_size train".split()
-SPEED_COLUMNS = (
-    "model weights crop device backend amp batch_size img_per_s latency_p50_ms latency_p99_ms peak_mem_mb "
-    "train_img_per_s train_peak_mem_mb acc1_published measured_as"
+SPEED_COLUMNS = (  # speed.md's, under a heading that gives the machine and the settings
+    "model weights crop img_per_s latency_p50_ms latency_p99_ms peak_mem_mb train_img_per_s "
+    "train_peak_mem_mb acc1_published measured_as"
 ).split()
 
 
@@ -186,14 +187,20 @@ def measure(arch: str, weights, crop: int, settings: SpeedSettings, folder) -> d
     """Every figure of one model at `crop`: inference, and with settings.train a training step (on a
     fresh copy: the inference form's BatchNorm is folded). Each peak memory is taken from before the
     model is built: its parameters, the activations of the largest call, the kernels' workspace (and
-    for training the gradients and the optimizer's state)."""
+    for training the gradients and the optimizer's state); for ONNX Runtime, the peak once the export is
+    done."""
     device, result = settings.device, {}
     with peak_above(device, result, "peak_mem_mb"):
         preset = EvalPreset.from_weights(weights)
         model, runtime = inference_model(built(arch, weights, device), arch, preset, settings, folder)
+        if settings.backend == "onnxruntime":  # the peak of the session, not of torch.export's tracing
+            free_memory(device)
+            reset_peak(device)
         result.update(measure_inference(model, runtime, crop, settings))
         del model
-    if settings.train and not is_quantized(arch):
+    if settings.train and is_quantized(arch):  # torchvision's int8 models are for inference only
+        result.update(train_img_per_s=None, train_peak_mem_mb=None)
+    elif settings.train:
         with peak_above(device, result, "train_peak_mem_mb"):
             result.update(measure_training(built(arch, weights, device), crop, settings))
     return result
@@ -215,41 +222,36 @@ def why_failed(error: BaseException) -> str:
 def speed_sweep(selected: list[tuple], settings: SpeedSettings, out: Path, force: bool = False) -> list[dict]:
     """selected: (arch, weights enum, {crop, family, acc1_published, ...}) of each weights, in order.
     Measures those without a row of these settings in OUT/speed.json (all of them with force), writing
-    OUT/speed.{md,csv,json} after each, then the plot. Returns this sweep's rows."""
+    OUT/speed.{md,csv,json} after each, then the plot. Returns the rows of these settings."""
     out.mkdir(parents=True, exist_ok=True)
     if settings.backend == "onnxruntime" and settings.train:
         raise UserError("--speed train times PyTorch's training step: drop --backend onnxruntime")
     key = settings.key()
     rows = read_speed_rows(out)
     measured, skipped, start = {}, [], time.perf_counter()
-    for arch, weights, described in selected:
-        name = f"{type(weights).__name__}.{weights.name}" if weights is not None else f"{arch} (random)"
-        crop = described["crop"]
-        done = next((r for r in rows if r["weights"] == name and same_key(r, key)), None)
-        if done is not None and not force:
-            print(f"{name}: measured before (OUT/speed.json), skipped")
-            continue
-        reason = refusal(arch, settings)
-        if reason is None and (arch, crop) not in measured:
-            try:
-                measured[arch, crop] = {
-                    **measure(arch, weights, crop, settings, out / "onnx"),
-                    "measured_as": name,
-                }
-            except OUT_OF_MEMORY as e:
-                reason = f"does not fit at batch {settings.batch_size}: {why_failed(e)}"
-            except (RuntimeError, UserError, ValueError, AssertionError) as e:  # a model that fails to run
-                reason = f"failed: {type(e).__name__}: {why_failed(e)}"
-            finally:
-                free_memory(settings.device)
-        if reason is not None:
-            print(f"{name}: skipped, {reason}", file=sys.stderr)
-            skipped.append(name)
-            continue
-        row = {"model": arch, "weights": name, **described, **key, **measured[arch, crop]}
-        rows = [r for r in rows if not (r["weights"] == name and same_key(r, key))] + [row]
+    # ONNX Runtime's files of random weights: made for one measurement, never kept
+    with tempfile.TemporaryDirectory() as exports:
+        for arch, weights, described in selected:
+            name = f"{type(weights).__name__}.{weights.name}"
+            if not force and any(r["weights"] == name and same_key(r, key) for r in rows):
+                print(f"{name}: measured before (OUT/speed.json), skipped")
+                continue
+            shared = (arch, described["crop"])  # one model, one input: one measurement
+            reason = refusal(arch, settings)
+            if reason is None and shared not in measured:
+                result, reason = measured_or_why(arch, weights, described["crop"], settings, Path(exports))
+                if result is not None:
+                    measured[shared] = {**result, "measured_as": name}
+            if reason is not None:
+                print(f"{name}: skipped, {reason}", file=sys.stderr)
+                skipped.append(name)
+                continue
+            row = {"model": arch, "weights": name, **described, **key, **measured[shared]}
+            rows = [r for r in rows if not (r["weights"] == name and same_key(r, key))] + [row]
+            write_speed(rows, out)
+            print(speed_line(row))
+    if rows:  # speed.md's layout as of this version, also where nothing was measured anew
         write_speed(rows, out)
-        print(speed_line(row))
     mine = [r for r in rows if same_key(r, key)]
     print(
         f"{len(mine)} rows of these settings in {out / 'speed.md'}; this sweep took "
@@ -258,6 +260,18 @@ def speed_sweep(selected: list[tuple], settings: SpeedSettings, out: Path, force
     if mine:
         plot_speed(mine, out / "acc_vs_speed.png")
     return mine
+
+
+def measured_or_why(arch: str, weights, crop: int, settings: SpeedSettings, exports: Path):
+    """(measure()'s figures, None), or (None, why not) for a model that doesn't fit or fails to run."""
+    try:
+        return measure(arch, weights, crop, settings, exports), None
+    except OUT_OF_MEMORY as e:
+        return None, f"does not fit at batch {settings.batch_size}: {why_failed(e)}"
+    except (RuntimeError, UserError, ValueError, AssertionError) as e:  # a model that fails to run
+        return None, f"failed: {type(e).__name__}: {why_failed(e)}"
+    finally:
+        free_memory(settings.device)
 
 
 def same_key(row: dict, key: dict) -> bool:
@@ -270,7 +284,24 @@ def read_speed_rows(out: Path) -> list[dict]:
 
 
 def write_speed(rows: list[dict], out: Path) -> None:
-    write_records(rows, out, "speed", SPEED_COLUMNS)
+    """OUT/speed.csv and .json (every row, every key) and OUT/speed.md: a table per machine and settings,
+    headed by them."""
+    write_csv(rows, out / "speed.csv")
+    atomic_write_text(out / "speed.json", json.dumps(rows, indent=1) + "\n")
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in KEY), []).append(row)
+    sections = []
+    for group in groups.values():
+        r = group[0]
+        heading = (
+            f"### {r['machine']} ({r['device']}, {r['threads']} threads, torch {r['torch']}): "
+            f"{r['backend']}, amp {r['amp']}, channels_last {r['channels_last']}, compile {r['compile']}, "
+            f"batch {r['batch_size']}"
+        )
+        columns = SPEED_COLUMNS if r["train"] else [c for c in SPEED_COLUMNS if not c.startswith("train_")]
+        sections.append(f"{heading}\n\n{markdown_table(group, columns)}")
+    atomic_write_text(out / "speed.md", "\n".join(sections))
 
 
 def speed_line(row: dict) -> str:
@@ -292,7 +323,7 @@ def plot_speed(rows: list[dict], path: Path) -> None:
         for r in rows
         if r.get("acc1_published") is not None and r["img_per_s"]
     ]
-    where = f"{rows[0]['machine']}, {rows[0]['backend']}, {rows[0]['amp']}, batch {rows[0]['batch_size']}"
+    where = f"{rows[0]['machine']}, {rows[0]['backend']}, amp {rows[0]['amp']}"
     with contextlib.suppress(ValueError):  # nothing published to plot
         plot_acc_vs_cost(
             points,

@@ -54,7 +54,7 @@ from dataset import (
     real_accuracy,
     real_label_sets,
 )
-from engine import Runtime, evaluate, with_smaller_batches
+from engine import Runtime, evaluate, per_class_accuracy, with_smaller_batches
 from loader import EvalSampler, default_workers, eval_loader, shard_eval_loader, use_gpu_decode
 from model import (
     ARCHS,
@@ -76,7 +76,15 @@ from model import (
     weights_enum,
 )
 from presets import TestTimeAugmentation, add_preprocessing_args
-from report import markdown_table, plot_acc_vs_gmacs, write_predictions, write_records, write_robustness
+from report import (
+    markdown_table,
+    plot_acc_vs_gmacs,
+    plot_reliability,
+    write_csv,
+    write_predictions,
+    write_records,
+    write_robustness,
+)
 from speed import SpeedSettings, speed_sweep
 from utils import (
     RUNTIME_HELP,
@@ -171,6 +179,11 @@ def build_parser() -> ArgumentParser:
     )
     e.add_argument("--tta", choices=typing.get_args(TestTimeAugmentation), default="none", help=tta_help)
     switch(e, "--compile", "torch.compile each model (pays off on long sweeps)")
+    switch(
+        e,
+        "--plots",
+        "a reliability diagram of every row evaluated in OUTPUT/reliability/ (default: each set's best row)",
+    )
     switch(
         e,
         "--fuse-bn",
@@ -420,7 +433,7 @@ def run_complexity(args) -> list[dict]:
 # ----------------------------------------------------------------------------- evaluation
 
 EVAL_COLUMNS = (
-    "model weights dataset corruption severity masked n_images acc1 acc5 real_acc1 real_acc5 loss "
+    "model weights dataset corruption severity masked n_images acc1 acc5 real_acc1 real_acc5 loss ece nll "
     "acc1_published acc1_delta acc5_published acc5_delta img_per_s ms_per_batch resize crop interpolation "
     "amp tta decode backend quantized_engine"
 ).split()
@@ -651,10 +664,16 @@ def eval_row(weights: Weights, key: dict, result: dict, batch_size: int, sweep: 
     record["batch_size"] = batch_size  # below --batch-size after an out-of-memory retry
     record["quantized_engine"] = weights.enum.meta.get("backend") if weights.enum is not None else None
     settings_hash = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]  # one file per row
-    record["predictions"] = f"predictions/{Path(str(weights.source)).name}_{settings_hash}.csv"
+    stem = f"{Path(str(weights.source)).name}_{settings_hash}"
+    record.update(predictions=f"predictions/{stem}.csv", per_class=f"per_class/{stem}.csv")
+    record["reliability"] = f"reliability/{stem}.png"
     if len(weights.classes or range(1000)) <= 5 or (sweep.mask is not None and sweep.mask.sum() <= 5):
         record["acc5"] = None  # every image's class is among the top 5 of 5 classes or fewer
     record.update(err1=100 - record["acc1"], err5=None if record["acc5"] is None else 100 - record["acc5"])
+    coder = weights.label_coder()
+    classes = per_class_accuracy(result["predictions"], coder.wnids or coder.names)
+    worst = sorted(classes, key=lambda c: (c["top1"], -c["n"], c["class"]))[:5]
+    record["worst_classes"] = ", ".join(f"{c['class']} ({c['top1']:.1f}%)" for c in worst)
     if sweep.real is not None:
         record.update(real_accuracy(result["predictions"], sweep.real))
     if weights.published is not None and measures_published(weights, record, sweep):
@@ -702,7 +721,10 @@ def run_evaluation(args) -> list[dict]:
         if not is_main():
             continue
         write_predictions(result["predictions"], sweep.out / record["predictions"])
+        write_per_class(result["predictions"], weights, record, sweep.out / record["per_class"])
         write_records(sweep.done, sweep.out, "eval", EVAL_COLUMNS)
+        if args.plots:
+            plot_reliability(record, sweep.out / record["reliability"])
         top5 = "" if record["acc5"] is None else f"  top-5 {record['acc5']:.3f}%"
         tqdm.write(
             f"{weights.source}: top-1 {record['acc1']:.3f}%{top5}  "
@@ -716,6 +738,8 @@ def run_evaluation(args) -> list[dict]:
     if is_main():
         if sweep.done:
             print(markdown_table(sweep.done, EVAL_COLUMNS), end="")
+        if not args.plots:
+            plot_best_reliability(sweep)
         report_robustness(sweep, args.clean)
     if missing and is_main():
         print(
@@ -726,6 +750,28 @@ def run_evaluation(args) -> list[dict]:
     if missing and len(missing) == len(sweep.weights):
         raise UserError(f"none of the {len(missing)} selected weights could be loaded; see the list above")
     return sweep.done
+
+
+def write_per_class(predictions: list[dict], weights: Weights, record: dict, path: Path) -> None:
+    """OUTPUT/per_class/*.csv: class (wnid, or a custom head's folder name), n, top1, top5 (%) of every
+    class with images; top5 empty where the row has none (5 classes or fewer)."""
+    coder = weights.label_coder()
+    rows = per_class_accuracy(predictions, coder.wnids or coder.names)
+    if record["acc5"] is None:
+        rows = [{**row, "top5": None} for row in rows]
+    write_csv(rows, path)
+
+
+def plot_best_reliability(sweep: Sweep) -> None:
+    """The reliability diagram of each set's best row (by top-1) among those with calibration bins."""
+    best = {}
+    for row in sweep.done:
+        if row.get("calibration") and row["acc1"] > best.get(row["dataset"], {"acc1": -1})["acc1"]:
+            best[row["dataset"]] = row
+    for row in best.values():
+        plot_reliability(row, sweep.out / row["reliability"])
+        name = Path(str(row["weights"])).name
+        print(f"wrote {sweep.out / row['reliability']}: {name}'s reliability diagram on {row['dataset']}")
 
 
 def report_robustness(sweep: Sweep, clean: str) -> None:

@@ -70,6 +70,12 @@ def test_evaluation_counts_every_image_once_in_any_world_size(tmp_path, torch_ho
     assert one["n_images"] == two["n_images"] == 101
     assert (one["acc1"], one["acc5"]) == (two["acc1"], two["acc5"]) and one["acc5"] > 0
     assert one["tta"] == two["tta"] == "flip"
+    # calibration and per-class results: the same sums, whatever the world size
+    assert (one["ece"], one["nll"]) == (pytest.approx(two["ece"]), pytest.approx(two["nll"]))
+    assert [b[0] for b in one["calibration"]] == [b[0] for b in two["calibration"]]
+    assert one["worst_classes"] == two["worst_classes"]
+    per_class = [read_csv(tmp_path / d / record["per_class"]) for d, record in (("one", one), ("two", two))]
+    assert per_class[0] == per_class[1] and sum(int(row["n"]) for row in per_class[0]) == 101
     rows = [read_csv(tmp_path / d / record["predictions"]) for d, record in (("one", one), ("two", two))]
     assert len(rows[0]) == len(rows[1]) == 101
     for a, b in zip(*rows):

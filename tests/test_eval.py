@@ -194,6 +194,32 @@ def test_evaluation_equals_reference_loop(tmp_path, torch_home):
     for ours, (_, target, top5, probs, _) in zip(rows, reference):
         assert int(ours["target"]) == target and [int(ours[f"top{k}"]) for k in range(1, 6)] == top5
         assert [float(ours[f"prob{k}"]) for k in range(1, 6)] == pytest.approx(probs, abs=1e-5)
+    # calibration and per-class results from the reference loop's probabilities, by hand
+    assert record["nll"] == record["loss"] == pytest.approx(sum(r[4] for r in reference) / n, rel=1e-4)
+    bins = [[0, 0.0, 0] for _ in range(15)]  # images, sum of top-1 probabilities, top-1 hits
+    for _, target, top5, probs, _ in reference:
+        b = bins[min(14, int(probs[0] * 15))]
+        b[0], b[1], b[2] = b[0] + 1, b[1] + probs[0], b[2] + (top5[0] == target)
+    ece = 100 * sum(abs(hits / k - total / k) * k / n for k, total, hits in bins if k)
+    assert record["ece"] == pytest.approx(ece, abs=1e-4) and record["ece"] > 0
+    assert [b[0] for b in record["calibration"]] == [b[0] for b in bins]
+    by_class = {}
+    for _, target, top5, _, _ in reference:
+        counts = by_class.setdefault(WNIDS[target], [0, 0, 0])
+        counts[0], counts[1], counts[2] = (
+            counts[0] + 1,
+            counts[1] + (top5[0] == target),
+            counts[2] + (target in top5),
+        )
+    per_class = read_csv(tmp_path / "out" / record["per_class"])
+    assert [row["class"] for row in per_class] == sorted(by_class, key=WNIDS.index)
+    for row in per_class:
+        k, top1, top5 = by_class[row["class"]]
+        assert (int(row["n"]), float(row["top1"]), float(row["top5"])) == (k, 100 * top1 / k, 100 * top5 / k)
+    worst = sorted(per_class, key=lambda r: (float(r["top1"]), -int(r["n"]), r["class"]))[:5]
+    assert record["worst_classes"].split(", ")[0] == f"{worst[0]['class']} ({float(worst[0]['top1']):.1f}%)"
+    assert len(record["worst_classes"].split(", ")) == min(5, len(per_class))
+    assert (tmp_path / "out" / record["reliability"]).stat().st_size > 10_000  # the sweep's best row's
     again = run_script(*args, env={"TORCH_HOME": str(torch_home)})
     assert again.returncode == 0 and "skipped" in again.stdout + again.stderr
 

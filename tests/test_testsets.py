@@ -118,6 +118,11 @@ def test_mask_classes_restricts_predictions_to_the_folders_classes(tmp_path, tor
         assert row["acc5"] == pytest.approx(100 * sum(t in top for t, top in reference) / 21)
         ours = read_csv(tmp_path / "out" / row["predictions"])
         assert all(int(p["top1"]) in (mask or range(1000)) for p in ours)
+        per_class = read_csv(tmp_path / "out" / row["per_class"])  # the set's 7 classes, 3 images each
+        assert [(r["class"], r["n"]) for r in per_class] == [(WNIDS[c], "3") for c in present]
+        for r in per_class:
+            hits = sum(WNIDS[top[0]] == r["class"] for t, top in reference if WNIDS[t] == r["class"])
+            assert float(r["top1"]) == pytest.approx(100 * hits / 3)
     assert masked["acc5"] > plain["acc5"] and masked["acc5"] >= 5 / 7 * 100  # 5 of 7 classes are in any top-5
     # the weights' published accuracies are ImageNet val's: no "difference" to them on ImageNet-A
     assert all(row.get(k) is None for row in (plain, masked) for k in ("acc1_published", "acc1_delta"))
