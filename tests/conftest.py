@@ -74,7 +74,7 @@ def run_main(script: str, *args, env=None) -> subprocess.CompletedProcess:
     module = importlib.import_module(script.removesuffix(".py"))
     entry = getattr(module, "cli_main", None) or module.main
     out, err, code = io.StringIO(), io.StringIO(), 0
-    saved_env = dict(os.environ)
+    saved_env, threads = dict(os.environ), torch.get_num_threads()  # benchmark.py --threads sets them
     os.environ.update({key: str(value) for key, value in (env or {}).items()})
     torch.hub._hub_dir = None  # TORCH_HOME may be another
     dataset._manifest_arrays.cache_clear()  # shards rewritten under the same name are read again
@@ -86,6 +86,7 @@ def run_main(script: str, *args, env=None) -> subprocess.CompletedProcess:
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
+        torch.set_num_threads(threads)
         torch.hub._hub_dir = None
         # what the run left (an ONNX Runtime session, say) is destroyed here, not as garbage in a process
         # a later test forks, where its thread pool's locks would hang
