@@ -23,8 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 from presets import IMAGENET_MEAN, IMAGENET_STD, to_device
+from restarts import Preempted, stop_requested
 from utils import (
     OUT_OF_MEMORY,
+    AgreedError,
     UserError,
     all_gather_objects,
     all_reduce_sum,
@@ -594,24 +596,47 @@ def train_one_epoch(
         every = bool(settings.checkpoint_every) and state.step % settings.checkpoint_every == 0
         save_now = on_checkpoint is not None and (every or last)
         if state.step % settings.log_interval == 0 or last or save_now:
-            # the only host syncs of the loop: at log and save points
-            if first_bad_step.item() >= 0:
-                raise UserError(
-                    f"loss became {loss.item()} at step {first_bad_step.item()} (epoch {epoch + 1}); the "
-                    "last good checkpoint is kept; lower --lr or enable --clip-grad-norm"
-                )
-            loss_sum, _, n = all_reduce_sum(sums[:3].clone()).tolist()
+            # the only host syncs of the loop: at log and save points, where the ranks also agree on a
+            # non-finite loss (each rank's first bad step) and a stop signal, so that all stop together
+            agreed = all_reduce_sum(torch.cat([sums[:3], log_point_flags(first_bad_step, device)]))
+            (loss_sum, _, n), bad_steps, stop = agreed[:3].tolist(), agreed[3:-1], agreed[-1].item()
+            raise_if_not_finite(bad_steps, loss, epoch)
             rate = seen * world_size() / (time.perf_counter() - start)
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
-            if save_now:
+            if save_now or (stop and on_checkpoint is not None):
                 state.trained = last
                 state.train_seconds = carried + time.perf_counter() - start
                 on_checkpoint(sums)
+            if stop:
+                raise Preempted(f"epoch {epoch + 1}, batch {state.batch}, after {state.step} optimizer steps")
     if statistics is not None:
         statistics.update(True)
     seconds = time.perf_counter() - start
     return epoch_stats(all_reduce_sum(sums).tolist(), terms, carried + seconds, seen * world_size() / seconds)
+
+
+def log_point_flags(first_bad_step: torch.Tensor, device) -> torch.Tensor:
+    """(world size + 1,) float64: at this rank's place, its first step with a non-finite loss + 1 (0:
+    none); last, 1 where this process received a stop signal. Summed over the ranks, every rank knows."""
+    flags = torch.zeros(world_size() + 1, dtype=torch.float64, device=device)
+    flags[global_rank()] = first_bad_step + 1
+    flags[-1] = float(stop_requested() is not None)
+    return flags
+
+
+def raise_if_not_finite(bad_steps: torch.Tensor, loss: torch.Tensor, epoch: int) -> None:
+    """After the ranks' flags are summed: the first rank whose loss was not finite, named on every rank."""
+    bad = [(int(step) - 1, r) for r, step in enumerate(bad_steps.tolist()) if step > 0]
+    if not bad:
+        return
+    step, bad_rank = min(bad)
+    value = f"{loss.item()}" if bad_rank == global_rank() else "non-finite"
+    where = f" on rank {bad_rank}" if world_size() > 1 else ""
+    raise AgreedError(
+        f"loss became {value} at step {step}{where} (epoch {epoch + 1}); the last good checkpoint is "
+        "kept; lower --lr or enable --clip-grad-norm"
+    )
 
 
 class RunningStatistics:

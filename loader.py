@@ -40,6 +40,7 @@ from torchvision.transforms import functional as F
 from dataset import IMAGE_EXTENSIONS, Manifest, Sample, read_manifest
 from decoding import IMAGE_ERRORS, decode_jpeg, encode_jpeg, exif_rotated, load_rgb, read_bytes
 from presets import EvalPreset, ReducedDecode, crop_and_flip_plan, crop_resize_flip, transform_of_epoch
+from restarts import ignore_stop_signals
 from utils import OUT_OF_MEMORY, UserError, available_cores
 
 # ----------------------------------------------------------------------------- datasets
@@ -231,6 +232,7 @@ def build_loader(
         collate_fn=collate_fn,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_stop_signals,  # SIGTERM/SIGUSR1: the main process saves, then stops them
         persistent_workers=workers > 0 and persistent_workers,
         prefetch_factor=4 if workers > 0 else None,
     )

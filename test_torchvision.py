@@ -88,6 +88,7 @@ from report import (
 from speed import SpeedSettings, speed_sweep
 from utils import (
     RUNTIME_HELP,
+    AgreedError,
     ArgumentParser,
     UserError,
     add_runtime_args,
@@ -104,6 +105,7 @@ from utils import (
     positive_float,
     positive_int,
     rank,
+    remove_stale_temporaries,
     resolve_device,
     setup_distributed,
     switch,
@@ -702,7 +704,13 @@ def run_evaluation(args) -> list[dict]:
     skips rows already evaluated with the same data and settings (unless --force)."""
     device = setup_distributed(args.device)  # under torchrun each rank evaluates its own shard
     torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned conv kernels pay off
-    sweep = plan_sweep(args, device)
+    try:
+        sweep = plan_sweep(args, device)
+    except UserError as e:  # every rank plans the same sweep from the same files: rank 0 says it
+        raise AgreedError(str(e)) from e
+    if is_main():  # what a write cut by a kill left, in the folders rows are written to
+        for name in ("", "predictions", "per_class", "reliability"):
+            remove_stale_temporaries(sweep.out / name)
     missing = []  # the weights of a sweep whose files are neither here nor downloadable
     for weights in tqdm(sweep.weights, desc="models", unit="model", disable=not is_main() or None):
         try:

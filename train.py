@@ -74,8 +74,25 @@ from model import (
 )
 from presets import EvalPreset, MixUpCutMix, resolution_ramp, train_resolution, train_transform
 from report import plot_curves, tensorboard_writer, write_metrics, write_run_config, write_run_files
+from restarts import (
+    REQUEUE_EXIT,
+    Preempted,
+    clear_preempted,
+    command_key,
+    ignore_stop_signals,
+    install_stop_handlers,
+    is_preempted,
+    job_identity,
+    mark_preempted,
+    record_run,
+    recorded_run,
+    restart_count,
+    restore_stop_handlers,
+    stop_requested,
+)
 from tracking import open_tracker
 from utils import (
+    AgreedError,
     UserError,
     all_gather_objects,
     all_reduce_sum,
@@ -87,6 +104,7 @@ from utils import (
     is_distributed,
     load_checkpoint,
     process_group_name,
+    remove_stale_temporaries,
     save_checkpoint,
     setup_distributed,
     world_size,
@@ -288,22 +306,62 @@ def save(
 # ----------------------------------------------------------------------------- run folders
 
 
-def resuming(cfg: TrainConfig) -> bool:
-    """--resume, or a job torchrun --max-restarts started again (open_run resumes it from last.pt)."""
-    return bool(cfg.resume) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+def open_run(cfg: TrainConfig, given: frozenset | None) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint path to resume from or None). Rank 0 chooses (choose_run) and every rank
+    uses its answer, or raises its error."""
+    choice = None
+    if global_rank() == 0:
+        try:
+            choice = choose_run(cfg, given)
+        except UserError as e:  # e.g. the run exists: every rank stops with it, none waits
+            choice = e
+    choice = broadcast_object(choice)
+    if isinstance(choice, UserError):
+        raise AgreedError(str(choice))
+    return choice
 
 
-def open_run(cfg: TrainConfig):
-    """(run dir, checkpoint path to resume from or None). Rank 0 names the run (a timestamp) and checks
-    it; every rank uses its answer. Under torchrun --max-restarts a restarted job continues from last.pt.
-    A --dummy run without --run-name replaces the previous one's folder, dummy-ARCH (metrics only)."""
-    resume = cfg.resume or ("auto" if resuming(cfg) else "")
-    named = None
-    if global_rank() == 0 and cfg.dummy and not (cfg.run_name or resume):
-        named = replace_dummy_run(Path(cfg.output) / f"dummy-{cfg.arch}"), None
-    elif global_rank() == 0:
-        named = choose_run_dir(cfg.output, cfg.run_name, cfg.arch, resume)
-    return broadcast_object(named)
+def choose_run(cfg: TrainConfig, given: frozenset | None) -> tuple[Path, Path | None]:
+    """The run folder of this command, and its checkpoint where it continues one:
+
+      --resume FILE or auto      as asked (choose_run_dir);
+      a restart of this job      the folder this job's command recorded (restarts.py): from its last.pt,
+                                 or afresh where it saved none yet;
+      the same command again     the preempted run it recorded, from its last.pt;
+      else                       a new run (--run-name, or ARCH-TIMESTAMP); a --dummy run without
+                                 --run-name replaces the previous one's folder, dummy-ARCH (metrics only).
+
+    Each choice is recorded under the command, and the stale temporary files of a write that a kill
+    interrupted are removed from the folder."""
+    output = Path(cfg.output)
+    if cfg.dummy and not (cfg.run_name or cfg.resume):
+        return replace_dummy_run(output / f"dummy-{cfg.arch}"), None
+    key = command_key(command_settings(cfg, given))
+    record = recorded_run(output, key)
+    earlier = output / record["run_dir"] if record is not None else None
+    if cfg.resume:
+        run_dir, resume_from = choose_run_dir(output, cfg.run_name, cfg.arch, cfg.resume)
+    elif restart_count() and record is not None and record["job"] == job_identity():
+        run_dir, resume_from = earlier, earlier / "last.pt" if (earlier / "last.pt").is_file() else None
+        how = f"continuing {run_dir} from its last.pt" if resume_from else f"starting {run_dir} afresh"
+        print(f"note: restart {restart_count()} of this job: {how}")
+    elif earlier is not None and is_preempted(earlier) and (earlier / "last.pt").is_file():
+        run_dir, resume_from = earlier, earlier / "last.pt"
+        print(f"note: {run_dir} was preempted: the same command continues it from its last.pt")
+    else:
+        run_dir, resume_from = choose_run_dir(output, cfg.run_name, cfg.arch, "")
+    clear_preempted(run_dir)
+    remove_stale_temporaries(run_dir)
+    record_run(output, key, run_dir)
+    return run_dir, resume_from
+
+
+def command_settings(cfg: TrainConfig, given: frozenset | None) -> dict:
+    """What names a command across its restarts: the settings it gives (all of them without `given`),
+    --resume aside."""
+    settings = dataclasses.asdict(cfg)
+    names = settings if given is None else given
+    return {name: settings[name] for name in sorted(names) if name != "resume"}
 
 
 def replace_dummy_run(run_dir: Path) -> Path:
@@ -469,23 +527,37 @@ def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
     if cfg.weights is not None and is_weights_file(cfg.weights) and not arch_given:
         # a file names its architecture (a train.py checkpoint, a torchvision download): no --arch needed
         cfg = dataclasses.replace(cfg, arch=resolve_weights(cfg.weights).arch)
-    if not resuming(cfg):  # a resume's settings are checked once its run's are known
+    if not cfg.resume:  # a --resume's settings are checked once its run's are known
         check_config(cfg)
         check_input_sizes(cfg)
         cfg = with_accumulation(cfg, world_size())
     device = setup_distributed(cfg.device)
+    install_stop_handlers()
     try:
-        run_dir, resume_from = open_run(cfg)
+        run_dir, resume_from = open_run(cfg, given)
         checkpoint = load_train_checkpoint(resume_from)
         cfg, changes = resumed_config(cfg, (checkpoint or {}).get("config"), given)
         check_config(cfg)
-        if resuming(cfg):  # a new run's sizes were checked above; a resume's once its settings are known
+        if resume_from is not None:  # a new run's sizes were checked above; a resume's once its are known
             check_input_sizes(cfg)
             cfg = with_accumulation(cfg, world_size())
         if changes and global_rank() == 0:
             print(f"note: {resume_from} continues with settings other than its run's: {'; '.join(changes)}")
         try:
             return fit(cfg, device, run_dir, resume_from, checkpoint)
+        except Preempted as e:
+            # a Python handler gives way to the default one while the interpreter exits, and torchrun's
+            # SIGTERM (sent once another rank is gone) would then end this process before its exit code
+            ignore_stop_signals()
+            stopped = f"{stop_requested()} at {e}"
+            if global_rank() == 0:
+                mark_preempted(run_dir, {"signal": stop_requested(), "at": str(e)})
+                print(
+                    f"preempted by {stopped}: {run_dir / 'last.pt'} is saved; the same command continues "
+                    f"it (exit code {REQUEUE_EXIT}: requeue)",
+                    file=sys.stderr,
+                )
+            sys.exit(REQUEUE_EXIT)
         except BaseException as e:
             # Ctrl-C (also inside torch.save), or a UserError such as an unreadable val image: say what is
             # kept and how to go on
@@ -496,6 +568,8 @@ def main(cfg: TrainConfig, given: frozenset | None = None) -> dict:
             raise
     finally:
         cleanup_distributed()
+        if stop_requested() is None:  # a stopping process ignores them: a second one must not cut its exit
+            restore_stop_handlers()
 
 
 def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, checkpoint: dict | None) -> dict:
@@ -567,6 +641,8 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
                 tracker.log_epoch(row)
                 plot_curves(state.history, run_dir)  # every epoch: a run stopped early has its curves too
                 tqdm.write(epoch_line(row, num_classes))
+            if state.epoch < cfg.epochs and stop_agreed(device):  # a stop signal during validation
+                raise Preempted(f"the end of epoch {state.epoch}, after {state.step} optimizer steps")
 
     # report
     if global_rank() == 0 and state.history:
@@ -588,6 +664,12 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
         "model": model,
         "steps": state.step,
     }
+
+
+def stop_agreed(device) -> bool:
+    """Whether any rank received a stop signal (a collective: every rank calls it at the same point)."""
+    flag = torch.tensor([float(stop_requested() is not None)], dtype=torch.float64, device=device)
+    return all_reduce_sum(flag).item() > 0
 
 
 def epoch_line(row: dict, num_classes: int) -> str:

@@ -3,12 +3,16 @@ mixed precision, distributed helpers, and atomic file and checkpoint I/O. Nothin
 particular model or dataset."""
 
 import argparse
+import contextlib
 import difflib
 import functools
 import os
 import platform
+import re
+import socket
 import sys
 import tempfile
+import time
 import typing
 from pathlib import Path
 from typing import Literal
@@ -24,6 +28,11 @@ class UserError(Exception):
     """A problem the user can fix (bad path, bad config, missing weights): printed as one line."""
 
 
+class AgreedError(UserError):
+    """A UserError every rank raises alike, having agreed on it through a collective (a non-finite loss on
+    one rank, say): rank 0 says it, the others only exit."""
+
+
 def closest(name: str, choices, n: int = 3) -> str:
     """' (did you mean a, b?)' for the closest valid names, or '' when nothing is close."""
     matches = difflib.get_close_matches(str(name), list(choices), n=n, cutoff=0.5)
@@ -31,8 +40,9 @@ def closest(name: str, choices, n: int = 3) -> str:
 
 
 def cli(main):
-    """Run an entry point: a UserError becomes one 'error: ...' line on stderr and exit code 2; Ctrl-C
-    one line and exit code 130, with what to do next where the entry point says (KeyboardInterrupt(text))."""
+    """Run an entry point: a UserError becomes one 'error: ...' line on stderr and exit code 2 (under
+    torchrun naming the rank that raised it; an AgreedError said by rank 0 alone); Ctrl-C one line and
+    exit code 130, with what to do next where the entry point says (KeyboardInterrupt(text))."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -43,8 +53,19 @@ def cli(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            # every rank parses the same command: an error before the process group is the same on all
+            agreed = isinstance(e, AgreedError) or not _process_group_started
+            if not (agreed and rank() > 0):
+                own = world_size() > 1 and not agreed  # under torchrun: which rank saw it
+                print(f"error: {f'rank {rank()}: ' if own else ''}{e}", file=sys.stderr)
             sys.exit(2)
+        except RuntimeError as e:
+            if not (world_size() > 1 and peer_lost(e)):
+                raise
+            # a collective with a process that died: that process said why; torchrun ends or restarts the job
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            print(f"error: rank {rank()}: another process of the job is gone ({reason})", file=sys.stderr)
+            sys.exit(1)
         except BaseException as e:
             interrupt = interrupt_in(e)
             if interrupt is None:
@@ -58,6 +79,14 @@ def cli(main):
             sys.exit(130)
 
     return wrapper
+
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words
+
+
+def peer_lost(error: RuntimeError) -> bool:
+    """An error of a collective whose other side is gone (gloo's socket errors, torch's DistError)."""
+    return isinstance(error, dist.DistError) or any(words in str(error) for words in PEER_LOST)
 
 
 def interrupt_in(error: BaseException | None) -> KeyboardInterrupt | None:
@@ -288,17 +317,43 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+_process_group_started = False  # since when a rank's errors may be its own (cli)
+
+
 def setup_distributed(device_name: Device) -> torch.device:
     """The device of this process; under torchrun (any --nproc_per_node, 1 too, as torchvision's
     references do) also the process group: NCCL on GPUs, gloo on CPUs."""
+    global _process_group_started
     device = resolve_device(device_name)
     if (world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not is_distributed():
+        _process_group_started = True
+        store = restart_store()
+        where = {} if store is None else {"store": store, "rank": rank(), "world_size": world_size()}
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, **where)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **where)
     return device
+
+
+def restart_store() -> "dist.Store | None":
+    """After torchrun --max-restarts started the job again: torchrun's store with this restart's keys
+    apart. The agent keeps one store across restarts, and a restarted job whose process group reads the
+    first start's keys connects to the dead ranks' addresses and fails (pytorch/pytorch#167288). None on
+    a first start (init_process_group's env:// store)."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if not restart:
+        return None
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)  # else rank 0 hosts it
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size(),
+        is_master=not agent_hosts and rank() == 0,
+        multi_tenant=True,
+    )
+    return dist.PrefixStore(f"train-restart-{restart}", store)
 
 
 def process_group_name() -> str:
@@ -358,7 +413,9 @@ def atomic_write(path, write_fn, mode: str = "w") -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # the writer in the name: the next run removes what a killed one left (remove_stale_temporaries)
+        prefix = f".{path.name}.{TEMP_WRITER}."
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     except (FileExistsError, NotADirectoryError) as e:  # e.g. --output names a file
         raise UserError(
             f"cannot write {path}: {e.filename} is a file, not a folder; choose another folder"
@@ -379,6 +436,40 @@ def atomic_write(path, write_fn, mode: str = "w") -> None:
         if isinstance(e, OSError):
             raise UserError(f"could not write {path}: {e.strerror or e}; the previous file is intact") from e
         raise
+
+
+HOST = socket.gethostname().replace(".", "_")
+TEMP_WRITER = f"{HOST}-{os.getpid()}"
+TEMP_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")  # atomic_write's, by its writer
+
+
+def remove_stale_temporaries(folder, older_than_s: float = 24 * 3600) -> list[Path]:
+    """The temporary files of atomic writes in `folder` whose writer is gone (killed mid-write, the disk
+    filled): a process of this host that no longer runs, or one of another host (a shared disk) when
+    older than older_than_s. Removed; returns them."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else []:
+        match = TEMP_NAME.match(path.name)
+        if match is None:
+            continue
+        here = match["host"] == HOST
+        with contextlib.suppress(OSError):
+            if (here and not pid_alive(int(match["pid"]))) or (
+                not here and time.time() - path.stat().st_mtime > older_than_s
+            ):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _new_file_mode() -> int:

@@ -1,0 +1,113 @@
+"""Run train.py or test_torchvision.py under torchrun with one process made to fail as a cluster fails it,
+at a point the test chooses, on the job's first start only (TORCHELASTIC_RESTART_COUNT 0): the tests of
+tests/test_restarts.py. The failures live here, not in the scripts: they are the tests' question.
+
+    torchrun --nproc_per_node=2 --max-restarts=1 tests/lost_processes.py FAILURE SCRIPT ARGS...
+
+FAILURE: kill-after-checkpoint:N (rank 1 is SIGKILLed once the N-th mid-epoch checkpoint is saved),
+kill-at-start (rank 1 SIGKILLed as its first epoch starts, before any checkpoint), nan-on-rank-1:N (rank
+1's loss is NaN from its N-th batch on), sigterm:N (each rank R sends itself SIGTERM at its (N + R)-th
+batch, as a cluster's signals reach the ranks apart), kill-eval:N (rank 1 SIGKILLed as the sweep's N-th
+weights start), none.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import test_torchvision  # noqa: E402
+import train  # noqa: E402 (after the path to the repo)
+
+RANK = int(os.environ.get("RANK", 0))
+FIRST_START = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0
+
+
+def counting(function, at: int, then):
+    """function, calling then(n) before its n-th call (n >= at)."""
+    calls = [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] >= at:
+            then(calls[0])
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def kill(_=None):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+FAILURES = ("kill-after-checkpoint", "kill-at-start", "nan-on-rank-1", "sigterm", "kill-eval", "none")
+
+
+def failing(failure: str) -> None:
+    name, _, number = failure.partition(":")
+    n = int(number or 0)
+    if name not in FAILURES:
+        raise SystemExit(f"unknown failure {failure}")
+    if name == "kill-after-checkpoint" and FIRST_START and RANK == 1:
+        save = train.save
+        saves = [0]
+
+        def save_then_die(*args, **kwargs):
+            save(*args, **kwargs)
+            if kwargs.get("partial_sums") is not None:
+                saves[0] += 1
+                if saves[0] == n:
+                    kill()
+
+        train.save = save_then_die
+    elif name == "kill-at-start" and FIRST_START and RANK == 1:
+        train.train_one_epoch = counting(train.train_one_epoch, 1, kill)
+    elif name == "nan-on-rank-1" and RANK == 1:
+        build_loss = train.build_loss
+
+        def nan_loss(*args, **kwargs):
+            criterion = build_loss(*args, **kwargs)
+            calls = [0]
+            forward = criterion.forward
+
+            def forward_then_nan(logits, targets):
+                calls[0] += 1
+                loss = forward(logits, targets)
+                return loss * float("nan") if calls[0] >= n else loss
+
+            criterion.forward = forward_then_nan
+            return criterion
+
+        train.build_loss = nan_loss
+    elif name == "sigterm" and FIRST_START:
+        build_loss = train.build_loss
+        sent = [False]
+
+        def signalled_loss(*args, **kwargs):
+            criterion = build_loss(*args, **kwargs)
+            calls = [0]
+            forward = criterion.forward
+
+            def forward_and_signal(logits, targets):
+                calls[0] += 1
+                if calls[0] == n + RANK and not sent[0]:
+                    sent[0] = True
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return forward(logits, targets)
+
+            criterion.forward = forward_and_signal
+            return criterion
+
+        train.build_loss = signalled_loss
+    elif name == "kill-eval" and FIRST_START and RANK == 1:
+        test_torchvision.evaluate_weights = counting(test_torchvision.evaluate_weights, n, kill)
+
+
+if __name__ == "__main__":
+    failing(sys.argv[1])
+    script = {"train.py": train.cli_main, "test_torchvision.py": test_torchvision.main}[sys.argv[2]]
+    script(sys.argv[3:])
