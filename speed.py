@@ -1,6 +1,6 @@
 """The zoo's speed on this machine (test_torchvision.py --speed): for each selected weights, inference
-images/s at --batch-size, the p50 and p99 latency of one image (batch 1) and the peak memory of a batch;
-with --speed train also a training step's images/s and peak memory.
+images/s at --batch-size, the p50 and p99 latency of one image (batch 1) and the peak memory; with
+--speed train also a training step's images/s and peak memory.
 
 The model alone, on synthetic input of the weights' eval crop: speed does not depend on the values, so
 the weights are random (nothing is downloaded) and built as the weights' builder makes them (a ViT's
@@ -43,6 +43,7 @@ from utils import OUT_OF_MEMORY, UserError, amp_name, atomic_write_text, autocas
 
 MIN_CALLS = 5
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+TRIM = getattr(LIBC, "malloc_trim", None)  # glibc's: hands the C heap's free pages back to the OS
 KEY = "machine device threads torch backend amp channels_last compile batch_size train".split()
 SPEED_COLUMNS = (  # speed.md's, under a heading that gives the machine and the settings
     "model weights crop img_per_s latency_p50_ms latency_p99_ms peak_mem_mb train_img_per_s "
@@ -107,8 +108,8 @@ def free_memory(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    elif LIBC is not None:
-        LIBC.malloc_trim(0)
+    elif TRIM is not None:
+        TRIM(0)
 
 
 def built(arch: str, weights, device) -> nn.Module:

@@ -389,9 +389,10 @@ def complexity_records(pairs: list[tuple], thop: bool = True, workers: int | Non
     counts = {}
     if workers > 1:
         gc.collect()  # no garbage for forked workers to collect: a native object in it may hang them (ORT's)
-        with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(
-            workers
-        ) as pool:
+        context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+        # one thread each: a forked child's first multi-threaded OpenMP region hangs where the parent ran
+        # one (GNU OpenMP is not fork-safe); workers x 1 thread fill the cores anyway
+        with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             for key, result in zip([k for k, _ in jobs], pool.imap(_count, [j for _, j in jobs])):
                 counts[key] = result
                 progress.update()

@@ -38,6 +38,24 @@ def counting(function, at: int, then):
     return wrapper
 
 
+def on_each_batch(then) -> None:
+    """train.py's criterion, with loss = then(batch number, loss) after each call (validation's too)."""
+    build_loss = train.build_loss
+
+    def build_then(*args, **kwargs):
+        criterion = build_loss(*args, **kwargs)
+        forward, calls = criterion.forward, [0]
+
+        def forward_then(logits, targets):
+            calls[0] += 1
+            return then(calls[0], forward(logits, targets))
+
+        criterion.forward = forward_then
+        return criterion
+
+    train.build_loss = build_then
+
+
 def kill(_=None):
     sys.stdout.flush()
     sys.stderr.flush()
@@ -67,42 +85,15 @@ def failing(failure: str) -> None:
     elif name == "kill-at-start" and FIRST_START and RANK == 1:
         train.train_one_epoch = counting(train.train_one_epoch, 1, kill)
     elif name == "nan-on-rank-1" and RANK == 1:
-        build_loss = train.build_loss
-
-        def nan_loss(*args, **kwargs):
-            criterion = build_loss(*args, **kwargs)
-            calls = [0]
-            forward = criterion.forward
-
-            def forward_then_nan(logits, targets):
-                calls[0] += 1
-                loss = forward(logits, targets)
-                return loss * float("nan") if calls[0] >= n else loss
-
-            criterion.forward = forward_then_nan
-            return criterion
-
-        train.build_loss = nan_loss
+        on_each_batch(lambda batch, loss: loss * float("nan") if batch >= n else loss)
     elif name == "sigterm" and FIRST_START:
-        build_loss = train.build_loss
-        sent = [False]
 
-        def signalled_loss(*args, **kwargs):
-            criterion = build_loss(*args, **kwargs)
-            calls = [0]
-            forward = criterion.forward
+        def signal_once(batch, loss):
+            if batch == n + RANK:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss
 
-            def forward_and_signal(logits, targets):
-                calls[0] += 1
-                if calls[0] == n + RANK and not sent[0]:
-                    sent[0] = True
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return forward(logits, targets)
-
-            criterion.forward = forward_and_signal
-            return criterion
-
-        train.build_loss = signalled_loss
+        on_each_batch(signal_once)
     elif name == "kill-eval" and FIRST_START and RANK == 1:
         test_torchvision.evaluate_weights = counting(test_torchvision.evaluate_weights, n, kill)
 

@@ -20,6 +20,9 @@ def test_every_weights_matches_torchvision_metadata():
         and len(ALL_PAIRS) >= 129
         and sum(a.startswith("quantized_") for a, _ in ALL_PAIRS) == 14
     )
+    # as earlier tests of this process leave it: OpenMP's thread pool has run (the pool's forked workers
+    # hung in their first multi-threaded region until they ran on one thread)
+    torch.nn.functional.conv2d(torch.randn(4, 32, 64, 64), torch.randn(32, 32, 3, 3))
     records = complexity_records(ALL_PAIRS, thop=False)
     mismatches = [
         (r["weights"], r["params"], w.meta["num_params"], r["gmacs"], w.meta["_ops"])

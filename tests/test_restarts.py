@@ -77,28 +77,30 @@ def new_runs(output, decoy) -> list:
     return [d for d in output.iterdir() if d.is_dir() and d.name.startswith("resnet18-") and d != decoy]
 
 
-def test_a_lost_process_after_a_checkpoint_restarts_its_own_run_exactly(tmp_path, reference):
+def restarted(output, reference, failure: str):
+    """A 2-process run with a finished decoy run beside it, restarted once after `failure`: (the
+    finished process, the new run's folder). Checks that it ended like the reference run, and that the
+    decoy is untouched."""
     data, ref = reference
-    decoy, before = with_decoy(tmp_path, ref)
-    result = train(tmp_path, data, "kill-after-checkpoint:2", restarts=1)
+    decoy, before = with_decoy(output, ref)
+    result = train(output, data, failure, restarts=1)
     assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = new_runs(tmp_path, decoy)
-    assert f"note: restart 1 of this job: continuing {run} from its last.pt" in result.stdout
-    assert "resumed from" in result.stdout and "batch 5, after 4 optimizer steps" in result.stdout
+    (run,) = new_runs(output, decoy)
     assert_same_run(run, ref)
     assert digest(decoy) == before and not list(run.glob(".*.tmp"))
+    return result, run
+
+
+def test_a_lost_process_after_a_checkpoint_restarts_its_own_run_exactly(tmp_path, reference):
+    result, run = restarted(tmp_path, reference, "kill-after-checkpoint:2")
+    assert f"note: restart 1 of this job: continuing {run} from its last.pt" in result.stdout
+    assert "resumed from" in result.stdout and "batch 5, after 4 optimizer steps" in result.stdout
 
 
 def test_a_lost_process_before_the_first_checkpoint_restarts_its_own_folder_afresh(tmp_path, reference):
-    data, ref = reference
-    decoy, before = with_decoy(tmp_path, ref)
-    result = train(tmp_path, data, "kill-at-start", restarts=1)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = new_runs(tmp_path, decoy)
+    result, run = restarted(tmp_path, reference, "kill-at-start")
     assert f"note: restart 1 of this job: starting {run} afresh" in result.stdout
     assert "resumed from" not in result.stdout
-    assert_same_run(run, ref)
-    assert digest(decoy) == before
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_one_line(tmp_path, reference):
