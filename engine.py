@@ -181,9 +181,10 @@ CALIBRATION_BINS = 15  # the usual count (Guo et al. 2017, "On Calibration of Mo
 
 def add_to_bins(bins: torch.Tensor, confidence: torch.Tensor, predicted: torch.Tensor, targets) -> None:
     """Adds each image's (1, top-1 probability, top-1 hit) to the calibration bin of its probability."""
-    index = (confidence.double() * CALIBRATION_BINS).long().clamp(max=CALIBRATION_BINS - 1)
+    confidence = confidence.double().nan_to_num(0.0)  # the logits of a diverged model: bin 0, not a crash
+    index = (confidence * CALIBRATION_BINS).long().clamp(0, CALIBRATION_BINS - 1)
     hits = (predicted == targets).double()
-    bins.index_add_(1, index, torch.stack([torch.ones_like(hits), confidence.double(), hits]))
+    bins.index_add_(1, index, torch.stack([torch.ones_like(hits), confidence, hits]))
 
 
 def with_smaller_batches(run: Callable[[int], dict], batch_size: int, device) -> tuple[dict | None, int]:

@@ -59,15 +59,13 @@ def cli(main):
                 own = world_size() > 1 and not agreed  # under torchrun: which rank saw it
                 print(f"error: {f'rank {rank()}: ' if own else ''}{e}", file=sys.stderr)
             sys.exit(2)
-        except RuntimeError as e:
-            if not (world_size() > 1 and peer_lost(e)):
-                raise
-            # a collective with a process that died: that process said why; torchrun ends or restarts the job
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            print(f"error: rank {rank()}: another process of the job is gone ({reason})", file=sys.stderr)
-            sys.exit(1)
         except BaseException as e:
             interrupt = interrupt_in(e)
+            if interrupt is None and isinstance(e, RuntimeError) and world_size() > 1 and peer_lost(e):
+                # a collective with a process that died: that one said why; torchrun ends or restarts the job
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                print(f"error: rank {rank()}: another process of the job is gone ({reason})", file=sys.stderr)
+                sys.exit(1)
             if interrupt is None:
                 raise
             text = (

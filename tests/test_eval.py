@@ -25,6 +25,7 @@ from conftest import (
     save_torchvision_checkpoint,
 )
 from dataset import Sample, find_samples, val_labels
+from engine import add_to_bins
 from loader import GpuDecodeLoader, ImageDataset, build_loader, decoded_ahead, load_rgb
 from model import ARCHS, QUANTIZED_ARCHS, all_weights
 from prepare_data import prepare_val
@@ -422,3 +423,13 @@ def test_image_listing_matches_pathlib_order_and_rules(tmp_path):
         "a/b/c/z.png",
         "a/x.JPEG",
     ]
+
+
+def test_calibration_bins_take_a_diverged_models_probabilities():
+    """A NaN top-1 probability (the logits of a diverged model) counts in the first bin, not a crash;
+    1.0 in the last bin, 0.5 in bin 7 of 15."""
+    bins = torch.zeros(3, 15, dtype=torch.float64)
+    confidence, predicted = torch.tensor([0.5, float("nan"), 1.0, 0.0]), torch.tensor([1, 2, 3, 4])
+    add_to_bins(bins, confidence, predicted, torch.tensor([1, 0, 3, 0]))
+    assert bins[0].tolist() == [2.0] + [0.0] * 6 + [1.0] + [0.0] * 6 + [1.0]
+    assert bins[1].sum().item() == 1.5 and bins[2].tolist()[7] == 1.0 and bins[2].tolist()[14] == 1.0
