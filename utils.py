@@ -64,7 +64,8 @@ def cli(main):
             if interrupt is None and isinstance(e, RuntimeError) and world_size() > 1 and peer_lost(e):
                 # a collective with a process that died: that one said why; torchrun ends or restarts the job
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-                print(f"error: rank {rank()}: another process of the job is gone ({reason})", file=sys.stderr)
+                gone = f"note: rank {rank()} stopped: another process of the job is gone ({reason})"
+                print(gone, file=sys.stderr)
                 sys.exit(1)
             if interrupt is None:
                 raise

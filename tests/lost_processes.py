@@ -1,12 +1,13 @@
 """Run train.py or test_torchvision.py under torchrun with one process made to fail as a cluster fails it,
-at a point the test chooses, on the job's first start only (TORCHELASTIC_RESTART_COUNT 0): the tests of
+at a point the test chooses, on the job's first start (or the start a failure names): the tests of
 tests/test_restarts.py. The failures live here, not in the scripts: they are the tests' question.
 
-    torchrun --nproc_per_node=2 --max-restarts=1 tests/lost_processes.py FAILURE SCRIPT ARGS...
+    torchrun --nproc_per_node=2 --max-restarts=1 tests/lost_processes.py FAILURES SCRIPT ARGS...
 
-FAILURE: kill-after-checkpoint:N (rank 1 is SIGKILLed once the N-th mid-epoch checkpoint is saved),
-kill-at-start (rank 1 SIGKILLed as its first epoch starts, before any checkpoint), nan-on-rank-1:N (rank
-1's loss is NaN from its N-th batch on), sigterm:N (each rank R sends itself SIGTERM at its (N + R)-th
+FAILURES: comma-separated, each FAILURE or FAILURE@R (on the R-th restart; default: the first start):
+kill-after-checkpoint:N (rank 1 is SIGKILLed once the N-th mid-epoch checkpoint is saved), kill-at-start
+(rank 1 SIGKILLed as its first epoch starts, before any checkpoint), nan-on-rank-1:N (rank 1's loss is NaN
+from its N-th batch on, on every start), sigterm:N (each rank R sends itself SIGTERM at its (N + R)-th
 batch, as a cluster's signals reach the ranks apart), kill-eval:N (rank 1 SIGKILLed as the sweep's N-th
 weights start), none.
 """
@@ -22,7 +23,7 @@ import test_torchvision  # noqa: E402
 import train  # noqa: E402 (after the path to the repo)
 
 RANK = int(os.environ.get("RANK", 0))
-FIRST_START = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0
+START = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # 0: the job's first start
 
 
 def counting(function, at: int, then):
@@ -66,11 +67,12 @@ FAILURES = ("kill-after-checkpoint", "kill-at-start", "nan-on-rank-1", "sigterm"
 
 
 def failing(failure: str) -> None:
+    failure, _, start = failure.partition("@")
     name, _, number = failure.partition(":")
-    n = int(number or 0)
+    n, on_this_start = int(number or 0), int(start or 0) == START
     if name not in FAILURES:
         raise SystemExit(f"unknown failure {failure}")
-    if name == "kill-after-checkpoint" and FIRST_START and RANK == 1:
+    if name == "kill-after-checkpoint" and on_this_start and RANK == 1:
         save = train.save
         saves = [0]
 
@@ -82,11 +84,11 @@ def failing(failure: str) -> None:
                     kill()
 
         train.save = save_then_die
-    elif name == "kill-at-start" and FIRST_START and RANK == 1:
+    elif name == "kill-at-start" and on_this_start and RANK == 1:
         train.train_one_epoch = counting(train.train_one_epoch, 1, kill)
     elif name == "nan-on-rank-1" and RANK == 1:
         on_each_batch(lambda batch, loss: loss * float("nan") if batch >= n else loss)
-    elif name == "sigterm" and FIRST_START:
+    elif name == "sigterm" and on_this_start:
 
         def signal_once(batch, loss):
             if batch == n + RANK:
@@ -94,11 +96,12 @@ def failing(failure: str) -> None:
             return loss
 
         on_each_batch(signal_once)
-    elif name == "kill-eval" and FIRST_START and RANK == 1:
+    elif name == "kill-eval" and on_this_start and RANK == 1:
         test_torchvision.evaluate_weights = counting(test_torchvision.evaluate_weights, n, kill)
 
 
 if __name__ == "__main__":
-    failing(sys.argv[1])
+    for failure in sys.argv[1].split(","):
+        failing(failure)
     script = {"train.py": train.cli_main, "test_torchvision.py": test_torchvision.main}[sys.argv[2]]
     script(sys.argv[3:])

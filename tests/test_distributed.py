@@ -167,7 +167,8 @@ def test_a_failing_rank_ends_the_job_quickly(tmp_path):
     result = run_script(*TORCHRUN, "train.py", "--data", data, *options, timeout=120)
     assert result.returncode != 0
     assert time.time() - start < 60
-    assert "0.png" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "0.png" in errors[0] and errors[0].startswith("error: rank "), errors
 
 
 def test_two_processes_resume_the_v2_recipe_exactly(tmp_path):

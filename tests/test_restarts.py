@@ -77,30 +77,21 @@ def new_runs(output, decoy) -> list:
     return [d for d in output.iterdir() if d.is_dir() and d.name.startswith("resnet18-") and d != decoy]
 
 
-def restarted(output, reference, failure: str):
-    """A 2-process run with a finished decoy run beside it, restarted once after `failure`: (the
-    finished process, the new run's folder). Checks that it ended like the reference run, and that the
-    decoy is untouched."""
+def test_lost_processes_restart_their_own_run_afresh_or_from_its_checkpoint_exactly(tmp_path, reference):
+    """One job under --max-restarts=2 beside a finished decoy run: rank 1 SIGKILLed as the first start's
+    epoch begins (no checkpoint: the restart starts the same folder afresh), then after the second start's
+    2nd mid-epoch checkpoint (the restart continues from it). It ends with the weights and metrics of an
+    uninterrupted run; the decoy is byte-identical; no temporary file is left."""
     data, ref = reference
-    decoy, before = with_decoy(output, ref)
-    result = train(output, data, failure, restarts=1)
+    decoy, before = with_decoy(tmp_path, ref)
+    result = train(tmp_path, data, "kill-at-start,kill-after-checkpoint:2@1", restarts=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = new_runs(output, decoy)
+    (run,) = new_runs(tmp_path, decoy)
+    assert f"note: restart 1 of this job: starting {run} afresh" in result.stdout
+    assert f"note: restart 2 of this job: continuing {run} from its last.pt" in result.stdout
+    assert "resumed from" in result.stdout and "batch 5, after 4 optimizer steps" in result.stdout
     assert_same_run(run, ref)
     assert digest(decoy) == before and not list(run.glob(".*.tmp"))
-    return result, run
-
-
-def test_a_lost_process_after_a_checkpoint_restarts_its_own_run_exactly(tmp_path, reference):
-    result, run = restarted(tmp_path, reference, "kill-after-checkpoint:2")
-    assert f"note: restart 1 of this job: continuing {run} from its last.pt" in result.stdout
-    assert "resumed from" in result.stdout and "batch 5, after 4 optimizer steps" in result.stdout
-
-
-def test_a_lost_process_before_the_first_checkpoint_restarts_its_own_folder_afresh(tmp_path, reference):
-    result, run = restarted(tmp_path, reference, "kill-at-start")
-    assert f"note: restart 1 of this job: starting {run} afresh" in result.stdout
-    assert "resumed from" not in result.stdout
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_one_line(tmp_path, reference):
