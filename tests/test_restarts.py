@@ -24,7 +24,7 @@ OPTIONS = [*TINY, *"--epochs 1 --batch-size 4 --lr 0.01 --save-every-steps 2 --l
 TIMING = {"epoch_time_s", "img_per_s"}  # how long, not what: differs between any two runs
 
 
-def train(output, data, failure="none", *options, restarts=0, timeout=180):
+def train(output, data, failure="none", *options, restarts=0, timeout=90):  # runs take ~20 s: no hang
     launcher = [*TORCHRUN, f"--max-restarts={restarts}"] if failure != "single" else []
     failure = "sigterm:3" if failure == "single" else failure
     args = [*launcher, LOST, failure, "train.py", "--data", data, *OPTIONS, "--output", output, *options]
