@@ -14,7 +14,7 @@ untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights
     python benchmark.py --parts memory --recipes --fit-memory 24GB       # each recipe's step: memory, batch
     python benchmark.py --parts memory --arch resnet50,vit_b_16 --config configs/torchvision_v2.yaml
     python benchmark.py --merge results/a.json results/b.json            # one report of earlier runs
-    bash scripts/gpu_check.sh                                             # the GPU table, <= 5 minutes
+    bash scripts/gpu_check.sh                 # every CUDA path, one table, <= GPU_CHECK_SECONDS (540)
 --parts: data, model (= forward,step), eval, train (the default: all four), augment, int8, latency, approx,
 index, memory.
 
