@@ -511,7 +511,9 @@ def train_one_epoch(
     counts so far). The EMA (of training.model) is updated every `ema_steps` optimizer steps; during the
     first `warmup_epochs` it copies the weights. `mix` (presets.MixUpCutMix) turns each normalised batch
     and its labels into mixed images and soft targets; train top-1 then counts the largest target. A
-    WeightedSum criterion's terms are reported too."""
+    WeightedSum criterion's terms are reported too. At each log point the ranks agree, in the all-reduce
+    they do there anyway, on a non-finite loss (an AgreedError naming the first rank) and on a stop
+    signal (restarts.py: a checkpoint, then Preempted), so that they all stop at the same step."""
     wrapped, optimizer, scaler, ema = training.wrapped, training.optimizer, training.scaler, training.ema
     wrapped.train()
     device, epoch, accum = runtime.device, state.epoch, settings.accum_steps
