@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import typing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -338,10 +339,16 @@ class WaitTimed:
             start = time.perf_counter()
 
 
-def train_from_files(args, device, samples, preset, workers: int, steps: int):
-    """(one pass of engine.train_one_epoch over steps x --train-batch-size images, its loader (WaitTimed),
-    whether the JPEGs are decoded on the GPU): train_preset('standard') at --train-size, the loader
-    train.py builds (GpuTrainLoader with --decode gpu)."""
+class FromFiles(typing.NamedTuple):
+    one_pass: typing.Callable[[], None]  # one pass of engine.train_one_epoch
+    loader: WaitTimed
+    gpu_decode: bool  # the JPEGs decoded on the GPU
+    described: str  # workers, threads, precision and layout, decoding, crop
+
+
+def train_from_files(args, device, samples, preset, workers: int, steps: int) -> FromFiles:
+    """Training from the image files over steps x --train-batch-size images: train_preset('standard') at
+    --train-size, the loader train.py builds (GpuTrainLoader with --decode gpu)."""
     batch, images = args.train_batch_size, steps * args.train_batch_size
     runtime = Runtime.create(device, args.amp, args.channels_last, True, preset)
     raw, model = prepare(args, runtime, True)
@@ -363,17 +370,20 @@ def train_from_files(args, device, samples, preset, workers: int, steps: int):
     def one_pass():
         train_one_epoch(training, criterion, loader, runtime, TrainState(), quiet)
 
-    return one_pass, loader, gpu_decode
+    described = (
+        f"{workers} workers, {torch.get_num_threads()} threads, {settings(args, runtime, True)}, "
+        f"{'gpu' if gpu_decode else 'cpu'} decode, {args.train_size} px"
+    )
+    return FromFiles(one_pass, loader, gpu_decode, described)
 
 
 def bench_train(args, device, samples, preset, workers: int, steps: int) -> list[dict]:
     """Ours: train_from_files. Plain: transforms v1 (ToTensor + Normalize), SGD(0.01, momentum 0.9),
     cross-entropy, fp32 NCHW. Both train on the same images."""
     batch, images = args.train_batch_size, steps * args.train_batch_size
-    ours, _, gpu_decode = train_from_files(args, device, samples, preset, workers, steps)
-    runtime = Runtime.create(device, args.amp, args.channels_last, True, preset)
+    ours = train_from_files(args, device, samples, preset, workers, steps)
     pin = device.type == "cuda"
-    runs = {"ours": (ours, images)}
+    runs = {"ours": (ours.one_pass, images)}
     if args.baselines:
         plain_model, criterion = benchmark_model(args).to(device).train(), nn.CrossEntropyLoss()
         plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
@@ -401,14 +411,13 @@ def bench_train(args, device, samples, preset, workers: int, steps: int) -> list
 
         runs["plain"] = (plain, images)
     times = timed(runs, args.repeats, device)  # ours and plain in turn
-    variant = (
-        f"ours: {workers} workers, {torch.get_num_threads()} threads, {settings(args, runtime, True)}, "
-        f"{'gpu' if gpu_decode else 'cpu'} decode, {args.train_size} px"
-    )
     rows = ours_and_plain(
-        "train", times, variant, f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW"
+        "train",
+        times,
+        f"ours: {ours.described}",
+        f"plain: ImageFolder + transforms v1, {PLAIN_WORKERS} workers, fp32 NCHW",
     )
-    if not gpu_decode:
+    if not ours.gpu_decode:
         rows[0].update(short_pass_note(steps, workers))
     return rows
 
@@ -418,29 +427,27 @@ def bench_profile(args, device, samples, preset, workers: int, steps: int) -> li
     the main process's wait for the input (the loader's next batch: with --decode gpu the decoding
     thread's too), its share of the wall time, the GPU's busy time (the sum of its kernels' times) and
     the operators that took the most CPU time in the main process."""
-    one_pass, loader, gpu_decode = train_from_files(args, device, samples, preset, workers, steps)
+    run = train_from_files(args, device, samples, preset, workers, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    one_pass()
-    loader.waited = 0.0
+    run.one_pass()
+    run.loader.waited = 0.0
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        one_pass()
+        run.one_pass()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     averages = prof.key_averages()
-    wait = loader.waited
     kernels = sum(getattr(e, "self_device_time_total", 0) for e in averages if e.device_type.name == "CUDA")
     top = sorted((e for e in averages if "DataLoader" not in e.key), key=lambda e: -e.self_cpu_time_total)
     images = steps * args.train_batch_size
     return [
         {
             "part": "profile",
-            "variant": f"train from JPEG, {workers} workers, {torch.get_num_threads()} threads, "
-            f"{'gpu' if gpu_decode else 'cpu'} decode, {args.train_size} px",
+            "variant": f"train from JPEG, {run.described}",
             "img_per_s": images / wall,
             "seconds": [round(wall, 3)],
-            "loader_wait_share": round(wait / wall, 3),
+            "loader_wait_share": round(run.loader.waited / wall, 3),
             "gpu_busy_share": round(kernels / 1e6 / wall, 3) if device.type == "cuda" else None,
             "top_cpu_ops": [(e.key, round(e.self_cpu_time_total / 1e6, 3)) for e in top[:8]],
         }

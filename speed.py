@@ -234,7 +234,7 @@ def speed_sweep(selected: list[tuple], settings: SpeedSettings, out: Path, force
     with tempfile.TemporaryDirectory() as exports:
         for arch, weights, described in selected:
             name = f"{type(weights).__name__}.{weights.name}"
-            if not force and any(r["weights"] == name and same_key(r, key) for r in rows):
+            if not force and any(same_row(r, name, key) for r in rows):
                 print(f"{name}: measured before (OUT/speed.json), skipped")
                 continue
             shared = (arch, described["crop"])  # one model, one input: one measurement
@@ -248,7 +248,7 @@ def speed_sweep(selected: list[tuple], settings: SpeedSettings, out: Path, force
                 skipped.append(name)
                 continue
             row = {"model": arch, "weights": name, **described, **key, **measured[shared]}
-            rows = [r for r in rows if not (r["weights"] == name and same_key(r, key))] + [row]
+            rows = [r for r in rows if not same_row(r, name, key)] + [row]
             write_speed(rows, out)
             print(speed_line(row))
     if rows:  # speed.md's layout as of this version, also where nothing was measured anew
@@ -277,6 +277,11 @@ def measured_or_why(arch: str, weights, crop: int, settings: SpeedSettings, expo
 
 def same_key(row: dict, key: dict) -> bool:
     return all(row.get(k) == v for k, v in key.items())
+
+
+def same_row(row: dict, weights: str, key: dict) -> bool:
+    """The row of these weights measured with these settings."""
+    return row["weights"] == weights and same_key(row, key)
 
 
 def read_speed_rows(out: Path) -> list[dict]:

@@ -568,11 +568,13 @@ def eval_model(args, sweep: Sweep, weights: Weights, preset, runtime: Runtime) -
 
 @dataclass
 class Evaluated:
-    """One set of weights evaluated: the settings that identify its row, the row, evaluate()'s result."""
+    """One set of weights evaluated: the settings that identify its row, the row, evaluate()'s result and
+    its per-class results."""
 
     key: dict
     row: dict
     result: dict
+    classes: list[dict]
 
 
 def evaluate_weights(args, sweep: Sweep, weights: Weights) -> Evaluated | None:
@@ -620,7 +622,9 @@ def evaluate_weights(args, sweep: Sweep, weights: Weights) -> Evaluated | None:
     if result is None:
         tqdm.write(f"{weights.source}: out of memory even at batch 1, skipped")
         return None
-    return Evaluated(key, eval_row(weights, key, result, batch_size, sweep), result)
+    coder = weights.label_coder()
+    classes = per_class_accuracy(result["predictions"], coder.wnids or coder.names)
+    return Evaluated(key, eval_row(weights, key, result, batch_size, sweep, classes), result, classes)
 
 
 def fits_crop(weights: Weights, crop: int, sweeping: bool) -> bool:
@@ -659,9 +663,9 @@ def same_row(row: dict, key: dict) -> bool:
     return all(row.get(k) == v for k, v in key.items())
 
 
-def eval_row(weights: Weights, key: dict, result: dict, batch_size: int, sweep: Sweep) -> dict:
-    """The eval.json row of one evaluation: its key, the measurements, and where the row measures what the
-    weights publish, the published numbers."""
+def eval_row(weights: Weights, key: dict, result: dict, batch_size: int, sweep: Sweep, classes) -> dict:
+    """The eval.json row of one evaluation: its key, the measurements, the 5 worst of its per-class
+    results (classes), and where the row measures what the weights publish, the published numbers."""
     measured = {k: v for k, v in result.items() if k not in ("predictions", "seconds")}
     record = {"model": weights.arch, **key, **measured}
     record["batch_size"] = batch_size  # below --batch-size after an out-of-memory retry
@@ -673,8 +677,6 @@ def eval_row(weights: Weights, key: dict, result: dict, batch_size: int, sweep: 
     if len(weights.classes or range(1000)) <= 5 or (sweep.mask is not None and sweep.mask.sum() <= 5):
         record["acc5"] = None  # every image's class is among the top 5 of 5 classes or fewer
     record.update(err1=100 - record["acc1"], err5=None if record["acc5"] is None else 100 - record["acc5"])
-    coder = weights.label_coder()
-    classes = per_class_accuracy(result["predictions"], coder.wnids or coder.names)
     worst = sorted(classes, key=lambda c: (c["top1"], -c["n"], c["class"]))[:5]
     record["worst_classes"] = ", ".join(f"{c['class']} ({c['top1']:.1f}%)" for c in worst)
     if sweep.real is not None:
@@ -730,7 +732,7 @@ def run_evaluation(args) -> list[dict]:
         if not is_main():
             continue
         write_predictions(result["predictions"], sweep.out / record["predictions"])
-        write_per_class(result["predictions"], weights, record, sweep.out / record["per_class"])
+        write_per_class(evaluated.classes, record, sweep.out / record["per_class"])
         write_records(sweep.done, sweep.out, "eval", EVAL_COLUMNS)
         if args.plots:
             plot_reliability(record, sweep.out / record["reliability"])
@@ -761,11 +763,9 @@ def run_evaluation(args) -> list[dict]:
     return sweep.done
 
 
-def write_per_class(predictions: list[dict], weights: Weights, record: dict, path: Path) -> None:
+def write_per_class(rows: list[dict], record: dict, path: Path) -> None:
     """OUTPUT/per_class/*.csv: class (wnid, or a custom head's folder name), n, top1, top5 (%) of every
     class with images; top5 empty where the row has none (5 classes or fewer)."""
-    coder = weights.label_coder()
-    rows = per_class_accuracy(predictions, coder.wnids or coder.names)
     if record["acc5"] is None:
         rows = [{**row, "top5": None} for row in rows]
     write_csv(rows, path)

@@ -413,7 +413,7 @@ def atomic_write(path, write_fn, mode: str = "w") -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # the writer in the name: the next run removes what a killed one left (remove_stale_temporaries)
-        prefix = f".{path.name}.{TEMP_WRITER}."
+        prefix = f".{path.name}.{HOST}-{os.getpid()}."  # the pid at the write: a forked child's own
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     except (FileExistsError, NotADirectoryError) as e:  # e.g. --output names a file
         raise UserError(
@@ -438,7 +438,6 @@ def atomic_write(path, write_fn, mode: str = "w") -> None:
 
 
 HOST = socket.gethostname().replace(".", "_")
-TEMP_WRITER = f"{HOST}-{os.getpid()}"
 TEMP_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")  # atomic_write's, by its writer
 
 
