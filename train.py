@@ -707,6 +707,8 @@ def finish_epoch(
         "val_loss": val["loss"],
         "val_acc1": val["acc1"],
         "val_acc5": val["acc5"],
+        "val_nll": val["nll"],  # the plain cross-entropy, where val_loss has the criterion's smoothing
+        "val_ece": val["ece"],
     }
     if training.ema is not None:
         ema_val = validate(training.ema.module, val_loader, runtime, criterion, cfg)

@@ -106,8 +106,14 @@ def test_converges_on_a_learnable_dataset(colours, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = read_csv(tmp_path / "converge" / "metrics.csv")
     assert len(rows) == 4 and float(rows[-1]["val_acc1"]) >= 90.0, rows
-    expected = set("epoch lr train_loss train_acc1 val_loss val_acc1 val_acc5 epoch_time_s img_per_s".split())
-    assert expected <= set(rows[0])
+    expected = (
+        "epoch lr train_loss train_acc1 val_loss val_acc1 val_acc5 val_nll val_ece epoch_time_s img_per_s"
+    )
+    assert set(expected.split()) <= set(rows[0])
+    for row in rows:  # no label smoothing: the training criterion's val loss is the plain cross-entropy
+        assert 0 <= float(row["val_ece"]) <= 100 and float(row["val_nll"]) == pytest.approx(
+            float(row["val_loss"])
+        )
     run = tmp_path / "converge"
     info = json.loads((run / "run.json").read_text())
     assert (
