@@ -184,9 +184,8 @@ def test_a_recipe_on_one_process_accumulates_to_its_global_batch(tmp_path, capsy
     assert (tmp_path / "dummy-resnet18" / "config.yaml").read_text().count("accum_steps: 8") == 1
 
 
-def test_the_memory_part_finds_the_largest_batch_within_a_budget(tmp_path):
-    """Each measurement in a new process (on a CPU), a line through the peaks, then a step at the batch the
-    line predicts, within the budget."""
+def test_the_memory_part_measures_each_batch_in_a_new_process(tmp_path):
+    """On a CPU: the growth of a new process's peak resident set, larger for the larger batch."""
     config = tmp_path / "small.yaml"
     config.write_text("train_crop_size: 32\noptimizer: adamw\n")
     options = [
@@ -197,14 +196,48 @@ def test_the_memory_part_finds_the_largest_batch_within_a_budget(tmp_path):
         "--config",
         config,
         "--batch-sizes",
-        "4,16",
+        "4,64",
     ]
-    result = benchmark.main([*map(str, options), "--fit-memory", "300MB"])
-    measured = [r for r in result["rows"] if r["part"] == "memory"]
-    [fit] = [r for r in result["rows"] if r["part"] == "memory_fit"]
-    assert [r["batch"] for r in measured] == [4, 16] and all(r["peak_mb"] > 5 for r in measured)
-    assert measured[0]["settings"] == "32 px, adamw, fp32"
-    assert fit["batch"] > 16 and fit["checked_peak_mb"] <= 300, fit
+    rows = benchmark.main(list(map(str, options)))["rows"]
+    assert [r["batch"] for r in rows] == [4, 64] and 5 < rows[0]["peak_mb"] < rows[1]["peak_mb"], rows
+    assert rows[0]["settings"] == "32 px, adamw, fp32"
+
+
+def test_the_memory_part_finds_the_largest_batch_within_a_budget(monkeypatch):
+    """A line through the measured peaks, then steps at the batch the line predicts until it holds: here a
+    peak of 100 MB + 2 MB per image, and 0.001 MB more per image squared, which the first line misses."""
+
+    def measured(arch, config, batch, args, device):
+        steps.append(batch)
+        if batch > device_holds:
+            raise MemoryError
+        peak_mb = 100 + 2 * batch + batch**2 / 1000
+        return {
+            "part": "memory",
+            "arch": arch,
+            "config": "defaults",
+            "settings": "",
+            "batch": batch,
+            "peak_mb": peak_mb,
+        }
+
+    def fit(budget: str) -> dict:
+        steps.clear()
+        rows = benchmark.main(["--parts", "memory", "--batch-sizes", "8,16", "--fit-memory", budget])["rows"]
+        assert [r["batch"] for r in rows if r["part"] == "memory"] == [8, 16]
+        return rows[-1]
+
+    steps, device_holds = [], 10**6
+    monkeypatch.setattr(benchmark, "train_step_memory", measured)
+    best = max(b for b in range(1, 1000) if 100 + 2 * b + b**2 / 1000 <= 1000)  # 378
+    found = fit("1000MB")
+    assert steps == [8, 16, 444, 368, 378] and found["batch"] == best, (steps, found)  # 444: above the budget
+    assert found["checked_peak_mb"] == pytest.approx(100 + 2 * best + best**2 / 1000)
+    assert found["part"] == "memory_fit" and found["from_batches"] == [8, 16]
+    assert fit("100MB")["batch"] == 0 and steps == [8, 16]  # not even the fixed part fits
+    device_holds = 400  # the first prediction runs out of memory: it is given, unchecked
+    unchecked = fit("1000MB")
+    assert (unchecked["batch"], unchecked["checked_peak_mb"], steps) == (444, None, [8, 16, 444])
 
 
 def test_largest_batch_and_memory_sizes():
