@@ -198,7 +198,8 @@ def test_every_script_takes_a_checkpoint_without_its_architecture(tmp_path, ema_
         assert "no top-5: with 5 classes or fewer" in evaluated.stdout
         predicted = run_main("predict.py", image, "--weights", ema_run / name, "--json")
         assert predicted.returncode == 0, predicted.stderr
-        exported = run_script("export.py", "--weights", ema_run / name, "--output", onnx)
+        export = run_script if name == "ema.pt" else run_main  # one export in a process of its own
+        exported = export("export.py", "--weights", ema_run / name, "--output", onnx)
         assert exported.returncode == 0, exported.stderr
     for script, args in (
         ("test_torchvision.py", ["--data", val, "--output", tmp_path / "o"]),
