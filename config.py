@@ -244,6 +244,11 @@ class TrainConfig:
     tracker_project: str = option("imagenet-classification", "the W&B project or MLflow experiment", RUN)
 
 
+def setting(key: str) -> str:
+    """A config key as the user gives it: on the command line or in a --config file."""
+    return f"--{key.replace('_', '-')} (config key {key})"
+
+
 AT_LEAST_ONE = (
     "epochs batch_size train_crop_size train_resize_size val_resize_size val_crop_size ema_steps "
     "log_interval dummy_size step_size ra_reps augmix_severity shard_shuffle_buffer res_multiple"
@@ -259,36 +264,36 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     """The bounds that types can't say (load_config has checked types and choices), before anything runs."""
     for key in AT_LEAST_ONE:
         if getattr(cfg, key) < 1:
-            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+            raise UserError(f"{setting(key)} must be at least 1, got {getattr(cfg, key)}")
     for key in NON_NEGATIVE:
         if (getattr(cfg, key) or 0) < 0:
-            raise UserError(f"{key} must be non-negative, got {getattr(cfg, key)}")
+            raise UserError(f"{setting(key)} must be non-negative, got {getattr(cfg, key)}")
     if cfg.lr <= 0:
-        raise UserError(f"lr must be positive, got {cfg.lr}")
+        raise UserError(f"{setting('lr')} must be positive, got {cfg.lr}")
     if cfg.ema_decay >= 1:
-        raise UserError(f"ema_decay must be below 1, got {cfg.ema_decay}")
+        raise UserError(f"{setting('ema_decay')} must be below 1, got {cfg.ema_decay}")
     if cfg.warmup_epochs and not 0 < cfg.warmup_factor <= 1:
-        raise UserError(f"warmup_factor must be in (0, 1], got {cfg.warmup_factor}")
+        raise UserError(f"{setting('warmup_factor')} must be in (0, 1], got {cfg.warmup_factor}")
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("nesterov needs a momentum above 0; drop --nesterov or set --momentum")
     for key in ("dropout", "random_erase"):
         if getattr(cfg, key) is not None and not 0 <= getattr(cfg, key) <= 1:
-            raise UserError(f"{key} must be in [0, 1], got {getattr(cfg, key)}")
+            raise UserError(f"{setting(key)} must be in [0, 1], got {getattr(cfg, key)}")
     if cfg.augmix_severity > 10:  # torchvision's ranges
-        raise UserError(f"augmix_severity must be in 1..10, got {cfg.augmix_severity}")
+        raise UserError(f"{setting('augmix_severity')} must be in 1..10, got {cfg.augmix_severity}")
     if cfg.ra_magnitude > 30:
-        raise UserError(f"ra_magnitude must be in 0..30, got {cfg.ra_magnitude}")
+        raise UserError(f"{setting('ra_magnitude')} must be in 0..30, got {cfg.ra_magnitude}")
     for key in ("limit", "global_batch", "accum_steps", "min_res", "max_res"):  # none, or a count
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+            raise UserError(f"{setting(key)} must be at least 1, got {getattr(cfg, key)}")
     if cfg.limit and (cfg.dummy or is_shard_source(cfg.data)):
         raise UserError(
             "--limit picks images from folders; --dummy has --dummy-size, and tar shards are streamed whole"
         )
     if cfg.num_classes is not None and cfg.num_classes < 1:
-        raise UserError(f"num_classes must be at least 1, got {cfg.num_classes}")
+        raise UserError(f"{setting('num_classes')} must be at least 1, got {cfg.num_classes}")
     if cfg.workers is not None and cfg.workers < 0:
-        raise UserError(f"workers must be non-negative, got {cfg.workers}")
+        raise UserError(f"{setting('workers')} must be non-negative, got {cfg.workers}")
     check_schedule(cfg)
     check_resolution_ramp(cfg)
     check_decoding(cfg)
@@ -336,7 +341,7 @@ def check_schedule(cfg: TrainConfig) -> None:
         )
     if not 1 <= cfg.lr_peak_epoch < cfg.epochs:
         raise UserError(
-            f"lr_peak_epoch must be in 1..{cfg.epochs - 1} (below --epochs {cfg.epochs}), "
+            f"{setting('lr_peak_epoch')} must be in 1..{cfg.epochs - 1} (below --epochs {cfg.epochs}), "
             f"got {cfg.lr_peak_epoch}"
         )
 
@@ -508,12 +513,12 @@ def _coerce(name: str, value, hint):
     if value is None:
         if optional:
             return None
-        raise UserError(f"config key '{name}' needs a value")
+        raise UserError(f"{setting(name)} needs a value")
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         text = str(value).lower() if isinstance(value, bool) else str(value)  # YAML reads `true` as a bool
         if text not in choices:
-            raise UserError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
+            raise UserError(f"{setting(name)} must be one of {', '.join(choices)}, got '{value}'")
         return text
     if _is_union(hint):  # str | dict: a loss name or spec
         return value if isinstance(value, dict) else str(value)
@@ -535,9 +540,9 @@ def _coerce(name: str, value, hint):
         return str(value)
     elif kind is list and isinstance(value, list):
         item = (typing.get_args(hint) or (None,))[0]
-        return value if item is None else [_coerce(f"{name} item", v, item) for v in value]
+        return value if item is None else [_coerce(name, v, item) for v in value]
     article = "an" if kind.__name__[0] in "aeiou" else "a"
-    raise UserError(f"config key '{name}' must be {article} {kind.__name__}, got {value!r}")
+    raise UserError(f"{setting(name)} must be {article} {kind.__name__}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- resuming

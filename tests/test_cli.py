@@ -45,7 +45,7 @@ def test_scripts_take_the_shared_options(parse):
 
 
 def test_train_config_choices_come_from_the_types():
-    with pytest.raises(UserError, match="amp must be one of auto, none, bf16, fp16"):
+    with pytest.raises(UserError, match=r"--amp \(config key amp\) must be one of auto, none, bf16, fp16"):
         load_config(TrainConfig, ["--amp", "fp32"])
     assert load_config(TrainConfig, ["--channels-last", "true", "--workers", "2"]).channels_last == "true"
     assert "bf16 when training on CUDA" in RUNTIME_HELP["amp"]

@@ -115,7 +115,7 @@ def test_every_train_path_makes_each_epochs_size(colours, tmp_path):
         ("--min-res 40 --max-res 64", "min_res 40 is not a multiple of res_multiple 32"),
         ("--min-res 32 --max-res 64 --start-ramp 3 --end-ramp 1", "start_ramp 3 is after end_ramp 1"),
         ("--min-res 32 --max-res 64 --train-preset original", "--train-preset standard"),
-        ("--scheduler triangular --epochs 2 --lr-peak-epoch 2", "lr_peak_epoch must be in 1..1"),
+        ("--scheduler triangular --epochs 2 --lr-peak-epoch 2", "config key lr_peak_epoch) must be in 1..1"),
         ("--scheduler triangular --warmup-epochs 1", "drop --warmup-epochs"),
     ],
 )

@@ -257,10 +257,11 @@ def test_ema_copies_the_weights_during_warmup_then_averages_with_the_adjusted_de
 @pytest.mark.parametrize(
     "options, needle",
     [
-        ("--auto-augment trivial", "auto_augment must be one of"),
+        ("--auto-augment trivial", r"--auto-augment \(config key auto_augment\) must be one of"),
         ("--random-erase 1.5", "random_erase"),
         ("--mixup-alpha -1", "mixup_alpha"),
         ("--ra-reps 0", "ra_reps"),
+        ("--lr -1", r"^--lr \(config key lr\) must be positive, got -1.0$"),  # the option and the YAML key
         ("--augmix-severity 11", "augmix_severity"),
         ("--norm-weight-decay -0.1", "norm_weight_decay"),
         ("--warmup-method cosine", "linear, constant"),
