@@ -1,12 +1,14 @@
 """Throughput of the input pipeline, the model alone, and end-to-end evaluation and training, ours next
 to plain PyTorch loops in the same run. Every number is the median of --repeats timed passes after one
-untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights: nothing is downloaded.
+untimed warm-up pass (synchronised on CUDA). Weights are random unless --weights (torchvision's, from its
+cache, or a file: a train.py run's architecture, classes and sizes come with it): nothing is downloaded.
 
     python benchmark.py --data /data/imagenet/val --output results/benchmark-cpu.json    # every part
     python benchmark.py --data DIR --parts data --worker-counts 0,1,2   # decoding alone: PIL, tensor, batched
     python benchmark.py --parts model --arch resnet50 --amp bf16 --compile   # model alone, synthetic input
     python benchmark.py --data DIR --parts eval --decode gpu --amp bf16  # JPEGs decoded on the GPU
     python benchmark.py --data DIR --parts approx --weights DEFAULT      # what --amp, --decode gpu change
+    python benchmark.py --data DIR/val --parts eval,approx --weights runs/NAME/best.pt   # a model of yours
     python benchmark.py --data DIR --parts augment                       # each recipe's loader, per core
     python benchmark.py --data DIR --parts int8 --arch resnet50          # torchvision's int8 model vs fp32
     python benchmark.py --data DIR --parts latency --batch-sizes 1,8,32  # every backend: img/s, p99, memory
@@ -75,7 +77,7 @@ from backends import (
 )
 from coder import imagenet_wnids
 from config import TrainConfig, load_config, parse_config
-from dataset import CACHE_ENV, Sample, find_samples, split_folder
+from dataset import CACHE_ENV, Sample, eval_samples, find_samples, split_folder
 from decoding import pre_resized
 from engine import LoopSettings, Runtime, Training, TrainState, evaluate, train_one_epoch
 from loader import (
@@ -97,9 +99,13 @@ from loss import build_loss
 from model import (
     NO_QUANTIZATION,
     QUANTIZED_ARCHS,
+    Weights,
     build_model,
     float_arch,
+    is_onnx_file,
     is_quantized,
+    is_weights_file,
+    num_outputs,
     prepare_for_eval,
     resolve_weights,
     size_argument,
@@ -151,9 +157,40 @@ ROOT = Path(__file__).resolve().parent
 PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples' habit
 
 
+def benchmark_weights(args) -> Weights:
+    """--weights read once (model.resolve_weights): torchvision's by name, a .pth/.pt file (its architecture;
+    a train.py checkpoint's classes and eval preprocessing too), or none: random weights, described by
+    the architecture's DEFAULT weights (their eval preprocessing). --arch defaults to the file's, else
+    resnet18; a comma list (the memory part's) is described by its first."""
+    if is_onnx_file(args.weights):
+        raise UserError(
+            f"benchmark.py times PyTorch models, not {args.weights}; time an exported file with "
+            "test_torchvision.py --weights FILE.onnx, or here --parts latency (it exports --arch itself)"
+        )
+    arch = args.arch.split(",")[0] if args.arch else None
+    weights = resolve_weights(args.weights, arch or (None if is_weights_file(args.weights) else "resnet18"))
+    if weights.source is None:
+        weights = dataclasses.replace(weights, enum=weights_enum(weights.arch, "DEFAULT"))
+    return weights
+
+
 def benchmark_model(args):
-    """--arch with its --weights (from --weights-dir or torchvision's cache; random without)."""
+    """--arch with its --weights (from --weights-dir or torchvision's cache, or a file; random without)."""
     return build_model(args.arch, args.weights, weights_dir=args.weights_dir)
+
+
+def plain_transform(weights: Weights, preset: EvalPreset):
+    """The plain loops' eval transform: torchvision's weights.transforms(); for a train.py checkpoint, the
+    same transform at its run's validation sizes."""
+    transform = weights.enum.transforms()
+    if weights.run is None:
+        return transform
+    return type(transform)(
+        crop_size=preset.crop,
+        resize_size=preset.resize,
+        interpolation=T.InterpolationMode(preset.interpolation),
+        antialias=preset.antialias,
+    )
 
 
 def synthetic_batch(runtime: Runtime, batch: int, size: int) -> torch.Tensor:
@@ -220,7 +257,8 @@ def bench_model(args, runtime: Runtime, size: int, batches: int, train: bool) ->
     raw, model = prepare(args, runtime, train)
     batch = args.train_batch_size if train else args.batch_size
     device = runtime.device
-    x, y = synthetic_batch(runtime, batch, size), torch.randint(0, 1000, (batch,), device=device)
+    labels = torch.randint(0, num_outputs(raw), (batch,), device=device)  # a trained head's own classes
+    x, y = synthetic_batch(runtime, batch, size), labels
     optimizer = torch.optim.SGD(raw.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
 
@@ -266,9 +304,10 @@ def ours_and_plain(part: str, times: dict, variant: str, plain_variant: str) -> 
     return [ours, {"part": part, "variant": plain_variant, **times["plain"]}]
 
 
-def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dict]:
+def bench_eval(args, device, samples, preset, weights: Weights, workers: int) -> list[dict]:
     """Ours: ImageDataset + EvalPreset + build_loader + engine.evaluate(). Plain: ImageFolder + PIL +
-    weights.transforms() + DataLoader, fp32 NCHW (its labels are 0..k-1, which is fine for speed)."""
+    weights.transforms() (plain_transform) + DataLoader, fp32 NCHW (its labels are 0..k-1, which is fine
+    for speed)."""
     gpu_decode = use_gpu_decode(args.decode, device, note_to=sys.stdout)
     runtime = Runtime.create(device, args.amp, args.channels_last, False, preset)
     _, model = prepare(args, runtime, False)
@@ -284,7 +323,7 @@ def bench_eval(args, device, samples, preset, weights, workers: int) -> list[dic
     }
     if args.baselines:
         plain_model, criterion = benchmark_model(args).to(device).eval(), nn.CrossEntropyLoss()
-        folder = ImageFolder(str(split_folder(args.data)), transform=weights.transforms())
+        folder = ImageFolder(str(split_folder(args.data)), transform=plain_transform(weights, preset))
         plain_set = Subset(folder, range(len(samples)))
 
         def plain():
@@ -983,13 +1022,17 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, renamed={"--json": "--output"})
     p.add_argument(
         "--arch",
-        default="resnet18",
-        help="any torchvision classifier (random weights); memory: a comma list of them",
+        help="any torchvision classifier (default: a --weights file's, else resnet18); memory: a comma list",
     )
-    add_weights_args(p, None, "DEFAULT or a weights name from torchvision's cache (default: random weights)")
+    add_weights_args(
+        p,
+        None,
+        "DEFAULT, a weights name from torchvision's cache, or a .pth/.pt file such as a train.py run's "
+        "best.pt (default: random weights)",
+    )
     p.add_argument("--train-batch-size", type=positive_int, default=32, help="train and step batch")
     p.add_argument(
-        "--train-size", type=positive_int, default=224, help="train and step: the crop size (default 224)"
+        "--train-size", type=positive_int, help="train and step: the crop size (default 224, a ViT's own)"
     )
     p.add_argument(
         "--train-steps", type=positive_int, default=5, help="timed optimizer steps per pass (train, step)"
@@ -1070,7 +1113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.parts = [
         q for part in args.parts.split(",") for q in (("forward", "step") if part == "model" else (part,))
     ]
-    if "," in args.arch and args.parts != ["memory"]:
+    if "," in (args.arch or "") and args.parts != ["memory"]:
         raise UserError("a comma list in --arch is for --parts memory; the other parts time one architecture")
     if any(part not in PARTS for part in args.parts):
         raise UserError(f"unknown part in --parts {','.join(args.parts)}; use model or {', '.join(PARTS)}")
@@ -1095,10 +1138,16 @@ def main(argv=None) -> dict:
         True  # for ours and the plain loops alike, as train.py and test_torchvision.py
     )
     device = resolve_device(args.device)
-    weights = weights_enum(args.arch.split(",")[0], args.weights or "DEFAULT")  # for its eval transforms
-    preset = EvalPreset.from_weights(weights)
+    weights = benchmark_weights(args)
+    preset = weights.preset()
+    args.arch = args.arch if args.arch and "," in args.arch else weights.arch
+    args.train_size = args.train_size or weights.built_for or 224  # a ViT trained here: its own size
     workers = default_workers(device) if args.workers is None else args.workers
-    samples = find_samples(args.data, "val")[0][: args.limit] if args.data else []
+    samples = []
+    if args.data and weights.classes is None:
+        samples = find_samples(args.data, "val")[0][: args.limit]
+    elif args.data:  # a head trained here on other classes: their images, matched by folder name
+        samples = eval_samples(args.data, classes=weights.classes, weights=args.weights)[: args.limit]
     args.worker_counts = sorted(set(args.worker_counts or [0, 1, workers]))
     steps = min(args.train_steps, len(samples) // args.train_batch_size) if samples else args.train_steps
     if "train" in args.parts and steps < 1:

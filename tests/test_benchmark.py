@@ -10,8 +10,11 @@ import torch
 from PIL import Image
 from torchvision import models
 
+import benchmark
 from coder import imagenet_wnids
 from conftest import ROOT, assert_user_error, make_image, run_main, run_script, save_torchvision_checkpoint
+from model import resolve_weights
+from presets import normalize
 
 
 def test_benchmark_runs_every_part_and_writes_json(tmp_path, torch_home):
@@ -186,6 +189,52 @@ def test_benchmark_latency_of_every_cpu_backend_per_batch_size(tmp_path):
     assert Image.open(tmp_path / "b.png").size == (1100, 400)
     bad = run_main("benchmark.py", "--data", tmp_path, "--parts", "latency", "--batch-sizes", "1,x")
     assert_user_error(bad, "--batch-sizes 1,x")
+
+
+def test_benchmark_takes_a_train_py_checkpoint_with_its_classes_and_sizes(tmp_path):
+    """--weights best.pt, no --arch: the run's architecture, its 2-class head (the step's labels, the
+    images of its class folders) and its validation sizes (40 -> 32 px), for us and for the plain loop."""
+    import dataclasses
+
+    from config import TrainConfig
+
+    config = TrainConfig(arch="mobilenet_v3_small", val_resize_size=40, val_crop_size=32)
+    model = models.mobilenet_v3_small(num_classes=2)
+    state = {"model": model.state_dict(), "config": dataclasses.asdict(config), "classes": ["cat", "dog"]}
+    torch.save(state, tmp_path / "best.pt")
+    for i in range(4):
+        make_image(tmp_path / "val" / ("cat", "dog")[i % 2] / f"{i}.JPEG", (48 + 8 * i, 44), seed=i)
+    options = "--parts model,eval,approx --batch-size 2 --train-batch-size 2 --train-steps 1 --repeats 1"
+    options += f" --workers 0 --threads 1 --output {tmp_path / 'bench.json'}"
+    result = run_main("benchmark.py", "--data", tmp_path, "--weights", tmp_path / "best.pt", *options.split())
+    assert result.returncode == 0, result.stderr
+    assert "mobilenet_v3_small on " in result.stdout and "; 4 images" in result.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["args"]["arch"] == "mobilenet_v3_small" and report["args"]["train_size"] == 224
+    parts = [r["part"] for r in report["rows"]]
+    assert parts == ["forward", "step", "eval", "eval", *["approx"] * 4], parts
+    approx = [r for r in report["rows"] if r["part"] == "approx"]
+    assert all(r["top1_agreement"] == 100.0 and 0 <= r["acc1"] <= 100 for r in approx[:2]), approx
+    # the plain loop's transform: torchvision's, at the run's sizes, equal to ours
+    weights = resolve_weights(str(tmp_path / "best.pt"))
+    preset = weights.preset()
+    plain = benchmark.plain_transform(weights, preset)
+    assert (plain.resize_size, plain.crop_size) == ([40], [32]) and (preset.resize, preset.crop) == (40, 32)
+    image = Image.open(tmp_path / "val" / "dog" / "1.JPEG").convert("RGB")
+    ours = normalize(preset(image)[None], preset.mean, preset.std)[0]
+    assert torch.equal(plain(image), ours)
+    dog = tmp_path / "val" / "dog"
+    dog.rename(tmp_path / "val" / "wolf")  # a class folder the head does not have
+    unknown = run_main(
+        "benchmark.py", "--data", tmp_path, "--weights", tmp_path / "best.pt", *options.split()
+    )
+    assert_user_error(unknown, "class folder 'wolf'", "not one of the 2 classes")
+    other_arch = run_main(
+        "benchmark.py", "--parts", "model", "--weights", tmp_path / "best.pt", "--arch", "resnet18"
+    )
+    assert_user_error(other_arch, "mobilenet_v3_small model, not resnet18")
+    onnx = run_main("benchmark.py", "--parts", "model", "--weights", tmp_path / "m.onnx")
+    assert_user_error(onnx, "test_torchvision.py")
 
 
 def test_benchmark_needs_data_for_the_image_parts(tmp_path):
