@@ -524,9 +524,10 @@ def _build_int8(arch: str, weights: WeightsEnum | None, weights_dir=None) -> nn.
         warnings.simplefilter("ignore", DeprecationWarning)
         # googlenet's note on its default init: the int8 weights replace every initialised value
         warnings.simplefilter("ignore", FutureWarning)
+        # the file first: a sweep skips a missing one before seconds of building and observing
+        state_dict = load_weights_state(weights, weights_dir) if weights is not None else None
         model = models.get_model(arch, weights=None, quantize=True, backend=backend)
-        if weights is not None:
-            state_dict = load_weights_state(weights, weights_dir)
+        if state_dict is not None:
             load_checked(lambda: model.load_state_dict(state_dict), arch, weights)
     return model.eval()  # (torchvision's quantize_model has set torch.backends.quantized.engine = backend)
 

@@ -86,6 +86,15 @@ def test_missing_weights_offline_names_file_and_url(torch_home, offline):
     assert str(torch_home / "hub" / "checkpoints") in message
 
 
+def test_a_missing_int8_file_is_found_before_the_model_is_built(torch_home, offline, monkeypatch):
+    """A sweep skips it in milliseconds, not after building and observing the quantizable model."""
+    import model
+
+    monkeypatch.setattr(model.models, "get_model", lambda *args, **kwargs: pytest.fail("built first"))
+    with pytest.raises(model.MissingWeights, match="resnet18_fbgemm"):
+        build_model("quantized_resnet18", "DEFAULT")
+
+
 def test_select_weights_globs():
     assert [a for a, _ in select_weights(["resnet1*"], "default")] == ["resnet101", "resnet152", "resnet18"]
     assert len(select_weights(["resnet50"], "all")) == 2
