@@ -100,6 +100,7 @@ from model import (
     NO_QUANTIZATION,
     QUANTIZED_ARCHS,
     Weights,
+    arch_of_enum,
     build_model,
     float_arch,
     is_onnx_file,
@@ -160,15 +161,17 @@ PLAIN_WORKERS = 2  # the plain loops' fixed worker count, as in pytorch/examples
 def benchmark_weights(args) -> Weights:
     """--weights read once (model.resolve_weights): torchvision's by name, a .pth/.pt file (its architecture;
     a train.py checkpoint's classes and eval preprocessing too), or none: random weights, described by
-    the architecture's DEFAULT weights (their eval preprocessing). --arch defaults to the file's, else
-    resnet18; a comma list (the memory part's) is described by its first."""
+    the architecture's DEFAULT weights (their eval preprocessing). --arch defaults to the one the weights
+    name (a file's, 'ResNet50_Weights.IMAGENET1K_V2'), else resnet18; a comma list (the memory part's) is
+    described by its first."""
     if is_onnx_file(args.weights):
         raise UserError(
             f"benchmark.py times PyTorch models, not {args.weights}; time an exported file with "
             "test_torchvision.py --weights FILE.onnx, or here --parts latency (it exports --arch itself)"
         )
-    arch = args.arch.split(",")[0] if args.arch else None
-    weights = resolve_weights(args.weights, arch or (None if is_weights_file(args.weights) else "resnet18"))
+    named = is_weights_file(args.weights) or arch_of_enum(args.weights)  # weights that name their arch
+    arch = args.arch.split(",")[0] if args.arch else None if named else "resnet18"
+    weights = resolve_weights(args.weights, arch)
     if weights.source is None:
         weights = dataclasses.replace(weights, enum=weights_enum(weights.arch, "DEFAULT"))
     return weights
@@ -1022,7 +1025,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, renamed={"--json": "--output"})
     p.add_argument(
         "--arch",
-        help="any torchvision classifier (default: a --weights file's, else resnet18); memory: a comma list",
+        help="any torchvision classifier (default: the one --weights names, else resnet18); memory: a "
+        "comma list",
     )
     add_weights_args(
         p,

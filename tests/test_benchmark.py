@@ -233,6 +233,8 @@ def test_benchmark_takes_a_train_py_checkpoint_with_its_classes_and_sizes(tmp_pa
         "benchmark.py", "--parts", "model", "--weights", tmp_path / "best.pt", "--arch", "resnet18"
     )
     assert_user_error(other_arch, "mobilenet_v3_small model, not resnet18")
+    for given, arch in (([], "resnet18"), (["--weights", "ResNet50_Weights.IMAGENET1K_V2"], "resnet50")):
+        assert benchmark.benchmark_weights(benchmark.parse_args(["--parts", "model", *given])).arch == arch
     onnx = run_main("benchmark.py", "--parts", "model", "--weights", tmp_path / "m.onnx")
     assert_user_error(onnx, "test_torchvision.py")
 
