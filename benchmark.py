@@ -8,7 +8,7 @@ cache, or a file: a train.py run's architecture, classes and sizes come with it)
     python benchmark.py --parts model --arch resnet50 --amp bf16 --compile   # model alone, synthetic input
     python benchmark.py --data DIR --parts eval --decode gpu --amp bf16  # JPEGs decoded on the GPU
     python benchmark.py --data DIR --parts approx --weights DEFAULT      # what --amp, --decode gpu change
-    python benchmark.py --data DIR/val --parts eval,approx --weights runs/NAME/best.pt   # a model of yours
+    python benchmark.py --data DIR/val --parts eval,approx --weights checkpoints/NAME/best.pt  # yours
     python benchmark.py --data DIR --parts augment                       # each recipe's loader, per core
     python benchmark.py --data DIR --parts int8 --arch resnet50          # torchvision's int8 model vs fp32
     python benchmark.py --data DIR --parts latency --batch-sizes 1,8,32  # every backend: img/s, p99, memory

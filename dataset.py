@@ -158,12 +158,13 @@ def extract_imagenet_archives(data, split: str = "val") -> None:
 def split_folder(data, split: str = "val", need_split: bool = False) -> Path:
     """`data` may be the split folder itself or (unless need_split) the root holding it."""
     data = Path(data)
+    where = f"the {split} folder or the root holding it"
+    if need_split:
+        where = "the folder holding train/ and val/"
     if data.is_file():
-        raise UserError(
-            f"{data} is a file; pass the folder it is in (the ImageNet {split} folder or its root)"
-        )
+        raise UserError(f"{data} is a file; pass the folder of its images ({where})")
     if not data.is_dir():
-        raise UserError(f"data folder {data} does not exist; pass the ImageNet {split} folder or its root")
+        raise UserError(f"data folder {data} does not exist; pass {where}")
     if need_split and not (data / split).is_dir():
         raise UserError(
             f"{data} has no {split}/ folder; training needs DATA/train/<class>/ and DATA/val/<class>/ "

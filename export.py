@@ -57,6 +57,8 @@ def main(argv=None) -> dict:
         raise UserError(
             f"--output {out} is a folder; pass a file name such as {out / (weights.arch + '.onnx')}"
         )
+    if out.suffix != ".onnx":  # every script tells an exported file from a checkpoint by its suffix
+        raise UserError(f"--output {out}: export.py writes ONNX files; name it {out.with_suffix('.onnx')}")
 
     preset = weights.preset()
     model = build_model(weights.arch, weights.source, weights_dir=args.weights_dir)

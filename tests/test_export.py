@@ -189,6 +189,9 @@ def test_an_export_failure_is_one_line_naming_the_model(tmp_path, torch_home, mo
     with pytest.raises(SystemExit):
         main(["--arch", "resnet18", "--weights", "none", "--output", str(tmp_path)])  # a folder, not a file
     assert "is a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a checkpoint's suffix: every script would read it as one
+        main(["--arch", "resnet18", "--weights", "none", "--output", str(tmp_path / "r18.pt")])
+    assert f"name it {tmp_path / 'r18.onnx'}" in capsys.readouterr().err
 
 
 def test_onnxruntime_backend_evaluates_like_pytorch(tmp_path, torch_home):
