@@ -807,12 +807,13 @@ RUN_COLUMNS = (
 
 def collect_runs(runs_dir, out) -> list[dict]:
     """One row per train.py run (its best epoch), written to OUTPUT/our_training.{md,csv,json}. --dummy
-    runs (throughput on synthetic images) are left out; a run stopped early says so (finished: 7/20)."""
+    runs (throughput on synthetic images) and --limit runs are left out, with a note; a run stopped early
+    says so (finished: 7/20)."""
     if not Path(runs_dir).is_dir():
         raise UserError(
             f"runs folder {runs_dir} does not exist; pass the --output folder of train.py (checkpoints)"
         )
-    records = []
+    records, quick = [], []
     for metrics in sorted(Path(runs_dir).glob("*/metrics.csv")):
         run = metrics.parent
         config = (
@@ -823,6 +824,7 @@ def collect_runs(runs_dir, out) -> list[dict]:
             print(f"note: {run} is left out: it has no config.yaml or no finished epoch in metrics.csv")
             continue
         if config.get("dummy") or config.get("limit"):  # throughput runs and quick checks are no results
+            quick.append(run.name)
             continue
         info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
         # the epoch best.pt was last written at, and its weights (train.best_weights); a run from before
@@ -857,6 +859,8 @@ def collect_runs(runs_dir, out) -> list[dict]:
                 "world_size": info.get("world_size"),
             }
         )
+    if quick:
+        print(f"note: left out as quick checks, not results (--dummy or --limit): {', '.join(quick)}")
     if not records:
         raise UserError(f"no finished runs (*/metrics.csv of a run with real data) in {runs_dir}")
     paths = write_records(records, out, "our_training", RUN_COLUMNS)

@@ -596,7 +596,8 @@ def fit(cfg: TrainConfig, device, run_dir: Path, resume_from: Path | None, check
     training = Training.build(cfg, model, runtime)
     seed_ranks(cfg)
     state = restore(cfg, training, checkpoint, resume_from, train_loader)
-    write_run_record(run_dir, cfg, classes, resumed=checkpoint is not None)
+    if checkpoint is None or state.epoch < cfg.epochs:  # a finished run resumed: nothing trains or changes
+        write_run_record(run_dir, cfg, classes, resumed=checkpoint is not None)
     training.wrapped = wrap(model, cfg, device)
 
     # loop

@@ -210,10 +210,20 @@ def test_dummy_runs_save_no_checkpoints_and_stay_out_of_the_runs_table(tmp_path,
     )
     assert dummy.returncode == 0, dummy.stderr
     assert not list((run.parent / "speed").glob("*.pt")) and (run.parent / "speed" / "metrics.csv").is_file()
+    # a finished run resumed with another setting trains nothing, and its record stays as it ran
+    record = (run / "config.yaml").read_bytes()
+    again = run_main(
+        "train.py", "--output", run.parent, "--run-name", "colours", "--resume", "auto", "--limit", "6"
+    )
+    assert again.returncode == 0 and "the run has done its 2 epochs" in again.stdout + again.stderr, (
+        again.stderr
+    )
+    assert (run / "config.yaml").read_bytes() == record
     table = run_script("test_torchvision.py", "--runs", run.parent, "--output", tmp_path)
     assert table.returncode == 0, table.stderr
     rows = json.loads((tmp_path / "our_training.json").read_text())
     assert [r["run"] for r in rows] == ["colours"] and rows[0]["finished"] == "yes"
+    assert "note: left out as quick checks, not results (--dummy or --limit): speed" in table.stdout
     assert_user_error(
         run_main("test_torchvision.py", "--runs", tmp_path / "nowhere"), "nowhere", "does not exist"
     )
