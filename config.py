@@ -567,6 +567,11 @@ def resumed_config(cfg, saved: dict | None, given: frozenset | None) -> tuple:
             f"resume with --optimizer {saved['optimizer']} (or leave it out), or start a new run from its "
             "weights with --weights"
         )
+    if "arch" in given and saved.get("arch", values["arch"]) != values["arch"]:  # its weights are that arch's
+        raise UserError(
+            f"the run trained a {saved['arch']}; resume it with --arch {saved['arch']} (or leave --arch "
+            f"out), or train a {values['arch']} as a new run (another --run-name)"
+        )
     changes = []
     for name in values.keys() & saved.keys():
         if name not in given:

@@ -136,6 +136,10 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tmp_path, colour
             "trained with --optimizer adamw",
             "resume with --optimizer adamw",
         )
+    assert_user_error(  # its weights are a resnet18's
+        run_main(*args, "--epochs", "2", "--arch", "mobilenet_v3_small", "--resume", "auto"),
+        "the run trained a resnet18; resume it with --arch resnet18 (or leave --arch out)",
+    )
     assert (tmp_path / "r" / "last.pt").stat().st_mtime_ns == saved
     # a checkpoint from before metrics rows had best_pt resumes and reports
     checkpoint = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
