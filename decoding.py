@@ -36,6 +36,15 @@ IMAGE_ERRORS = (
 )
 
 
+def image_error(e: BaseException) -> str:
+    """Why an image could not be read, in words (PIL's own message names a file object, not the file)."""
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image file PIL can read (unknown format)"
+    if isinstance(e, IsADirectoryError):
+        return "a folder, not an image file"
+    return f"{type(e).__name__}: {e}"
+
+
 def load_rgb(path, draft=None) -> Image.Image:
     """Any image PIL can read, as RGB: grayscale and CMYK JPEGs, a PNG named .JPEG. Truncated,
     corrupt or decompression-bomb-sized files raise, with the file named. `path` may also be a file

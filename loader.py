@@ -38,7 +38,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from dataset import IMAGE_EXTENSIONS, Manifest, Sample, read_manifest
-from decoding import IMAGE_ERRORS, decode_jpeg, encode_jpeg, exif_rotated, load_rgb, read_bytes
+from decoding import IMAGE_ERRORS, decode_jpeg, encode_jpeg, exif_rotated, image_error, load_rgb, read_bytes
 from presets import EvalPreset, ReducedDecode, crop_and_flip_plan, crop_resize_flip, transform_of_epoch
 from restarts import ignore_stop_signals
 from utils import OUT_OF_MEMORY, UserError, available_cores
@@ -75,7 +75,7 @@ class ImageDataset(torch.utils.data.Dataset):
             key = augmentation_key(self.seed, epoch, index, copy)
             return seeded_transform(transform, image, key), sample.target, index, ""
         except IMAGE_ERRORS as e:
-            return None, sample.target, index, f"{type(e).__name__}: {e}"
+            return None, sample.target, index, image_error(e)
 
     def load(self, index: int, draft=None):
         """The image, or for a ReducedDecode transform the function that loads it at the size it asks."""
@@ -309,7 +309,7 @@ def _decode(data: bytes | None):
     try:
         return load_rgb(io.BytesIO(data)), ""
     except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad image; name it like ImageDataset
-        return None, f"{type(e).__name__}: {e}"
+        return None, image_error(e)
 
 
 def _worker() -> tuple[int, int]:
@@ -388,7 +388,7 @@ class ShardTrainStream(torch.utils.data.IterableDataset):
                     load = functools.partial(load_rgb, io.BytesIO(data))
                     yield seeded_transform(transform, load, key), target, index, ""
                 except IMAGE_ERRORS as e:
-                    yield None, target, index, f"{type(e).__name__}: {e}"
+                    yield None, target, index, image_error(e)
                 continue
             image, error = _decode(data)
             yield (None if image is None else seeded_transform(transform, image, key)), target, index, error
@@ -605,7 +605,7 @@ class GpuDecodeLoader:
         try:
             return decode_rgb(self.dataset.samples[index].path), ""
         except (RuntimeError, *IMAGE_ERRORS) as e:
-            return None, f"{type(e).__name__}: {e}"
+            return None, image_error(e)
 
     def decode_jpegs(self, batch: dict) -> tuple[list, list]:
         """(the packed batch's JPEGs decoded on the device, None where nothing could; the batch's errors)."""
@@ -667,7 +667,7 @@ class GpuTrainDataset(ImageDataset):
             plan = seeded_transform(lambda _: crop_and_flip_plan(transform, height, width), None, key)
             return (data, plan, transform.transforms[0].size[0]), sample.target, index, ""
         except IMAGE_ERRORS as e:
-            return None, sample.target, index, f"{type(e).__name__}: {e}"
+            return None, sample.target, index, image_error(e)
 
 
 def pack_train_jpegs(items: list) -> dict:

@@ -106,6 +106,11 @@ def weights_enum(arch: str, name) -> WeightsEnum | None:
     members = [m for m in enum.__members__ if m != "DEFAULT"]  # DEFAULT is an alias of one of them
     if (prefix and prefix != enum.__name__) or member not in members:
         valid = ["DEFAULT", *members, *(f"{enum.__name__}.{m}" for m in members)]
+        if prefix and not prefix.endswith("_Weights"):  # 'r18.onx', 'best.ptt': a file name, mistyped
+            raise UserError(
+                f"--weights {name} is neither a .pt, .pth or .onnx file nor a {arch} weights name; pass "
+                f"such a file, or one of DEFAULT, {', '.join(members)}"
+            )
         raise UserError(
             f"unknown weights '{name}' for {arch}{closest(name, valid)}; valid: DEFAULT, {', '.join(members)}"
         )

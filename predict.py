@@ -13,11 +13,12 @@ checkpoint (checkpoints/RUN/best.pt) brings its run's architecture, preprocessin
 """
 
 import json
+from pathlib import Path
 
 import torch
 
 from backends import OnnxRuntimeModel
-from decoding import IMAGE_ERRORS, load_rgb
+from decoding import IMAGE_ERRORS, image_error, load_rgb
 from engine import Runtime
 from model import ARCH_HELP, build_model, check_input_size, is_quantized, prepare_for_eval, resolve_weights
 from presets import EvalPreset, add_preprocessing_args
@@ -40,8 +41,10 @@ def read_image(path: str, preset: EvalPreset) -> torch.Tensor:
         return preset(load_rgb(path))
     except FileNotFoundError as e:
         raise UserError(f"image file {path} does not exist") from e
+    except IsADirectoryError as e:
+        raise UserError(f"{path} is a folder; pass its images ({Path(path) / '*.jpg'})") from e
     except IMAGE_ERRORS as e:
-        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        raise UserError(f"cannot read image {path}: {image_error(e)}") from e
 
 
 def format_predictions(path: str, predictions: list[dict]) -> str:

@@ -920,6 +920,11 @@ def main(argv=None):
             return run_evaluation(args)
         finally:
             cleanup_distributed()
+    if is_weights_file(args.weights) or is_onnx_file(args.weights):
+        raise UserError(
+            f"--weights {args.weights} is a file: pass --data DIR to evaluate it (without --data, "
+            "test_torchvision.py counts the parameters and FLOPs of torchvision's weights)"
+        )
     return run_complexity(args)
 
 

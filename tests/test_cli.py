@@ -56,6 +56,13 @@ def test_data_and_runs_exclude_each_other():
         test_torchvision.parse_args(["--data", "val", "--runs", "checkpoints"])
 
 
+def test_a_weights_file_without_data_says_to_pass_data():
+    """Without --data, test_torchvision.py counts torchvision's weights: a file needs images."""
+    for weights in ("checkpoints/r18/best.pt", "r18.onnx"):
+        with pytest.raises(UserError, match="is a file: pass --data DIR to evaluate it"):
+            test_torchvision.main.__wrapped__(["--weights", weights])
+
+
 def test_a_resume_takes_the_runs_settings_except_those_given():
     """train.py --run-name X --resume auto [--epochs N]: the checkpoint's config, but for the settings the
     command gives (said as changes) and where the run is (output, run name, device: this command's)."""

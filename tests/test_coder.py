@@ -194,7 +194,14 @@ def test_predict_bad_inputs_are_one_line_errors(torch_home, tmp_path, capsys):
     assert_user_error(
         run_predict(capsys, image, tmp_path / "nope.jpg"), "image file", "nope.jpg", "does not exist"
     )
-    assert_user_error(run_predict(capsys, image, broken), "cannot read image", str(broken))
+    assert_user_error(
+        run_predict(capsys, image, broken), f"cannot read image {broken}: not an image file PIL can read"
+    )
+    assert_user_error(run_predict(capsys, tmp_path), f"{tmp_path} is a folder; pass its images")
+    assert_user_error(  # a mistyped file name, not a weights name
+        run_predict(capsys, image, "--weights", "r18.onx"),
+        "--weights r18.onx is neither a .pt, .pth or .onnx",
+    )
     assert_user_error(run_predict(capsys, image, "--arch", "resnet5O"), "unknown model", "resnet50")
     assert_user_error(
         run_predict(capsys, image, "--weights", "IMAGENET1K_V3"), "unknown weights", "IMAGENET1K_V2"
