@@ -425,6 +425,7 @@ def parse_config(cls, argv=None, description: str = "") -> tuple:
     fields = [f.name for f in dataclasses.fields(cls)]
     args = config_parser(cls, description).parse_args(argv)
     values = _read_yaml_config(args.config) if args.config else {}
+    in_file = set(values)  # less those the command line sets below
     for key in values:
         if key not in fields:
             raise UserError(f"unknown key '{key}' in {args.config}{closest(key, fields)}")
@@ -442,8 +443,16 @@ def parse_config(cls, argv=None, description: str = "") -> tuple:
                 f"--{name.replace('_', '-')} {value}: not valid YAML ({getattr(e, 'problem', e)})"
             ) from e
         values[name] = value
-    config = cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
-    return config, frozenset(values)
+        in_file.discard(name)
+    coerced = {}
+    for name, value in values.items():
+        try:
+            coerced[name] = _coerce(name, value, hints[name])
+        except UserError as e:
+            if name not in in_file:
+                raise
+            raise UserError(f"{e} in {args.config}") from None  # a value of the file's: say which file
+    return cls(**coerced), frozenset(values)
 
 
 def config_parser(cls, description: str = "") -> ArgumentParser:
@@ -481,7 +490,7 @@ def config_parser(cls, description: str = "") -> ArgumentParser:
 def _read_yaml_config(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} does not exist; pass a YAML file (configs/ holds the recipes')")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

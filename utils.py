@@ -484,6 +484,9 @@ def atomic_write_text(path, text: str) -> None:
 def load_checkpoint(path, what: str = "checkpoint") -> dict:
     """torch.load with weights_only=True: a file whose pickle would run code is refused, not run."""
     path = Path(path)
+    if path.is_dir():  # a train.py run's folder
+        held = ", ".join(sorted(p.name for p in path.glob("*.pt"))) or "no .pt files"
+        raise UserError(f"{path} is a folder ({held}); pass one file, such as {path / 'best.pt'}")
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist")
     try:

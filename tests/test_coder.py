@@ -198,6 +198,8 @@ def test_predict_bad_inputs_are_one_line_errors(torch_home, tmp_path, capsys):
         run_predict(capsys, image, broken), f"cannot read image {broken}: not an image file PIL can read"
     )
     assert_user_error(run_predict(capsys, tmp_path), f"{tmp_path} is a folder; pass its images")
+    no_checkpoint = run_predict(capsys, image, "--weights", tmp_path)  # a run's folder, not its file
+    assert_user_error(no_checkpoint, f"{tmp_path} is a folder (no .pt files); pass one file")
     assert_user_error(  # a mistyped file name, not a weights name
         run_predict(capsys, image, "--weights", "r18.onx"),
         "--weights r18.onx is neither a .pt, .pth or .onnx",

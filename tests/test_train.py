@@ -88,6 +88,11 @@ def test_unknown_yaml_key_suggests_the_closest(tmp_path):
     config.write_text("wieght_decay: 0.0001\n")
     with pytest.raises(UserError, match="weight_decay"):
         load_config(TrainConfig, ["--config", str(config)])
+    config.write_text("lr: fast\n")  # a bad value names its file, unless the command line gave it
+    with pytest.raises(UserError, match=f"got 'fast' in {config}$"):
+        load_config(TrainConfig, ["--config", str(config)])
+    with pytest.raises(UserError, match="got 'quick'$"):
+        load_config(TrainConfig, ["--config", str(config), "--lr", "quick"])
 
 
 def test_every_shipped_config_loads():
