@@ -145,6 +145,22 @@ def check_input_sizes(cfg: TrainConfig) -> None:
     check_input_size(cfg.arch, cfg.val_crop_size, "--val-crop-size", built_for)
 
 
+def class_mismatch(data, classes: list[str], val_classes: list[str]) -> str:
+    """What differs between the train and val class folders, and what to do."""
+
+    def some(names) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    only_val = sorted(set(val_classes) - set(classes))
+    only_train = sorted(set(classes) - set(val_classes))
+    differences = [f"val/ has {some(only_val)}, which train/ lacks"] if only_val else []
+    differences += [f"train/ has {some(only_train)}, which val/ lacks"] if only_train else []
+    return (
+        f"the class folders of {data}/train and {data}/val differ: {'; '.join(differences)}; give both "
+        "the same class folders (validation scores every class the model learns)"
+    )
+
+
 def build_data(cfg: TrainConfig, device) -> tuple:
     """(train loader, val loader, class names); labels index the train folder's classes from 0."""
     train_tf = train_transform(cfg)
@@ -162,11 +178,8 @@ def build_data(cfg: TrainConfig, device) -> tuple:
         val_samples, val_classes = find_samples(cfg.data, "val", False, need_split=True, shards_ok=True)
         if cfg.limit:  # a quick check: a few images of every class, not the first class's
             train_samples, val_samples = spread(train_samples, cfg.limit), spread(val_samples, cfg.limit)
-        if val_classes != classes:
-            raise UserError(
-                f"the val classes of {cfg.data} differ from its train classes "
-                f"(e.g. {sorted(set(val_classes) ^ set(classes))[:3]}); both need the same class folders"
-            )
+        if val_classes != classes:  # targets are indices into each split's sorted class folders
+            raise UserError(class_mismatch(cfg.data, classes, val_classes))
         if is_shard_source(cfg.data):  # tar shards, read as streams (loader.py)
             train_loader = shard_train_loader(cfg.data, train_tf, cfg, rank, world, workers, pin)
             val_loader = shard_eval_loader(

@@ -368,3 +368,12 @@ def test_one_epoch_equals_the_plain_loop_on_the_same_batches(tmp_path):
         sgd.step()
     for (name, a), b in zip(ours.state_dict().items(), plain.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+
+
+def test_train_and_val_class_folders_that_differ_are_named_by_side():
+    import train
+
+    message = train.class_mismatch("d", ["blue", "green", "red"], ["blue", "cat", "red"])
+    assert "val/ has cat, which train/ lacks; train/ has green, which val/ lacks" in message
+    subset = train.class_mismatch("d", [f"c{i}" for i in range(6)], ["c0"])  # a subset: refused too
+    assert "train/ has c1, c2, c3 and 2 more, which val/ lacks; give both the same class folders" in subset
