@@ -18,6 +18,7 @@ and nothing of it is copied here: pass the references/classification folder of a
 It has no --seed, so each of its runs starts with torch's, numpy's and Python's global RNG seeded.
 """
 
+import hashlib
 import json
 import math
 import random
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 import torchvision
 from PIL import Image
@@ -119,6 +121,45 @@ def write_digits(root: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.resize((SIZE, SIZE), Image.BILINEAR).convert("RGB").save(path)
     return root
+
+
+def environment(data: Path) -> dict:
+    """What a run's numbers depend on besides its seed and settings: the CPU and its instruction set (its
+    float kernels sum in another order on another one, and a seed then gives other results), the threads,
+    the libraries and the data's bytes. The runs of a setting compare only within one environment."""
+    digest = hashlib.sha256()
+    for path in sorted(data.rglob("*.png")):
+        digest.update(path.relative_to(data).as_posix().encode() + path.read_bytes())
+    machine = machine_info()
+    return {
+        "cpu": machine["cpu"],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": machine["threads"],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "data_sha256": digest.hexdigest()[:16],
+    }
+
+
+def describe_environment(env: dict | None) -> str:
+    if env is None:
+        return "not recorded (runs from before fidelity.py recorded it)"
+    return (
+        f"{env['cpu']} ({env['cpu_capability']}, {env['threads']} threads), torch {env['torch']}, "
+        f"torchvision {env['torchvision']}, Pillow {env['pillow']}, data sha256 {env['data_sha256']}"
+    )
+
+
+def check_same_environment(rows: list[dict], setting: str, env: dict, path: Path) -> None:
+    """A setting's runs from another environment would not compare with this one's: refused."""
+    others = [r.get("environment") for r in rows if r["setting"] == setting and r.get("environment") != env]
+    if others:
+        raise UserError(
+            f"{path} holds {setting} runs of another environment, {describe_environment(others[0])}; this "
+            f"one is {describe_environment(env)}, and a seed gives other results in each: pass another "
+            "--output for this machine's runs"
+        )
 
 
 # ----------------------------------------------------------------------------- the three trainers
@@ -304,7 +345,8 @@ def run_all(args) -> list[dict]:
         raise UserError(
             "--trainers reference needs --reference DIR (torchvision's references/classification)"
         )
-    setting = SETTINGS[args.setting]
+    setting, env = SETTINGS[args.setting], environment(data)
+    check_same_environment(rows, args.setting, env, out / "fidelity.json")
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for trainer in trainers:
             if any(
@@ -327,6 +369,7 @@ def run_all(args) -> list[dict]:
                 "final_acc1": top1[-1],
                 "acc1_per_epoch": top1,
                 "seconds": round(time.perf_counter() - start, 1),
+                "environment": env,
             }
             rows.append(row)
             print(
@@ -407,15 +450,14 @@ def summary(rows: list[dict], setting: str) -> tuple[list[dict], list[dict]]:
 
 def write_report(rows: list[dict], out: Path) -> Path:
     """OUTPUT/fidelity.md: per setting its flags, each seed's runs, the per-trainer summary and the
-    differences; the machine and the library versions."""
-    machine = machine_info()
+    differences; the environment its runs come from."""
     lines = [
         "# Training fidelity: train.py, a plain loop and torchvision's reference script",
         "",
-        f"Written by `python fidelity.py` (its docstring has the commands) on {machine['cpu']} "
-        f"({machine['cores']} cores, {machine['threads']} threads), torch {machine['torch']}, torchvision "
-        f"{machine['torchvision']}: resnet18 from scratch on scikit-learn's digits at 32 px (1,442 train, "
-        "355 val images), every trainer with the same settings; top-1 in percent.",
+        "Written by `python fidelity.py` (its docstring has the commands): resnet18 from scratch on",
+        "scikit-learn's digits at 32 px (1,442 train, 355 val images), every trainer with the same settings;",
+        "top-1 in percent. The runs of a setting come from one environment (CPU, threads, libraries, data),",
+        "named under its heading: a seed gives other results on another CPU, so runs compare within one.",
         "",
         "`ours` is train.py with the references' flags (`--no-drop-last`, as the recipe configs set it);",
         "`ours_drop_last` is train.py with its own default of dropping each epoch's last partial batch,",
@@ -433,6 +475,8 @@ def write_report(rows: list[dict], out: Path) -> Path:
     for name in sorted({r["setting"] for r in rows}):
         setting = asdict(SETTINGS[name])
         lines += [f"## Setting {name}", "", "`" + ", ".join(f"{k}={v}" for k, v in setting.items()) + "`", ""]
+        env = next(r.get("environment") for r in rows if r["setting"] == name)
+        lines += [f"Environment: {describe_environment(env)}.", ""]
         seeds = sorted({r["seed"] for r in rows if r["setting"] == name})
         table = []
         for seed in seeds:

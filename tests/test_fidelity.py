@@ -71,6 +71,25 @@ def test_every_trainer_runs_each_seed_once_and_the_table_compares_them(tiny, tmp
     assert len(set(stand_in[2::3])) == 2  # its two seeds differ: the global RNG was seeded per run
 
 
+def test_runs_of_another_environment_are_not_mixed_into_a_settings_table(tiny, tmp_path, monkeypatch):
+    """Each run records its environment; a file's setting takes runs of one environment only (a seed gives
+    other numbers on another CPU), and its table names it."""
+    data, _ = tiny
+    args = ["--setting", "tiny", "--seeds", "1", "--data", data, "--output", tmp_path, "--trainers", "plain"]
+    assert run_main("fidelity.py", *args).returncode == 0
+    [row] = json.loads((tmp_path / "fidelity.json").read_text())
+    here = fidelity.environment(data)
+    assert row["environment"] == here and here["cpu_capability"] and len(here["data_sha256"]) == 16
+    assert f"Environment: {fidelity.describe_environment(here)}." in (tmp_path / "fidelity.md").read_text()
+    measured = fidelity.environment
+    elsewhere = {**here, "cpu_capability": "AVX2" if here["cpu_capability"] != "AVX2" else "DEFAULT"}
+    monkeypatch.setattr(fidelity, "environment", lambda data: elsewhere)
+    refused = run_main("fidelity.py", *args[:3], "2", *args[4:])
+    assert_user_error(refused, "holds tiny runs of another environment", "pass another --output")
+    make_image(data / "val" / "0" / "0.png", (32, 32), fmt="PNG", seed=99)  # one image changed
+    assert measured(data)["data_sha256"] != here["data_sha256"]
+
+
 def test_the_reference_runs_unmodified_with_its_rng_seeded_and_the_same_settings():
     command = reference_command(SETTINGS["v2"], "digits", seed=7)
     assert "torch.manual_seed(7)" in command[2] and "runpy.run_path('train.py'" in command[2]
