@@ -47,11 +47,10 @@ from utils import ArgumentParser, UserError, atomic_write_text, cli, machine_inf
 
 ROOT = Path(__file__).resolve().parent
 # ours: train.py with the references' flags; ours_drop_last: with its own default of dropping each epoch's
-# last partial batch (docs/fidelity.md: what it changes); ours_accum: as ours, with a
+# last partial batch (the one difference fidelity.py found: docs/fidelity.md); ours_accum: as ours, with a
 # quarter of the batch and 4 batches accumulated into each optimizer step (the same global batch); ours_ddp:
-# as ours, on 4 torchrun processes of a quarter of the batch each (what ours_accum stands in for);
-# plain_ours_data: the plain loop fed by train.py's training loader (where in train.py a difference lies)
-TRAINERS = ("ours", "ours_drop_last", "ours_accum", "ours_ddp", "plain", "plain_ours_data", "reference")
+# as ours, on 4 torchrun processes of a quarter of the batch each (what ours_accum stands in for)
+TRAINERS = ("ours", "ours_drop_last", "ours_accum", "ours_ddp", "plain", "reference")
 OURS = ("ours", "ours_drop_last", "ours_accum", "ours_ddp")
 ACCUM = 4  # ours_accum's accumulation steps, ours_ddp's processes
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as every trainer here normalises
@@ -270,31 +269,9 @@ def run_reference(setting: Setting, data: Path, seed: int, folder: Path) -> list
     return top1
 
 
-def ours_train_batches(setting: Setting, data: Path, seed: int, work: Path):
-    """train.py's training loader for the setting (its sampler, seeded per-image augmentation, batches) and
-    a function giving each epoch's (images, targets) as its loop normalises them."""
-    import train  # only this arm runs code of this repo
-    from config import TrainConfig, load_config, with_accumulation
-    from engine import Runtime, epoch_sampler
-
-    options = ours_command(setting, data, seed, work)[2:]
-    cfg = with_accumulation(load_config(TrainConfig, options), 1)
-    loader, val_loader, _ = train.build_data(cfg, torch.device("cpu"))
-    runtime = Runtime.create(torch.device("cpu"), "none", "false", True, val_loader.dataset.transform)
-
-    def epoch_batches(epoch: int):
-        epoch_sampler(loader).set_epoch(epoch)
-        return (runtime.inputs(images, targets) for images, targets, _, _ in loader)
-
-    return epoch_batches
-
-
-def run_plain(setting: Setting, data: Path, seed: int, work: Path, ours_data: bool = False) -> list[float]:
+def run_plain(setting: Setting, data: Path, seed: int, work: Path) -> list[float]:
     """Val top-1 per epoch of a textbook PyTorch loop: ImageFolder, torchvision's transforms, MixUp/CutMix
-    in the collate function, SGD, the schedule stepped per epoch, nothing of this repo. ours_data: its
-    training batches from train.py's loader instead (MixUp/CutMix on them), the model then initialised
-    as train.py's (seeded after the data is built): where train.py differs only in its loop, this gives
-    train.py's numbers."""
+    in the collate function, SGD, the schedule stepped per epoch, nothing of this repo."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -318,17 +295,6 @@ def run_plain(setting: Setting, data: Path, seed: int, work: Path, ours_data: bo
 
     train_loader = DataLoader(train_set, setting.batch_size, shuffle=True, collate_fn=collate)
     val_loader = DataLoader(val_set, setting.batch_size)
-
-    def epoch_batches(epoch: int):
-        return iter(train_loader)
-
-    if ours_data:
-        ours = ours_train_batches(setting, data, seed, work)
-        torch.manual_seed(seed)
-
-        def epoch_batches(epoch: int):
-            return (mix(x, y) if mix else (x, y) for x, y in ours(epoch))
-
     model = torchvision.models.resnet18(num_classes=classes)
     norm = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()]
     others = [p for p in model.parameters() if all(p is not q for q in norm)]
@@ -345,9 +311,9 @@ def run_plain(setting: Setting, data: Path, seed: int, work: Path, ours_data: bo
         schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [first, schedule], milestones=[warmup])
     criterion = nn.CrossEntropyLoss(label_smoothing=setting.label_smoothing)
     top1 = []
-    for epoch in range(setting.epochs):
+    for _ in range(setting.epochs):
         model.train()
-        for images, targets in epoch_batches(epoch):
+        for images, targets in train_loader:
             loss = criterion(model(images), targets)
             optimizer.zero_grad()
             loss.backward()
@@ -394,7 +360,7 @@ def run_all(args) -> list[dict]:
                 elif trainer == "reference":
                     top1 = run_reference(setting, data, seed, Path(args.reference).expanduser())
                 else:
-                    top1 = run_plain(setting, data, seed, Path(work), trainer == "plain_ours_data")
+                    top1 = run_plain(setting, data, seed, Path(work))
             row = {
                 "setting": args.setting,
                 "trainer": trainer,
@@ -500,9 +466,7 @@ def write_report(rows: list[dict], out: Path) -> Path:
         f"`ours_accum` is `ours` with a quarter of the batch and `--accum-steps {ACCUM}`: the same global",
         "batch, with BatchNorm's statistics of the smaller batches; `ours_ddp` is `ours` on 4 torchrun",
         "processes of a quarter of the batch each, which accumulation stands in for.",
-        "`plain` is a textbook loop (fidelity.run_plain); `plain_ours_data` is that loop fed by train.py's",
-        "training loader (its sampler and per-image seeded augmentation): it gives `ours`'s numbers where",
-        "train.py differs from the plain loop only in its input pipeline. `reference` is torchvision's",
+        "`plain` is a textbook loop (fidelity.run_plain); `reference` is torchvision's",
         "references/classification/train.py v0.21.0, unmodified. The interval is Welch's 95% interval of",
         "the difference of the means; the variance ratio's p-value is a permutation test of the",
         "deviations from each trainer's mean.",

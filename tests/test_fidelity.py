@@ -71,19 +71,6 @@ def test_every_trainer_runs_each_seed_once_and_the_table_compares_them(tiny, tmp
     assert len(set(stand_in[2::3])) == 2  # its two seeds differ: the global RNG was seeded per run
 
 
-def test_the_plain_loop_fed_by_train_pys_loader_gives_train_pys_numbers(tmp_path, monkeypatch):
-    """train.py's loop, optimizer and validation are the plain loop's: fed the same batches, the same
-    top-1 to the last digit every epoch (what plain_ours_data tells apart from a difference of the input
-    pipeline); three learnable classes, 18 val images."""
-    monkeypatch.setitem(SETTINGS, "colours", Setting(epochs=3, batch_size=8, lr=0.05, weight_decay=1e-4))
-    data = make_colour_dataset(tmp_path / "colours", per_class=(16, 6))
-    args = ["--setting", "colours", "--seeds", "1", "--data", data, "--output", tmp_path / "out"]
-    assert run_main("fidelity.py", *args, "--trainers", "ours,plain_ours_data").returncode == 0
-    rows = json.loads((tmp_path / "out" / "fidelity.json").read_text())
-    ours, fed = (r["acc1_per_epoch"] for r in rows)
-    assert ours == fed and len(set(ours)) > 1, rows  # it learns: the epochs differ
-
-
 def test_runs_of_another_environment_are_not_mixed_into_a_settings_table(tiny, tmp_path, monkeypatch):
     """Each run records its environment; a file's setting takes runs of one environment only (a seed gives
     other numbers on another CPU), and its table names it."""
